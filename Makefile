@@ -1,0 +1,37 @@
+# fastmeta: `make demo` (set up, build, run the main job) and `make test`.
+# Both create .venv with torch (>= 2.6), build fastmeta._C into it and check what
+# was built. FASTMETA_CUDA=1 demands the CUDA kernels (CI), 0 skips them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+
+.PHONY: demo test build clean
+
+demo: $(VENV)/.built
+	$(PY) -m fastmeta.bench
+
+test: $(VENV)/.built
+	$(PY) -m pytest -q tests
+
+build: $(VENV)/.built
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "torch>=2.6" numpy pytest ninja "setuptools>=64" wheel
+	touch $@
+
+# The build log keeps every compiler line; the summary shows each source compiled.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	@echo "building fastmeta._C (full log: $(VENV)/build.log)"
+	@$(PY) -m pip install -v --no-build-isolation --no-deps -e . > $(VENV)/build.log 2>&1 \
+		|| { tail -n 60 $(VENV)/build.log; echo "fastmeta build failed"; exit 1; }
+	@grep -E "^ *fastmeta:" $(VENV)/build.log | sort -u || true
+	@awk '$$1 ~ /^\[[0-9]+\/[0-9]+\]$$/ { src = ""; for (i = 1; i <= NF; i++) if ($$i == "-c") src = $$(i + 1); \
+		n = split($$2, tool, "/"); print "  compiled", $$1, tool[n], src }' $(VENV)/build.log
+	@$(PY) -c "import fastmeta; print(fastmeta.backends())"
+	@touch $@
+
+clean:
+	rm -rf build fastmeta/_C*.so *.egg-info

@@ -1,0 +1,217 @@
+"""Which backend runs each op: what was built, what is usable here, and overrides.
+
+Backends:
+  reference  pure PyTorch; runs everywhere; the oracle and the fallback.
+  cpu        C++ kernels of fastmeta._C (OpenMP), CPU tensors.
+  cuda       CUDA C++ kernels of fastmeta._C, CUDA tensors.
+  triton     Triton kernels; CUDA tensors, or CPU float32 tensors when the Triton
+             interpreter is on (TRITON_INTERPRET=1, set before fastmeta is imported).
+
+By default an op runs the first usable backend of its preference list for the
+input's device. `use_backend(name)` (a process-wide context manager) or the
+FASTMETA_BACKEND environment variable forces one; forcing a backend that cannot
+run the call is an error, never a silent fallback.
+"""
+
+import contextlib
+import dataclasses
+import importlib.util
+import os
+
+import torch
+
+from fastmeta import _extension
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "FASTMETA_BACKEND"
+DEFAULT_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run here (not built, no GPU, wrong device or dtype)."""
+
+
+_OPS: dict[str, tuple[str, ...]] = {}  # op name -> backends that implement it
+_forced_stack: list[str] = []
+_last_used: dict[str, str] = {}
+
+
+def register_op(name: str, backends: tuple[str, ...]) -> None:
+    """Declares an op and the backends that implement it (called by fastmeta.ops)."""
+    _OPS[name] = tuple(backends)
+
+
+def triton_interpreter() -> bool:
+    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_version():
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import triton
+
+    return triton.__version__
+
+
+def unavailable_reason(backend: str, device_type: str | None = None, dtype=None) -> str | None:
+    """Why `backend` cannot run on this machine (or for this device type and dtype).
+
+    Returns None when it can. device_type None asks "on any device here".
+    """
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+    if backend == "reference":
+        return None
+    if backend in ("cpu", "cuda") and not _extension.LOADED:
+        return f"fastmeta._C is not built or failed to load ({_extension.LOAD_ERROR})"
+    if backend == "cpu":
+        return None if device_type in (None, "cpu") else "it runs on CPU tensors only"
+    if backend == "cuda":
+        if not _extension.WITH_CUDA:
+            return "fastmeta._C was built without CUDA kernels"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible"
+        return None if device_type in (None, "cuda") else "it runs on CUDA tensors only"
+    # triton
+    if _triton_version() is None:
+        return "triton is not installed"
+    if device_type == "cuda" or (device_type is None and torch.cuda.is_available()):
+        return None
+    if device_type not in (None, "cpu"):
+        return f"it cannot run on {device_type} tensors"
+    if not triton_interpreter():
+        return "on CPU tensors it needs the Triton interpreter (TRITON_INTERPRET=1)"
+    if dtype is not None and dtype != torch.float32:
+        return f"the Triton interpreter runs float32 only, got {dtype}"
+    return None
+
+
+def forced_backend() -> tuple[str, str] | None:
+    """The forced backend and who forced it, or None."""
+    if _forced_stack:
+        return _forced_stack[-1], "fastmeta.use_backend"
+    name = os.environ.get(ENV_VAR, "").strip()
+    return (name, ENV_VAR) if name else None
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Forces every fastmeta op called inside the block onto backend `name`.
+
+    Process-wide (autograd may run backward on other threads), nestable. Raises
+    BackendUnavailableError at once if `name` cannot run on this machine at all;
+    a call whose device or dtype the backend cannot take raises when it is made.
+    Run the backward inside the block too when it must use the same backend.
+    """
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise BackendUnavailableError(f"cannot use fastmeta backend {name!r}: {reason}")
+    _forced_stack.append(name)
+    try:
+        yield
+    finally:
+        _forced_stack.pop()
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs `op` for inputs on `device` with `dtype` (and records it)."""
+    implemented = _OPS[op]
+    forced = forced_backend()
+    if forced is not None:
+        name, source = forced
+        reason = unavailable_reason(name, device.type, dtype)
+        if reason is None and name not in implemented:
+            reason = f"op {op} has no {name} backend (it has {', '.join(implemented)})"
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"fastmeta backend {name!r} (forced by {source}) cannot run {op} on "
+                f"{device.type} {dtype} tensors: {reason}"
+            )
+        chosen = name
+    else:
+        preference = DEFAULT_PREFERENCE.get(device.type, ("reference",))
+        chosen = next(
+            b for b in preference
+            if b in implemented and unavailable_reason(b, device.type, dtype) is None
+        )
+    _last_used[op] = chosen
+    return chosen
+
+
+def last_backend(op: str) -> str | None:
+    """The backend that ran the most recent call of `op` (forward or backward)."""
+    return _last_used.get(op)
+
+
+@dataclasses.dataclass
+class BackendReport:
+    """What `fastmeta.backends()` returns; print it for a readable summary."""
+
+    torch_version: str
+    triton_version: str | None
+    extension_built: bool
+    extension_with_cuda: bool
+    extension_error: str | None
+    gpu: str | None
+    triton_interpreter: bool
+    forced: str | None
+    usable: dict[str, str | None]  # backend -> None if usable here, else why not
+    ops: dict[str, dict[str, str | None]]  # op -> device type -> default backend
+
+    def __str__(self) -> str:
+        built = "not built" if not self.extension_built else (
+            "built with CPU and CUDA kernels" if self.extension_with_cuda
+            else "built with CPU kernels only")
+        lines = [
+            f"torch {self.torch_version}; triton {self.triton_version or 'not installed'}"
+            + (" (interpreter)" if self.triton_interpreter else ""),
+            f"fastmeta._C: {built}" + (f" ({self.extension_error})" if self.extension_error else ""),
+            f"GPU: {self.gpu or 'none visible'}",
+            f"forced backend: {self.forced or 'none'}",
+            "backends usable here:",
+        ]
+        lines += [f"  {b:<10} {'yes' if why is None else 'no: ' + why}" for b, why in self.usable.items()]
+        lines.append("default backend per op:")
+        for op, per_device in self.ops.items():
+            choice = ", ".join(f"{d}: {b or '-'}" for d, b in per_device.items())
+            lines.append(f"  {op:<24} {choice}")
+        return "\n".join(lines)
+
+
+def backends() -> BackendReport:
+    """Reports what was built, what is usable here and which backend each op uses."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    ops = {}
+    for op, implemented in _OPS.items():
+        ops[op] = {}
+        for device_type, dtype in (("cpu", torch.float32), ("cuda", torch.float32)):
+            ops[op][device_type] = next(
+                (b for b in DEFAULT_PREFERENCE[device_type]
+                 if b in implemented and unavailable_reason(b, device_type, dtype) is None),
+                None,
+            ) if device_type == "cpu" or gpu else None
+    forced = forced_backend()
+    return BackendReport(
+        torch_version=torch.__version__,
+        triton_version=_triton_version(),
+        extension_built=_extension.LOADED,
+        extension_with_cuda=_extension.WITH_CUDA,
+        extension_error=_extension.LOAD_ERROR,
+        gpu=gpu,
+        triton_interpreter=triton_interpreter(),
+        forced=f"{forced[0]} (by {forced[1]})" if forced else None,
+        usable={b: unavailable_reason(b) for b in BACKENDS},
+        ops=ops,
+    )
+
+
+def empty_cpu_cache() -> int:
+    """Frees the idle buffers that fastmeta's CPU kernels keep for reuse.
+
+    Large CPU outputs (8 MiB and up) come from a pool of freed buffers, so a
+    training loop does not pay page faults for fresh memory every step. The pool
+    holds at most FASTMETA_CPU_POOL_MB (default 1024) MiB of idle buffers; this
+    returns them to the system. Returns the bytes freed (0 without fastmeta._C).
+    """
+    return int(torch.ops.fastmeta_C.empty_cpu_pool()) if _extension.LOADED else 0

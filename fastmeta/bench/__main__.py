@@ -1,0 +1,50 @@
+"""python -m fastmeta.bench [--case NAME] [--device cpu|cuda] [--quick] [--out DIR]
+
+Prints one table (median ms, ratio to fastmeta, GB/s, peak MiB) and writes CSV and
+JSON with the machine, date and command to --out.
+"""
+
+import argparse
+import sys
+
+import torch
+
+import fastmeta
+from fastmeta.bench import harness, inner_update
+
+CASES = {inner_update.CASE: inner_update.run}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastmeta.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", choices=sorted(CASES), action="append",
+                        help="benchmark case (repeatable; default: all)")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke runs)")
+    parser.add_argument("--repeats", type=int, default=9, help="CPU timing rounds")
+    parser.add_argument("--out", default="benchmarks/results/local",
+                        help="directory for CSV/JSON (default: %(default)s)")
+    parser.add_argument("--stem", help="file name stem (default: bench-DEVICE[-quick])")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
+
+    print(fastmeta.backends(), end="\n\n")
+    machine = harness.machine_description(args.device)
+    command = "python -m fastmeta.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = []
+    for case in args.case or sorted(CASES):
+        timing = {} if args.device == "cuda" else {"repeats": args.repeats}
+        results += CASES[case](args.device, quick=args.quick, **timing)
+    stem = args.stem or f"bench-{args.device}" + ("-quick" if args.quick else "")
+    paths = harness.write_results(results, args.out, stem, {"machine": machine, "command": command})
+    print(f"machine: {machine}")
+    print(f"written: {', '.join(paths)}")
+    print(harness.format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Timing harness shared by the benchmark cases.
+
+A case is a list of Candidates (callables doing one forward+backward) for one
+configuration. On CPU the candidates are timed interleaved (round robin, after
+warm-up) and each reports its median, so a noisy machine slows all of them alike;
+on a GPU each is timed with triton.testing.do_bench (median, CUDA events). Ratios
+are always against the fastmeta row of the same configuration in the same run.
+"""
+
+import csv
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+@dataclasses.dataclass
+class Candidate:
+    name: str  # e.g. "fastmeta[cpu]", "per-task loop"
+    fn: Callable[[], object]
+    is_fastmeta: bool = False
+    bytes_moved: int | None = None  # fewest bytes the work must read + write, for GB/s
+
+
+@dataclasses.dataclass
+class Result:
+    case: str
+    config: str
+    name: str
+    device: str
+    median_ms: float
+    ratio_to_fastmeta: float  # this row's time / the fastmeta row's time
+    gbps: float | None = None
+    peak_mib: float | None = None
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_candidates(candidates: list[Candidate], device: str, warmup: int = 2,
+                    repeats: int = 9) -> dict[str, float]:
+    """Median milliseconds per candidate."""
+    if device == "cuda":
+        import triton.testing
+
+        return {c.name: float(triton.testing.do_bench(c.fn, warmup=25, rep=200,
+                                                      return_mode="median"))
+                for c in candidates}
+    for _ in range(warmup):
+        for c in candidates:
+            c.fn()
+    samples = {c.name: [] for c in candidates}
+    for _ in range(repeats):
+        for c in candidates:
+            start = time.perf_counter()
+            c.fn()
+            samples[c.name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
+    """Peak device memory of one call above what was allocated before (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def run_config(case: str, config: str, device: str, candidates: list[Candidate],
+               **timing) -> list[Result]:
+    times = time_candidates(candidates, device, **timing)
+    reference = next(times[c.name] for c in candidates if c.is_fastmeta)
+    return [
+        Result(case=case, config=config, name=c.name, device=device,
+               median_ms=times[c.name], ratio_to_fastmeta=times[c.name] / reference,
+               gbps=c.bytes_moved / times[c.name] / 1e6 if c.bytes_moved else None,
+               peak_mib=peak_memory_mib(c.fn, device))
+        for c in candidates
+    ]
+
+
+def format_table(results: list[Result]) -> str:
+    lines = [f"{'case':<14} {'config':<34} {'implementation':<26} {'median ms':>10} "
+             f"{'x fastmeta':>10} {'GB/s':>8} {'peak MiB':>9}"]
+    for r in results:
+        gbps = f"{r.gbps:8.1f}" if r.gbps is not None else f"{'-':>8}"
+        peak = f"{r.peak_mib:9.1f}" if r.peak_mib is not None else f"{'-':>9}"
+        lines.append(f"{r.case:<14} {r.config:<34} {r.name:<26} {r.median_ms:10.3f} "
+                     f"{r.ratio_to_fastmeta:10.2f} {gbps} {peak}")
+    return "\n".join(lines)
+
+
+def machine_description(device: str) -> dict:
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def write_results(results: list[Result], out_dir: str, stem: str, extra: dict) -> list[str]:
+    """Writes stem.csv and stem.json (rows plus machine, date and command)."""
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, f"{stem}.csv")
+    json_path = os.path.join(out_dir, f"{stem}.json")
+    rows = [dataclasses.asdict(r) for r in results]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(json_path, "w") as f:
+        json.dump({**extra, "results": rows}, f, indent=2)
+    return [csv_path, json_path]
