@@ -14,6 +14,15 @@ TORCH_LIBRARY(fastmeta_C, m) {
   m.def(
       "inner_update_backward(Tensor grad_out, Tensor alpha, Tensor g, bool need_g, "
       "bool need_alpha) -> (Tensor, Tensor, Tensor)");
+  m.def("class_prototypes_forward(Tensor support, Tensor labels, int num_classes) -> Tensor");
+  m.def("class_prototypes_backward(Tensor grad, Tensor labels) -> Tensor");
+  m.def("squared_distances_forward(Tensor queries, Tensor prototypes) -> Tensor");
+  m.def(
+      "prototypical_ce_forward(Tensor queries, Tensor prototypes, Tensor labels, Tensor tau) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "prototypical_ce_backward(Tensor grad_losses, Tensor queries, Tensor prototypes, "
+      "Tensor labels, Tensor tau, Tensor softmax) -> (Tensor, Tensor, Tensor)");
   m.def("empty_cpu_pool() -> int", &fastmeta::empty_cpu_pool);
 }
 

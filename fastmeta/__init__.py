@@ -3,6 +3,8 @@
     import fastmeta
     print(fastmeta.backends())          # what was built, what runs here
     out = fastmeta.inner_update(theta, 0.4, grads)   # [P], lr, [T, P] -> [T, P]
+    loss, acc = fastmeta.functional.prototypical_loss(support, ys, queries, yq, num_classes)
+    model = fastmeta.ProtoNet(encoder)                # logits / loss from raw episodes
     with fastmeta.use_backend("reference"):          # force a backend
         ...
 """
@@ -15,15 +17,19 @@ from fastmeta.backend import (
     last_backend,
     use_backend,
 )
+from fastmeta import functional
 from fastmeta.ops import inner_update
+from fastmeta.protonet import ProtoNet
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "ProtoNet",
     "backends",
     "empty_cpu_cache",
+    "functional",
     "inner_update",
     "last_backend",
     "use_backend",

@@ -32,13 +32,29 @@ class BackendUnavailableError(RuntimeError):
 
 
 _OPS: dict[str, tuple[str, ...]] = {}  # op name -> backends that implement it
+_OP_DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {}  # (op, backend) -> dtypes
 _forced_stack: list[str] = []
 _last_used: dict[str, str] = {}
 
 
-def register_op(name: str, backends: tuple[str, ...]) -> None:
-    """Declares an op and the backends that implement it (called by fastmeta.ops)."""
+def register_op(name: str, backends: tuple[str, ...],
+                dtypes: dict[str, tuple[torch.dtype, ...]] | None = None) -> None:
+    """Declares an op, the backends that implement it and, where a backend takes
+    only some dtypes, which (called by fastmeta.ops)."""
     _OPS[name] = tuple(backends)
+    for backend_name, allowed in (dtypes or {}).items():
+        _OP_DTYPES[(name, backend_name)] = tuple(allowed)
+
+
+def op_unavailable_reason(op: str, backend: str, device_type: str, dtype) -> str | None:
+    """Why `backend` cannot run `op` on device_type/dtype tensors (None if it can)."""
+    if backend not in _OPS[op]:
+        return f"op {op} has no {backend} backend (it has {', '.join(_OPS[op])})"
+    allowed = _OP_DTYPES.get((op, backend))
+    if allowed is not None and dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        return f"its {op} kernels take {names}, got {dtype}"
+    return unavailable_reason(backend, device_type, dtype)
 
 
 def triton_interpreter() -> bool:
@@ -116,13 +132,11 @@ def use_backend(name: str):
 
 def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs `op` for inputs on `device` with `dtype` (and records it)."""
-    implemented = _OPS[op]
     forced = forced_backend()
     if forced is not None:
         name, source = forced
-        reason = unavailable_reason(name, device.type, dtype)
-        if reason is None and name not in implemented:
-            reason = f"op {op} has no {name} backend (it has {', '.join(implemented)})"
+        reason = (unavailable_reason(name) if name not in BACKENDS
+                  else op_unavailable_reason(op, name, device.type, dtype))
         if reason is not None:
             raise BackendUnavailableError(
                 f"fastmeta backend {name!r} (forced by {source}) cannot run {op} on "
@@ -131,10 +145,8 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
         chosen = name
     else:
         preference = DEFAULT_PREFERENCE.get(device.type, ("reference",))
-        chosen = next(
-            b for b in preference
-            if b in implemented and unavailable_reason(b, device.type, dtype) is None
-        )
+        chosen = next(b for b in preference
+                      if op_unavailable_reason(op, b, device.type, dtype) is None)
     _last_used[op] = chosen
     return chosen
 
@@ -183,12 +195,12 @@ def backends() -> BackendReport:
     """Reports what was built, what is usable here and which backend each op uses."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     ops = {}
-    for op, implemented in _OPS.items():
+    for op in _OPS:
         ops[op] = {}
-        for device_type, dtype in (("cpu", torch.float32), ("cuda", torch.float32)):
+        for device_type in ("cpu", "cuda"):
             ops[op][device_type] = next(
                 (b for b in DEFAULT_PREFERENCE[device_type]
-                 if b in implemented and unavailable_reason(b, device_type, dtype) is None),
+                 if op_unavailable_reason(op, b, device_type, torch.float32) is None),
                 None,
             ) if device_type == "cpu" or gpu else None
     forced = forced_backend()

@@ -25,7 +25,7 @@ def usable_backend_devices(op: str):
     pairs = []
     for device in DEVICES:
         for name in backend._OPS[op]:
-            if backend.unavailable_reason(name, device, torch.float32) is None:
+            if backend.op_unavailable_reason(op, name, device, torch.float32) is None:
                 pairs.append((name, device))
     return pairs
 

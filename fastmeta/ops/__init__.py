@@ -4,6 +4,9 @@ One module per op: argument checks, the pure-PyTorch reference, the backend tabl
 the custom op with its fake (meta) kernel and autograd formula.
 """
 
+from fastmeta.ops.class_prototypes import class_prototypes_op
 from fastmeta.ops.inner_update import inner_update
+from fastmeta.ops.prototypical_loss import prototypical_ce_op
+from fastmeta.ops.squared_distances import squared_distances_op
 
-__all__ = ["inner_update"]
+__all__ = ["class_prototypes_op", "inner_update", "prototypical_ce_op", "squared_distances_op"]

@@ -26,3 +26,39 @@ def check_same_dtype_device(op: str, ref_name: str, ref: torch.Tensor, **others:
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
         if t.device != ref.device:
             raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_labels(op: str, name: str, labels: torch.Tensor, shape: tuple, num_classes: int):
+    """labels: an integer tensor of `shape` with every value in [0, num_classes)."""
+    check_tensor(op, name, labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{op}: {name} must be an integer tensor of class indices, got dtype "
+                        f"{labels.dtype} (shape {shape_str(labels)})")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape [{', '.join(map(str, shape))}], got "
+                         f"{shape_str(labels)}")
+    if labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        where = (labels == bad).nonzero()[0].tolist()
+        raise ValueError(f"{op}: {name} holds {bad} at index {where}, outside "
+                         f"[0, num_classes={num_classes}) (shape {shape_str(labels)})")
+
+
+def check_every_class_present(op: str, name: str, labels: torch.Tensor, num_classes: int):
+    """Every class 0..num_classes-1 occurs in every episode (row) of labels [B, S]."""
+    counts = torch.zeros(labels.shape[0], num_classes, dtype=torch.int64, device=labels.device)
+    counts.scatter_add_(1, labels.long(), torch.ones_like(labels, dtype=torch.int64))
+    empty = (counts == 0).nonzero()
+    if len(empty):
+        episode, cls = empty[0].tolist()
+        raise ValueError(f"{op}: class {cls} of episode {episode} has no support example in "
+                         f"{name} (shape {shape_str(labels)}, num_classes={num_classes})")
+
+
+def check_num_classes(op: str, num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{op}: num_classes must be a positive int, got {num_classes!r}")
+    return num_classes

@@ -1,0 +1,113 @@
+"""Functional API. Episodes are batched [B, ...]; 2-D (unbatched) input works too.
+
+    class_prototypes(support [B,S,D], labels [B,S], num_classes)        -> [B, C, D]
+    squared_distances(queries [B,M,D], prototypes [B,C,D])              -> [B, M, C]
+    prototypical_loss(support, support_labels, queries, query_labels,
+                      num_classes, tau=1.0, reduction="mean")           -> (loss, accuracy)
+    prototype_cross_entropy(prototypes, queries, query_labels, tau=1.0,
+                            reduction="mean")                           -> loss
+    get_prototypes = class_prototypes (torchmeta's name and argument order)
+    inner_update(theta [P], alpha, g [T,P])                             -> [T, P]
+"""
+
+import torch
+from torch import Tensor
+
+from fastmeta.ops._checks import check_num_classes, check_tensor, shape_str
+from fastmeta.ops.class_prototypes import class_prototypes_op
+from fastmeta.ops.inner_update import inner_update
+from fastmeta.ops.prototypical_loss import prototypical_ce_op
+from fastmeta.ops.squared_distances import squared_distances_op
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _batched(op: str, name: str, x: Tensor, unbatched_dim: int) -> Tensor:
+    check_tensor(op, name, x)
+    return x.unsqueeze(0) if x.dim() == unbatched_dim else x
+
+
+def class_prototypes(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Per-class mean of the support embeddings: [B, S, D], [B, S] -> [B, C, D]
+    (or [S, D], [S] -> [C, D]). Labels in any order; shots may differ per class."""
+    op = "fastmeta.class_prototypes"
+    batched = _batched(op, "support", support, 2)
+    out = class_prototypes_op(batched, _batched(op, "labels", labels, 1), num_classes)
+    return out if support.dim() == 3 else out[0]
+
+
+get_prototypes = class_prototypes
+
+
+def squared_distances(queries: Tensor, prototypes: Tensor) -> Tensor:
+    """||q - c||^2 for every query and prototype: [B, M, D], [B, C, D] -> [B, M, C]
+    (or 2-D -> [M, C]). Exactly 0 for identical points, never negative."""
+    op = "fastmeta.squared_distances"
+    out = squared_distances_op(_batched(op, "queries", queries, 2),
+                               _batched(op, "prototypes", prototypes, 2))
+    return out if queries.dim() == 3 else out[0]
+
+
+def _tau_tensor(tau, like: Tensor) -> Tensor:
+    if isinstance(tau, Tensor):
+        return tau.reshape(()) if tau.numel() == 1 else tau
+    return torch.tensor(float(tau), dtype=like.dtype, device=like.device)
+
+
+def _reduce(losses: Tensor, reduction: str, batched: bool) -> Tensor:
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses if batched else losses[0]
+
+
+def _check_reduction(op: str, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def prototype_cross_entropy(prototypes: Tensor, queries: Tensor, query_labels: Tensor,
+                            tau=1.0, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of logits -tau ||q - c||^2, fused: prototypes [B, C, D],
+    queries [B, M, D], query_labels [B, M] -> loss (reduction "mean", "sum" or
+    "none" -> [B, M]). Same arguments as torchmeta's prototypical_loss."""
+    op = "fastmeta.prototype_cross_entropy"
+    _check_reduction(op, reduction)
+    batched = queries.dim() == 3
+    q = _batched(op, "queries", queries, 2)
+    losses, _, _ = prototypical_ce_op(q, _batched(op, "prototypes", prototypes, 2),
+                                      _batched(op, "query_labels", query_labels, 1),
+                                      _tau_tensor(tau, q))
+    return _reduce(losses, reduction, batched)
+
+
+def prototypical_loss(support: Tensor, support_labels: Tensor, queries: Tensor,
+                      query_labels: Tensor, num_classes: int, tau=1.0,
+                      reduction: str = "mean") -> tuple[Tensor, Tensor]:
+    """ProtoNet loss of whole episodes, fused: prototypes, distances, log-softmax,
+    cross-entropy. support [B, S, D], support_labels [B, S], queries [B, M, D],
+    query_labels [B, M] (or all unbatched) -> (loss, accuracy). tau may be a
+    learnable 0-d tensor (it gets its gradient). Differentiable twice."""
+    op = "fastmeta.prototypical_loss"
+    _check_reduction(op, reduction)
+    check_num_classes(op, num_classes)
+    batched = support.dim() == 3
+    s = _batched(op, "support", support, 2)
+    q = _batched(op, "queries", queries, 2)
+    if s.dim() == 3 and q.dim() == 3 and s.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: support {shape_str(s)} and queries {shape_str(q)} hold "
+                         f"different numbers of episodes B")
+    if s.dim() == 3 and q.dim() == 3 and s.shape[2] != q.shape[2]:
+        raise ValueError(f"{op}: support {shape_str(s)} and queries {shape_str(q)} have "
+                         f"different embedding sizes D")
+    y_query = _batched(op, "query_labels", query_labels, 1)
+    prototypes = class_prototypes_op(s, _batched(op, "support_labels", support_labels, 1),
+                                     num_classes)
+    losses, predictions, _ = prototypical_ce_op(q, prototypes, y_query, _tau_tensor(tau, q))
+    accuracy = (predictions == y_query).to(q.dtype).mean()
+    return _reduce(losses, reduction, batched), accuracy
+
+
+__all__ = ["class_prototypes", "get_prototypes", "inner_update", "prototype_cross_entropy",
+           "prototypical_loss", "squared_distances"]

@@ -1,0 +1,111 @@
+"""Class prototypes: the per-class mean of support embeddings (ProtoNets).
+
+    prototypes[b, k] = (1 / n_bk) sum_{i : y_bi = k} support[b, i]     [B, C, D]
+Backward (linear): d_support[b, i] = d_prototypes[b, y_bi] / n_{b, y_bi}.
+The backward's own backward is the forward again, so the op is differentiable to
+any order. Labels may come in any order; shots per class may differ; every class
+needs at least one support example.
+
+Ops: torch.ops.fastmeta.class_prototypes, torch.ops.fastmeta.class_prototypes_backward.
+Backends: reference (here), cpu (csrc/cpu/class_prototypes_cpu.cpp).
+"""
+
+import torch
+from torch import Tensor
+
+from fastmeta import backend
+from fastmeta.ops._checks import (check_every_class_present, check_floating, check_labels,
+                                  check_num_classes, check_tensor, shape_str)
+
+OP = "class_prototypes"
+backend.register_op(OP, ("reference", "cpu"), dtypes={"cpu": (torch.float32, torch.float64)})
+
+
+def check_class_prototypes_args(support: Tensor, labels: Tensor, num_classes: int) -> None:
+    """Raises a clear error unless support [B, S, D] and labels [B, S] make episodes
+    in which every one of num_classes classes has a support example."""
+    name = "fastmeta.class_prototypes"
+    check_tensor(name, "support", support)
+    check_floating(name, "support", support)
+    if support.dim() != 3:
+        raise ValueError(f"{name}: support must be [B, S, D], got shape {shape_str(support)}")
+    check_num_classes(name, num_classes)
+    check_labels(name, "labels", labels, support.shape[:2], num_classes)
+    if labels.device != support.device:
+        raise ValueError(f"{name}: labels is on {labels.device} but support is on {support.device}")
+    check_every_class_present(name, "labels", labels, num_classes)
+
+
+def _counts(labels: Tensor, num_classes: int, dtype) -> Tensor:
+    counts = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
+    return counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=dtype))
+
+
+def class_prototypes_forward_reference(support: Tensor, labels: Tensor, num_classes: int):
+    B, S, D = support.shape
+    sums = support.new_zeros(B, num_classes, D)
+    sums.scatter_add_(1, labels[..., None].expand(B, S, D), support)
+    return sums / _counts(labels, num_classes, support.dtype)[..., None]
+
+
+def class_prototypes_backward_reference(grad: Tensor, labels: Tensor) -> Tensor:
+    B, C, D = grad.shape
+    counts = _counts(labels, C, grad.dtype).gather(1, labels)
+    return grad.gather(1, labels[..., None].expand(B, labels.shape[1], D)) / counts[..., None]
+
+
+_FORWARD = {
+    "reference": class_prototypes_forward_reference,
+    "cpu": lambda s, y, c: torch.ops.fastmeta_C.class_prototypes_forward(s.contiguous(), y, c),
+}
+_BACKWARD = {
+    "reference": class_prototypes_backward_reference,
+    "cpu": lambda g, y: torch.ops.fastmeta_C.class_prototypes_backward(g.contiguous(), y),
+}
+
+
+@torch.library.custom_op("fastmeta::class_prototypes", mutates_args=())
+def class_prototypes_op(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    check_class_prototypes_args(support, labels, num_classes)
+    impl = _FORWARD[backend.select(OP, support.device, support.dtype)]
+    return impl(support, labels.long().contiguous(), num_classes)
+
+
+@class_prototypes_op.register_fake
+def _(support, labels, num_classes):
+    return support.new_empty(support.shape[0], num_classes, support.shape[2])
+
+
+@torch.library.custom_op("fastmeta::class_prototypes_backward", mutates_args=())
+def class_prototypes_backward_op(grad: Tensor, labels: Tensor) -> Tensor:
+    impl = _BACKWARD[backend.select(OP, grad.device, grad.dtype)]
+    return impl(grad, labels.long().contiguous())
+
+
+@class_prototypes_backward_op.register_fake
+def _(grad, labels):
+    return grad.new_empty(grad.shape[0], labels.shape[1], grad.shape[2])
+
+
+def _setup_forward(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _backward_forward(ctx, grad):
+    (labels,) = ctx.saved_tensors
+    return class_prototypes_backward_op(grad, labels), None, None
+
+
+def _setup_backward(ctx, inputs, output):
+    grad, labels = inputs
+    ctx.num_classes = grad.shape[1]
+    ctx.save_for_backward(labels)
+
+
+def _backward_backward(ctx, grad_d_support):
+    (labels,) = ctx.saved_tensors  # the adjoint of the backward is the forward
+    return class_prototypes_op(grad_d_support, labels, ctx.num_classes), None
+
+
+class_prototypes_op.register_autograd(_backward_forward, setup_context=_setup_forward)
+class_prototypes_backward_op.register_autograd(_backward_backward, setup_context=_setup_backward)

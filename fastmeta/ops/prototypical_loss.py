@@ -1,0 +1,137 @@
+"""Prototypical cross-entropy: distances, log-softmax and cross-entropy, fused.
+
+Logits z[b, m, k] = -tau ||q_bm - c_bk||^2. Since tau ||q_bm||^2 is the same for
+every class it cancels in the softmax, so the kernels use
+    z'[b, m, k] = tau (2 q_bm . c_bk - ||c_bk||^2)       (one GEMM + epilogue)
+    loss[b, m]  = logsumexp_k z'[b, m, :] - z'[b, m, y_bm]
+Never builds [B, M, C, D]; holds [B, M, C] (the softmax) for the backward.
+Backward, with G = (softmax - onehot(y)) * dL/dloss [B, M, C]:
+    d_q   = 2 tau G C
+    d_c   = 2 tau (G^T Q - colsum(G) c)
+    d_tau = sum(G * (2 Q C^T - ||c||^2)) = 2 sum_m q_m . (G C)_m - colsum(G) . ||c||^2
+Under create_graph (second-order meta-learning through a ProtoNet head) the
+backward recomputes the softmax from the inputs with differentiable torch ops, so
+grad-of-grad is exact; otherwise it runs the fused backward op.
+
+Ops: torch.ops.fastmeta.prototypical_cross_entropy (-> losses [B, M], predictions
+[B, M], softmax [B, M, C]) and ..._backward. Backends: reference (here), cpu
+(csrc/cpu/prototypical_loss_cpu.cpp).
+"""
+
+import torch
+from torch import Tensor
+
+from fastmeta import backend
+from fastmeta.ops._checks import (check_floating, check_labels, check_same_dtype_device,
+                                  check_tensor, shape_str)
+
+OP = "prototypical_cross_entropy"
+backend.register_op(OP, ("reference", "cpu"), dtypes={"cpu": (torch.float32, torch.float64)})
+
+
+def check_prototypical_ce_args(queries: Tensor, prototypes: Tensor, labels: Tensor,
+                               tau: Tensor) -> None:
+    name = "fastmeta.prototypical_cross_entropy"
+    for arg, value in (("queries", queries), ("prototypes", prototypes), ("tau", tau)):
+        check_tensor(name, arg, value)
+        check_floating(name, arg, value)
+    for arg, value in (("queries", queries), ("prototypes", prototypes)):
+        if value.dim() != 3:
+            raise ValueError(f"{name}: {arg} must be [B, N, D], got shape {shape_str(value)}")
+    if queries.shape[0] != prototypes.shape[0] or queries.shape[2] != prototypes.shape[2]:
+        raise ValueError(f"{name}: queries {shape_str(queries)} and prototypes "
+                         f"{shape_str(prototypes)} must agree in B and D")
+    if tau.dim() != 0:
+        raise ValueError(f"{name}: tau must be a scalar, got shape {shape_str(tau)}")
+    check_same_dtype_device(name, "queries", queries, prototypes=prototypes, tau=tau)
+    check_labels(name, "query_labels", labels, queries.shape[:2], prototypes.shape[1])
+
+
+def _logits(queries: Tensor, prototypes: Tensor, tau: Tensor) -> Tensor:
+    """z' = tau (2 Q C^T - ||c||^2) [B, M, C] (logits up to a per-row constant)."""
+    products = torch.bmm(queries, prototypes.transpose(1, 2))
+    return tau * (2 * products - prototypes.pow(2).sum(-1)[:, None, :])
+
+
+def prototypical_ce_forward_reference(queries, prototypes, labels, tau):
+    logits = _logits(queries, prototypes, tau)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    losses = -log_probs.gather(-1, labels[..., None]).squeeze(-1)
+    return losses, logits.argmax(-1), log_probs.exp()
+
+
+def prototypical_ce_backward_reference(grad_losses, queries, prototypes, labels, tau, softmax):
+    """The backward formulas in torch ops (differentiable when softmax is)."""
+    onehot = torch.nn.functional.one_hot(labels, prototypes.shape[1]).to(softmax.dtype)
+    G = (softmax - onehot) * grad_losses[..., None]
+    GC = torch.bmm(G, prototypes)
+    colsum = G.sum(1)  # [B, C]
+    d_queries = 2 * tau * GC
+    d_prototypes = 2 * tau * (torch.bmm(G.transpose(1, 2), queries) - colsum[..., None] * prototypes)
+    d_tau = 2 * (queries * GC).sum() - (colsum * prototypes.pow(2).sum(-1)).sum()
+    return d_queries, d_prototypes, d_tau
+
+
+def _cpu_forward(queries, prototypes, labels, tau):
+    return torch.ops.fastmeta_C.prototypical_ce_forward(queries.contiguous(),
+                                                        prototypes.contiguous(), labels, tau)
+
+
+def _cpu_backward(grad_losses, queries, prototypes, labels, tau, softmax):
+    return torch.ops.fastmeta_C.prototypical_ce_backward(
+        grad_losses.contiguous(), queries.contiguous(), prototypes.contiguous(), labels, tau,
+        softmax.contiguous())
+
+
+_FORWARD = {"reference": prototypical_ce_forward_reference, "cpu": _cpu_forward}
+_BACKWARD = {"reference": prototypical_ce_backward_reference, "cpu": _cpu_backward}
+
+
+@torch.library.custom_op("fastmeta::prototypical_cross_entropy", mutates_args=())
+def prototypical_ce_op(queries: Tensor, prototypes: Tensor, labels: Tensor,
+                       tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    check_prototypical_ce_args(queries, prototypes, labels, tau)
+    impl = _FORWARD[backend.select(OP, queries.device, queries.dtype)]
+    return impl(queries, prototypes, labels.long().contiguous(), tau)
+
+
+@prototypical_ce_op.register_fake
+def _(queries, prototypes, labels, tau):
+    B, M = queries.shape[:2]
+    return (queries.new_empty(B, M), queries.new_empty(B, M, dtype=torch.int64),
+            queries.new_empty(B, M, prototypes.shape[1]))
+
+
+@torch.library.custom_op("fastmeta::prototypical_cross_entropy_backward", mutates_args=())
+def prototypical_ce_backward_op(grad_losses: Tensor, queries: Tensor, prototypes: Tensor,
+                                labels: Tensor, tau: Tensor,
+                                softmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    impl = _BACKWARD[backend.select(OP, queries.device, queries.dtype)]
+    return impl(grad_losses, queries, prototypes, labels.long().contiguous(), tau, softmax)
+
+
+@prototypical_ce_backward_op.register_fake
+def _(grad_losses, queries, prototypes, labels, tau, softmax):
+    return queries.new_empty(queries.shape), prototypes.new_empty(prototypes.shape), tau.new_empty(())
+
+
+def _setup(ctx, inputs, output):
+    queries, prototypes, labels, tau = inputs
+    _, predictions, softmax = output
+    ctx.mark_non_differentiable(predictions, softmax)
+    ctx.save_for_backward(queries, prototypes, labels, tau, softmax)
+
+
+def _backward(ctx, grad_losses, _grad_predictions, _grad_softmax):
+    queries, prototypes, labels, tau, softmax = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: recompute differentiably
+        softmax = torch.softmax(_logits(queries, prototypes, tau), dim=-1)
+        grads = prototypical_ce_backward_reference(grad_losses, queries, prototypes,
+                                                   labels.long(), tau, softmax)
+    else:
+        grads = prototypical_ce_backward_op(grad_losses, queries, prototypes, labels, tau, softmax)
+    d_queries, d_prototypes, d_tau = grads
+    return d_queries, d_prototypes, None, d_tau if ctx.needs_input_grad[3] else None
+
+
+prototypical_ce_op.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,89 @@
+"""Squared Euclidean distances between queries and prototypes.
+
+    d[b, m, k] = ||q_bm - c_bk||^2 = ||q||^2 + ||c||^2 - 2 q . c        [B, M, C]
+computed as one batched GEMM plus an epilogue; entries where the three terms
+cancel (d <= ratio * (||q||^2 + ||c||^2): 1e-2 in float32, 1e-6 in float64, i.e.
+nearly identical points) are recomputed directly, so identical points give
+exactly 0, no entry is negative, and the gradient at zero distance is finite
+(unlike torch.cdist, whose square root has an infinite derivative there).
+Backward, with gd = dL/dd [B, M, C] (plain differentiable torch ops: GEMMs):
+    d_q = 2 (rowsum(gd) q - gd C),    d_c = 2 (colsum(gd) c - gd^T Q)
+
+Op: torch.ops.fastmeta.squared_distances. Backends: reference (here), cpu
+(csrc/cpu/squared_distances_cpu.cpp).
+"""
+
+import torch
+from torch import Tensor
+
+from fastmeta import backend
+from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
+
+OP = "squared_distances"
+backend.register_op(OP, ("reference", "cpu"), dtypes={"cpu": (torch.float32, torch.float64)})
+
+
+def check_squared_distances_args(queries: Tensor, prototypes: Tensor) -> None:
+    name = "fastmeta.squared_distances"
+    for arg, value in (("queries", queries), ("prototypes", prototypes)):
+        check_tensor(name, arg, value)
+        check_floating(name, arg, value)
+        if value.dim() != 3:
+            raise ValueError(f"{name}: {arg} must be [B, N, D], got shape {shape_str(value)}")
+    if queries.shape[0] != prototypes.shape[0]:
+        raise ValueError(f"{name}: queries {shape_str(queries)} and prototypes "
+                         f"{shape_str(prototypes)} have different episode counts B")
+    if queries.shape[2] != prototypes.shape[2]:
+        raise ValueError(f"{name}: queries {shape_str(queries)} and prototypes "
+                         f"{shape_str(prototypes)} have different embedding sizes D")
+    check_same_dtype_device(name, "queries", queries, prototypes=prototypes)
+
+
+def squared_distances_forward_reference(queries: Tensor, prototypes: Tensor) -> Tensor:
+    qn = queries.pow(2).sum(-1)  # [B, M]
+    cn = prototypes.pow(2).sum(-1)  # [B, C]
+    scale = qn[:, :, None] + cn[:, None, :]
+    dist = scale - 2 * torch.bmm(queries, prototypes.transpose(1, 2))
+    ratio = 1e-6 if queries.dtype == torch.float64 else 1e-2
+    b, m, k = (dist <= ratio * scale).nonzero(as_tuple=True)
+    if len(b):  # cancellation: recompute directly
+        dist = dist.index_put((b, m, k), (queries[b, m] - prototypes[b, k]).pow(2).sum(-1))
+    return dist
+
+
+def squared_distances_backward(grad: Tensor, queries: Tensor, prototypes: Tensor):
+    d_queries = 2 * (grad.sum(2, keepdim=True) * queries - torch.bmm(grad, prototypes))
+    d_prototypes = 2 * (grad.sum(1)[..., None] * prototypes
+                        - torch.bmm(grad.transpose(1, 2), queries))
+    return d_queries, d_prototypes
+
+
+_FORWARD = {
+    "reference": squared_distances_forward_reference,
+    "cpu": lambda q, c: torch.ops.fastmeta_C.squared_distances_forward(q.contiguous(),
+                                                                      c.contiguous()),
+}
+
+
+@torch.library.custom_op("fastmeta::squared_distances", mutates_args=())
+def squared_distances_op(queries: Tensor, prototypes: Tensor) -> Tensor:
+    check_squared_distances_args(queries, prototypes)
+    return _FORWARD[backend.select(OP, queries.device, queries.dtype)](queries, prototypes)
+
+
+@squared_distances_op.register_fake
+def _(queries, prototypes):
+    check_squared_distances_args(queries, prototypes)
+    return queries.new_empty(queries.shape[0], queries.shape[1], prototypes.shape[1])
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    queries, prototypes = ctx.saved_tensors
+    return squared_distances_backward(grad, queries, prototypes)
+
+
+squared_distances_op.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,54 @@
+"""Prototypical Networks (Snell et al., 2017) around any encoder."""
+
+import torch
+from torch import Tensor, nn
+
+from fastmeta import functional as F
+
+
+class ProtoNet(nn.Module):
+    """Embeds support and query inputs with `encoder`, builds class prototypes and
+    scores queries by -tau * squared distance, with fastmeta's fused kernels.
+
+    forward(support_x, support_y, query_x, num_classes=None) -> logits [B, M, C]
+    loss(support_x, support_y, query_x, query_y, num_classes=None) -> (loss, accuracy)
+
+    Inputs are batched episodes (support_x [B, S, ...], support_y [B, S],
+    query_x [B, M, ...]) or one episode (support_x [S, ...], support_y [S]); the
+    encoder sees [N, ...] batches. num_classes defaults to max(support_y) + 1.
+    tau is the inverse temperature (learnable with learn_tau=True).
+    """
+
+    def __init__(self, encoder: nn.Module, tau: float = 1.0, learn_tau: bool = False):
+        super().__init__()
+        self.encoder = encoder
+        tau_tensor = torch.tensor(float(tau))
+        if learn_tau:
+            self.tau = nn.Parameter(tau_tensor)
+        else:
+            self.register_buffer("tau", tau_tensor)
+
+    def _embed(self, x: Tensor, batch_dims: int) -> Tensor:
+        lead = x.shape[:batch_dims]
+        z = self.encoder(x.reshape(-1, *x.shape[batch_dims:]))
+        return z.reshape(*lead, -1)
+
+    def _episode(self, support_x, support_y, query_x, num_classes):
+        batch_dims = support_y.dim()  # 1: one episode, 2: [B, S]
+        support = self._embed(support_x, batch_dims)
+        queries = self._embed(query_x, batch_dims)
+        if num_classes is None:
+            num_classes = int(support_y.max()) + 1
+        return support, queries, num_classes
+
+    def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                num_classes: int | None = None) -> Tensor:
+        support, queries, num_classes = self._episode(support_x, support_y, query_x, num_classes)
+        prototypes = F.class_prototypes(support, support_y, num_classes)
+        return -self.tau.to(queries.dtype) * F.squared_distances(queries, prototypes)
+
+    def loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+             num_classes: int | None = None, reduction: str = "mean"):
+        support, queries, num_classes = self._episode(support_x, support_y, query_x, num_classes)
+        return F.prototypical_loss(support, support_y, queries, query_y, num_classes,
+                                   tau=self.tau.to(queries.dtype), reduction=reduction)
