@@ -2,7 +2,8 @@
 
 TRITON_INTERPRET must be set before any Triton kernel is defined, so this file sets
 it before fastmeta is imported. Op tests take the `backend_device` fixture, which
-runs them once per (backend, device) pair usable on this machine.
+runs them once per (backend, device) pair usable on this machine for the op named
+by the test's `@pytest.mark.op(name)` marker (or its module's OP).
 """
 
 import os
@@ -30,9 +31,14 @@ def usable_backend_devices(op: str):
     return pairs
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "op(name): the op a backend_device test runs")
+
+
 def pytest_generate_tests(metafunc):
     if "backend_device" in metafunc.fixturenames:
-        op = metafunc.module.OP
+        marker = metafunc.definition.get_closest_marker("op")
+        op = marker.args[0] if marker else metafunc.module.OP
         pairs = usable_backend_devices(op)
         metafunc.parametrize("backend_device", pairs, ids=[f"{b}-{d}" for b, d in pairs])
 

@@ -29,7 +29,10 @@ def check_same_dtype_device(op: str, ref_name: str, ref: torch.Tensor, **others:
 
 
 def check_labels(op: str, name: str, labels: torch.Tensor, shape: tuple, num_classes: int):
-    """labels: an integer tensor of `shape` with every value in [0, num_classes)."""
+    """labels: an integer tensor of `shape` with every value in [0, num_classes).
+
+    The value checks read the tensor, so they are skipped while torch.compile
+    traces (the ops check values again when they run)."""
     check_tensor(op, name, labels)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{op}: {name} must be an integer tensor of class indices, got dtype "
@@ -37,7 +40,7 @@ def check_labels(op: str, name: str, labels: torch.Tensor, shape: tuple, num_cla
     if tuple(labels.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape [{', '.join(map(str, shape))}], got "
                          f"{shape_str(labels)}")
-    if labels.numel() == 0:
+    if labels.numel() == 0 or torch.compiler.is_compiling():
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
@@ -48,7 +51,10 @@ def check_labels(op: str, name: str, labels: torch.Tensor, shape: tuple, num_cla
 
 
 def check_every_class_present(op: str, name: str, labels: torch.Tensor, num_classes: int):
-    """Every class 0..num_classes-1 occurs in every episode (row) of labels [B, S]."""
+    """Every class 0..num_classes-1 occurs in every episode (row) of labels [B, S]
+    (skipped while torch.compile traces, like the value checks above)."""
+    if torch.compiler.is_compiling():
+        return
     counts = torch.zeros(labels.shape[0], num_classes, dtype=torch.int64, device=labels.device)
     counts.scatter_add_(1, labels.long(), torch.ones_like(labels, dtype=torch.int64))
     empty = (counts == 0).nonzero()

@@ -7,7 +7,8 @@ any order. Labels may come in any order; shots per class may differ; every class
 needs at least one support example.
 
 Ops: torch.ops.fastmeta.class_prototypes, torch.ops.fastmeta.class_prototypes_backward.
-Backends: reference (here), cpu (csrc/cpu/class_prototypes_cpu.cpp).
+Backends: reference (here), cpu and cuda (csrc/{cpu,cuda}/class_prototypes_*),
+triton (fastmeta/kernels/protonet_triton.py).
 """
 
 import torch
@@ -18,7 +19,9 @@ from fastmeta.ops._checks import (check_every_class_present, check_floating, che
                                   check_num_classes, check_tensor, shape_str)
 
 OP = "class_prototypes"
-backend.register_op(OP, ("reference", "cpu"), dtypes={"cpu": (torch.float32, torch.float64)})
+backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
+    "cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64),
+    "triton": (torch.float32,)})
 
 
 def check_class_prototypes_args(support: Tensor, labels: Tensor, num_classes: int) -> None:
@@ -54,14 +57,30 @@ def class_prototypes_backward_reference(grad: Tensor, labels: Tensor) -> Tensor:
     return grad.gather(1, labels[..., None].expand(B, labels.shape[1], D)) / counts[..., None]
 
 
-_FORWARD = {
-    "reference": class_prototypes_forward_reference,
-    "cpu": lambda s, y, c: torch.ops.fastmeta_C.class_prototypes_forward(s.contiguous(), y, c),
-}
-_BACKWARD = {
-    "reference": class_prototypes_backward_reference,
-    "cpu": lambda g, y: torch.ops.fastmeta_C.class_prototypes_backward(g.contiguous(), y),
-}
+def _forward_compiled(support, labels, num_classes):  # cpu and cuda: the dispatcher picks
+    return torch.ops.fastmeta_C.class_prototypes_forward(support.contiguous(), labels, num_classes)
+
+
+def _backward_compiled(grad, labels):
+    return torch.ops.fastmeta_C.class_prototypes_backward(grad.contiguous(), labels)
+
+
+def _forward_triton(support, labels, num_classes):
+    from fastmeta.kernels import protonet_triton
+
+    return protonet_triton.class_prototypes_forward(support, labels, num_classes)
+
+
+def _backward_triton(grad, labels):
+    from fastmeta.kernels import protonet_triton
+
+    return protonet_triton.class_prototypes_backward(grad, labels)
+
+
+_FORWARD = {"reference": class_prototypes_forward_reference, "cpu": _forward_compiled,
+            "cuda": _forward_compiled, "triton": _forward_triton}
+_BACKWARD = {"reference": class_prototypes_backward_reference, "cpu": _backward_compiled,
+             "cuda": _backward_compiled, "triton": _backward_triton}
 
 
 @torch.library.custom_op("fastmeta::class_prototypes", mutates_args=())

@@ -14,8 +14,8 @@ backward recomputes the softmax from the inputs with differentiable torch ops, s
 grad-of-grad is exact; otherwise it runs the fused backward op.
 
 Ops: torch.ops.fastmeta.prototypical_cross_entropy (-> losses [B, M], predictions
-[B, M], softmax [B, M, C]) and ..._backward. Backends: reference (here), cpu
-(csrc/cpu/prototypical_loss_cpu.cpp).
+[B, M], softmax [B, M, C]) and ..._backward. Backends: reference (here), cpu and
+cuda (csrc/{cpu,cuda}/prototypical_loss_*), triton (fastmeta/kernels/protonet_triton.py).
 """
 
 import torch
@@ -26,7 +26,9 @@ from fastmeta.ops._checks import (check_floating, check_labels, check_same_dtype
                                   check_tensor, shape_str)
 
 OP = "prototypical_cross_entropy"
-backend.register_op(OP, ("reference", "cpu"), dtypes={"cpu": (torch.float32, torch.float64)})
+backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
+    "cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64),
+    "triton": (torch.float32,)})
 
 
 def check_prototypical_ce_args(queries: Tensor, prototypes: Tensor, labels: Tensor,
@@ -72,19 +74,34 @@ def prototypical_ce_backward_reference(grad_losses, queries, prototypes, labels,
     return d_queries, d_prototypes, d_tau
 
 
-def _cpu_forward(queries, prototypes, labels, tau):
+def _forward_compiled(queries, prototypes, labels, tau):  # cpu and cuda: the dispatcher picks
     return torch.ops.fastmeta_C.prototypical_ce_forward(queries.contiguous(),
                                                         prototypes.contiguous(), labels, tau)
 
 
-def _cpu_backward(grad_losses, queries, prototypes, labels, tau, softmax):
+def _backward_compiled(grad_losses, queries, prototypes, labels, tau, softmax):
     return torch.ops.fastmeta_C.prototypical_ce_backward(
         grad_losses.contiguous(), queries.contiguous(), prototypes.contiguous(), labels, tau,
         softmax.contiguous())
 
 
-_FORWARD = {"reference": prototypical_ce_forward_reference, "cpu": _cpu_forward}
-_BACKWARD = {"reference": prototypical_ce_backward_reference, "cpu": _cpu_backward}
+def _forward_triton(queries, prototypes, labels, tau):
+    from fastmeta.kernels import protonet_triton
+
+    return protonet_triton.prototypical_ce_forward(queries, prototypes, labels, tau)
+
+
+def _backward_triton(grad_losses, queries, prototypes, labels, tau, softmax):
+    from fastmeta.kernels import protonet_triton
+
+    return protonet_triton.prototypical_ce_backward(grad_losses, queries, prototypes, labels,
+                                                    tau, softmax)
+
+
+_FORWARD = {"reference": prototypical_ce_forward_reference, "cpu": _forward_compiled,
+            "cuda": _forward_compiled, "triton": _forward_triton}
+_BACKWARD = {"reference": prototypical_ce_backward_reference, "cpu": _backward_compiled,
+             "cuda": _backward_compiled, "triton": _backward_triton}
 
 
 @torch.library.custom_op("fastmeta::prototypical_cross_entropy", mutates_args=())

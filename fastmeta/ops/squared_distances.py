@@ -9,8 +9,8 @@ exactly 0, no entry is negative, and the gradient at zero distance is finite
 Backward, with gd = dL/dd [B, M, C] (plain differentiable torch ops: GEMMs):
     d_q = 2 (rowsum(gd) q - gd C),    d_c = 2 (colsum(gd) c - gd^T Q)
 
-Op: torch.ops.fastmeta.squared_distances. Backends: reference (here), cpu
-(csrc/cpu/squared_distances_cpu.cpp).
+Op: torch.ops.fastmeta.squared_distances. Backends: reference (here), cpu and
+cuda (csrc/{cpu,cuda}/squared_distances_*), triton (fastmeta/kernels/protonet_triton.py).
 """
 
 import torch
@@ -20,7 +20,9 @@ from fastmeta import backend
 from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
 
 OP = "squared_distances"
-backend.register_op(OP, ("reference", "cpu"), dtypes={"cpu": (torch.float32, torch.float64)})
+backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
+    "cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64),
+    "triton": (torch.float32,)})
 
 
 def check_squared_distances_args(queries: Tensor, prototypes: Tensor) -> None:
@@ -58,11 +60,19 @@ def squared_distances_backward(grad: Tensor, queries: Tensor, prototypes: Tensor
     return d_queries, d_prototypes
 
 
-_FORWARD = {
-    "reference": squared_distances_forward_reference,
-    "cpu": lambda q, c: torch.ops.fastmeta_C.squared_distances_forward(q.contiguous(),
-                                                                      c.contiguous()),
-}
+def _forward_compiled(queries, prototypes):  # cpu and cuda: the dispatcher picks
+    return torch.ops.fastmeta_C.squared_distances_forward(queries.contiguous(),
+                                                          prototypes.contiguous())
+
+
+def _forward_triton(queries, prototypes):
+    from fastmeta.kernels import protonet_triton
+
+    return protonet_triton.squared_distances_forward(queries, prototypes)
+
+
+_FORWARD = {"reference": squared_distances_forward_reference, "cpu": _forward_compiled,
+            "cuda": _forward_compiled, "triton": _forward_triton}
 
 
 @torch.library.custom_op("fastmeta::squared_distances", mutates_args=())

@@ -1,0 +1,305 @@
+"""ProtoNet ops (class_prototypes, squared_distances, prototypical cross-entropy)
+on every usable backend against independent float64 computations."""
+
+import pytest
+import torch
+
+import fastmeta
+from conftest import rel_err
+from fastmeta import functional as F
+
+# (episodes B, ways C, embedding size D): ways 1, 5, 20, 60 and >= 1000; D in {1, 63, 1600}
+EPISODES = [(3, 1, 1), (2, 5, 63), (1, 20, 1600), (2, 60, 63), (1, 1001, 63)]
+TOL = 1e-4  # float32 kernels (GEMMs over D up to 1600) against float64
+
+
+def make_episodes(B, C, D, dtype=torch.float32, max_shots=4, max_queries=3):
+    """Uneven shots per class, labels shuffled; at least one query per episode."""
+    shots = torch.randint(1, max_shots + 1, (C,))
+    support_labels = torch.repeat_interleave(torch.arange(C), shots)
+    support_labels = torch.stack([support_labels[torch.randperm(len(support_labels))]
+                                  for _ in range(B)])
+    M = max(1, int(torch.randint(0, max_queries + 1, ()).item()) * C)
+    query_labels = torch.randint(0, C, (B, M))
+    support = torch.randn(B, support_labels.shape[1], D, dtype=dtype)
+    queries = torch.randn(B, M, D, dtype=dtype)
+    return support, support_labels, queries, query_labels
+
+
+def prototypes_float64(support, labels, C):
+    support = support.detach().double()
+    out = torch.zeros(support.shape[0], C, support.shape[2], dtype=torch.float64)
+    for b in range(support.shape[0]):
+        for k in range(C):
+            out[b, k] = support[b][labels[b] == k].mean(0)
+    return out
+
+
+def distances_float64(queries, prototypes):
+    q, c = queries.detach().double(), prototypes.detach().double()
+    return ((q[:, :, None, :] - c[:, None, :, :]) ** 2).sum(-1)
+
+
+def loss_float64(support, support_labels, queries, query_labels, C, tau):
+    """Plain float64 ProtoNet loss, differentiable (for reference gradients)."""
+    protos = torch.stack([torch.stack([support[b][support_labels[b] == k].mean(0)
+                                       for k in range(C)]) for b in range(support.shape[0])])
+    logits = -tau * ((queries[:, :, None, :] - protos[:, None, :, :]) ** 2).sum(-1)
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), query_labels.flatten(),
+                                               reduction="none").view(query_labels.shape)
+    return losses, logits
+
+
+@pytest.mark.op("class_prototypes")
+@pytest.mark.parametrize("B,C,D", EPISODES)
+def test_class_prototypes_matches_float64(backend_device, B, C, D):
+    name, device = backend_device
+    support, labels, _, _ = make_episodes(B, C, D)
+    support = support.to(device).requires_grad_()
+    grad = torch.randn(B, C, D, device=device)
+    with fastmeta.use_backend(name):
+        protos = F.class_prototypes(support, labels.to(device), C)
+        protos.backward(grad)
+        assert fastmeta.last_backend("class_prototypes") == name
+    assert rel_err(protos, prototypes_float64(support.cpu(), labels, C)) < TOL
+    counts = torch.zeros(B, C).scatter_add_(1, labels, torch.ones(B, labels.shape[1]))
+    expected = grad.cpu().gather(1, labels[..., None].expand(-1, -1, D)) / counts.gather(1, labels)[..., None]
+    assert rel_err(support.grad, expected) < TOL
+
+
+@pytest.mark.op("squared_distances")
+@pytest.mark.parametrize("B,C,D", EPISODES)
+def test_squared_distances_matches_float64(backend_device, B, C, D):
+    name, device = backend_device
+    _, _, queries, _ = make_episodes(B, C, D)
+    queries = queries.to(device).requires_grad_()
+    prototypes = torch.randn(B, C, D, device=device, requires_grad=True)
+    grad = torch.randn(B, queries.shape[1], C, device=device)
+    with fastmeta.use_backend(name):
+        dist = F.squared_distances(queries, prototypes)
+        dist.backward(grad)
+    q64 = queries.detach().cpu().double().requires_grad_()
+    c64 = prototypes.detach().cpu().double().requires_grad_()
+    expected = ((q64[:, :, None] - c64[:, None]) ** 2).sum(-1)
+    expected.backward(grad.cpu().double())
+    assert rel_err(dist, expected) < TOL
+    assert rel_err(queries.grad, q64.grad) < TOL and rel_err(prototypes.grad, c64.grad) < TOL
+
+
+@pytest.mark.op("squared_distances")
+def test_identical_points_are_exactly_zero_with_finite_gradients(backend_device):
+    name, device = backend_device
+    prototypes = (torch.randn(2, 7, 63, device=device) * 30).requires_grad_()
+    queries = torch.cat([prototypes.detach(), torch.randn(2, 4, 63, device=device)], 1)
+    queries = (queries + 1e-4 * torch.randn_like(queries) * (torch.arange(11) >= 7)[None, :, None]).requires_grad_()
+    with fastmeta.use_backend(name):
+        dist = F.squared_distances(queries, prototypes)
+        dist.sum().backward()
+    diag = dist[:, torch.arange(7), torch.arange(7)]
+    assert torch.equal(diag, torch.zeros_like(diag))
+    assert (dist >= 0).all()
+    assert rel_err(dist, distances_float64(queries, prototypes)) < TOL
+    assert torch.isfinite(queries.grad).all() and torch.isfinite(prototypes.grad).all()
+
+
+@pytest.mark.op("prototypical_cross_entropy")
+@pytest.mark.parametrize("B,C,D", EPISODES)
+def test_prototypical_loss_matches_float64(backend_device, B, C, D):
+    name, device = backend_device
+    support, support_labels, queries, query_labels = make_episodes(B, C, D)
+    support = support.to(device).requires_grad_()
+    queries = queries.to(device).requires_grad_()
+    tau = torch.tensor(0.37, device=device, requires_grad=True)
+    with fastmeta.use_backend(name):
+        losses, _ = F.prototypical_loss(support, support_labels.to(device), queries,
+                                        query_labels.to(device), C, tau=tau, reduction="none")
+        loss, accuracy = F.prototypical_loss(support, support_labels.to(device), queries,
+                                             query_labels.to(device), C, tau=tau)
+        grads = torch.autograd.grad(loss, (support, queries, tau))
+        assert fastmeta.last_backend("prototypical_cross_entropy") == name
+    s64, q64, t64 = (x.detach().cpu().double().requires_grad_() for x in (support, queries, tau))
+    want_losses, logits = loss_float64(s64, support_labels, q64, query_labels, C, t64)
+    want_grads = torch.autograd.grad(want_losses.mean(), (s64, q64, t64))
+    assert losses.shape == (B, queries.shape[1])
+    assert rel_err(losses, want_losses) < TOL
+    assert rel_err(loss, want_losses.mean()) < TOL
+    want_accuracy = (logits.argmax(-1) == query_labels).double().mean()
+    assert abs(float(accuracy) - float(want_accuracy)) <= 1.0 / query_labels.numel() + 1e-12
+    for got, want in zip(grads, want_grads):
+        assert rel_err(got, want) < TOL
+
+
+@pytest.mark.op("prototypical_cross_entropy")
+def test_reductions_and_unbatched_input(backend_device):
+    name, device = backend_device
+    support, ys, queries, yq = (x[0].to(device) for x in make_episodes(1, 5, 16))
+    with fastmeta.use_backend(name):
+        none, _ = F.prototypical_loss(support, ys, queries, yq, 5, reduction="none")
+        total, _ = F.prototypical_loss(support, ys, queries, yq, 5, reduction="sum")
+        mean, _ = F.prototypical_loss(support, ys, queries, yq, 5)
+        protos = F.get_prototypes(support, ys, 5)
+        torchmeta_style = F.prototype_cross_entropy(protos, queries, yq)
+    assert none.shape == yq.shape and protos.shape == (5, 16)
+    assert torch.allclose(total, none.sum()) and torch.allclose(mean, none.mean())
+    assert torch.allclose(torchmeta_style, mean)
+
+
+def _float64_ok(op, name, device):
+    return fastmeta.backend.op_unavailable_reason(op, name, device, torch.float64) is None
+
+
+@pytest.mark.op("prototypical_cross_entropy")
+def test_gradcheck_and_gradgradcheck(backend_device):
+    name, device = backend_device
+    if not _float64_ok("prototypical_cross_entropy", name, device):
+        pytest.skip(f"{name} on {device} has no float64")
+    support, ys, queries, yq = make_episodes(2, 3, 4, dtype=torch.float64, max_queries=2)
+    support, queries = support.to(device).requires_grad_(), queries.to(device).requires_grad_()
+    tau = torch.tensor(0.8, dtype=torch.float64, device=device, requires_grad=True)
+    ys, yq = ys.to(device), yq.to(device)
+
+    def loss(s, q, t):
+        return F.prototypical_loss(s, ys, q, yq, 3, tau=t)[0]
+
+    def distances(q, c):
+        return F.squared_distances(q, c)
+
+    def prototypes(s):
+        return F.class_prototypes(s, ys, 3)
+
+    with fastmeta.use_backend(name):
+        assert torch.autograd.gradcheck(loss, (support, queries, tau))
+        assert torch.autograd.gradgradcheck(loss, (support, queries, tau))
+        assert torch.autograd.gradcheck(distances, (queries, support))
+        assert torch.autograd.gradgradcheck(distances, (queries, support))
+        assert torch.autograd.gradcheck(prototypes, (support,))
+        assert torch.autograd.gradgradcheck(prototypes, (support,))
+
+
+@pytest.mark.op("prototypical_cross_entropy")
+def test_second_order_through_a_protonet_head(backend_device):
+    """MAML-style inner step on an encoder through the ProtoNet loss (create_graph),
+    then the meta-gradient: matches the plain float64 computation."""
+    name, device = backend_device
+    support_x, ys, query_x, yq = make_episodes(1, 5, 12)
+    W0 = torch.randn(12, 8) * 0.3
+
+    def meta_grad(loss_fn, dtype):
+        W = W0.to(dtype).requires_grad_()
+        sx, qx = support_x.to(dtype)[0], query_x.to(dtype)[0]
+        inner, _ = loss_fn(torch.tanh(sx @ W), ys[0], torch.tanh(sx @ W), ys[0])
+        (g,) = torch.autograd.grad(inner, W, create_graph=True)
+        W_fast = W - 0.5 * g
+        outer, _ = loss_fn(torch.tanh(sx @ W_fast), ys[0], torch.tanh(qx @ W_fast), yq[0])
+        return torch.autograd.grad(outer, W)[0]
+
+    def fused(s, ys_, q, yq_):
+        return F.prototypical_loss(s, ys_, q, yq_, 5)
+
+    def plain(s, ys_, q, yq_):
+        losses, _ = loss_float64(s[None], ys_[None], q[None], yq_[None], 5, 1.0)
+        return losses.mean(), None
+
+    with fastmeta.use_backend(name):
+        got = meta_grad(fused, torch.float32)
+    assert rel_err(got, meta_grad(plain, torch.float64)) < TOL
+
+
+@pytest.mark.op("prototypical_cross_entropy")
+def test_opcheck(backend_device):
+    name, device = backend_device
+    support, ys, queries, yq = (x.to(device) for x in make_episodes(2, 4, 9))
+    prototypes = F.class_prototypes(support, ys, 4)
+    tau = torch.tensor(0.5, device=device)
+    ops = torch.ops.fastmeta
+    with fastmeta.use_backend(name):
+        for rg in (False, True):
+            s, q, c, t = (x.clone().requires_grad_(rg) for x in (support, queries, prototypes, tau))
+            if backend_supports(name, "class_prototypes", device):
+                torch.library.opcheck(ops.class_prototypes.default, (s, ys, 4))
+            if backend_supports(name, "squared_distances", device):
+                torch.library.opcheck(ops.squared_distances.default, (q, c))
+            torch.library.opcheck(ops.prototypical_cross_entropy.default, (q, c, yq, t))
+        losses, _, softmax = ops.prototypical_cross_entropy(queries, prototypes, yq, tau)
+        torch.library.opcheck(ops.prototypical_cross_entropy_backward.default,
+                              (torch.randn_like(losses), queries, prototypes, yq, tau, softmax))
+        if backend_supports(name, "class_prototypes", device):
+            torch.library.opcheck(ops.class_prototypes_backward.default,
+                                  (torch.randn_like(prototypes), ys))
+
+
+def backend_supports(name, op, device):
+    return fastmeta.backend.op_unavailable_reason(op, name, device, torch.float32) is None
+
+
+@pytest.mark.op("prototypical_cross_entropy")
+def test_torch_compile_fullgraph(backend_device):
+    name, device = backend_device
+    torch._dynamo.reset()
+    support, ys, queries, yq = (x.to(device) for x in make_episodes(2, 5, 32))
+
+    def step(s, q, t):
+        loss, accuracy = F.prototypical_loss(s, ys, q, yq, 5, tau=t)
+        return loss * 2, accuracy
+
+    compiled = torch.compile(step, fullgraph=True)
+    args = [support.requires_grad_(), queries.requires_grad_(),
+            torch.tensor(0.9, device=device, requires_grad=True)]
+    with fastmeta.use_backend(name):
+        loss, accuracy = compiled(*args)
+        grads = torch.autograd.grad(loss, args)
+    with fastmeta.use_backend("reference"):
+        loss_ref, accuracy_ref = step(*args)
+        grads_ref = torch.autograd.grad(loss_ref, args)
+    assert rel_err(loss, loss_ref) < TOL and torch.equal(accuracy, accuracy_ref)
+    for a, b in zip(grads, grads_ref):
+        assert rel_err(a, b) < TOL
+
+
+def test_protonet_module_batched_and_unbatched():
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8))
+    model = fastmeta.ProtoNet(encoder, tau=0.5, learn_tau=True)
+    support_x, ys = torch.randn(3, 10, 4, 4), torch.arange(5).repeat(2).expand(3, 10)
+    query_x, yq = torch.randn(3, 7, 4, 4), torch.randint(0, 5, (3, 7))
+    logits = model(support_x, ys, query_x)
+    assert logits.shape == (3, 7, 5)
+    embed = lambda x: encoder(x.flatten(0, 1)).view(*x.shape[:2], -1)  # noqa: E731
+    protos = prototypes_float64(embed(support_x), ys, 5)
+    assert rel_err(logits, -0.5 * distances_float64(embed(query_x), protos)) < TOL
+    loss, accuracy = model.loss(support_x, ys, query_x, yq)
+    loss.backward()
+    assert model.tau.grad is not None and encoder[1].weight.grad is not None
+    assert 0.0 <= float(accuracy) <= 1.0
+    single = model(support_x[0], ys[0], query_x[0])
+    assert single.shape == (7, 5) and rel_err(single, logits[0]) < TOL
+
+
+BAD = [
+    ("label >= num_classes", dict(support_labels=[[0, 1, 2, 5]]), ValueError,
+     ["support_labels", "5", "num_classes=3"]),
+    ("negative label", dict(query_labels=[[0, -1]]), ValueError, ["query_labels", "-1"]),
+    ("class with no support", dict(support_labels=[[0, 1, 1, 0]]), ValueError,
+     ["class 2", "episode 0", "no support example"]),
+    ("D mismatch", dict(queries=torch.randn(1, 2, 7)), ValueError, ["[1, 2, 7]", "[1, 4, 6]", "D"]),
+    ("B mismatch", dict(queries=torch.randn(2, 2, 6), query_labels=[[0, 1], [0, 1]]), ValueError,
+     ["[1, 4, 6]", "[2, 2, 6]", "B"]),
+    ("integer support", dict(support=torch.ones(1, 4, 6, dtype=torch.int64)), TypeError,
+     ["support", "floating", "int64"]),
+    ("float labels", dict(support_labels=torch.tensor([[0.0, 1.0, 2.0, 0.0]])), TypeError,
+     ["support_labels", "integer", "float32"]),
+    ("label shape", dict(query_labels=[[0, 1, 2]]), ValueError, ["query_labels", "[1, 2]", "[1, 3]"]),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_names_the_argument_and_shapes(case):
+    _, overrides, error, words = case
+    args = dict(support=torch.randn(1, 4, 6), support_labels=[[0, 1, 2, 0]],
+                queries=torch.randn(1, 2, 6), query_labels=[[0, 1]])
+    args.update(overrides)
+    args = {k: torch.tensor(v) if isinstance(v, list) else v for k, v in args.items()}
+    with pytest.raises(error) as info:
+        F.prototypical_loss(args["support"], args["support_labels"], args["queries"],
+                            args["query_labels"], 3)
+    for word in words:
+        assert word in str(info.value), str(info.value)
