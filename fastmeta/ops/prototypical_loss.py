@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from fastmeta import backend
-from fastmeta.ops._checks import (check_floating, check_labels, check_same_dtype_device,
-                                  check_tensor, shape_str)
+from fastmeta.ops._checks import (CHECKS_VALUES_ITSELF, check_floating, check_labels,
+                                  check_same_dtype_device, check_tensor, shape_str)
 
 OP = "prototypical_cross_entropy"
 backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
@@ -32,7 +32,7 @@ backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
 
 
 def check_prototypical_ce_args(queries: Tensor, prototypes: Tensor, labels: Tensor,
-                               tau: Tensor) -> None:
+                               tau: Tensor, values: bool = True) -> None:
     name = "fastmeta.prototypical_cross_entropy"
     for arg, value in (("queries", queries), ("prototypes", prototypes), ("tau", tau)):
         check_tensor(name, arg, value)
@@ -46,7 +46,7 @@ def check_prototypical_ce_args(queries: Tensor, prototypes: Tensor, labels: Tens
     if tau.dim() != 0:
         raise ValueError(f"{name}: tau must be a scalar, got shape {shape_str(tau)}")
     check_same_dtype_device(name, "queries", queries, prototypes=prototypes, tau=tau)
-    check_labels(name, "query_labels", labels, queries.shape[:2], prototypes.shape[1])
+    check_labels(name, "query_labels", labels, queries.shape[:2], prototypes.shape[1], values)
 
 
 def _logits(queries: Tensor, prototypes: Tensor, tau: Tensor) -> Tensor:
@@ -107,9 +107,10 @@ _BACKWARD = {"reference": prototypical_ce_backward_reference, "cpu": _backward_c
 @torch.library.custom_op("fastmeta::prototypical_cross_entropy", mutates_args=())
 def prototypical_ce_op(queries: Tensor, prototypes: Tensor, labels: Tensor,
                        tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    check_prototypical_ce_args(queries, prototypes, labels, tau)
-    impl = _FORWARD[backend.select(OP, queries.device, queries.dtype)]
-    return impl(queries, prototypes, labels.long().contiguous(), tau)
+    name = backend.select(OP, queries.device, queries.dtype)
+    check_prototypical_ce_args(queries, prototypes, labels, tau,
+                               values=name not in CHECKS_VALUES_ITSELF)
+    return _FORWARD[name](queries, prototypes, labels.long().contiguous(), tau)
 
 
 @prototypical_ce_op.register_fake

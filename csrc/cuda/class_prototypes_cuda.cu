@@ -1,0 +1,226 @@
+// Class prototypes (per-class means of support embeddings), CUDA kernels.
+//
+//   forward : prototypes[b, k] = (1 / n_bk) sum_{i : y_bi = k} support[b, i]
+//             support [B, S, D], labels [B, S] int64 in [0, C) -> [B, C, D]
+//   backward: d_support[b, i] = grad[b, y_bi] / n_{b, y_bi}      grad [B, C, D] -> [B, S, D]
+//
+// segments: at::sort(labels, stable, dim 1) gives each episode's support indices
+//           grouped by class, in support order; one thread per (episode, k in
+//           [0, C]) binary-searches the sorted labels for offsets[b, k], the start
+//           of class k's segment (so n_bk = offsets[b, k + 1] - offsets[b, k]), and
+//           flags an out-of-range label or an empty class. The first flag (integer
+//           atomicMin on its slot index, order-independent) is copied to the host,
+//           which raises the error: one sync per call, no crash on bad labels.
+// forward : one block row per (episode, class), x over the B*C rows and y over
+//           column tiles of D; each thread sums its column over the class's
+//           segment in support order (no float atomics: deterministic, and the
+//           same order as the CPU kernel), then scales by 1 / n.
+// backward: one block row per support row (b, i), same column tiling; reads
+//           grad[b, y_bi] and scales by 1 / n.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/sort.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "../protonet.h"
+#include "protonet_cuda.cuh"
+
+namespace fastmeta {
+namespace {
+
+constexpr int64_t kNoError = std::numeric_limits<int64_t>::max();
+
+// First index of the sorted y[0, n) with y[index] >= value.
+__device__ int64_t lower_bound(const int64_t* y, int64_t n, int64_t value) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (y[mid] < value) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// sorted [B, S] (each row ascending) -> offsets [B, C + 1]. Slot t = b (C + 1) + j
+// flags episode b: j = 0 a label outside [0, C), j > 0 class j - 1 empty;
+// first_error receives the smallest flagged slot.
+__global__ void segments_kernel(const int64_t* __restrict__ sorted, int64_t* __restrict__ offsets,
+                                int64_t* __restrict__ first_error, int64_t B, int64_t S,
+                                int64_t C) {
+  const int64_t slots = C + 1;
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < B * slots;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = t / slots, j = t % slots;
+    const int64_t* y = sorted + b * S;
+    const int64_t start = lower_bound(y, S, j);
+    offsets[t] = start;
+    const bool bad = j == 0 ? S > 0 && (y[0] < 0 || y[S - 1] >= C)
+                            : start == lower_bound(y, S, j - 1);
+    if (bad) {
+      atomicMin(reinterpret_cast<long long*>(first_error), static_cast<long long>(t));
+    }
+  }
+}
+
+// Class k of episode b is support rows perm[b, offsets[b, k] : offsets[b, k + 1]].
+struct Segments {
+  at::Tensor perm;     // [B, S] int64
+  at::Tensor offsets;  // [B, C + 1] int64
+};
+
+// Fails (TORCH_CHECK, after one device-to-host copy) unless every label of the
+// contiguous int64 CUDA labels [B, S] lies in [0, C) and every class has an example.
+Segments class_segments(const at::Tensor& labels, int64_t C) {
+  const int64_t B = labels.size(0), S = labels.size(1);
+  const auto [sorted, perm] = at::sort(labels, /*stable=*/true, /*dim=*/1);
+  at::Tensor offsets = at::empty({B, C + 1}, labels.options());
+  if (B == 0) return {perm, offsets};
+  at::Tensor first_error = at::full({}, kNoError, labels.options());
+  segments_kernel<<<grid_blocks(B * (C + 1), kThreads), kThreads, 0,
+                    c10::cuda::getCurrentCUDAStream()>>>(
+      sorted.const_data_ptr<int64_t>(), offsets.mutable_data_ptr<int64_t>(),
+      first_error.mutable_data_ptr<int64_t>(), B, S, C);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t slot = first_error.item<int64_t>();
+  if (slot != kNoError) {
+    const int64_t b = slot / (C + 1), j = slot % (C + 1);
+    TORCH_CHECK(j != 0, "class_prototypes: a label of episode ", b, " is outside [0, ", C,
+                "): labels range over [", sorted[b][0].item<int64_t>(), ", ",
+                sorted[b][S - 1].item<int64_t>(), "]");
+    TORCH_CHECK(false, "class_prototypes: class ", j - 1, " of episode ", b,
+                " has no support example");
+  }
+  return {perm, offsets};
+}
+
+void check_labels(const at::Tensor& labels, const at::Tensor& x, int64_t B) {
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 2 && labels.size(0) == B &&
+                  labels.is_contiguous() && labels.device() == x.device(),
+              "class_prototypes: labels must be contiguous int64 [", B, ", S] on ", x.device(),
+              ", got ", labels.scalar_type(), " ", labels.sizes(), " on ", labels.device());
+}
+
+// Launch shape of the column-tiled kernels: x over `rows`, y over tiles of D.
+struct ColumnGrid {
+  dim3 grid;
+  unsigned threads;
+};
+
+ColumnGrid column_grid(int64_t rows, int64_t D) {
+  const int64_t threads = std::min<int64_t>(kThreads, (D + kWarpSize - 1) / kWarpSize * kWarpSize);
+  return {dim3(grid_blocks(rows, 1), grid_blocks(D, threads, kMaxGridY)),
+          static_cast<unsigned>(threads)};
+}
+
+// support [B, S, D], (perm, offsets) from class_segments -> out [B, C, D].
+template <typename scalar_t>
+__global__ void prototypes_forward_kernel(const scalar_t* __restrict__ support,
+                                          const int64_t* __restrict__ perm,
+                                          const int64_t* __restrict__ offsets,
+                                          scalar_t* __restrict__ out, int64_t S, int64_t C,
+                                          int64_t D, int64_t rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {  // r = b * C + k
+    const int64_t b = r / C;
+    const int64_t* segment = offsets + r + b;                // offsets[b, k]
+    const int64_t start = segment[0], end = segment[1];
+    const acc_t inv = acc_t(1) / acc_t(end - start);
+    const int64_t* index = perm + b * S;
+    const scalar_t* x = support + b * S * D;
+    for (int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; j < D;
+         j += int64_t(gridDim.y) * blockDim.x) {
+      acc_t sum = 0;
+      for (int64_t i = start; i < end; ++i) sum += acc_t(x[index[i] * D + j]);
+      out[r * D + j] = static_cast<scalar_t>(sum * inv);
+    }
+  }
+}
+
+// grad [B, C, D], labels [B, S], offsets [B, C + 1] -> d_support [B, S, D].
+template <typename scalar_t>
+__global__ void prototypes_backward_kernel(const scalar_t* __restrict__ grad,
+                                           const int64_t* __restrict__ labels,
+                                           const int64_t* __restrict__ offsets,
+                                           scalar_t* __restrict__ d_support, int64_t S,
+                                           int64_t C, int64_t D, int64_t rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {  // r = b * S + i
+    const int64_t b = r / S, k = labels[r];
+    const int64_t* segment = offsets + b * (C + 1) + k;
+    const acc_t inv = acc_t(1) / acc_t(segment[1] - segment[0]);
+    const scalar_t* src = grad + (b * C + k) * D;
+    scalar_t* dst = d_support + r * D;
+    for (int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; j < D;
+         j += int64_t(gridDim.y) * blockDim.x) {
+      dst[j] = static_cast<scalar_t>(acc_t(src[j]) * inv);
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor class_prototypes_forward_cuda(const at::Tensor& support, const at::Tensor& labels,
+                                         int64_t num_classes) {
+  TORCH_CHECK(support.is_cuda() && support.dim() == 3 && support.is_contiguous(),
+              "class_prototypes: support must be a contiguous CUDA [B, S, D], got ",
+              support.sizes(), " on ", support.device());
+  TORCH_CHECK(num_classes >= 0, "class_prototypes: num_classes must be >= 0, got ", num_classes);
+  const int64_t B = support.size(0), S = support.size(1), D = support.size(2);
+  const int64_t C = num_classes;
+  check_labels(labels, support, B);
+  TORCH_CHECK(labels.size(1) == S, "class_prototypes: labels must be [", B, ", ", S, "], got ",
+              labels.sizes());
+  const c10::cuda::CUDAGuard guard(support.device());
+  const Segments segments = class_segments(labels, C);
+  at::Tensor out = at::empty({B, C, D}, support.options());
+  if (out.numel() == 0) return out;
+  const ColumnGrid launch = column_grid(B * C, D);
+  AT_DISPATCH_FLOATING_TYPES(support.scalar_type(), "class_prototypes_forward_cuda", [&] {
+    prototypes_forward_kernel<scalar_t>
+        <<<launch.grid, launch.threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            support.const_data_ptr<scalar_t>(), segments.perm.const_data_ptr<int64_t>(),
+            segments.offsets.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), S, C,
+            D, B * C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor class_prototypes_backward_cuda(const at::Tensor& grad, const at::Tensor& labels) {
+  TORCH_CHECK(grad.is_cuda() && grad.dim() == 3 && grad.is_contiguous(),
+              "class_prototypes_backward: grad must be a contiguous CUDA [B, C, D], got ",
+              grad.sizes(), " on ", grad.device());
+  const int64_t B = grad.size(0), C = grad.size(1), D = grad.size(2);
+  check_labels(labels, grad, B);
+  const int64_t S = labels.size(1);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const Segments segments = class_segments(labels, C);  // the counts, and the label checks
+  at::Tensor d_support = at::empty({B, S, D}, grad.options());
+  if (d_support.numel() == 0) return d_support;
+  const ColumnGrid launch = column_grid(B * S, D);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "class_prototypes_backward_cuda", [&] {
+    prototypes_backward_kernel<scalar_t>
+        <<<launch.grid, launch.threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            grad.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(),
+            segments.offsets.const_data_ptr<int64_t>(), d_support.mutable_data_ptr<scalar_t>(),
+            S, C, D, B * S);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return d_support;
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_C, CUDA, m) {
+  m.impl("class_prototypes_forward", &class_prototypes_forward_cuda);
+  m.impl("class_prototypes_backward", &class_prototypes_backward_cuda);
+}
+
+}  // namespace fastmeta

@@ -1,0 +1,307 @@
+// Prototypical cross-entropy, CUDA kernels.
+//
+// Logits z[m, k] = -tau ||q_m - c_k||^2 = tau (2 q_m . c_k - ||c_k||^2) - tau ||q_m||^2;
+// the last term is the same for every class and cancels in the softmax, so the
+// kernels use z'[m, k] = tau (2 Q C^T - ||c||^2) [m, k]: one GEMM plus an epilogue.
+// Shapes: queries Q [B, M, D], prototypes C [B, C, D], labels y [B, M] int64,
+// tau 0-d (read on the device: no host sync).
+//
+// forward : Z = Q C^T (at::bmm, [B, M, C]); then one warp per row (b, m) turns its
+//           row in place into z', takes the max and argmax (ties -> lowest index),
+//           lse = max + log sum_k exp(z'_k - max), loss = lse - z'_y, and leaves the
+//           softmax exp(z' - lse) in the row. Returns (losses [B, M], predictions
+//           [B, M] int64, softmax [B, M, C]).
+// backward: with G = (softmax - onehot(y)) * grad_losses[..., None] [B, M, C],
+//             d_Q   = 2 tau G C
+//             d_C   = 2 tau (G^T Q - colsum(G) c)
+//             d_tau = sum(G * (2 Q C^T - ||c||^2)) = 2 sum_m q_m . (G C)_m - colsum(G) . ||c||^2
+//           1. grad_logits_kernel: blocks of (episode, chunk of kRowsPerChunk rows)
+//              x (tile of 32 columns) write G and the chunk's column sums of G
+//              (8 row groups per block, combined in a fixed order) into partials
+//              [B, chunks, C];
+//           2. at::bmm: G C [B, M, D] and G^T Q [B, C, D];
+//           3. backward_epilogue_kernel: one warp per row of d_Q (scales G C by
+//              2 tau; term_m = 2 q_m . (G C)_m) and per row of d_C (colsum(G)_k
+//              summed from the partials in a fixed order; 2 tau (G^T Q - colsum c);
+//              term_k = -colsum_k ||c_k||^2), terms in double;
+//           4. d_tau_kernel: one block sums the terms in a fixed order, in double.
+//           Every output has one writer and a fixed summation order: no atomics,
+//           deterministic.
+// A label outside [0, C) (the Python op rejects these) is not indexed: it gives a
+// NaN loss in the forward and NaN gradients in the backward.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "../protonet.h"
+#include "protonet_cuda.cuh"
+
+namespace fastmeta {
+namespace {
+
+constexpr int kTileColumns = kWarpSize;                  // grad_logits_kernel block: x
+constexpr int kRowGroups = kThreads / kTileColumns;      //                           y
+constexpr int64_t kRowsPerChunk = 64;  // rows per column-sum partial (fixed: deterministic)
+constexpr int kReduceThreads = 1024;
+
+void check_ce_args(const at::Tensor& queries, const at::Tensor& prototypes,
+                   const at::Tensor& labels, const at::Tensor& tau) {
+  check_queries_prototypes("prototypical_ce", queries, prototypes);
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() &&
+                  labels.dim() == 2 && labels.size(0) == queries.size(0) &&
+                  labels.size(1) == queries.size(1) && labels.device() == queries.device(),
+              "prototypical_ce: labels must be contiguous int64 [B, M] on ", queries.device(),
+              ", got ", labels.sizes(), " on ", labels.device());
+  TORCH_CHECK(tau.dim() == 0 && tau.scalar_type() == queries.scalar_type() &&
+                  tau.device() == queries.device(),
+              "prototypical_ce: tau must be a 0-d tensor of the queries' dtype and device");
+}
+
+// z [B * M, C] holds Q C^T on entry and the softmax on exit; cn [B * C] = ||c||^2.
+template <typename scalar_t>
+__global__ void ce_forward_kernel(scalar_t* __restrict__ z,
+                                  const at::opmath_type<scalar_t>* __restrict__ cn,
+                                  const int64_t* __restrict__ labels,
+                                  const scalar_t* __restrict__ tau,
+                                  scalar_t* __restrict__ losses,
+                                  int64_t* __restrict__ predictions, int64_t rows, int64_t M,
+                                  int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t t = tau[0];
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / kWarpSize);
+  for (int64_t r = int64_t(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
+       r < rows; r += warps) {
+    scalar_t* row = z + r * C;
+    const acc_t* norms = cn + (r / M) * C;
+    const int64_t y = labels[r];
+    // Each lane owns the columns k = lane (mod 32) in all three passes, so no lane
+    // reads what another lane wrote; the lane owning y keeps z'_y.
+    acc_t best = -std::numeric_limits<acc_t>::infinity(), z_y = 0;
+    int64_t arg = 0;
+    for (int64_t k = lane; k < C; k += kWarpSize) {
+      const acc_t v = t * (acc_t(2) * acc_t(row[k]) - norms[k]);
+      row[k] = static_cast<scalar_t>(v);
+      if (v > best) best = v, arg = k;
+      if (k == y) z_y = v;
+    }
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {  // (max, lowest index)
+      const acc_t other = __shfl_xor_sync(kFullMask, best, offset);
+      const int64_t other_arg = __shfl_xor_sync(kFullMask, arg, offset);
+      if (other > best || (other == best && other_arg < arg)) best = other, arg = other_arg;
+    }
+    acc_t sum = 0;
+    for (int64_t k = lane; k < C; k += kWarpSize) sum += ::exp(acc_t(row[k]) - best);
+    const acc_t lse = best + ::log(warp_sum(sum));
+    const bool valid = y >= 0 && y < C;
+    if (valid ? y % kWarpSize == lane : lane == 0) {
+      losses[r] = valid ? static_cast<scalar_t>(lse - z_y)
+                        : std::numeric_limits<scalar_t>::quiet_NaN();
+    }
+    if (lane == 0) predictions[r] = arg;
+    for (int64_t k = lane; k < C; k += kWarpSize) {
+      row[k] = static_cast<scalar_t>(::exp(acc_t(row[k]) - lse));
+    }
+  }
+}
+
+// G [B, M, C] = (softmax - onehot(y)) * go[..., None]; partials [B, chunks, C]: the
+// column sums of G over each chunk of kRowsPerChunk rows. Block (kTileColumns,
+// kRowGroups); x over (episode, chunk), y over column tiles.
+template <typename scalar_t>
+__global__ void grad_logits_kernel(const scalar_t* __restrict__ softmax,
+                                   const scalar_t* __restrict__ go,
+                                   const int64_t* __restrict__ labels,
+                                   scalar_t* __restrict__ G,
+                                   at::opmath_type<scalar_t>* __restrict__ partials, int64_t B,
+                                   int64_t M, int64_t C, int64_t chunks) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t tile[kRowGroups][kTileColumns];
+  for (int64_t task = blockIdx.x; task < B * chunks; task += gridDim.x) {  // block-uniform
+    const int64_t b = task / chunks, m0 = (task % chunks) * kRowsPerChunk;
+    const int64_t m1 = std::min(M, m0 + kRowsPerChunk);
+    for (int64_t k0 = int64_t(blockIdx.y) * kTileColumns; k0 < C;
+         k0 += int64_t(gridDim.y) * kTileColumns) {  // block-uniform
+      const int64_t k = k0 + threadIdx.x;
+      acc_t sum = 0;
+      if (k < C) {
+        for (int64_t m = m0 + threadIdx.y; m < m1; m += kRowGroups) {
+          const int64_t r = b * M + m, y = labels[r];
+          const acc_t scale = y >= 0 && y < C ? acc_t(go[r])
+                                              : std::numeric_limits<acc_t>::quiet_NaN();
+          const acc_t v = (acc_t(softmax[r * C + k]) - acc_t(k == y)) * scale;
+          G[r * C + k] = static_cast<scalar_t>(v);
+          sum += v;
+        }
+      }
+      tile[threadIdx.y][threadIdx.x] = sum;
+      __syncthreads();
+      if (threadIdx.y == 0 && k < C) {
+        acc_t total = 0;
+        for (int g = 0; g < kRowGroups; ++g) total += tile[g][threadIdx.x];
+        partials[task * C + k] = total;
+      }
+      __syncthreads();  // the tile is reused by the next column tile
+    }
+  }
+}
+
+// Rows [0, B*M) of d_q [B*M, D] hold G C, rows of d_c [B*C, D] hold G^T Q on entry;
+// both are finished in place. terms[B*M + B*C] receives each row's share of d_tau.
+template <typename scalar_t>
+__global__ void backward_epilogue_kernel(const scalar_t* __restrict__ q,
+                                         const scalar_t* __restrict__ c,
+                                         const scalar_t* __restrict__ tau,
+                                         const at::opmath_type<scalar_t>* __restrict__ partials,
+                                         scalar_t* __restrict__ d_q, scalar_t* __restrict__ d_c,
+                                         double* __restrict__ terms, int64_t B, int64_t M,
+                                         int64_t C, int64_t D, int64_t chunks) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t two_tau = acc_t(2) * acc_t(tau[0]);
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t q_rows = B * M, rows = q_rows + B * C;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / kWarpSize);
+  for (int64_t r = int64_t(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
+       r < rows; r += warps) {  // warp-uniform: the branches below are too
+    double term;
+    if (r < q_rows) {  // d_q = 2 tau (G C); term = 2 q . (G C)
+      const scalar_t* qr = q + r * D;
+      scalar_t* dqr = d_q + r * D;
+      double dot = 0;
+      for (int64_t j = lane; j < D; j += kWarpSize) {
+        const scalar_t gc = dqr[j];
+        dot += double(qr[j]) * double(gc);
+        dqr[j] = static_cast<scalar_t>(two_tau * acc_t(gc));
+      }
+      term = 2 * warp_sum(dot);
+    } else {  // d_c = 2 tau (G^T Q - colsum c); term = -colsum ||c||^2
+      const int64_t i = r - q_rows, b = i / C, k = i % C;
+      acc_t colsum = 0;
+      for (int64_t chunk = lane; chunk < chunks; chunk += kWarpSize) {
+        colsum += partials[(b * chunks + chunk) * C + k];
+      }
+      colsum = warp_sum(colsum);
+      const scalar_t* cr = c + i * D;
+      scalar_t* dcr = d_c + i * D;
+      double norm = 0;
+      for (int64_t j = lane; j < D; j += kWarpSize) {
+        const acc_t cv = cr[j];
+        norm += double(cv) * double(cv);
+        dcr[j] = static_cast<scalar_t>(two_tau * (acc_t(dcr[j]) - colsum * cv));
+      }
+      term = -double(colsum) * warp_sum(norm);
+    }
+    if (lane == 0) terms[r] = term;
+  }
+}
+
+// One block: d_tau = sum of terms[n], in a fixed order.
+template <typename scalar_t>
+__global__ void d_tau_kernel(const double* __restrict__ terms, int64_t n,
+                             scalar_t* __restrict__ d_tau) {
+  __shared__ double buf[kReduceThreads];
+  double sum = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += terms[i];
+  buf[threadIdx.x] = sum;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) buf[threadIdx.x] += buf[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) d_tau[0] = static_cast<scalar_t>(buf[0]);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cuda(
+    const at::Tensor& queries, const at::Tensor& prototypes, const at::Tensor& labels,
+    const at::Tensor& tau) {
+  check_ce_args(queries, prototypes, labels, tau);
+  const c10::cuda::CUDAGuard guard(queries.device());
+  const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
+  at::Tensor softmax = at::bmm(queries, prototypes.transpose(1, 2));  // Q C^T, then in place
+  at::Tensor losses = at::empty({B, M}, queries.options());
+  at::Tensor predictions = at::empty({B, M}, labels.options());
+  const int64_t rows = B * M;
+  if (rows == 0) return {losses, predictions, softmax};
+  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "prototypical_ce_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor cn = row_squared_norms<scalar_t>(prototypes);
+    ce_forward_kernel<scalar_t>
+        <<<grid_blocks(rows, kWarpsPerBlock), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            softmax.mutable_data_ptr<scalar_t>(), cn.const_data_ptr<acc_t>(),
+            labels.const_data_ptr<int64_t>(), tau.const_data_ptr<scalar_t>(),
+            losses.mutable_data_ptr<scalar_t>(), predictions.mutable_data_ptr<int64_t>(), rows, M,
+            C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {losses, predictions, softmax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cuda(
+    const at::Tensor& grad_losses, const at::Tensor& queries, const at::Tensor& prototypes,
+    const at::Tensor& labels, const at::Tensor& tau, const at::Tensor& softmax) {
+  check_ce_args(queries, prototypes, labels, tau);
+  const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
+  const int64_t D = queries.size(2);
+  TORCH_CHECK(softmax.sizes() == at::IntArrayRef({B, M, C}) && softmax.is_contiguous() &&
+                  softmax.scalar_type() == queries.scalar_type() &&
+                  softmax.device() == queries.device() &&
+                  grad_losses.sizes() == labels.sizes() && grad_losses.is_contiguous() &&
+                  grad_losses.scalar_type() == queries.scalar_type() &&
+                  grad_losses.device() == queries.device(),
+              "prototypical_ce_backward: softmax [B, M, C] and grad_losses [B, M] expected, "
+              "contiguous, of the queries' dtype and device");
+  const c10::cuda::CUDAGuard guard(queries.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t chunks = (M + kRowsPerChunk - 1) / kRowsPerChunk;
+  at::Tensor d_queries, d_prototypes;
+  at::Tensor d_tau = at::empty({}, queries.options());
+  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "prototypical_ce_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor G = at::empty({B, M, C}, queries.options());
+    at::Tensor partials =
+        at::empty({B, chunks, C}, queries.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    if (G.numel() > 0) {
+      const dim3 grid(grid_blocks(B * chunks, 1), grid_blocks(C, kTileColumns, kMaxGridY));
+      grad_logits_kernel<scalar_t><<<grid, dim3(kTileColumns, kRowGroups), 0, stream>>>(
+          softmax.const_data_ptr<scalar_t>(), grad_losses.const_data_ptr<scalar_t>(),
+          labels.const_data_ptr<int64_t>(), G.mutable_data_ptr<scalar_t>(),
+          partials.mutable_data_ptr<acc_t>(), B, M, C, chunks);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    d_queries = at::bmm(G, prototypes);                  // G C, finished by the epilogue
+    d_prototypes = at::bmm(G.transpose(1, 2), queries);  // G^T Q, finished by the epilogue
+    const int64_t rows = B * M + B * C;
+    at::Tensor terms = at::empty({rows}, queries.options().dtype(at::kDouble));
+    if (rows > 0) {
+      backward_epilogue_kernel<scalar_t><<<grid_blocks(rows, kWarpsPerBlock), kThreads, 0,
+                                           stream>>>(
+          queries.const_data_ptr<scalar_t>(), prototypes.const_data_ptr<scalar_t>(),
+          tau.const_data_ptr<scalar_t>(), partials.const_data_ptr<acc_t>(),
+          d_queries.mutable_data_ptr<scalar_t>(), d_prototypes.mutable_data_ptr<scalar_t>(),
+          terms.mutable_data_ptr<double>(), B, M, C, D, chunks);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    d_tau_kernel<scalar_t><<<1, kReduceThreads, 0, stream>>>(
+        terms.const_data_ptr<double>(), rows, d_tau.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {d_queries, d_prototypes, d_tau};
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_C, CUDA, m) {
+  m.impl("prototypical_ce_forward", &prototypical_ce_forward_cuda);
+  m.impl("prototypical_ce_backward", &prototypical_ce_backward_cuda);
+}
+
+}  // namespace fastmeta

@@ -1,0 +1,155 @@
+"""Benchmark: the ProtoNet loss, forward + backward, and a whole training step.
+
+fastmeta.functional.prototypical_loss against what users write today, each
+computing prototypes (ProtoNets' view(...).mean), distances, cross-entropy and
+the gradients w.r.t. support and query embeddings:
+  euclidean_dist   the original ProtoNets code: expand, subtract, pow, sum ([M, C, D])
+  cdist            torch.cdist(q, c) ** 2
+  matmul           ||q||^2 + ||c||^2 - 2 q c^T (batched, as torchmeta-style code has it)
+  compile(matmul)  torch.compile of the matmul version (compile time not counted)
+  GEMMs only       the three products the loss needs (Q C^T, G C, G^T Q): the floor
+Configs: (a) 32 episodes 5-way 1-shot 15 queries/class D=64; (b) 1 episode 60-way
+5-shot 5 queries/class D=1600; (c) 1 episode 1000-way 5-shot 10 queries/class D=512.
+Then one training step of a conv4 encoder on 28x28 inputs at (b).
+"""
+
+import torch
+import torch.nn.functional as TF
+
+import fastmeta
+from fastmeta import backend
+from fastmeta.bench.harness import Candidate, run_config
+
+CASE = "protonet"
+CONFIGS = {  # name: (episodes B, ways C, shots K, queries per class, D)
+    "(a) 32x 5w1s D=64": (32, 5, 1, 15, 64),
+    "(b) 60w5s D=1600": (1, 60, 5, 5, 1600),
+    "(c) 1000w5s D=512": (1, 1000, 5, 10, 512),
+}
+QUICK = {"(a) 4x 5w1s D=64": (4, 5, 1, 3, 64), "(c) 50w2s D=32": (1, 50, 2, 2, 32)}
+EUCLIDEAN_LIMIT_BYTES = 4 << 30  # skip expand-subtract when [M, C, D] exceeds 4 GiB
+
+
+def euclidean_dist(q, c):
+    """The original ProtoNets distance: builds [B, M, C, D]."""
+    return (q.unsqueeze(2) - c.unsqueeze(1)).pow(2).sum(3)
+
+
+def cdist_sq(q, c):
+    return torch.cdist(q, c) ** 2
+
+
+def matmul_dist(q, c):
+    return (q.pow(2).sum(-1, keepdim=True) + c.pow(2).sum(-1).unsqueeze(1)
+            - 2 * q @ c.transpose(1, 2))
+
+
+def _plain_loss(distance):
+    def loss_fn(support, queries, query_labels, B, C, K):
+        prototypes = support.view(B, C, K, -1).mean(2)
+        logits = -distance(queries, prototypes)
+        return TF.cross_entropy(logits.flatten(0, 1), query_labels.flatten())
+    return loss_fn
+
+
+def episode(B, C, K, Q, D, device):
+    support_labels = torch.arange(C, device=device).repeat_interleave(K).expand(B, -1)
+    query_labels = torch.arange(C, device=device).repeat_interleave(Q).expand(B, -1)
+    support = torch.randn(B, C * K, D, device=device, requires_grad=True)
+    queries = torch.randn(B, C * Q, D, device=device, requires_grad=True)
+    return support, support_labels.contiguous(), queries, query_labels.contiguous()
+
+
+def _fastmeta_backends(device):
+    op = "prototypical_cross_entropy"
+    names = [b for b in backend.DEFAULT_PREFERENCE[device]
+             if backend.op_unavailable_reason(op, b, device, torch.float32) is None]
+    if device == "cuda" and backend.op_unavailable_reason(op, "triton", device, torch.float32) is None:
+        names += [] if "triton" in names else ["triton"]
+    return names
+
+
+def loss_candidates(device, B, C, K, Q, D) -> list[Candidate]:
+    support, ys, queries, yq = episode(B, C, K, Q, D, device)
+    inputs = (support, queries)
+
+    def fastmeta_fn(name):
+        def run():
+            with fastmeta.use_backend(name):
+                loss, _ = fastmeta.functional.prototypical_loss(support, ys, queries, yq, C)
+                return torch.autograd.grad(loss, inputs)
+        return run
+
+    def plain_fn(loss_fn):
+        return lambda: torch.autograd.grad(loss_fn(support, queries, yq, B, C, K), inputs)
+
+    rows = [Candidate(f"fastmeta[{b}]", fastmeta_fn(b), is_fastmeta=(i == 0))
+            for i, b in enumerate(_fastmeta_backends(device))]
+    if B * C * Q * C * D * 4 <= EUCLIDEAN_LIMIT_BYTES:
+        rows.append(Candidate("euclidean_dist (ProtoNets)", plain_fn(_plain_loss(euclidean_dist))))
+    rows.append(Candidate("cdist ** 2", plain_fn(_plain_loss(cdist_sq))))
+    rows.append(Candidate("matmul", plain_fn(_plain_loss(matmul_dist))))
+    compiled = torch.compile(_plain_loss(matmul_dist), dynamic=False)
+    rows.append(Candidate("torch.compile(matmul)", plain_fn(compiled)))
+
+    q, c = queries.detach(), support.detach()[:, :C]
+    g = torch.randn(B, C * Q, C, device=device)
+
+    def gemms():
+        return torch.bmm(q, c.transpose(1, 2)), torch.bmm(g, c), torch.bmm(g.transpose(1, 2), q)
+
+    rows.append(Candidate("GEMMs only (floor)", gemms))
+    return rows
+
+
+def conv4(channels: int = 64) -> torch.nn.Module:
+    """The ProtoNets / MAML Omniglot encoder: 4 x (conv3x3, BN, ReLU, maxpool2)."""
+    layers, in_ch = [], 1
+    for _ in range(4):
+        layers += [torch.nn.Conv2d(in_ch, channels, 3, padding=1), torch.nn.BatchNorm2d(channels),
+                   torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+        in_ch = channels
+    return torch.nn.Sequential(*layers, torch.nn.Flatten())
+
+
+def training_step_candidates(device, C, K, Q, best_alternative) -> list[Candidate]:
+    """One conv4 training step (embed 28x28 support and queries, loss, backward)."""
+    encoder = conv4().to(device)
+    support_x = torch.randn(C * K, 1, 28, 28, device=device)
+    query_x = torch.randn(C * Q, 1, 28, 28, device=device)
+    ys = torch.arange(C, device=device).repeat_interleave(K)
+    yq = torch.arange(C, device=device).repeat_interleave(Q)
+    params = list(encoder.parameters())
+    name, loss_fn = best_alternative
+
+    def fastmeta_step():
+        z = encoder(torch.cat([support_x, query_x]))
+        loss, _ = fastmeta.functional.prototypical_loss(z[: C * K], ys, z[C * K:], yq, C)
+        return torch.autograd.grad(loss, params)
+
+    def plain_step():
+        z = encoder(torch.cat([support_x, query_x]))
+        loss = loss_fn(z[None, : C * K], z[None, C * K:], yq[None], 1, C, K)
+        return torch.autograd.grad(loss, params)
+
+    return [Candidate("fastmeta + conv4", fastmeta_step, is_fastmeta=True),
+            Candidate(f"{name} + conv4", plain_step)]
+
+
+def run(device: str, quick: bool = False, **timing):
+    results = []
+    for config, (B, C, K, Q, D) in (QUICK if quick else CONFIGS).items():
+        results += run_config(CASE, config, device, loss_candidates(device, B, C, K, Q, D),
+                              memory=True, **timing)
+    B, C, K, Q, D = (1, 5, 1, 2, 64) if quick else CONFIGS["(b) 60w5s D=1600"]
+    step_results = [r for r in results if r.config.startswith("(b)" if not quick else "(a)")]
+    alternatives = {"matmul": _plain_loss(matmul_dist), "cdist ** 2": _plain_loss(cdist_sq),
+                    "euclidean_dist (ProtoNets)": _plain_loss(euclidean_dist),
+                    "torch.compile(matmul)": torch.compile(_plain_loss(matmul_dist), dynamic=False)}
+    best = min((r for r in step_results if r.name in alternatives), key=lambda r: r.median_ms)
+    config = f"train step conv4 28x28 {C}w{K}s{Q}q"
+    results += run_config(CASE, config, device,
+                          training_step_candidates(device, C, K, Q,
+                                                   (best.name, alternatives[best.name])),
+                          **timing)
+    return results

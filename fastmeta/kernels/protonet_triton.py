@@ -1,0 +1,362 @@
+"""Prototypical Networks, Triton kernels (math and reference semantics: fastmeta/ops/
+class_prototypes.py, squared_distances.py, prototypical_loss.py).
+
+Shapes: support [B, S, D] with labels y [B, S]; queries Q [B, M, D] with labels [B, M];
+prototypes C [B, C, D]; tau []. float32 in, float32 accumulation. Every grid is 1-D: a
+program is (episode b, tile i, tile j), decoded by _coords.
+
+class_prototypes forward : program (b, class tile, D tile); over S tiles, in order,
+    sums += onehot(y)^T S (tl.dot; products with 0 / 1 are exact), n += colsum(onehot);
+    prototypes = sums / n. No atomics: deterministic. Work C S D per episode.
+class_prototypes backward: program (b, S tile, D tile), a gather:
+    d_support[b, i] = grad[b, y_bi] / n_{b, y_bi}   (n by an integer scatter_add).
+squared_distances: program (b, M tile, C tile); over D tiles: q . c (tl.dot), ||q||^2,
+    ||c||^2; d = ||q||^2 + ||c||^2 - 2 q . c. A tile holding an entry with
+    d <= 1e-2 (||q||^2 + ||c||^2) (cancellation: nearly identical points) recomputes those
+    entries as sum_d (q - c)^2, so identical points give exactly 0 and none is negative.
+prototypical_ce forward: program (b, M tile). Sweep 1 over C tiles: logits
+    z' = tau (2 q . c - ||c||^2) (tl.dot over D tiles), running max and rescaled sum of
+    exp (online log-sum-exp: lse = max + log sum), argmax (first index of the maximum,
+    like torch.argmax), z'_y; loss = (max - z'_y) + log sum. Sweep 2 recomputes each z'
+    tile and writes softmax = exp((z' - max) - log sum).
+prototypical_ce backward, with G = (softmax - onehot(y)) * grad_losses formed tile by tile:
+    queries kernel, program (b, M tile, D tile), over C tiles: GC = G C (tl.dot);
+        d_q = 2 tau GC; d_tau partial 2 sum q . GC.
+    prototypes kernel, program (b, C tile, D tile), over M tiles: G^T Q (tl.dot) and
+        colsum(G); d_c = 2 tau (G^T Q - colsum(G) c); d_tau partial -colsum(G) . ||c||^2
+        over this D tile.
+    d_tau = float64 torch.sum of the per-program partials: fixed order, deterministic.
+Tiles are powers of two, at least 16 (tl.dot's minimum; masks pad small C, M, D). GPU
+tiles are 32-128 wide (untuned); under the interpreter up to 512 wide, so B=1, M=10000,
+C=1000, D=512 takes 2 to 40 programs per kernel.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmeta.backend import triton_interpreter
+
+
+@triton.jit
+def _dot(a, b, acc):
+    # ieee float32 products: matches the float64 references tightly (and the one-hot GEMM
+    # of class_prototypes must stay exact). On a GPU, "tf32" would run the distance and
+    # logit GEMMs faster at ~1e-3 relative error; kept at ieee for now.
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _coords(n_i, n_j):
+    """(episode as int64, tile i, tile j) of this program in a grid of B * n_i * n_j."""
+    pid = tl.program_id(0)
+    return (pid // (n_i * n_j)).to(tl.int64), (pid // n_j) % n_i, pid % n_j
+
+
+@triton.jit
+def _offsets(rows, cols, ld):
+    """int64 offsets [rows, cols] into a row-major matrix with leading dimension ld."""
+    return rows.to(tl.int64)[:, None] * ld + cols[None, :]
+
+
+@triton.jit
+def _load_tile(ptr, rows, cols, n_rows, n_cols):
+    """Tile [rows, cols] of a row-major [n_rows, n_cols] float matrix, 0 outside it."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + _offsets(rows, cols, n_cols), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_tile(ptr, value, rows, cols, n_rows, n_cols):
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(ptr + _offsets(rows, cols, n_cols), value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
+    """q . c [rows, cls], ||q||^2 [rows], ||c||^2 [cls] (q [M, D], c [C, D]; 0 outside)."""
+    qc = tl.zeros((rows.shape[0], cls.shape[0]), dtype=tl.float32)
+    qn = tl.zeros((rows.shape[0],), dtype=tl.float32)
+    cn = tl.zeros((cls.shape[0],), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        q = _load_tile(q_ptr, rows, ds, M, D)
+        c = _load_tile(c_ptr, cls, ds, C, D)
+        qc = _dot(q, tl.trans(c), qc)
+        qn += tl.sum(q * q, axis=1)
+        cn += tl.sum(c * c, axis=1)
+    return qc, qn, cn
+
+
+@triton.jit
+def _direct_distances_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_R: tl.constexpr):
+    """sum_d (q - c)^2 [rows, cls], without the cancellation of the GEMM form."""
+    acc = tl.zeros((rows.shape[0], cls.shape[0]), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_R):
+        ds = d0 + tl.arange(0, BLOCK_R)
+        diff = (_load_tile(q_ptr, rows, ds, M, D)[:, None, :]
+                - _load_tile(c_ptr, cls, ds, C, D)[None, :, :])
+        acc += tl.sum(diff * diff, axis=2)
+    return acc
+
+
+@triton.jit
+def _class_prototypes_forward_kernel(s_ptr, y_ptr, out_ptr, S, C, D, BLOCK_C: tl.constexpr,
+                                     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    b, k, j = _coords(tl.cdiv(C, BLOCK_C), tl.cdiv(D, BLOCK_D))
+    s_ptr += b * S * D
+    y_ptr += b * S
+    cls = k * BLOCK_C + tl.arange(0, BLOCK_C)
+    ds = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    sums = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+    counts = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        idx = s0 + tl.arange(0, BLOCK_S)
+        y = tl.load(y_ptr + idx, mask=idx < S, other=-1)
+        onehot = (cls[:, None] == y[None, :]).to(tl.float32)  # [BLOCK_C, BLOCK_S]
+        sums = _dot(onehot, _load_tile(s_ptr, idx, ds, S, D), sums)
+        counts += tl.sum(onehot, axis=1)
+    counts = tl.maximum(counts, 1.0)  # every class is present; this spares the padding 0 / 0
+    _store_tile(out_ptr + b * C * D, sums / counts[:, None], cls, ds, C, D)
+
+
+@triton.jit
+def _class_prototypes_backward_kernel(g_ptr, y_ptr, n_ptr, out_ptr, S, C, D,
+                                      BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    b, i, j = _coords(tl.cdiv(S, BLOCK_S), tl.cdiv(D, BLOCK_D))
+    idx = i * BLOCK_S + tl.arange(0, BLOCK_S)
+    ds = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_s = idx < S
+    y = tl.load(y_ptr + b * S + idx, mask=in_s, other=0)
+    n = tl.load(n_ptr + b * C + y, mask=in_s, other=1).to(tl.float32)
+    grad = _load_tile(g_ptr + b * C * D, y, ds, C, D)
+    _store_tile(out_ptr + b * S * D, grad / n[:, None], idx, ds, S, D)
+
+
+@triton.jit
+def _squared_distances_kernel(q_ptr, c_ptr, out_ptr, M, C, D, BLOCK_M: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_R: tl.constexpr):
+    b, i, j = _coords(tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_C))
+    q_ptr += b * M * D
+    c_ptr += b * C * D
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    cls = j * BLOCK_C + tl.arange(0, BLOCK_C)
+    qc, qn, cn = _gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D)
+    scale = qn[:, None] + cn[None, :]
+    dist = scale - 2 * qc
+    cancelled = (dist <= 0.01 * scale) & (rows[:, None] < M) & (cls[None, :] < C)
+    if tl.max(cancelled.to(tl.int32)) > 0:  # rare: recompute this tile directly
+        direct = _direct_distances_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_R)
+        dist = tl.where(cancelled, direct, dist)
+    _store_tile(out_ptr + b * M * C, dist, rows, cls, M, C)
+
+
+@triton.jit
+def _logits_tile(q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
+    """z' = tau (2 q . c - ||c||^2) [rows, cls]; -inf for classes >= C."""
+    qc, _, cn = _gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D)
+    z = tau * (2 * qc - cn[None, :])
+    return tl.where(cls[None, :] < C, z, float("-inf"))
+
+
+@triton.jit
+def _prototypical_ce_forward_kernel(q_ptr, c_ptr, y_ptr, tau_ptr, loss_ptr, pred_ptr, sm_ptr,
+                                    M, C, D, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                                    BLOCK_D: tl.constexpr):
+    b, i, _ = _coords(tl.cdiv(M, BLOCK_M), 1)
+    q_ptr += b * M * D
+    c_ptr += b * C * D
+    sm_ptr += b * M * C
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_m = rows < M
+    y = tl.load(y_ptr + b * M + rows, mask=in_m, other=0)
+    tau = tl.load(tau_ptr).to(tl.float32)
+    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    argmax = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    z_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cls = c0 + tl.arange(0, BLOCK_C)
+        z = _logits_tile(q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D)
+        tile_max = tl.max(z, axis=1)
+        tile_argmax = tl.min(tl.where(z == tile_max[:, None], cls[None, :], C), axis=1)
+        argmax = tl.where(tile_max > run_max, tile_argmax, argmax)  # ties: earlier tile
+        new_max = tl.maximum(run_max, tile_max)
+        run_sum = (run_sum * tl.exp(run_max - new_max)
+                   + tl.sum(tl.exp(z - new_max[:, None]), axis=1))
+        run_max = new_max
+        z_y += tl.sum(tl.where(cls[None, :] == y[:, None], z, 0.0), axis=1)
+    # lse = run_max + log_sum, never formed: subtracting run_max first keeps small losses
+    # and probabilities accurate when the logits are large.
+    log_sum = tl.log(run_sum)
+    tl.store(loss_ptr + b * M + rows, (run_max - z_y) + log_sum, mask=in_m)
+    tl.store(pred_ptr + b * M + rows, argmax.to(tl.int64), mask=in_m)
+    for c0 in range(0, C, BLOCK_C):
+        cls = c0 + tl.arange(0, BLOCK_C)
+        z = _logits_tile(q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D)
+        _store_tile(sm_ptr, tl.exp((z - run_max[:, None]) - log_sum[:, None]), rows, cls, M, C)
+
+
+@triton.jit
+def _g_tile(sm_ptr, grad, y, rows, cls, M, C):
+    """G = (softmax - onehot(y)) * grad_losses [rows, cls]; 0 outside [M, C]."""
+    onehot = (cls[None, :] == y[:, None]).to(tl.float32)
+    return (_load_tile(sm_ptr, rows, cls, M, C) - onehot) * grad[:, None]
+
+
+@triton.jit
+def _prototypical_ce_backward_queries_kernel(gl_ptr, q_ptr, c_ptr, y_ptr, tau_ptr, sm_ptr,
+                                             dq_ptr, partials_ptr, M, C, D,
+                                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                                             BLOCK_D: tl.constexpr):
+    b, i, j = _coords(tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_D))
+    c_ptr += b * C * D
+    sm_ptr += b * M * C
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    ds = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_m = rows < M
+    grad = tl.load(gl_ptr + b * M + rows, mask=in_m, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + b * M + rows, mask=in_m, other=0)
+    gc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cls = c0 + tl.arange(0, BLOCK_C)
+        gc = _dot(_g_tile(sm_ptr, grad, y, rows, cls, M, C), _load_tile(c_ptr, cls, ds, C, D), gc)
+    tau = tl.load(tau_ptr).to(tl.float32)
+    _store_tile(dq_ptr + b * M * D, 2 * tau * gc, rows, ds, M, D)
+    q = _load_tile(q_ptr + b * M * D, rows, ds, M, D)
+    tl.store(partials_ptr + tl.program_id(0), 2 * tl.sum(tl.sum(q * gc, axis=1), axis=0))
+
+
+@triton.jit
+def _prototypical_ce_backward_prototypes_kernel(gl_ptr, q_ptr, c_ptr, y_ptr, tau_ptr, sm_ptr,
+                                                dc_ptr, partials_ptr, M, C, D,
+                                                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                                                BLOCK_D: tl.constexpr):
+    b, k, j = _coords(tl.cdiv(C, BLOCK_C), tl.cdiv(D, BLOCK_D))
+    q_ptr += b * M * D
+    sm_ptr += b * M * C
+    cls = k * BLOCK_C + tl.arange(0, BLOCK_C)
+    ds = j * BLOCK_D + tl.arange(0, BLOCK_D)
+    gq = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        in_m = rows < M
+        grad = tl.load(gl_ptr + b * M + rows, mask=in_m, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + b * M + rows, mask=in_m, other=0)
+        g = _g_tile(sm_ptr, grad, y, rows, cls, M, C)
+        gq = _dot(tl.trans(g), _load_tile(q_ptr, rows, ds, M, D), gq)
+        colsum += tl.sum(g, axis=0)
+    tau = tl.load(tau_ptr).to(tl.float32)
+    c = _load_tile(c_ptr + b * C * D, cls, ds, C, D)
+    _store_tile(dc_ptr + b * C * D, 2 * tau * (gq - colsum[:, None] * c), cls, ds, C, D)
+    tl.store(partials_ptr + tl.program_id(0), -tl.sum(colsum * tl.sum(c * c, axis=1), axis=0))
+
+
+def _tile(n: int, gpu: int, interpreter: int, least: int = 16) -> int:
+    """Power-of-two tile for an extent n, in [least, cap]; least 16 is tl.dot's minimum.
+    The interpreter runs one program at a time in numpy: few, wide programs."""
+    cap = interpreter if triton_interpreter() else gpu
+    return max(least, min(triton.next_power_of_2(max(n, 1)), cap))
+
+
+def class_prototypes_forward(support: torch.Tensor, labels: torch.Tensor,
+                             num_classes: int) -> torch.Tensor:
+    """support [B, S, D], labels [B, S] int64 in [0, C), every class present
+    -> prototypes [B, C, D] (per-class means)."""
+    support, labels = support.contiguous(), labels.contiguous()
+    B, S, D = support.shape
+    C = num_classes
+    out = support.new_empty(B, C, D)
+    if out.numel() == 0:
+        return out
+    block_c, block_s, block_d = _tile(C, 32, 512), _tile(S, 32, 512), _tile(D, 64, 512)
+    grid = (B * triton.cdiv(C, block_c) * triton.cdiv(D, block_d),)
+    _class_prototypes_forward_kernel[grid](support, labels, out, S, C, D, BLOCK_C=block_c,
+                                           BLOCK_S=block_s, BLOCK_D=block_d)
+    return out
+
+
+def class_prototypes_backward(grad: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """grad [B, C, D], labels [B, S] int64 -> d_support [B, S, D],
+    d_support[b, i] = grad[b, y_bi] / n_{b, y_bi}."""
+    grad, labels = grad.contiguous(), labels.contiguous()
+    B, C, D = grad.shape
+    S = labels.shape[1]
+    out = grad.new_empty(B, S, D)
+    if out.numel() == 0:
+        return out
+    counts = torch.zeros(B, C, dtype=torch.int64, device=labels.device)
+    counts.scatter_add_(1, labels, torch.ones_like(labels))  # integer sums: deterministic
+    block_s, block_d = _tile(S, 32, 512), _tile(D, 128, 1024)
+    grid = (B * triton.cdiv(S, block_s) * triton.cdiv(D, block_d),)
+    _class_prototypes_backward_kernel[grid](grad, labels, counts, out, S, C, D,
+                                            BLOCK_S=block_s, BLOCK_D=block_d)
+    return out
+
+
+def squared_distances_forward(queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """queries [B, M, D], prototypes [B, C, D] -> ||q - c||^2 [B, M, C]."""
+    queries, prototypes = queries.contiguous(), prototypes.contiguous()
+    B, M, D = queries.shape
+    C = prototypes.shape[1]
+    out = queries.new_empty(B, M, C)
+    if out.numel() == 0:
+        return out
+    block_m, block_c, block_d = _tile(M, 64, 512), _tile(C, 64, 512), _tile(D, 32, 128)
+    grid = (B * triton.cdiv(M, block_m) * triton.cdiv(C, block_c),)
+    _squared_distances_kernel[grid](queries, prototypes, out, M, C, D, BLOCK_M=block_m,
+                                    BLOCK_C=block_c, BLOCK_D=block_d,
+                                    BLOCK_R=_tile(D, 4, 8, least=1))
+    return out
+
+
+def prototypical_ce_forward(queries: torch.Tensor, prototypes: torch.Tensor,
+                            labels: torch.Tensor, tau: torch.Tensor):
+    """queries [B, M, D], prototypes [B, C, D], labels [B, M] int64, tau []
+    -> (losses [B, M], predictions [B, M] int64, softmax [B, M, C])."""
+    queries, prototypes, labels = queries.contiguous(), prototypes.contiguous(), labels.contiguous()
+    B, M, D = queries.shape
+    C = prototypes.shape[1]
+    losses = queries.new_empty(B, M)
+    predictions = labels.new_empty(B, M)
+    softmax = queries.new_empty(B, M, C)
+    if softmax.numel() == 0:
+        return losses, predictions, softmax
+    block_m, block_c, block_d = _tile(M, 64, 512), _tile(C, 64, 512), _tile(D, 32, 128)
+    grid = (B * triton.cdiv(M, block_m),)
+    _prototypical_ce_forward_kernel[grid](queries, prototypes, labels, tau, losses, predictions,
+                                          softmax, M, C, D, BLOCK_M=block_m, BLOCK_C=block_c,
+                                          BLOCK_D=block_d)
+    return losses, predictions, softmax
+
+
+def prototypical_ce_backward(grad_losses: torch.Tensor, queries: torch.Tensor,
+                             prototypes: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor,
+                             softmax: torch.Tensor):
+    """grad_losses [B, M], queries [B, M, D], prototypes [B, C, D], labels [B, M] int64,
+    tau [], softmax [B, M, C] (from the forward) -> (d_queries [B, M, D],
+    d_prototypes [B, C, D], d_tau []). With G = (softmax - onehot(y)) * grad_losses:
+    d_q = 2 tau G C, d_c = 2 tau (G^T Q - colsum(G) c),
+    d_tau = 2 sum_m q_m . (G C)_m - colsum(G) . ||c||^2."""
+    grad_losses, queries, prototypes, labels, softmax = (
+        x.contiguous() for x in (grad_losses, queries, prototypes, labels, softmax))
+    B, M, D = queries.shape
+    C = prototypes.shape[1]
+    d_queries, d_prototypes = torch.empty_like(queries), torch.empty_like(prototypes)
+    if softmax.numel() == 0 or D == 0:
+        return d_queries.zero_(), d_prototypes.zero_(), torch.zeros_like(tau)
+    block_d = _tile(D, 64, 512)
+    q_blocks = dict(BLOCK_M=_tile(M, 64, 512), BLOCK_C=_tile(C, 32, 512), BLOCK_D=block_d)
+    c_blocks = dict(BLOCK_M=_tile(M, 32, 512), BLOCK_C=_tile(C, 64, 512), BLOCK_D=block_d)
+    q_programs = B * triton.cdiv(M, q_blocks["BLOCK_M"]) * triton.cdiv(D, block_d)
+    c_programs = B * triton.cdiv(C, c_blocks["BLOCK_C"]) * triton.cdiv(D, block_d)
+    partials = torch.empty(q_programs + c_programs, dtype=torch.float32, device=queries.device)
+    args = (grad_losses, queries, prototypes, labels, tau, softmax)
+    _prototypical_ce_backward_queries_kernel[(q_programs,)](
+        *args, d_queries, partials, M, C, D, **q_blocks)
+    _prototypical_ce_backward_prototypes_kernel[(c_programs,)](
+        *args, d_prototypes, partials[q_programs:], M, C, D, **c_blocks)
+    d_tau = partials.double().sum().to(tau.dtype)
+    return d_queries, d_prototypes, d_tau
