@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../protonet.h"
+#include "parallel_grain.h"
 
 namespace fastmeta {
 namespace {
@@ -64,7 +65,8 @@ at::Tensor class_prototypes_forward_cpu(const at::Tensor& support, const at::Ten
     const scalar_t* x = support.const_data_ptr<scalar_t>();
     const int64_t* y = labels.const_data_ptr<int64_t>();
     scalar_t* p = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * col_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * col_blocks, grain_for(S * std::min(D, kColumns)),
+                     [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / col_blocks, d0 = (task % col_blocks) * kColumns;
         const int64_t n = std::min(kColumns, D - d0);
@@ -97,7 +99,7 @@ at::Tensor class_prototypes_backward_cpu(const at::Tensor& grad, const at::Tenso
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     const int64_t* y = labels.const_data_ptr<int64_t>();
     scalar_t* ds = d_support.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * S, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)),
+    at::parallel_for(0, B * S, grain_for(D),
                      [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / S, k = y[r];

@@ -4,9 +4,10 @@
 // the last term is the same for every class and cancels in the softmax, so the
 // kernels use z'[m, k] = tau (2 Q C^T - ||c||^2) [m, k]: one GEMM plus an epilogue.
 //
-// forward : Z = Q C^T (ATen batched GEMM, [B, M, C]); one pass per row turns Z in
-//           place into the softmax and yields loss_m = lse_m - z'_{m, y_m} and the
-//           argmax. Returns (losses [B, M], predictions [B, M], softmax [B, M, C]).
+// forward : Z = Q C^T (ATen batched GEMM, [B, M, C]); a pass per row turns Z in
+//           place into z' - max (and takes the argmax), ATen's vectorized exp_, and a
+//           normalizing pass yields the softmax and loss_m = lse_m - z'_{m, y_m}.
+//           Returns (losses [B, M], predictions [B, M], softmax [B, M, C]).
 // backward: with G = (softmax - onehot(y)) * grad_losses (one pass, which also
 //           takes the column sums of G in a fixed order),
 //             d_Q   = 2 tau G C
@@ -26,6 +27,7 @@
 
 #include "../protonet.h"
 #include "large_alloc.h"
+#include "parallel_grain.h"
 #include "row_norms.h"
 
 namespace fastmeta {
@@ -56,7 +58,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cpu(
     const at::Tensor& tau) {
   check_shapes(queries, prototypes, labels, tau);
   const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
-  at::Tensor softmax = at::bmm(queries, prototypes.transpose(1, 2));  // Q C^T, then in place
+  // Q C^T into a pooled buffer (a fresh 40 MB output costs more in page faults than
+  // the epilogue), then turned into the softmax in place.
+  at::Tensor softmax = empty_cpu_large({B, M, C}, queries.options());
+  at::bmm_out(softmax, queries, prototypes.transpose(1, 2));
   at::Tensor losses = at::empty({B, M}, queries.options());
   at::Tensor predictions = at::empty({B, M}, labels.options());
   AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "prototypical_ce_forward_cpu", [&] {
@@ -67,8 +72,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cpu(
     scalar_t* p = softmax.mutable_data_ptr<scalar_t>();
     scalar_t* loss = losses.mutable_data_ptr<scalar_t>();
     int64_t* pred = predictions.mutable_data_ptr<int64_t>();
-    at::parallel_for(0, B * M, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)),
-                     [&](int64_t begin, int64_t end) {
+    const int64_t grain = grain_for(C);
+    std::vector<acc_t> row_max(B * M), label_logit(B * M);
+    // Pass 1 (each row in L1): z' in place, its max, argmax and label logit, then z' - max.
+    at::parallel_for(0, B * M, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / M, label = y[r];
         TORCH_CHECK(label >= 0 && label < C, "prototypical_ce: query label ", label,
@@ -77,17 +84,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cpu(
         const acc_t* norms = cn.data() + b * C;
         acc_t best = -std::numeric_limits<acc_t>::infinity();
         int64_t arg = 0;
-        for (int64_t k = 0; k < C; ++k) {  // z' in place; running max and argmax
+        for (int64_t k = 0; k < C; ++k) {
           const acc_t z = t * (acc_t(2) * acc_t(row[k]) - norms[k]);
           row[k] = static_cast<scalar_t>(z);
           if (z > best) best = z, arg = k;
         }
-        acc_t sum = 0;
-        for (int64_t k = 0; k < C; ++k) sum += std::exp(acc_t(row[k]) - best);
-        const acc_t lse = best + std::log(sum);
-        loss[r] = static_cast<scalar_t>(lse - acc_t(row[label]));
+        label_logit[r] = row[label];
+        row_max[r] = best;
         pred[r] = arg;
-        for (int64_t k = 0; k < C; ++k) row[k] = static_cast<scalar_t>(std::exp(acc_t(row[k]) - lse));
+        _Pragma("omp simd")
+        for (int64_t k = 0; k < C; ++k) row[k] = static_cast<scalar_t>(acc_t(row[k]) - best);
+      }
+    });
+    softmax.exp_();  // ATen's vectorized exp: one exp per element
+    // Pass 2: normalize each row; loss = lse - z'_y = max + log(sum) - z'_y.
+    at::parallel_for(0, B * M, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* row = p + r * C;
+        acc_t sum = 0;
+        _Pragma("omp simd reduction(+ : sum)")
+        for (int64_t k = 0; k < C; ++k) sum += acc_t(row[k]);
+        const acc_t inv = acc_t(1) / sum;
+        _Pragma("omp simd")
+        for (int64_t k = 0; k < C; ++k) row[k] = static_cast<scalar_t>(acc_t(row[k]) * inv);
+        loss[r] = static_cast<scalar_t>(row_max[r] + std::log(sum) - label_logit[r]);
       }
     });
   });
@@ -113,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cpu(
     scalar_t* g = G.mutable_data_ptr<scalar_t>();
     // partial column sums of G: [B, tasks, C], reduced below in task order.
     std::vector<acc_t> partial(B * tasks * C, acc_t(0));
-    at::parallel_for(0, B * tasks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * tasks, grain_for(kRowsPerTask * C), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / tasks, m0 = (task % tasks) * kRowsPerTask;
         acc_t* colsum = partial.data() + task * C;
@@ -122,11 +142,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cpu(
           const acc_t scale = go[r];
           const scalar_t* pr = p + r * C;
           scalar_t* gr = g + r * C;
+          _Pragma("omp simd")
           for (int64_t k = 0; k < C; ++k) {
-            const acc_t v = (acc_t(pr[k]) - acc_t(k == y[r])) * scale;
+            const acc_t v = acc_t(pr[k]) * scale;
             gr[k] = static_cast<scalar_t>(v);
             colsum[k] += v;
           }
+          gr[y[r]] = static_cast<scalar_t>(acc_t(gr[y[r]]) - scale);  // minus onehot(y)
+          colsum[y[r]] -= scale;
         }
       }
     });
@@ -149,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cpu(
     scalar_t* dc = d_prototypes.mutable_data_ptr<scalar_t>();
     // d_Q = 2 tau (G C), and each row's q_m . (G C)_m for d_tau (in double, per row).
     std::vector<double> q_dot_gc(B * M, 0.0);
-    at::parallel_for(0, B * M, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)),
+    at::parallel_for(0, B * M, grain_for(D),
                      [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         double dot = 0;
@@ -161,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cpu(
       }
     });
     // d_C = 2 tau (G^T Q - colsum(G) * C).
-    at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)),
+    at::parallel_for(0, B * C, grain_for(D),
                      [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const acc_t s = colsum[i];

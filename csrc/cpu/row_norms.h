@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "parallel_grain.h"
+
 namespace fastmeta {
 
 template <typename scalar_t>
@@ -17,7 +19,7 @@ std::vector<at::opmath_type<scalar_t>> row_squared_norms(const at::Tensor& x) {
   const int64_t rows = x.size(0) * x.size(1), D = x.size(2);
   const scalar_t* data = x.const_data_ptr<scalar_t>();
   std::vector<acc_t> norms(rows);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)),
+  at::parallel_for(0, rows, grain_for(D),
                    [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = data + r * D;

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "../protonet.h"
+#include "parallel_grain.h"
 #include "row_norms.h"
 
 namespace fastmeta {
@@ -41,7 +42,7 @@ at::Tensor squared_distances_forward_cpu(const at::Tensor& queries,
     const scalar_t* q = queries.const_data_ptr<scalar_t>();
     const scalar_t* c = prototypes.const_data_ptr<scalar_t>();
     scalar_t* d = dist.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * M, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
+    at::parallel_for(0, B * M, grain_for(C),
                      [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / M;
