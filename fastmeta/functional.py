@@ -13,8 +13,8 @@
 import torch
 from torch import Tensor
 
-from fastmeta.ops._checks import (check_every_class_present, check_floating, check_labels,
-                                  check_num_classes, check_tensor, shape_str)
+from fastmeta.ops._checks import (check_episode_pair, check_every_class_present, check_labels,
+                                  check_num_classes, check_tensor)
 from fastmeta.ops.class_prototypes import class_prototypes_op
 from fastmeta.ops.inner_update import inner_update
 from fastmeta.ops.prototypical_loss import prototypical_ce_op
@@ -96,16 +96,7 @@ def prototypical_loss(support: Tensor, support_labels: Tensor, queries: Tensor,
     batched = support.dim() == 3
     s = _batched(op, "support", support, 2)
     q = _batched(op, "queries", queries, 2)
-    for name, x in (("support", s), ("queries", q)):
-        check_floating(op, name, x)
-        if x.dim() != 3:
-            raise ValueError(f"{op}: {name} must be [B, N, D] or [N, D], got shape {shape_str(x)}")
-    if s.shape[0] != q.shape[0]:
-        raise ValueError(f"{op}: support {shape_str(s)} and queries {shape_str(q)} hold "
-                         f"different numbers of episodes B")
-    if s.shape[2] != q.shape[2]:
-        raise ValueError(f"{op}: support {shape_str(s)} and queries {shape_str(q)} have "
-                         f"different embedding sizes D")
+    check_episode_pair(op, "support", s, "queries", q)
     y_support = _batched(op, "support_labels", support_labels, 1)
     y_query = _batched(op, "query_labels", query_labels, 1)
     check_labels(op, "support_labels", y_support, s.shape[:2], num_classes)

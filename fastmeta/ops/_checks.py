@@ -76,3 +76,17 @@ def check_num_classes(op: str, num_classes) -> int:
 # the Python value checks for them. (The CUDA loss kernel does not: it would need a
 # device sync, so the Python checks run there.)
 CHECKS_VALUES_ITSELF = ("cpu",)
+
+
+def check_episode_pair(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor):
+    """Two floating [B, N, D] tensors of the same episodes: equal B and D."""
+    for name, x in ((name_a, a), (name_b, b)):
+        check_tensor(op, name, x)
+        check_floating(op, name, x)
+        if x.dim() != 3:
+            raise ValueError(f"{op}: {name} must be [B, N, D] (or [N, D] unbatched), got "
+                             f"shape {shape_str(x)}")
+    for dim, what in ((0, "numbers of episodes B"), (2, "embedding sizes D")):
+        if a.shape[dim] != b.shape[dim]:
+            raise ValueError(f"{op}: {name_a} {shape_str(a)} and {name_b} {shape_str(b)} have "
+                             f"different {what}")

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from fastmeta import backend
-from fastmeta.ops._checks import (CHECKS_VALUES_ITSELF, check_floating, check_labels,
-                                  check_same_dtype_device, check_tensor, shape_str)
+from fastmeta.ops._checks import (CHECKS_VALUES_ITSELF, check_episode_pair, check_floating,
+                                  check_labels, check_same_dtype_device, check_tensor, shape_str)
 
 OP = "prototypical_cross_entropy"
 backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
@@ -34,15 +34,9 @@ backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
 def check_prototypical_ce_args(queries: Tensor, prototypes: Tensor, labels: Tensor,
                                tau: Tensor, values: bool = True) -> None:
     name = "fastmeta.prototypical_cross_entropy"
-    for arg, value in (("queries", queries), ("prototypes", prototypes), ("tau", tau)):
-        check_tensor(name, arg, value)
-        check_floating(name, arg, value)
-    for arg, value in (("queries", queries), ("prototypes", prototypes)):
-        if value.dim() != 3:
-            raise ValueError(f"{name}: {arg} must be [B, N, D], got shape {shape_str(value)}")
-    if queries.shape[0] != prototypes.shape[0] or queries.shape[2] != prototypes.shape[2]:
-        raise ValueError(f"{name}: queries {shape_str(queries)} and prototypes "
-                         f"{shape_str(prototypes)} must agree in B and D")
+    check_episode_pair(name, "queries", queries, "prototypes", prototypes)
+    check_tensor(name, "tau", tau)
+    check_floating(name, "tau", tau)
     if tau.dim() != 0:
         raise ValueError(f"{name}: tau must be a scalar, got shape {shape_str(tau)}")
     check_same_dtype_device(name, "queries", queries, prototypes=prototypes, tau=tau)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fastmeta import backend
-from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
+from fastmeta.ops._checks import check_episode_pair, check_same_dtype_device
 
 OP = "squared_distances"
 backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
@@ -27,17 +27,7 @@ backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
 
 def check_squared_distances_args(queries: Tensor, prototypes: Tensor) -> None:
     name = "fastmeta.squared_distances"
-    for arg, value in (("queries", queries), ("prototypes", prototypes)):
-        check_tensor(name, arg, value)
-        check_floating(name, arg, value)
-        if value.dim() != 3:
-            raise ValueError(f"{name}: {arg} must be [B, N, D], got shape {shape_str(value)}")
-    if queries.shape[0] != prototypes.shape[0]:
-        raise ValueError(f"{name}: queries {shape_str(queries)} and prototypes "
-                         f"{shape_str(prototypes)} have different episode counts B")
-    if queries.shape[2] != prototypes.shape[2]:
-        raise ValueError(f"{name}: queries {shape_str(queries)} and prototypes "
-                         f"{shape_str(prototypes)} have different embedding sizes D")
+    check_episode_pair(name, "queries", queries, "prototypes", prototypes)
     check_same_dtype_device(name, "queries", queries, prototypes=prototypes)
 
 
