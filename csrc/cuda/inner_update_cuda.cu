@@ -19,13 +19,13 @@
 #include <algorithm>
 
 #include "../inner_update.h"
+#include "sum_to_scalar.cuh"
 
 namespace fastmeta {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
-constexpr int kReduceThreads = 1024;
 constexpr int64_t kMaxGridY = 65535;
 
 template <typename scalar_t, AlphaKind kKind>
@@ -99,22 +99,6 @@ __global__ void backward_kernel(const scalar_t* __restrict__ go,
   }
 }
 
-// One block sums partials[n] in a fixed order and writes d_alpha = -sum.
-template <typename scalar_t>
-__global__ void reduce_partials_kernel(const double* __restrict__ partials, int64_t n,
-                                       scalar_t* __restrict__ d_alpha) {
-  __shared__ double buf[kReduceThreads];
-  double sum = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += partials[i];
-  buf[threadIdx.x] = sum;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) buf[threadIdx.x] += buf[threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) d_alpha[0] = static_cast<scalar_t>(-buf[0]);
-}
-
 // Calls fn with the AlphaKind as a compile-time constant.
 template <typename Fn>
 void with_alpha_kind(AlphaKind kind, Fn&& fn) {
@@ -182,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_update_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (reduce_scalar) {
-      reduce_partials_kernel<scalar_t><<<1, kReduceThreads, 0, stream>>>(
-          partials.const_data_ptr<double>(), blocks, d_alpha.mutable_data_ptr<scalar_t>());
+      sum_to_scalar_kernel<scalar_t><<<1, kSumThreads, 0, stream>>>(
+          partials.const_data_ptr<double>(), blocks, -1.0, d_alpha.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

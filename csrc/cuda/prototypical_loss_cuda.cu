@@ -24,7 +24,7 @@
 //              2 tau; term_m = 2 q_m . (G C)_m) and per row of d_C (colsum(G)_k
 //              summed from the partials in a fixed order; 2 tau (G^T Q - colsum c);
 //              term_k = -colsum_k ||c_k||^2), terms in double;
-//           4. d_tau_kernel: one block sums the terms in a fixed order, in double.
+//           4. sum_to_scalar_kernel: one block sums the terms in a fixed order, in double.
 //           Every output has one writer and a fixed summation order: no atomics,
 //           deterministic.
 // A label outside [0, C) (the Python op rejects these) is not indexed: it gives a
@@ -43,6 +43,7 @@
 
 #include "../protonet.h"
 #include "protonet_cuda.cuh"
+#include "sum_to_scalar.cuh"
 
 namespace fastmeta {
 namespace {
@@ -50,7 +51,6 @@ namespace {
 constexpr int kTileColumns = kWarpSize;                  // grad_logits_kernel block: x
 constexpr int kRowGroups = kThreads / kTileColumns;      //                           y
 constexpr int64_t kRowsPerChunk = 64;  // rows per column-sum partial (fixed: deterministic)
-constexpr int kReduceThreads = 1024;
 
 void check_ce_args(const at::Tensor& queries, const at::Tensor& prototypes,
                    const at::Tensor& labels, const at::Tensor& tau) {
@@ -204,22 +204,6 @@ __global__ void backward_epilogue_kernel(const scalar_t* __restrict__ q,
   }
 }
 
-// One block: d_tau = sum of terms[n], in a fixed order.
-template <typename scalar_t>
-__global__ void d_tau_kernel(const double* __restrict__ terms, int64_t n,
-                             scalar_t* __restrict__ d_tau) {
-  __shared__ double buf[kReduceThreads];
-  double sum = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += terms[i];
-  buf[threadIdx.x] = sum;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) buf[threadIdx.x] += buf[threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) d_tau[0] = static_cast<scalar_t>(buf[0]);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cuda(
@@ -292,8 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cuda(
           terms.mutable_data_ptr<double>(), B, M, C, D, chunks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    d_tau_kernel<scalar_t><<<1, kReduceThreads, 0, stream>>>(
-        terms.const_data_ptr<double>(), rows, d_tau.mutable_data_ptr<scalar_t>());
+    sum_to_scalar_kernel<scalar_t><<<1, kSumThreads, 0, stream>>>(
+        terms.const_data_ptr<double>(), rows, 1.0, d_tau.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {d_queries, d_prototypes, d_tau};
