@@ -13,6 +13,11 @@
 
 namespace fastmeta {
 
+// TORCH_CHECKs that queries [B, M, D] and prototypes [B, C, D] are contiguous, on one
+// device, of one dtype, and agree in B and D; `op` names the caller in the message.
+void check_queries_prototypes(const char* op, const at::Tensor& queries,
+                              const at::Tensor& prototypes);
+
 // prototypes[b, k] = mean of support[b, i] over the i with labels[b, i] == k.
 at::Tensor class_prototypes_forward_cpu(const at::Tensor& support, const at::Tensor& labels,
                                         int64_t num_classes);

@@ -37,12 +37,7 @@ constexpr int64_t kRowsPerTask = 64;  // rows per column-sum partial (fixed: det
 
 void check_shapes(const at::Tensor& queries, const at::Tensor& prototypes,
                   const at::Tensor& labels, const at::Tensor& tau) {
-  TORCH_CHECK(queries.dim() == 3 && prototypes.dim() == 3 && queries.is_contiguous() &&
-                  prototypes.is_contiguous() && queries.size(0) == prototypes.size(0) &&
-                  queries.size(2) == prototypes.size(2) &&
-                  queries.scalar_type() == prototypes.scalar_type(),
-              "prototypical_ce: queries [B, M, D] and prototypes [B, C, D] must be contiguous "
-              "and agree, got ", queries.sizes(), " and ", prototypes.sizes());
+  check_queries_prototypes("prototypical_ce", queries, prototypes);
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() &&
                   labels.dim() == 2 && labels.size(0) == queries.size(0) &&
                   labels.size(1) == queries.size(1),

@@ -27,12 +27,7 @@ constexpr double kRefine = std::is_same_v<scalar_t, double> ? 1e-6 : 1e-2;
 
 at::Tensor squared_distances_forward_cpu(const at::Tensor& queries,
                                          const at::Tensor& prototypes) {
-  TORCH_CHECK(queries.dim() == 3 && prototypes.dim() == 3 && queries.is_contiguous() &&
-                  prototypes.is_contiguous() && queries.size(0) == prototypes.size(0) &&
-                  queries.size(2) == prototypes.size(2) &&
-                  queries.scalar_type() == prototypes.scalar_type(),
-              "squared_distances: queries [B, M, D] and prototypes [B, C, D] must be "
-              "contiguous and agree, got ", queries.sizes(), " and ", prototypes.sizes());
+  check_queries_prototypes("squared_distances", queries, prototypes);
   const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
   const int64_t D = queries.size(2);
   at::Tensor dist = at::bmm(queries, prototypes.transpose(1, 2));  // q . c, [B, M, C]
