@@ -199,6 +199,14 @@ def _prototypical_ce_forward_kernel(q_ptr, c_ptr, y_ptr, tau_ptr, loss_ptr, pred
 
 
 @triton.jit
+def _row_grads_and_labels(gl_ptr, y_ptr, b, rows, M):
+    """grad_losses and labels of episode b's query rows (0 outside [0, M))."""
+    in_m = rows < M
+    grad = tl.load(gl_ptr + b * M + rows, mask=in_m, other=0.0).to(tl.float32)
+    return grad, tl.load(y_ptr + b * M + rows, mask=in_m, other=0)
+
+
+@triton.jit
 def _g_tile(sm_ptr, grad, y, rows, cls, M, C):
     """G = (softmax - onehot(y)) * grad_losses [rows, cls]; 0 outside [M, C]."""
     onehot = (cls[None, :] == y[:, None]).to(tl.float32)
@@ -215,9 +223,7 @@ def _prototypical_ce_backward_queries_kernel(gl_ptr, q_ptr, c_ptr, y_ptr, tau_pt
     sm_ptr += b * M * C
     rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
     ds = j * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_m = rows < M
-    grad = tl.load(gl_ptr + b * M + rows, mask=in_m, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + b * M + rows, mask=in_m, other=0)
+    grad, y = _row_grads_and_labels(gl_ptr, y_ptr, b, rows, M)
     gc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
@@ -242,9 +248,7 @@ def _prototypical_ce_backward_prototypes_kernel(gl_ptr, q_ptr, c_ptr, y_ptr, tau
     colsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        in_m = rows < M
-        grad = tl.load(gl_ptr + b * M + rows, mask=in_m, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + b * M + rows, mask=in_m, other=0)
+        grad, y = _row_grads_and_labels(gl_ptr, y_ptr, b, rows, M)
         g = _g_tile(sm_ptr, grad, y, rows, cls, M, C)
         gq = _dot(tl.trans(g), _load_tile(q_ptr, rows, ds, M, D), gq)
         colsum += tl.sum(g, axis=0)
