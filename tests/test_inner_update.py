@@ -155,6 +155,13 @@ def test_opcheck(backend_device):
             go = torch.randn(T, P, device=device)
             torch.library.opcheck(torch.ops.fastmeta.inner_update_backward.default,
                                   (go, alpha, g, True, True))
+        # transposed (non-contiguous) g and grad_out: outputs stay contiguous, as the fake says
+        g_t = torch.randn(P, T, device=device).t()
+        torch.library.opcheck(torch.ops.fastmeta.inner_update.default,
+                              (torch.randn(P, device=device), torch.tensor(0.1, device=device), g_t))
+        torch.library.opcheck(torch.ops.fastmeta.inner_update_backward.default,
+                              (torch.randn(P, T, device=device).t(),
+                               torch.tensor(0.1, device=device), g_t, True, True))
 
 
 def test_torch_compile_fullgraph(backend_device):

@@ -88,17 +88,25 @@ def test_squared_distances_matches_float64(backend_device, B, C, D):
 
 @pytest.mark.op("squared_distances")
 def test_identical_points_are_exactly_zero_with_finite_gradients(backend_device):
+    """Queries 0-6 are copies of the prototypes, 7-13 copies moved by 1e-3 (where the
+    GEMM form cancels: the kernels must recompute those entries), 14-17 random."""
     name, device = backend_device
     prototypes = (torch.randn(2, 7, 63, device=device) * 30).requires_grad_()
-    queries = torch.cat([prototypes.detach(), torch.randn(2, 4, 63, device=device)], 1)
-    queries = (queries + 1e-4 * torch.randn_like(queries) * (torch.arange(11) >= 7)[None, :, None]).requires_grad_()
+    near = prototypes.detach() + 1e-3 * torch.randn(2, 7, 63, device=device)
+    queries = torch.cat([prototypes.detach(), near, torch.randn(2, 4, 63, device=device)], 1)
+    queries.requires_grad_()
     with fastmeta.use_backend(name):
         dist = F.squared_distances(queries, prototypes)
         dist.sum().backward()
-    diag = dist[:, torch.arange(7), torch.arange(7)]
-    assert torch.equal(diag, torch.zeros_like(diag))
+    idx = torch.arange(7)
+    exact, close = dist[:, idx, idx], dist[:, idx + 7, idx]
+    assert torch.equal(exact, torch.zeros_like(exact))
     assert (dist >= 0).all()
-    assert rel_err(dist, distances_float64(queries, prototypes)) < TOL
+    want = distances_float64(queries, prototypes)
+    assert rel_err(dist, want) < TOL
+    # each near-identical entry to float32 accuracy (~1e-4 of its own size)
+    assert ((close.double().cpu() - want[:, idx + 7, idx]).abs()
+            <= 1e-3 * want[:, idx + 7, idx]).all()
     assert torch.isfinite(queries.grad).all() and torch.isfinite(prototypes.grad).all()
 
 
@@ -305,12 +313,50 @@ def test_bad_input_names_the_argument_and_shapes(case):
         assert word in str(info.value), str(info.value)
 
 
-def test_compiled_kernels_check_label_values_themselves():
-    """The cpu backend skips the Python value checks; its kernels must still refuse."""
+def test_kernels_refuse_bad_labels_even_when_called_directly():
+    """The private C++ kernels never index out of bounds, whatever the op layer let by."""
     support, ys = torch.randn(1, 4, 3), torch.tensor([[0, 1, 1, 0]])
-    with fastmeta.use_backend("cpu"):
-        with pytest.raises(RuntimeError, match="class 2 of episode 0 has no support example"):
-            torch.ops.fastmeta.class_prototypes(support, ys, 3)
-        with pytest.raises(RuntimeError, match="query label 7 is outside"):
-            torch.ops.fastmeta.prototypical_cross_entropy(
-                torch.randn(1, 2, 3), torch.randn(1, 3, 3), torch.tensor([[0, 7]]), torch.tensor(1.0))
+    q, c, tau = torch.randn(1, 2, 3), torch.randn(1, 3, 3), torch.tensor(1.0)
+    kernels = torch.ops.fastmeta_C
+    with pytest.raises(RuntimeError, match="class 2 of episode 0 has no support example"):
+        kernels.class_prototypes_forward(support, ys, 3)
+    with pytest.raises(RuntimeError, match="query label 7 is outside"):
+        kernels.prototypical_ce_forward(q, c, torch.tensor([[0, 7]]), tau)
+    losses, _, softmax = kernels.prototypical_ce_forward(q, c, torch.tensor([[0, 1]]), tau)
+    for bad in (5, -3, 10**11):
+        with pytest.raises(RuntimeError, match="is outside"):
+            kernels.prototypical_ce_backward(torch.ones_like(losses), q, c,
+                                             torch.tensor([[0, bad]]), tau, softmax)
+
+
+@pytest.mark.op("prototypical_cross_entropy")
+def test_ops_give_the_same_clear_error_on_every_backend(backend_device):
+    name, device = backend_device
+    support, ys = torch.randn(1, 4, 3, device=device), torch.tensor([[0, 1, 1, 0]], device=device)
+    q, c = torch.randn(1, 2, 3, device=device), torch.randn(1, 3, 3, device=device)
+    with fastmeta.use_backend(name):
+        with pytest.raises(ValueError, match=r"class 2 of episode 0 has no support example.*shape \[1, 4\]"):
+            F.class_prototypes(support, ys, 3)
+        with pytest.raises(ValueError, match=r"query_labels holds 7 at index \[0, 1\]"):
+            F.prototype_cross_entropy(c, q, torch.tensor([[0, 7]], device=device))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_half_precision_runs_in_float32_math(dtype, tolerance):
+    """Half inputs (the reference backend takes them) are computed in float32: an
+    offset that makes ||q||^2 + ||c||^2 - 2 q.c cancel, and fp16 norms past 65504."""
+    support, ys, queries, yq = make_episodes(2, 5, 512)
+    support, queries = support + 12, queries + 12  # ||c||^2 ~ 74000: overflows float16
+    s, q = support.to(dtype).requires_grad_(), queries.to(dtype).requires_grad_()
+    loss, _ = F.prototypical_loss(s, ys, q, yq, 5, tau=0.01)
+    grads = torch.autograd.grad(loss, (s, q))
+    assert fastmeta.last_backend("prototypical_cross_entropy") == "reference"
+    s64, q64 = (x.detach().double().requires_grad_() for x in (s, q))
+    want, _ = loss_float64(s64, ys, q64, yq, 5, 0.01)
+    want_grads = torch.autograd.grad(want.mean(), (s64, q64))
+    assert rel_err(loss, want.mean()) < tolerance
+    for got, ref in zip(grads, want_grads):
+        assert got.dtype == dtype and rel_err(got, ref) < 10 * tolerance
+    dist = F.squared_distances(q, F.class_prototypes(s, ys, 5))
+    assert torch.isfinite(dist).all()
+    assert rel_err(dist, distances_float64(q, prototypes_float64(s, ys, 5))) < tolerance

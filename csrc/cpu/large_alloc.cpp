@@ -8,7 +8,6 @@
 #include <limits>
 #include <map>
 #include <mutex>
-#include <string>
 
 namespace fastmeta {
 namespace {
@@ -19,8 +18,12 @@ constexpr size_t kAlign = 64;
 class BufferPool {
  public:
   BufferPool() {
+    // FASTMETA_CPU_POOL_MB: a whole number of MiB; unset or unreadable: 1024.
     const char* env = std::getenv("FASTMETA_CPU_POOL_MB");
-    limit_ = (env != nullptr ? std::stoull(env) : size_t(1024)) << 20;
+    char* end = nullptr;
+    const long long mib = env != nullptr ? std::strtoll(env, &end, 10) : -1;
+    const bool valid = env != nullptr && end != env && *end == '\0' && mib >= 0;
+    limit_ = static_cast<size_t>(valid ? mib : 1024) << 20;
   }
 
   void* get(size_t bytes) {

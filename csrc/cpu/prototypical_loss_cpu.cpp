@@ -134,6 +134,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cpu(
         acc_t* colsum = partial.data() + task * C;
         for (int64_t m = m0; m < std::min(M, m0 + kRowsPerTask); ++m) {
           const int64_t r = b * M + m;
+          TORCH_CHECK(y[r] >= 0 && y[r] < C, "prototypical_ce_backward: query label ", y[r],
+                      " is outside [0, ", C, ")");
           const acc_t scale = go[r];
           const scalar_t* pr = p + r * C;
           scalar_t* gr = g + r * C;

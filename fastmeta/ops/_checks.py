@@ -28,12 +28,11 @@ def check_same_dtype_device(op: str, ref_name: str, ref: torch.Tensor, **others:
             raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-def check_labels(op: str, name: str, labels: torch.Tensor, shape: tuple, num_classes: int,
-                 values: bool = True):
+def check_labels(op: str, name: str, labels: torch.Tensor, shape: tuple, num_classes: int):
     """labels: an integer tensor of `shape` with every value in [0, num_classes).
 
-    The value check (values=True) reads the tensor, so it is skipped while
-    torch.compile traces (the ops check values again when they run)."""
+    The value check reads the tensor, so it is skipped while torch.compile traces
+    (the ops check values again when they run)."""
     check_tensor(op, name, labels)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{op}: {name} must be an integer tensor of class indices, got dtype "
@@ -41,7 +40,7 @@ def check_labels(op: str, name: str, labels: torch.Tensor, shape: tuple, num_cla
     if tuple(labels.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape [{', '.join(map(str, shape))}], got "
                          f"{shape_str(labels)}")
-    if not values or labels.numel() == 0 or torch.compiler.is_compiling():
+    if labels.numel() == 0 or torch.compiler.is_compiling():
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
@@ -51,11 +50,10 @@ def check_labels(op: str, name: str, labels: torch.Tensor, shape: tuple, num_cla
                          f"[0, num_classes={num_classes}) (shape {shape_str(labels)})")
 
 
-def check_every_class_present(op: str, name: str, labels: torch.Tensor, num_classes: int,
-                              values: bool = True):
+def check_every_class_present(op: str, name: str, labels: torch.Tensor, num_classes: int):
     """Every class 0..num_classes-1 occurs in every episode (row) of labels [B, S]
-    (a value check: skipped with values=False and while torch.compile traces)."""
-    if not values or torch.compiler.is_compiling():
+    (a value check: skipped while torch.compile traces, like the one above)."""
+    if torch.compiler.is_compiling():
         return
     counts = torch.zeros(labels.shape[0], num_classes, dtype=torch.int64, device=labels.device)
     counts.scatter_add_(1, labels.long(), torch.ones_like(labels, dtype=torch.int64))
@@ -71,11 +69,6 @@ def check_num_classes(op: str, num_classes) -> int:
         raise ValueError(f"{op}: num_classes must be a positive int, got {num_classes!r}")
     return num_classes
 
-
-# Backends whose kernels check label values themselves (TORCH_CHECK): the ops skip
-# the Python value checks for them. (The CUDA loss kernel does not: it would need a
-# device sync, so the Python checks run there.)
-CHECKS_VALUES_ITSELF = ("cpu",)
 
 
 def check_episode_pair(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor):

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from fastmeta import backend
-from fastmeta.ops._checks import (CHECKS_VALUES_ITSELF, check_every_class_present,
-                                  check_floating, check_labels, check_num_classes, check_tensor,
-                                  shape_str)
+from fastmeta.ops._checks import (check_every_class_present, check_floating, check_labels,
+                                  check_num_classes, check_tensor, shape_str)
+from fastmeta.ops._opmath import opmath
 
 OP = "class_prototypes"
 backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
@@ -25,21 +25,19 @@ backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
     "triton": (torch.float32,)})
 
 
-def check_class_prototypes_args(support: Tensor, labels: Tensor, num_classes: int,
-                                values: bool = True) -> None:
+def check_class_prototypes_args(support: Tensor, labels: Tensor, num_classes: int) -> None:
     """Raises a clear error unless support [B, S, D] and labels [B, S] make episodes
-    in which every one of num_classes classes has a support example (the label
-    values are read only with values=True)."""
+    in which every one of num_classes classes has a support example."""
     name = "fastmeta.class_prototypes"
     check_tensor(name, "support", support)
     check_floating(name, "support", support)
     if support.dim() != 3:
         raise ValueError(f"{name}: support must be [B, S, D], got shape {shape_str(support)}")
     check_num_classes(name, num_classes)
-    check_labels(name, "labels", labels, support.shape[:2], num_classes, values)
+    check_labels(name, "labels", labels, support.shape[:2], num_classes)
     if labels.device != support.device:
         raise ValueError(f"{name}: labels is on {labels.device} but support is on {support.device}")
-    check_every_class_present(name, "labels", labels, num_classes, values)
+    check_every_class_present(name, "labels", labels, num_classes)
 
 
 def _counts(labels: Tensor, num_classes: int, dtype) -> Tensor:
@@ -48,16 +46,19 @@ def _counts(labels: Tensor, num_classes: int, dtype) -> Tensor:
 
 
 def class_prototypes_forward_reference(support: Tensor, labels: Tensor, num_classes: int):
-    B, S, D = support.shape
-    sums = support.new_zeros(B, num_classes, D)
-    sums.scatter_add_(1, labels[..., None].expand(B, S, D), support)
-    return sums / _counts(labels, num_classes, support.dtype)[..., None]
+    (x,) = opmath(support)
+    B, S, D = x.shape
+    sums = x.new_zeros(B, num_classes, D)
+    sums.scatter_add_(1, labels[..., None].expand(B, S, D), x)
+    return (sums / _counts(labels, num_classes, x.dtype)[..., None]).to(support.dtype)
 
 
 def class_prototypes_backward_reference(grad: Tensor, labels: Tensor) -> Tensor:
-    B, C, D = grad.shape
-    counts = _counts(labels, C, grad.dtype).gather(1, labels)
-    return grad.gather(1, labels[..., None].expand(B, labels.shape[1], D)) / counts[..., None]
+    (g,) = opmath(grad)
+    B, C, D = g.shape
+    counts = _counts(labels, C, g.dtype).gather(1, labels)
+    d_support = g.gather(1, labels[..., None].expand(B, labels.shape[1], D)) / counts[..., None]
+    return d_support.to(grad.dtype)
 
 
 def _forward_compiled(support, labels, num_classes):  # cpu and cuda: the dispatcher picks
@@ -88,10 +89,9 @@ _BACKWARD = {"reference": class_prototypes_backward_reference, "cpu": _backward_
 
 @torch.library.custom_op("fastmeta::class_prototypes", mutates_args=())
 def class_prototypes_op(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    name = backend.select(OP, support.device, support.dtype)
-    check_class_prototypes_args(support, labels, num_classes,
-                                values=name not in CHECKS_VALUES_ITSELF)
-    return _FORWARD[name](support, labels.long().contiguous(), num_classes)
+    check_class_prototypes_args(support, labels, num_classes)
+    impl = _FORWARD[backend.select(OP, support.device, support.dtype)]
+    return impl(support, labels.long().contiguous(), num_classes)
 
 
 @class_prototypes_op.register_fake

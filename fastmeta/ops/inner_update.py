@@ -39,7 +39,7 @@ def _check_alpha_and_g(name: str, alpha: Tensor, g: Tensor, **others: Tensor) ->
     if alpha.shape not in ((), (P,), (T, P)):
         raise ValueError(f"{name}: alpha must be a scalar [], [P] = [{P}] or [T, P] = "
                          f"[{T}, {P}] for g {shape_str(g)}, got shape {shape_str(alpha)}")
-    check_same_dtype_device(name, "g", g, alpha=alpha, **others)
+    check_same_dtype_device(name, "g", g, **others, alpha=alpha)
 
 
 def check_inner_update_args(theta: Tensor, alpha: Tensor, g: Tensor) -> None:
@@ -72,13 +72,13 @@ def reduce_to_alpha(alpha: Tensor, per_element: Tensor) -> Tensor:
 # ---------------------------------------------------------------- reference
 
 def inner_update_forward_reference(theta: Tensor, alpha: Tensor, g: Tensor) -> Tensor:
-    return theta - alpha * g
+    return (theta - alpha * g).contiguous()  # like the kernels (and the fake), whatever g's strides
 
 
 def inner_update_backward_reference(grad_out: Tensor, alpha: Tensor, g: Tensor,
                                     need_g: bool, need_alpha: bool):
     d_theta = grad_out.sum(0)
-    d_g = -alpha * grad_out if need_g else g.new_empty(0)
+    d_g = (-alpha * grad_out).contiguous() if need_g else g.new_empty(0)
     d_alpha = -reduce_to_alpha(alpha, g * grad_out) if need_alpha else g.new_empty(0)
     return d_theta, d_g, d_alpha
 

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from fastmeta import backend
-from fastmeta.ops._checks import (CHECKS_VALUES_ITSELF, check_episode_pair, check_floating,
-                                  check_labels, check_same_dtype_device, check_tensor, shape_str)
+from fastmeta.ops._checks import (check_episode_pair, check_floating, check_labels,
+                                  check_same_dtype_device, check_tensor, shape_str)
+from fastmeta.ops._opmath import opmath
 
 OP = "prototypical_cross_entropy"
 backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
@@ -32,7 +33,7 @@ backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
 
 
 def check_prototypical_ce_args(queries: Tensor, prototypes: Tensor, labels: Tensor,
-                               tau: Tensor, values: bool = True) -> None:
+                               tau: Tensor) -> None:
     name = "fastmeta.prototypical_cross_entropy"
     check_episode_pair(name, "queries", queries, "prototypes", prototypes)
     check_tensor(name, "tau", tau)
@@ -40,7 +41,10 @@ def check_prototypical_ce_args(queries: Tensor, prototypes: Tensor, labels: Tens
     if tau.dim() != 0:
         raise ValueError(f"{name}: tau must be a scalar, got shape {shape_str(tau)}")
     check_same_dtype_device(name, "queries", queries, prototypes=prototypes, tau=tau)
-    check_labels(name, "query_labels", labels, queries.shape[:2], prototypes.shape[1], values)
+    check_labels(name, "query_labels", labels, queries.shape[:2], prototypes.shape[1])
+    if labels.device != queries.device:
+        raise ValueError(f"{name}: query_labels is on {labels.device} but queries is on "
+                         f"{queries.device}")
 
 
 def _logits(queries: Tensor, prototypes: Tensor, tau: Tensor) -> Tensor:
@@ -50,22 +54,24 @@ def _logits(queries: Tensor, prototypes: Tensor, tau: Tensor) -> Tensor:
 
 
 def prototypical_ce_forward_reference(queries, prototypes, labels, tau):
-    logits = _logits(queries, prototypes, tau)
+    q, c, t = opmath(queries, prototypes, tau)
+    logits = _logits(q, c, t)
     log_probs = torch.log_softmax(logits, dim=-1)
     losses = -log_probs.gather(-1, labels[..., None]).squeeze(-1)
-    return losses, logits.argmax(-1), log_probs.exp()
+    return losses.to(queries.dtype), logits.argmax(-1), log_probs.exp().to(queries.dtype)
 
 
 def prototypical_ce_backward_reference(grad_losses, queries, prototypes, labels, tau, softmax):
     """The backward formulas in torch ops (differentiable when softmax is)."""
-    onehot = torch.nn.functional.one_hot(labels, prototypes.shape[1]).to(softmax.dtype)
-    G = (softmax - onehot) * grad_losses[..., None]
-    GC = torch.bmm(G, prototypes)
+    go, q, c, t, p = opmath(grad_losses, queries, prototypes, tau, softmax)
+    onehot = torch.nn.functional.one_hot(labels, c.shape[1]).to(p.dtype)
+    G = (p - onehot) * go[..., None]
+    GC = torch.bmm(G, c)
     colsum = G.sum(1)  # [B, C]
-    d_queries = 2 * tau * GC
-    d_prototypes = 2 * tau * (torch.bmm(G.transpose(1, 2), queries) - colsum[..., None] * prototypes)
-    d_tau = 2 * (queries * GC).sum() - (colsum * prototypes.pow(2).sum(-1)).sum()
-    return d_queries, d_prototypes, d_tau
+    d_queries = 2 * t * GC
+    d_prototypes = 2 * t * (torch.bmm(G.transpose(1, 2), q) - colsum[..., None] * c)
+    d_tau = 2 * (q * GC).sum() - (colsum * c.pow(2).sum(-1)).sum()
+    return d_queries.to(queries.dtype), d_prototypes.to(prototypes.dtype), d_tau.to(tau.dtype)
 
 
 def _forward_compiled(queries, prototypes, labels, tau):  # cpu and cuda: the dispatcher picks
@@ -101,10 +107,9 @@ _BACKWARD = {"reference": prototypical_ce_backward_reference, "cpu": _backward_c
 @torch.library.custom_op("fastmeta::prototypical_cross_entropy", mutates_args=())
 def prototypical_ce_op(queries: Tensor, prototypes: Tensor, labels: Tensor,
                        tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    name = backend.select(OP, queries.device, queries.dtype)
-    check_prototypical_ce_args(queries, prototypes, labels, tau,
-                               values=name not in CHECKS_VALUES_ITSELF)
-    return _FORWARD[name](queries, prototypes, labels.long().contiguous(), tau)
+    check_prototypical_ce_args(queries, prototypes, labels, tau)
+    impl = _FORWARD[backend.select(OP, queries.device, queries.dtype)]
+    return impl(queries, prototypes, labels.long().contiguous(), tau)
 
 
 @prototypical_ce_op.register_fake
@@ -118,6 +123,7 @@ def _(queries, prototypes, labels, tau):
 def prototypical_ce_backward_op(grad_losses: Tensor, queries: Tensor, prototypes: Tensor,
                                 labels: Tensor, tau: Tensor,
                                 softmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    check_prototypical_ce_args(queries, prototypes, labels, tau)
     impl = _BACKWARD[backend.select(OP, queries.device, queries.dtype)]
     return impl(grad_losses, queries, prototypes, labels.long().contiguous(), tau, softmax)
 
@@ -137,7 +143,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_losses, _grad_predictions, _grad_softmax):
     queries, prototypes, labels, tau, softmax = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph: recompute differentiably
-        softmax = torch.softmax(_logits(queries, prototypes, tau), dim=-1)
+        softmax = torch.softmax(_logits(*opmath(queries, prototypes, tau)), dim=-1)
         grads = prototypical_ce_backward_reference(grad_losses, queries, prototypes,
                                                    labels.long(), tau, softmax)
     else:

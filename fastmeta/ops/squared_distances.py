@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fastmeta import backend
 from fastmeta.ops._checks import check_episode_pair, check_same_dtype_device
+from fastmeta.ops._opmath import opmath
 
 OP = "squared_distances"
 backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
@@ -32,22 +33,23 @@ def check_squared_distances_args(queries: Tensor, prototypes: Tensor) -> None:
 
 
 def squared_distances_forward_reference(queries: Tensor, prototypes: Tensor) -> Tensor:
-    qn = queries.pow(2).sum(-1)  # [B, M]
-    cn = prototypes.pow(2).sum(-1)  # [B, C]
+    q, c = opmath(queries, prototypes)
+    qn = q.pow(2).sum(-1)  # [B, M]
+    cn = c.pow(2).sum(-1)  # [B, C]
     scale = qn[:, :, None] + cn[:, None, :]
-    dist = scale - 2 * torch.bmm(queries, prototypes.transpose(1, 2))
-    ratio = 1e-6 if queries.dtype == torch.float64 else 1e-2
+    dist = scale - 2 * torch.bmm(q, c.transpose(1, 2))
+    ratio = 1e-6 if q.dtype == torch.float64 else 1e-2
     b, m, k = (dist <= ratio * scale).nonzero(as_tuple=True)
     if len(b):  # cancellation: recompute directly
-        dist = dist.index_put((b, m, k), (queries[b, m] - prototypes[b, k]).pow(2).sum(-1))
-    return dist
+        dist = dist.index_put((b, m, k), (q[b, m] - c[b, k]).pow(2).sum(-1))
+    return dist.to(queries.dtype)
 
 
 def squared_distances_backward(grad: Tensor, queries: Tensor, prototypes: Tensor):
-    d_queries = 2 * (grad.sum(2, keepdim=True) * queries - torch.bmm(grad, prototypes))
-    d_prototypes = 2 * (grad.sum(1)[..., None] * prototypes
-                        - torch.bmm(grad.transpose(1, 2), queries))
-    return d_queries, d_prototypes
+    gd, q, c = opmath(grad, queries, prototypes)
+    d_queries = 2 * (gd.sum(2, keepdim=True) * q - torch.bmm(gd, c))
+    d_prototypes = 2 * (gd.sum(1)[..., None] * c - torch.bmm(gd.transpose(1, 2), q))
+    return d_queries.to(queries.dtype), d_prototypes.to(prototypes.dtype)
 
 
 def _forward_compiled(queries, prototypes):  # cpu and cuda: the dispatcher picks
