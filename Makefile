@@ -19,7 +19,7 @@ build: $(VENV)/.built
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "torch>=2.6" numpy pytest ninja "setuptools>=64" wheel
+	$(PY) -m pip install -q "torch>=2.6" numpy pytest ninja pillow "setuptools>=64" wheel
 	touch $@
 
 # The build log keeps every compiler line; the summary shows each source compiled.
