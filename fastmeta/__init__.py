@@ -5,6 +5,7 @@
     out = fastmeta.inner_update(theta, 0.4, grads)   # [P], lr, [T, P] -> [T, P]
     loss, acc = fastmeta.functional.prototypical_loss(support, ys, queries, yq, num_classes)
     model = fastmeta.ProtoNet(encoder)                # logits / loss from raw episodes
+    maml = fastmeta.MAML(model, lr=0.4)              # learner = maml.adapt_batch(xs, ys, loss_fn)
     with fastmeta.use_backend("reference"):          # force a backend
         ...
 """
@@ -18,6 +19,7 @@ from fastmeta.backend import (
     use_backend,
 )
 from fastmeta import functional
+from fastmeta.maml import MAML, MetaSGD
 from fastmeta.ops import inner_update
 from fastmeta.protonet import ProtoNet
 
@@ -26,6 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "MAML",
+    "MetaSGD",
     "ProtoNet",
     "backends",
     "empty_cpu_cache",
