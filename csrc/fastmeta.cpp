@@ -23,6 +23,13 @@ TORCH_LIBRARY(fastmeta_C, m) {
   m.def(
       "prototypical_ce_backward(Tensor grad_losses, Tensor queries, Tensor prototypes, "
       "Tensor labels, Tensor tau, Tensor softmax) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "conv_block_forward(Tensor x, Tensor weight, Tensor bias, Tensor gamma, Tensor beta, "
+      "int pad_h, int pad_w, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "conv_block_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, "
+      "Tensor gamma, Tensor beta, Tensor mean, Tensor rstd, int pad_h, int pad_w, "
+      "bool need_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("empty_cpu_pool() -> int", &fastmeta::empty_cpu_pool);
 }
 

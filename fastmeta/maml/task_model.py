@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from fastmeta.maml.fused_blocks import fuse_conv_blocks, rename_map
 from fastmeta.maml.layout import ParamLayout
 
 STRATEGIES = ("loop", "vmap")
@@ -84,13 +85,24 @@ class _CompositeBatchNorm(TorchFunctionMode):
 
 class TaskModel:
     """Calls `module` with the adapted parameters from a flat buffer; the rest of its
-    parameters and buffers (`fixed`) are shared by every task."""
+    parameters and buffers (`fixed`) are shared by every task.
 
-    def __init__(self, module: nn.Module, layout: ParamLayout, fixed: dict[str, Tensor]):
+    With fuse=True the loop strategy runs a view of the module whose
+    Conv2d-BatchNorm2d-ReLU-MaxPool2d runs are one fused op (fused_blocks.py) wherever
+    no second derivative is taken: the query pass and first-order inner steps."""
+
+    def __init__(self, module: nn.Module, layout: ParamLayout, fixed: dict[str, Tensor],
+                 fuse: bool = True):
         self.module, self.layout, self.fixed = module, layout, fixed
+        self.fused = fuse_conv_blocks(module) if fuse else None
+        self.fused_names = rename_map(module, self.fused) if self.fused is not None else None
 
-    def call(self, params: dict[str, Tensor], x):
-        return functional_call(self.module, {**self.fixed, **params}, (x,))
+    def call(self, params: dict[str, Tensor], x, fused: bool = False):
+        tensors = {**self.fixed, **params}
+        if fused and self.fused is not None:
+            return functional_call(self.fused, {self.fused_names[n]: t
+                                                for n, t in tensors.items()}, (x,))
+        return functional_call(self.module, tensors, (x,))
 
     def task_gradients(self, weights: Tensor, x: Tensor, y: Tensor, loss_fn, strategy: str,
                        create_graph: bool, allow_unused: bool) -> Tensor:
@@ -102,7 +114,7 @@ class TaskModel:
         grads = []
         for row, xt, yt in zip(rows, x, y):
             params = self.layout.unflatten(row)
-            loss = loss_fn(self.call(params, xt), yt)
+            loss = loss_fn(self.call(params, xt, fused=not create_graph), yt)
             g = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph,
                                     allow_unused=allow_unused)
             grads.append(self.layout.flatten(g, like=row))
@@ -123,5 +135,5 @@ class TaskModel:
             with _CompositeBatchNorm():
                 return torch.func.vmap(
                     lambda row, xt: self.call(self.layout.unflatten(row), xt))(weights, x)
-        return torch.stack([self.call(self.layout.unflatten(row), xt)
+        return torch.stack([self.call(self.layout.unflatten(row), xt, fused=True)
                             for row, xt in zip(weights.unbind(0), x)])

@@ -47,12 +47,13 @@ class _MetaLearner(nn.Module):
     adapt_batch(). Subclasses say what step k's learning rate is."""
 
     def __init__(self, model: nn.Module, first_order: bool, allow_unused: bool | None,
-                 allow_nograd: bool, steps: int, adapt: AdaptSelection, strategy: str):
+                 allow_nograd: bool, steps: int, adapt: AdaptSelection, strategy: str,
+                 fuse: bool):
         super().__init__()
         self.module = model
         self.first_order, self.allow_nograd, self.steps = first_order, allow_nograd, steps
         self.allow_unused = allow_nograd if allow_unused is None else allow_unused
-        self.strategy = strategy
+        self.strategy, self.fuse = strategy, fuse
         names = _adapted_names(model, adapt)
         params = dict(model.named_parameters())
         self.adapted = [n for n in names if params[n].requires_grad]
@@ -69,10 +70,11 @@ class _MetaLearner(nn.Module):
         params = dict(self.module.named_parameters())
         return self.layout.flatten([params[n] for n in self.adapted])
 
-    def _task_model(self) -> TaskModel:
+    def _fixed(self) -> dict[str, Tensor]:
+        """The parameters that do not adapt, and the buffers: shared by every task."""
         fixed = {n: p for n, p in self.module.named_parameters() if n not in self.adapted}
         fixed.update(self.module.named_buffers())
-        return TaskModel(self.module, self.layout, fixed)
+        return fixed
 
     def clone(self, first_order: bool | None = None, allow_unused: bool | None = None,
               allow_nograd: bool | None = None) -> "Learner":
@@ -89,7 +91,8 @@ class _MetaLearner(nn.Module):
         batch is support_x[t]); loss_fn(outputs, labels) as for one task. Returns a
         BatchedLearner: learner(query_x [T, ...]) -> outputs [T, ...]."""
         strategy = check_strategy(strategy or self.strategy, support_x.device)
-        return adapt_batch(self._task_model(), self._theta(), self.step_lr, support_x,
+        task_model = TaskModel(self.module, self.layout, self._fixed(), fuse=self.fuse)
+        return adapt_batch(task_model, self._theta(), self.step_lr, support_x,
                            support_y, loss_fn, self.steps if steps is None else steps,
                            self.first_order if first_order is None else first_order,
                            strategy, self.allow_unused)
@@ -99,13 +102,16 @@ class MAML(_MetaLearner):
     """MAML with learning rate `lr`: a float, or one float per inner step (MAML++'s
     per-step rates, fixed). first_order=True drops the second-order terms (FOMAML).
     allow_unused / allow_nograd as in learn2learn. steps: adapt_batch's default.
-    strategy: 'auto' (loop on CPU, vmap on GPU), 'loop' or 'vmap'."""
+    strategy: 'auto' (loop on CPU, vmap on GPU), 'loop' or 'vmap'. fuse: under 'loop'
+    on CPU, run Conv2d-BatchNorm2d-ReLU-MaxPool2d blocks with few input channels as
+    one fused op where no second derivative is taken (fastmeta.maml.fused_blocks)."""
 
     def __init__(self, model: nn.Module, lr: float | Sequence[float],
                  first_order: bool = False, allow_unused: bool | None = None,
                  allow_nograd: bool = False, steps: int = 1, adapt: AdaptSelection = None,
-                 strategy: str = "auto"):
-        super().__init__(model, first_order, allow_unused, allow_nograd, steps, adapt, strategy)
+                 strategy: str = "auto", fuse: bool = True):
+        super().__init__(model, first_order, allow_unused, allow_nograd, steps, adapt, strategy,
+                         fuse)
         self.lr = lr
 
     def step_lr(self, k: int) -> float:
@@ -120,12 +126,15 @@ class MAML(_MetaLearner):
 class MetaSGD(_MetaLearner):
     """Meta-SGD: a learnable learning rate per parameter element, initialised to lr
     (learn2learn's MetaSGD; its `lrs` ParameterList holds them). per_step=True
-    learns a separate rate per inner step too: lrs[i] has shape [steps, *param]."""
+    learns a separate rate per inner step too: lrs[i] has shape [steps, *param]. The
+    other arguments as for MAML."""
 
     def __init__(self, model: nn.Module, lr: float = 1.0, first_order: bool = False,
                  allow_unused: bool | None = None, allow_nograd: bool = False, steps: int = 1,
-                 adapt: AdaptSelection = None, strategy: str = "auto", per_step: bool = False):
-        super().__init__(model, first_order, allow_unused, allow_nograd, steps, adapt, strategy)
+                 adapt: AdaptSelection = None, strategy: str = "auto", fuse: bool = True,
+                 per_step: bool = False):
+        super().__init__(model, first_order, allow_unused, allow_nograd, steps, adapt, strategy,
+                         fuse)
         params = dict(model.named_parameters())
         lead = (steps,) if per_step else ()
         self.per_step = per_step
@@ -153,8 +162,8 @@ class Learner:
                                                                   allow_nograd)
 
     def __call__(self, *args, **kwargs):
-        fixed = self.owner._task_model().fixed
-        return torch.func.functional_call(self.owner.module, {**fixed, **self.fast}, args, kwargs)
+        return torch.func.functional_call(self.owner.module, {**self.owner._fixed(), **self.fast},
+                                          args, kwargs)
 
     def named_parameters(self):
         return iter(self.fast.items())

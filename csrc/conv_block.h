@@ -1,0 +1,39 @@
+// A conv4 block in one op: Conv2d (stride 1) -> BatchNorm2d with batch statistics
+// -> ReLU -> MaxPool2d(2), for convolutions with few input taps (Cin*KH*KW small,
+// e.g. a network's first layer on 1- or 3-channel images), where ATen's convolution
+// and the three memory-bound passes over the full-resolution activation dominate.
+//
+// Shapes: x [N, Cin, H, W], weight [C, Cin, KH, KW], bias/gamma/beta [C];
+// conv output c [N, C, Hc, Wc] with Hc = H + 2 ph - KH + 1 (never stored: each
+// kernel recomputes a plane of c where it needs it), out [N, C, Hc/2, Wc/2].
+//   mean_c, rstd_c = batch statistics of c over (N, Hc, Wc) (biased variance)
+//   y = (c - mean) * rstd * gamma + beta,   out = maxpool2(relu(y))
+// Backward (M = N*Hc*Wc per channel; dy = the pooled gradient routed to each
+// window's first maximum, times [y > 0]; xhat = (c - mean) * rstd):
+//   d_beta = sum dy,  d_gamma = sum dy * xhat
+//   d_c = gamma * rstd * (dy - d_beta / M - xhat * d_gamma / M)
+//   d_weight[c, ci, i, j] = sum_n,h,w d_c[n, c, h, w] x[n, ci, h + i - ph, w + j - pw]
+//   d_bias = sum d_c,  d_x = the transposed convolution of d_c with weight
+// Parallel over channels (each channel's statistics and gradients have one
+// owner: deterministic); d_x, when asked for, over images.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace fastmeta {
+
+// Returns (out [N, C, Hc/2, Wc/2], mean [C], rstd [C]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_block_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& gamma, const at::Tensor& beta, int64_t pad_h, int64_t pad_w, double eps);
+
+// Returns (d_x [N, Cin, H, W] or empty, d_weight, d_bias, d_gamma, d_beta).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta,
+    const at::Tensor& mean, const at::Tensor& rstd, int64_t pad_h, int64_t pad_w, bool need_x);
+
+}  // namespace fastmeta

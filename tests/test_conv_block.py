@@ -1,0 +1,139 @@
+"""fastmeta.conv_block (Conv2d -> BatchNorm2d batch stats -> ReLU -> MaxPool2d(2)) on
+every backend against a float64 PyTorch oracle, and its use inside MAML."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmeta
+from fastmeta.maml.fused_blocks import FusedConvBlock, fuse_conv_blocks
+from fastmeta.ops.conv_block import conv_block
+
+OP = "conv_block"
+
+# (N, Cin, H, W, C, K, pad): odd sizes, a conv output with an odd row/column that the
+# pool drops (it still counts in the batch statistics), K = 1 and 5, no and wide padding.
+SHAPES = [(3, 1, 9, 7, 5, 3, 1), (4, 3, 8, 11, 6, 3, 0), (2, 2, 6, 6, 3, 5, 2),
+          (5, 1, 28, 28, 7, 3, 1), (1, 3, 5, 4, 2, 1, 0)]
+
+
+def oracle(x, weight, bias, gamma, beta, pad, eps=1e-5):
+    c = F.conv2d(x, weight, bias, padding=pad)
+    return F.max_pool2d(F.relu(F.batch_norm(c, None, None, gamma, beta, training=True,
+                                            eps=eps)), 2)
+
+
+def make_inputs(shape, dtype, device, seed, binary=False):
+    N, Cin, H, W, C, K, _ = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, Cin, H, W, generator=g, dtype=torch.float64)
+    if binary:  # strokes on a blank page: many exactly tied windows
+        x = (x > 0.8).double()
+    params = [torch.randn(C, Cin, K, K, generator=g, dtype=torch.float64)] + \
+             [torch.randn(C, generator=g, dtype=torch.float64) for _ in range(3)]
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (x, *params)]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_oracle(backend_device, shape, binary):
+    name, device = backend_device
+    inputs = make_inputs(shape, torch.float32, device, seed=sum(shape), binary=binary)
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    pad = shape[-1]
+    want = oracle(*exact, pad)
+    go = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, exact, go)
+    with fastmeta.use_backend(name):
+        got = conv_block(*inputs, padding=(pad, pad))
+        got_grads = torch.autograd.grad(got, inputs, go.float())
+    assert fastmeta.last_backend(OP) == name
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    scale = max(float(g.abs().max()) for g in want_grads)
+    for arg, g_got, g_want in zip(("x", "weight", "bias", "gamma", "beta"), got_grads,
+                                  want_grads):
+        # d bias is 0 in exact arithmetic (batch norm removes the mean): compare to the scale
+        err = float((g_got.double() - g_want).abs().max()) / scale
+        assert err < 2e-5, (arg, err)
+
+
+def test_gradcheck_and_opcheck():
+    inputs = make_inputs((2, 2, 6, 5, 3, 3, 1), torch.float64, "cpu", seed=1)
+    for name in ("reference", "cpu"):
+        with fastmeta.use_backend(name):
+            assert torch.autograd.gradcheck(lambda *t: conv_block(*t, padding=(1, 1)), inputs)
+    x, w, b, g, beta = inputs
+    torch.library.opcheck(torch.ops.fastmeta.conv_block.default, (x, w, b, g, beta, [1, 1], 1e-5))
+
+
+def test_no_second_derivative():
+    x, w, b, g, beta = make_inputs((2, 1, 6, 6, 3, 3, 1), torch.float32, "cpu", seed=2)
+    out = conv_block(x, w, b, g, beta)
+    (dw,) = torch.autograd.grad(out.square().sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        dw.sum().backward()
+
+
+def test_bad_input_names_the_argument():
+    x, w, b, g, beta = make_inputs((2, 1, 6, 6, 3, 3, 1), torch.float32, "cpu", seed=3)
+    with pytest.raises(ValueError, match=r"x must be \[N, Cin, H, W\].*x \[2, 2, 6, 6\]"):
+        conv_block(torch.randn(2, 2, 6, 6), w, b, g, beta)
+    with pytest.raises(ValueError, match=r"gamma must be \[C\] = \[3\].*got \[4\]"):
+        conv_block(x, w, b, torch.ones(4), beta)
+    with pytest.raises(ValueError, match="needs at least 2x2"):
+        conv_block(x[..., :2, :2], w, b, g, beta, padding=(0, 0))
+    with pytest.raises(TypeError, match="weight has dtype torch.float64"):
+        conv_block(x, w.double(), b, g, beta)
+
+
+def conv4(in_channels=1, ways=5, track_running_stats=False):
+    layers = []
+    for cin in (in_channels, 8, 8):
+        layers += [nn.Conv2d(cin, 8, 3, padding=1),
+                   nn.BatchNorm2d(8, track_running_stats=track_running_stats),
+                   nn.ReLU(), nn.MaxPool2d(2)]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 3 * 3, ways))
+
+
+def test_fuse_conv_blocks_fuses_only_small_first_layers():
+    model = conv4()
+    view = fuse_conv_blocks(model)
+    fused = [m for m in view.modules() if isinstance(m, FusedConvBlock)]
+    assert len(fused) == 1 and fused[0].conv is model[0]  # 8 * 9 taps > MAX_TAPS
+    assert fuse_conv_blocks(nn.Sequential(nn.Linear(3, 3))) is None
+
+    class Wrapper(nn.Module):  # a user module holding the Sequential
+        def __init__(self):
+            super().__init__()
+            self.features = conv4()
+
+        def forward(self, x):
+            return self.features(x)
+
+    wrapped = Wrapper()
+    view = fuse_conv_blocks(wrapped)
+    assert isinstance(view.features[0], FusedConvBlock) and wrapped.features is not view.features
+    x = torch.randn(6, 1, 28, 28)
+    torch.testing.assert_close(view(x), wrapped(x), rtol=1e-5, atol=1e-5)
+    assert fastmeta.last_backend(OP) == "cpu" or not fastmeta.backends().extension_built
+
+
+def test_maml_uses_the_fused_block_and_matches_unfused():
+    torch.manual_seed(0)
+    model = conv4(track_running_stats=True)
+    T = 3
+    xs, xq = torch.randn(T, 5, 1, 28, 28), torch.randn(T, 10, 1, 28, 28)
+    ys, yq = torch.arange(5).expand(T, -1), torch.randint(0, 5, (T, 10))
+    grads = []
+    for fuse in (True, False):
+        for first_order in (False, True):
+            model.zero_grad()
+            meta = fastmeta.MAML(model, lr=0.4, first_order=first_order, fuse=fuse,
+                                 strategy="loop")
+            learner = meta.adapt_batch(xs, ys, F.cross_entropy)
+            F.cross_entropy(learner(xq).flatten(0, 1), yq.flatten()).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert fastmeta.last_backend(OP) == "cpu" or not fastmeta.backends().extension_built
+    for fused, plain in ((grads[0], grads[2]), (grads[1], grads[3])):
+        assert float((fused - plain).norm() / plain.norm()) < 1e-5
