@@ -9,8 +9,12 @@ SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
 .PHONY: demo test build clean
 
+# make demo [OMNIGLOT=DIR]: short training runs of every algorithm on synthetic tasks
+# (fastmeta's backend against the reference one), ProtoNet on Omniglot when given a
+# directory, then the quick benchmark table.
 demo: $(VENV)/.built
-	$(PY) -m fastmeta.bench
+	$(PY) -m fastmeta.cli.demo $(if $(OMNIGLOT),--omniglot "$(OMNIGLOT)")
+	$(PY) -m fastmeta.bench --quick
 
 test: $(VENV)/.built
 	$(PY) -m pytest -q tests
@@ -19,7 +23,7 @@ build: $(VENV)/.built
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "torch>=2.6" numpy pytest ninja pillow "setuptools>=64" wheel
+	$(PY) -m pip install -q "torch>=2.6" numpy pytest ninja pillow matplotlib "setuptools>=64" wheel
 	touch $@
 
 # The build log keeps every compiler line; the summary shows each source compiled.

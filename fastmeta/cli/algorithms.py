@@ -1,0 +1,114 @@
+"""The algorithms the CLI trains, by name: each builds its model for a dataset and
+computes the training loss and the per-episode accuracy of a batch of Episodes."""
+
+from argparse import Namespace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fastmeta
+from fastmeta.cli.models import encoder
+from fastmeta.data import Episodes
+
+
+class Algorithm(Protocol):
+    ops: tuple[str, ...]  # the fastmeta ops it runs (for the summary's backend report)
+
+    def build(self, input_shape: Sequence[int], ways: int) -> nn.Module:
+        """The model whose parameters the outer-loop optimizer trains."""
+
+    def loss(self, model: nn.Module, episodes: Episodes, ways: int) -> tuple[Tensor, Tensor]:
+        """(mean query loss [], mean query accuracy []) of a batch, in training mode."""
+
+    def accuracy(self, model: nn.Module, episodes: Episodes, ways: int) -> Tensor:
+        """Query accuracy of each episode [T], as evaluated on unseen classes."""
+
+
+class ProtoNetAlgorithm:
+    """fastmeta.ProtoNet around conv4 (images) or an MLP (vectors)."""
+
+    ops = ("class_prototypes", "prototypical_cross_entropy", "squared_distances")
+
+    def build(self, input_shape: Sequence[int], ways: int) -> nn.Module:
+        return fastmeta.ProtoNet(encoder(input_shape)[0])
+
+    def loss(self, model: nn.Module, episodes: Episodes, ways: int) -> tuple[Tensor, Tensor]:
+        model.train()
+        return model.loss(*episodes, num_classes=ways)
+
+    def accuracy(self, model: nn.Module, episodes: Episodes, ways: int) -> Tensor:
+        model.eval()
+        with torch.no_grad():
+            logits = model(episodes.support_x, episodes.support_y, episodes.query_x, ways)
+        return (logits.argmax(-1) == episodes.query_y).float().mean(-1)
+
+
+class MAMLAlgorithm:
+    """fastmeta.MAML or fastmeta.MetaSGD around conv4 or an MLP with a `ways`-way
+    linear head; cross-entropy. Batch norm uses each task's batch statistics, in
+    training and evaluation alike (as in the MAML reference code)."""
+
+    ops = ("inner_update",)
+
+    def __init__(self, args: Namespace, meta_sgd: bool):
+        self.meta_sgd = meta_sgd
+        self.inner_lr, self.first_order = args.inner_lr, args.first_order
+        self.steps, self.eval_steps = args.inner_steps, args.eval_inner_steps
+
+    def build(self, input_shape: Sequence[int], ways: int) -> nn.Module:
+        body, size = encoder(input_shape)
+        meta = fastmeta.MetaSGD if self.meta_sgd else fastmeta.MAML
+        return meta(nn.Sequential(body, nn.Linear(size, ways)), lr=self.inner_lr,
+                    first_order=self.first_order)
+
+    def _query_logits(self, model: nn.Module, episodes: Episodes, ways: int, steps: int,
+                      first_order: bool) -> Tensor:
+        """[T, N*Q, ways] after `steps` inner steps on each task's support set."""
+        head = model.module[-1].out_features
+        if ways != head:
+            raise ValueError(f"this model has a {head}-way head; evaluate it with --ways {head}")
+        model.train()
+        learner = model.adapt_batch(episodes.support_x, episodes.support_y, F.cross_entropy,
+                                    steps=steps, first_order=first_order)
+        return learner(episodes.query_x)
+
+    def loss(self, model: nn.Module, episodes: Episodes, ways: int) -> tuple[Tensor, Tensor]:
+        logits = self._query_logits(model, episodes, ways, self.steps, self.first_order)
+        loss = F.cross_entropy(logits.flatten(0, 1), episodes.query_y.flatten())
+        return loss, (logits.argmax(-1) == episodes.query_y).float().mean()
+
+    def accuracy(self, model: nn.Module, episodes: Episodes, ways: int) -> Tensor:
+        logits = self._query_logits(model, episodes, ways, self.eval_steps, first_order=True)
+        return (logits.argmax(-1) == episodes.query_y).float().mean(-1)
+
+
+@dataclass(frozen=True)
+class Entry:
+    requires: str  # the fastmeta attribute the algorithm is built on
+    make: Callable[[Namespace], Algorithm] | None  # None: no CLI trainer for it yet
+
+
+REGISTRY: dict[str, Entry] = {
+    "protonet": Entry("ProtoNet", lambda args: ProtoNetAlgorithm()),
+    "maml": Entry("MAML", lambda args: MAMLAlgorithm(args, meta_sgd=False)),
+    "metasgd": Entry("MetaSGD", lambda args: MAMLAlgorithm(args, meta_sgd=True)),
+    "metanet": Entry("MetaNetwork", None),
+}
+
+
+def available(name: str) -> bool:
+    entry = REGISTRY[name]
+    return entry.make is not None and hasattr(fastmeta, entry.requires)
+
+
+def get(name: str, args: Namespace) -> Algorithm:
+    """The algorithm `name`, configured from args; a ValueError if this build lacks it."""
+    if not available(name):
+        raise ValueError(f"algorithm {name} is not available in this build of fastmeta yet "
+                         f"(it needs fastmeta.{REGISTRY[name].requires}); available: "
+                         f"{', '.join(n for n in REGISTRY if available(n))}")
+    return REGISTRY[name].make(args)

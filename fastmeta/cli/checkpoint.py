@@ -1,0 +1,62 @@
+"""Checkpoints of a training run: everything needed to continue it exactly (model,
+optimizer, step, the episode sampler's and torch's RNG states, history) and the
+arguments it was started with."""
+
+import os
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastmeta.data import EpisodeSampler
+
+FILE = "checkpoint.pt"
+# Arguments that define the training trajectory: a resumed run must keep them.
+SAME_ON_RESUME = ("algorithm", "data", "ways", "shots", "queries", "tasks", "lr",
+                  "lr_halve_every", "seed", "held_out", "val_fraction", "augment", "inner_lr",
+                  "inner_steps", "first_order")
+
+
+def save(out: Path, args: Namespace, model: nn.Module, optimizer: torch.optim.Optimizer,
+         sampler: EpisodeSampler, run: dict) -> Path:
+    """Writes out/checkpoint.pt atomically; run: step, train_seconds, history."""
+    path = out / FILE
+    state = {"args": vars(args), "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "sampler_rng": sampler.generator.get_state(),
+             "torch_rng": torch.get_rng_state(), "run": run}
+    partial = path.with_name(f"{FILE}.{os.getpid()}.tmp")
+    torch.save(state, partial)
+    os.replace(partial, path)
+    return path
+
+
+def load(out: Path, device: torch.device) -> dict:
+    path = out / FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist "
+                                f"(train without --resume first)")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which, not a traceback
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
+
+
+def restore(state: dict, args: Namespace, model: nn.Module,
+            optimizer: torch.optim.Optimizer, sampler: EpisodeSampler) -> dict:
+    """Puts a loaded checkpoint back into model, optimizer and RNGs; returns its run
+    dict. A ValueError if args changed what the checkpoint was trained with."""
+    saved = state["args"]
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
+               for k in SAME_ON_RESUME if saved.get(k) != getattr(args, k)]
+    if changed:
+        raise ValueError(f"cannot resume: the checkpoint was trained with "
+                         f"{', '.join(changed)}")
+    if state["run"]["step"] > args.steps:
+        raise ValueError(f"cannot resume: the checkpoint is at step {state['run']['step']}, "
+                         f"beyond --steps {args.steps}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    sampler.generator.set_state(state["sampler_rng"].cpu())
+    torch.set_rng_state(state["torch_rng"].cpu())
+    return state["run"]

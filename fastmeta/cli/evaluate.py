@@ -1,0 +1,43 @@
+"""Mean accuracy with a 95% confidence interval over many episodes."""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from fastmeta.cli.algorithms import Algorithm
+from fastmeta.cli.data import TaskData
+
+EVAL_IMAGES = 1024  # examples per evaluation batch: bounds conv4 activations (~200 MB each)
+
+
+def format_accuracy(mean: float, ci95: float, **_) -> str:
+    """"92.53% ± 0.42%"; takes an Accuracy's dict (extra keys ignored)."""
+    return f"{100 * mean:.2f}% ± {100 * ci95:.2f}%"
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    mean: float
+    ci95: float  # half-width: 1.96 * std / sqrt(episodes)
+    episodes: int
+
+    def __str__(self) -> str:
+        return format_accuracy(self.mean, self.ci95)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(algorithm: Algorithm, model: nn.Module, data: TaskData, split: str, *,
+             ways: int, shots: int, queries: int, episodes: int, seed: int) -> Accuracy:
+    """Accuracy over `episodes` ways-way shots-shot episodes of `split`'s classes,
+    the same episodes for the same seed. Batches hold at most EVAL_IMAGES examples."""
+    tasks = max(1, min(episodes, EVAL_IMAGES // (ways * (shots + queries))))
+    sampler = data.sampler(split, ways=ways, shots=shots, queries=queries, tasks=tasks,
+                           seed=seed)
+    accuracies = torch.cat([algorithm.accuracy(model, sampler.sample(), ways).cpu()
+                            for _ in range(-(-episodes // tasks))])[:episodes].double()
+    std = float(accuracies.std()) if episodes > 1 else 0.0
+    return Accuracy(float(accuracies.mean()), 1.96 * std / math.sqrt(episodes), episodes)

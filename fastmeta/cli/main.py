@@ -1,0 +1,182 @@
+"""fastmeta train ALGORITHM [options]    train, validate, checkpoint, test
+fastmeta eval --out DIR [options]       evaluate a trained run on other episodes
+
+(also `python -m fastmeta ...`). Bad input is one line on stderr and exit status 2."""
+
+import argparse
+import contextlib
+import os
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+import fastmeta
+from fastmeta.cli import algorithms, checkpoint, data as task_data, report
+from fastmeta.cli.evaluate import evaluate, format_accuracy
+from fastmeta.cli.train import TEST_SEED, train
+
+HELD_OUT = "Japanese_(katakana),Sanskrit,Tagalog"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("no CUDA GPU is visible")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmeta", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", type=_device,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--backend", choices=("auto", *fastmeta.BACKENDS), default="auto",
+                        help="force a fastmeta backend (default: the fastest usable one)")
+    common.add_argument("--data-dir", help="Omniglot directory (default: $FASTMETA_OMNIGLOT; "
+                        "eval: the run's)")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+
+    run = commands.add_parser("train", parents=[common], formatter_class=formatter,
+                              help="train an algorithm, then test it",
+                              description="Train on episodes of the training classes, "
+                              "validate periodically, checkpoint, test on held-out classes.")
+    run.add_argument("algorithm", choices=list(algorithms.REGISTRY))
+    run.add_argument("--data", choices=("synthetic", "omniglot"), default="synthetic")
+    run.add_argument("--held-out", type=_names, default=_names(HELD_OUT), metavar="A,B,...",
+                     help="omniglot: the test alphabets")
+    run.add_argument("--val-fraction", type=_fraction, default=0.2,
+                     help="share of the non-test classes held out for validation")
+    run.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                     help="omniglot: training characters rotated by 90/180/270 degrees "
+                          "as new classes")
+    run.add_argument("--ways", type=_positive_int, default=5)
+    run.add_argument("--shots", type=_positive_int, default=1)
+    run.add_argument("--queries", type=_positive_int, default=15, help="per class")
+    run.add_argument("--tasks", type=_positive_int, default=4, help="episodes per batch")
+    run.add_argument("--steps", type=_positive_int, default=1000, help="training iterations")
+    run.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    run.add_argument("--lr-halve-every", type=_positive_int, metavar="STEPS",
+                     help="halve --lr every STEPS steps (default: constant)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", help="run directory (default: runs/ALGORITHM-DATA-NwKs)")
+    run.add_argument("--val-every", type=_positive_int, default=250, metavar="STEPS")
+    run.add_argument("--val-episodes", type=_positive_int, default=200)
+    run.add_argument("--test-episodes", type=_positive_int, default=600)
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the checkpoint in --out")
+    maml = run.add_argument_group("maml, metasgd")
+    maml.add_argument("--inner-lr", type=float, default=0.4,
+                      help="inner-loop learning rate (metasgd: its initial value)")
+    maml.add_argument("--inner-steps", type=_positive_int, default=1)
+    maml.add_argument("--eval-inner-steps", type=_positive_int,
+                      help="inner steps at evaluation (default: --inner-steps)")
+    maml.add_argument("--first-order", action="store_true")
+
+    test = commands.add_parser("eval", parents=[common], formatter_class=formatter,
+                               help="evaluate a trained run",
+                               description="Evaluate the checkpoint of a training run on "
+                               "episodes of its test (or validation) classes.")
+    test.add_argument("--out", required=True, help="the training run's directory")
+    test.add_argument("--split", choices=("test", "val"), default="test")
+    for name in ("ways", "shots", "queries"):
+        test.add_argument(f"--{name}", type=_positive_int, help="default: the run's")
+    test.add_argument("--episodes", type=_positive_int, default=600)
+    return parser
+
+
+def train_command(args: Namespace) -> int:
+    args.data_dir = args.data_dir or os.environ.get("FASTMETA_OMNIGLOT")
+    if args.data == "omniglot" and not args.data_dir:
+        raise ValueError("--data omniglot needs --data-dir DIR (or FASTMETA_OMNIGLOT)")
+    args.eval_inner_steps = args.eval_inner_steps or args.inner_steps
+    args.out = args.out or f"runs/{args.algorithm}-{args.data}-{args.ways}w{args.shots}s"
+    out = Path(args.out)
+    if not args.resume:
+        out.mkdir(parents=True, exist_ok=True)
+    summary, history = train(args, out)
+    paths = {"summary": out / "summary.json", "checkpoint": out / checkpoint.FILE,
+             "curve": report.plot_curve(out / "curve.png", history)}
+    summary["paths"] = {name: str(path) for name, path in paths.items() if path}
+    report.write_json(paths["summary"], summary)
+    ran = ", ".join(sorted(set(summary["backend"]["ran"].values()))) or "-"
+    print(f"{args.algorithm} on {args.data}, {args.ways}-way {args.shots}-shot: "
+          f"{summary['steps']} steps ({summary['episodes']} episodes) in "
+          f"{summary['train_seconds']:.1f} s, {summary['episodes_per_second']:.1f} episodes/s, "
+          f"fastmeta backend {ran}")
+    for split in ("val", "test"):
+        print(f"{split} accuracy {format_accuracy(**summary[split])} "
+              f"({summary[split]['episodes']} episodes)")
+    print(f"written: {', '.join(summary['paths'].values())}")
+    return 0
+
+
+def eval_command(args: Namespace) -> int:
+    device = torch.device(args.device)
+    out = Path(args.out)
+    state = checkpoint.load(out, device)
+    run = Namespace(**state["args"])
+    trained_ways = run.ways
+    for name in ("ways", "shots", "queries", "data_dir"):
+        if getattr(args, name) is not None:
+            setattr(run, name, getattr(args, name))
+    data = task_data.load(run, device)
+    algorithm = algorithms.get(run.algorithm, run)
+    model = algorithm.build(data.input_shape, trained_ways).to(device)
+    model.load_state_dict(state["model"])
+    accuracy = evaluate(algorithm, model, data, args.split, ways=run.ways, shots=run.shots,
+                        queries=run.queries, episodes=args.episodes, seed=run.seed + TEST_SEED)
+    path = report.write_json(out / f"eval-{args.split}-{run.ways}w{run.shots}s.json",
+                             {"algorithm": run.algorithm, "data": run.data, "split": args.split,
+                              "ways": run.ways, "shots": run.shots, "queries": run.queries,
+                              "step": state["run"]["step"], **accuracy.to_dict()})
+    print(f"{run.algorithm} on {run.data} {args.split} classes, {run.ways}-way {run.shots}-shot: "
+          f"accuracy {accuracy} ({accuracy.episodes} episodes); written: {path}")
+    return 0
+
+
+COMMANDS = {"train": train_command, "eval": eval_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help (0) or a usage error argparse has printed (2)
+        return int(exit.code or 0)
+    forced = (contextlib.nullcontext() if args.backend == "auto"
+              else fastmeta.use_backend(args.backend))
+    try:
+        with forced:
+            return COMMANDS[args.command](args)
+    except (ValueError, OSError, ImportError, fastmeta.BackendUnavailableError) as error:
+        print(f"fastmeta {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        resume = " (continue with --resume)" if args.command == "train" else ""
+        print(f"fastmeta {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130

@@ -1,0 +1,91 @@
+"""The training loop: outer-loop steps on batches of training episodes, periodic
+validation and checkpoints, resume, and the final evaluation on the test classes."""
+
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+import fastmeta
+from fastmeta.cli import algorithms, checkpoint, data as task_data
+from fastmeta.cli.evaluate import evaluate
+from fastmeta.cli.progress import Progress
+
+# Seeds of the evaluation episodes, offset from --seed: the same episodes every time.
+VAL_SEED, TEST_SEED = 1, 2
+
+
+def train(args: Namespace, out: Path) -> tuple[dict, dict]:
+    """Trains args.algorithm for args.steps steps (continuing from out/checkpoint.pt
+    with args.resume), then evaluates on the test classes. Returns the summary and
+    the history (per step: step, loss, accuracy; val: one dict per validation)."""
+    device = torch.device(args.device)
+    data = task_data.load(args, device)
+    algorithm = algorithms.get(args.algorithm, args)
+    episode = dict(ways=args.ways, shots=args.shots, queries=args.queries)
+    for split in ("val", "test"):  # bad ways/shots for these splits fail now, not later
+        data.sampler(split, **episode, tasks=1, seed=0)
+    torch.manual_seed(args.seed)
+    model = algorithm.build(data.input_shape, args.ways).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    sampler = data.sampler("train", **episode, tasks=args.tasks, seed=args.seed)
+    run = {"step": 0, "train_seconds": 0.0,
+           "history": {"step": [], "loss": [], "accuracy": [], "val": []}}
+    if args.resume:
+        run = checkpoint.restore(checkpoint.load(out, device), args, model, optimizer, sampler)
+    history = run["history"]
+
+    progress = Progress(args.steps)
+    if run["step"]:
+        progress.message(f"resuming from step {run['step']} ({out / checkpoint.FILE})")
+    while run["step"] < args.steps:
+        if args.lr_halve_every:  # from the step alone: a resumed run gets the same rate
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * 0.5 ** (run["step"] // args.lr_halve_every)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss, accuracy = algorithm.loss(model, sampler.sample(), args.ways)
+        loss.backward()
+        optimizer.step()
+        loss, accuracy = loss.item(), accuracy.item()
+        run["train_seconds"] += time.perf_counter() - start
+        run["step"] += 1
+        step = run["step"]
+        for key, value in (("step", step), ("loss", loss), ("accuracy", accuracy)):
+            history[key].append(value)
+        progress.update(step, loss, accuracy, step * args.tasks / run["train_seconds"])
+        if step % args.val_every == 0 or step == args.steps:
+            val = evaluate(algorithm, model, data, "val", **episode,
+                           episodes=args.val_episodes, seed=args.seed + VAL_SEED)
+            history["val"].append({"step": step, **val.to_dict()})
+            progress.message(f"step {step}: validation accuracy {val}")
+            checkpoint.save(out, args, model, optimizer, sampler, run)
+    progress.close()
+
+    test = evaluate(algorithm, model, data, "test", **episode, episodes=args.test_episodes,
+                    seed=args.seed + TEST_SEED)
+    return _summary(args, algorithm, device, run, test.to_dict()), history
+
+
+def _summary(args: Namespace, algorithm: algorithms.Algorithm, device: torch.device,
+             run: dict, test: dict) -> dict:
+    episodes = run["step"] * args.tasks
+    return {
+        "algorithm": args.algorithm,
+        "data": args.data,
+        "args": vars(args),
+        "backend": {"requested": args.backend,
+                    "ran": {op: fastmeta.last_backend(op) for op in algorithm.ops
+                            if fastmeta.last_backend(op)}},
+        "device": str(device),
+        "steps": run["step"],
+        "episodes": episodes,
+        "train_seconds": run["train_seconds"],
+        "episodes_per_second": episodes / run["train_seconds"],
+        "val": run["history"]["val"][-1],
+        "test": test,
+        "val_history": run["history"]["val"],
+        "fastmeta_version": fastmeta.__version__,
+        "torch_version": torch.__version__,
+    }

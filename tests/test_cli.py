@@ -1,0 +1,138 @@
+"""The training CLI end to end on tiny runs: outputs, resume, eval, bad input."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastmeta
+from fastmeta.cli import algorithms
+from fastmeta.cli.main import main
+
+OMNIGLOT = Path(os.environ.get("FASTMETA_OMNIGLOT")
+                or Path(__file__).resolve().parents[2] / "shared/data/omniglot")
+TINY = ["--steps", "4", "--val-every", "2", "--val-episodes", "10", "--test-episodes", "20",
+        "--tasks", "2", "--queries", "3"]
+SUMMARY_KEYS = {"algorithm", "data", "args", "backend", "device", "steps", "episodes",
+                "train_seconds", "episodes_per_second", "val", "test", "val_history", "paths"}
+
+
+def train(out: Path, *options: str, algorithm: str = "protonet") -> dict:
+    assert main(["train", algorithm, *TINY, "--out", str(out), *options]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def check_accuracy(accuracy: dict, episodes: int) -> None:
+    assert 0 <= accuracy["mean"] <= 1 and accuracy["ci95"] >= 0
+    assert accuracy["episodes"] == episodes
+
+
+def test_protonet_run_writes_summary_curve_and_checkpoint(tmp_path, capsys):
+    summary = train(tmp_path)
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["algorithm"] == "protonet" and summary["steps"] == 4
+    assert summary["episodes"] == 8 and summary["episodes_per_second"] > 0
+    check_accuracy(summary["test"], 20)
+    check_accuracy(summary["val"], 10)
+    assert [v["step"] for v in summary["val_history"]] == [2, 4]
+    assert set(summary["backend"]["ran"].values()) <= set(fastmeta.BACKENDS)
+    assert summary["backend"]["ran"]["prototypical_cross_entropy"] in fastmeta.BACKENDS
+    assert Path(summary["paths"]["checkpoint"]).is_file()
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr()
+    assert "test accuracy" in printed.out and "step 4/4" in printed.err
+
+
+def test_resume_reaches_the_uninterrupted_result(tmp_path):
+    schedule = ["--val-every", "3", "--lr-halve-every", "2"]
+    whole = train(tmp_path / "whole", "--steps", "6", *schedule)
+    train(tmp_path / "cut", "--steps", "4", *schedule)
+    resumed = train(tmp_path / "cut", "--steps", "6", *schedule, "--resume")
+    assert resumed["test"] == whole["test"] and resumed["steps"] == 6
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)
+            for run in ("whole", "cut"))
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["run"]["history"]["loss"] == b["run"]["history"]["loss"]
+
+
+def test_eval_other_ways_on_a_trained_run(tmp_path, capsys):
+    train(tmp_path)
+    assert main(["eval", "--out", str(tmp_path), "--ways", "3", "--episodes", "12"]) == 0
+    result = json.loads((tmp_path / "eval-test-3w1s.json").read_text())
+    check_accuracy(result, 12)
+    assert result["ways"] == 3 and "3-way 1-shot" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
+def test_maml_family_tiny_run(tmp_path, algorithm):
+    if not algorithms.available(algorithm):
+        pytest.skip(f"{algorithm} is not in this build of fastmeta")
+    summary = train(tmp_path, "--inner-steps", "2", algorithm=algorithm)
+    check_accuracy(summary["test"], 20)
+    assert summary["backend"]["ran"]["inner_update"] in fastmeta.BACKENDS
+
+
+def test_omniglot_tiny_run(tmp_path, monkeypatch):
+    if not OMNIGLOT.is_dir():
+        pytest.skip(f"no Omniglot archives at {OMNIGLOT} (set FASTMETA_OMNIGLOT)")
+    pytest.importorskip("PIL", reason="Omniglot decoding needs Pillow")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    summary = train(tmp_path / "run", "--data", "omniglot", "--data-dir", str(OMNIGLOT),
+                    "--steps", "2")
+    check_accuracy(summary["test"], 20)
+
+
+def run_failing(argv: list[str], capsys) -> str:
+    """The CLI's exit status must be 2 and stderr one line (no traceback)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--data", "omniglot", "--data-dir", "/nonexistent/omniglot"], "does not exist"),
+    (["--data", "omniglot", "--data-dir", "{tmp}"], "no Omniglot data in"),
+    (["--data", "omniglot", "--data-dir", "{bad_zip}"], "not a readable zip archive"),
+    (["--data", "omniglot", "--data-dir", ""], "needs --data-dir"),
+    (["--ways", "500"], "exceeds the"),
+    (["--shots", "15", "--queries", "10"], "needs shots + queries = 25 examples"),
+    (["--resume"], "no checkpoint to resume from"),
+    (["--device", "cpu", "--backend", "cuda"], "backend 'cuda'"),
+    (["--steps", "0"], "--steps: must be an integer >= 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, options, message):
+    monkeypatch.delenv("FASTMETA_OMNIGLOT", raising=False)
+    bad_zip = tmp_path / "bad"
+    bad_zip.mkdir()
+    (bad_zip / "images_background.zip").write_text("not a zip")
+    options = [o.format(tmp=tmp_path, bad_zip=bad_zip) for o in options]
+    err = run_failing(["train", "protonet", "--out", str(tmp_path / "run"), *options], capsys)
+    assert message in err
+
+
+def test_unknown_algorithm_and_unavailable_algorithm(tmp_path, capsys, monkeypatch):
+    assert "invalid choice: 'reptile'" in run_failing(["train", "reptile"], capsys)
+    monkeypatch.delattr(fastmeta, "MetaNetwork", raising=False)
+    err = run_failing(["train", "metanet", "--out", str(tmp_path)], capsys)
+    assert "algorithm metanet is not available in this build of fastmeta yet" in err
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    train(tmp_path)
+    err = run_failing(["train", "protonet", *TINY, "--out", str(tmp_path), "--resume",
+                       "--ways", "3"], capsys)
+    assert "cannot resume" in err and "--ways 5 (now 3)" in err
+
+
+def test_module_entry_point_help():
+    done = subprocess.run([sys.executable, "-m", "fastmeta", "train", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--resume" in done.stdout and "protonet" in done.stdout
