@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastmeta.cli.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--omniglot", metavar="DIR", help="also train ProtoNet on Omniglot")
-    parser.add_argument("--steps", type=int, default=300, help="synthetic training steps")
+    parser.add_argument("--steps", type=int, default=1000, help="synthetic training steps")
     parser.add_argument("--omniglot-steps", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     args = parser.parse_args(argv)
