@@ -115,25 +115,27 @@ def test_fuse_conv_blocks_fuses_only_small_first_layers():
     view = fuse_conv_blocks(wrapped)
     assert isinstance(view.features[0], FusedConvBlock) and wrapped.features is not view.features
     x = torch.randn(6, 1, 28, 28)
+    fastmeta.backend._last_used.pop(OP, None)
     torch.testing.assert_close(view(x), wrapped(x), rtol=1e-5, atol=1e-5)
+    assert fastmeta.last_backend(OP) is None  # gradients wanted: the ATen path
+    with torch.no_grad():
+        torch.testing.assert_close(view(x), wrapped(x), rtol=1e-5, atol=1e-5)
     assert fastmeta.last_backend(OP) == "cpu" or not fastmeta.backends().extension_built
 
 
-def test_maml_uses_the_fused_block_and_matches_unfused():
+def test_maml_evaluation_uses_the_fused_block_and_matches_unfused():
     torch.manual_seed(0)
     model = conv4(track_running_stats=True)
     T = 3
     xs, xq = torch.randn(T, 5, 1, 28, 28), torch.randn(T, 10, 1, 28, 28)
-    ys, yq = torch.arange(5).expand(T, -1), torch.randint(0, 5, (T, 10))
-    grads = []
+    ys = torch.arange(5).expand(T, -1)
+    outputs = []
     for fuse in (True, False):
-        for first_order in (False, True):
-            model.zero_grad()
-            meta = fastmeta.MAML(model, lr=0.4, first_order=first_order, fuse=fuse,
-                                 strategy="loop")
-            learner = meta.adapt_batch(xs, ys, F.cross_entropy)
-            F.cross_entropy(learner(xq).flatten(0, 1), yq.flatten()).backward()
-            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert fastmeta.last_backend(OP) == "cpu" or not fastmeta.backends().extension_built
-    for fused, plain in ((grads[0], grads[2]), (grads[1], grads[3])):
-        assert float((fused - plain).norm() / plain.norm()) < 1e-5
+        learner = fastmeta.MAML(model, lr=0.4, fuse=fuse, strategy="loop").adapt_batch(
+            xs, ys, F.cross_entropy)
+        fastmeta.backend._last_used.pop(OP, None)
+        with torch.no_grad():
+            outputs.append(learner(xq))
+        assert (fastmeta.last_backend(OP) is not None) == fuse or \
+            not fastmeta.backends().extension_built
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
