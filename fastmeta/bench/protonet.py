@@ -19,6 +19,7 @@ import torch.nn.functional as TF
 import fastmeta
 from fastmeta import backend
 from fastmeta.bench.harness import Candidate, run_config
+from fastmeta.cli.models import conv4
 
 CASE = "protonet"
 CONFIGS = {  # name: (episodes B, ways C, shots K, queries per class, D)
@@ -100,16 +101,6 @@ def loss_candidates(device, B, C, K, Q, D) -> list[Candidate]:
 
     rows.append(Candidate("GEMMs only (floor)", gemms))
     return rows
-
-
-def conv4(channels: int = 64) -> torch.nn.Module:
-    """The ProtoNets / MAML Omniglot encoder: 4 x (conv3x3, BN, ReLU, maxpool2)."""
-    layers, in_ch = [], 1
-    for _ in range(4):
-        layers += [torch.nn.Conv2d(in_ch, channels, 3, padding=1), torch.nn.BatchNorm2d(channels),
-                   torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
-        in_ch = channels
-    return torch.nn.Sequential(*layers, torch.nn.Flatten())
 
 
 def training_step_candidates(device, C, K, Q, best_alternative) -> list[Candidate]:
