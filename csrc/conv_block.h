@@ -14,6 +14,12 @@
 //   d_c = gamma * rstd * (dy - d_beta / M - xhat * d_gamma / M)
 //   d_weight[c, ci, i, j] = sum_n,h,w d_c[n, c, h, w] x[n, ci, h + i - ph, w + j - pw]
 //   d_bias = sum d_c,  d_x = the transposed convolution of d_c with weight
+// Without d_x, dy is nonzero only at each window's maximum, so the forward's record
+// of where (window, uint8 offset 0..3 = row * 2 + column) and of c there (c_max)
+// gives d_beta, d_gamma and the sparse part of d_weight in one pass over the pooled
+// outputs; the dense terms of d_weight need only the patch sums S1 [taps] and Gram
+// matrix G [taps, taps], shared by all channels:
+//   sum_hw xhat x_tap = rstd (bias S1 + G w - mean S1).
 // Parallel over channels (each channel's statistics and gradients have one
 // owner: deterministic); d_x, when asked for, over images.
 #pragma once
@@ -25,15 +31,20 @@
 
 namespace fastmeta {
 
-// Returns (out [N, C, Hc/2, Wc/2], mean [C], rstd [C]).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_block_forward_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-    const at::Tensor& gamma, const at::Tensor& beta, int64_t pad_h, int64_t pad_w, double eps);
+// (out [N, C, Hc/2, Wc/2], mean [C], rstd [C], window [N, C, Hc/2, Wc/2] uint8,
+//  c_max [N, C, Hc/2, Wc/2]).
+using ConvBlockForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+ConvBlockForward conv_block_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& bias, const at::Tensor& gamma,
+                                        const at::Tensor& beta, int64_t pad_h, int64_t pad_w,
+                                        double eps);
 
-// Returns (d_x [N, Cin, H, W] or empty, d_weight, d_bias, d_gamma, d_beta).
+// Returns (d_x [N, Cin, H, W] or empty, d_weight, d_bias, d_gamma, d_beta); window and
+// c_max are the forward's (used when need_x is false).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta,
-    const at::Tensor& mean, const at::Tensor& rstd, int64_t pad_h, int64_t pad_w, bool need_x);
+    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& window,
+    const at::Tensor& c_max, int64_t pad_h, int64_t pad_w, bool need_x);
 
 }  // namespace fastmeta

@@ -25,11 +25,21 @@ TORCH_LIBRARY(fastmeta_C, m) {
       "Tensor labels, Tensor tau, Tensor softmax) -> (Tensor, Tensor, Tensor)");
   m.def(
       "conv_block_forward(Tensor x, Tensor weight, Tensor bias, Tensor gamma, Tensor beta, "
-      "int pad_h, int pad_w, float eps) -> (Tensor, Tensor, Tensor)");
+      "int pad_h, int pad_w, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "conv_block_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, "
-      "Tensor gamma, Tensor beta, Tensor mean, Tensor rstd, int pad_h, int pad_w, "
-      "bool need_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor gamma, Tensor beta, Tensor mean, Tensor rstd, Tensor window, Tensor c_max, "
+      "int pad_h, int pad_w, bool need_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gradient_mlp_forward(Tensor grads, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float p) "
+      "-> Tensor");
+  m.def(
+      "gradient_mlp_backward(Tensor grad_out, Tensor grads, Tensor w1, Tensor b1, Tensor w2, "
+      "float p, bool need_grads) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("attention_read_forward(Tensor attention, Tensor w, Tensor x) -> Tensor");
+  m.def(
+      "attention_read_backward(Tensor grad_out, Tensor attention, Tensor w, Tensor x, "
+      "bool need_attention, bool need_w, bool need_x) -> (Tensor, Tensor, Tensor)");
   m.def("empty_cpu_pool() -> int", &fastmeta::empty_cpu_pool);
 }
 

@@ -5,6 +5,7 @@
     out = fastmeta.inner_update(theta, 0.4, grads)   # [P], lr, [T, P] -> [T, P]
     loss, acc = fastmeta.functional.prototypical_loss(support, ys, queries, yq, num_classes)
     model = fastmeta.ProtoNet(encoder)                # logits / loss from raw episodes
+    metanet = fastmeta.MetaNetwork(ways=5)            # Meta Networks, conv4 for 28x28
     maml = fastmeta.MAML(model, lr=0.4)              # learner = maml.adapt_batch(xs, ys, loss_fn)
     with fastmeta.use_backend("reference"):          # force a backend
         ...
@@ -20,6 +21,7 @@ from fastmeta.backend import (
 )
 from fastmeta import functional
 from fastmeta.maml import MAML, MetaSGD
+from fastmeta.metanet import MetaNetwork
 from fastmeta.ops import inner_update
 from fastmeta.protonet import ProtoNet
 
@@ -29,6 +31,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "MAML",
+    "MetaNetwork",
     "MetaSGD",
     "ProtoNet",
     "backends",

@@ -79,6 +79,14 @@ def test_maml_family_tiny_run(tmp_path, algorithm):
     assert summary["backend"]["ran"]["inner_update"] in fastmeta.BACKENDS
 
 
+def test_metanet_tiny_run_and_resume(tmp_path):
+    summary = train(tmp_path, "--steps", "2", algorithm="metanet")
+    check_accuracy(summary["test"], 20)
+    assert set(summary["backend"]["ran"]) == {"attention_read", "gradient_mlp"}
+    resumed = train(tmp_path, "--steps", "3", "--resume", algorithm="metanet")
+    assert resumed["steps"] == 3
+
+
 def test_omniglot_tiny_run(tmp_path, monkeypatch):
     if not OMNIGLOT.is_dir():
         pytest.skip(f"no Omniglot archives at {OMNIGLOT} (set FASTMETA_OMNIGLOT)")

@@ -1,13 +1,15 @@
 """fastmeta.conv_block (Conv2d -> BatchNorm2d batch stats -> ReLU -> MaxPool2d(2)) on
 every backend against a float64 PyTorch oracle, and its use inside MAML."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fastmeta
-from fastmeta.maml.fused_blocks import FusedConvBlock, fuse_conv_blocks
+from fastmeta.fused_blocks import FusedConvBlock, fuse_conv_blocks
 from fastmeta.ops.conv_block import conv_block
 
 OP = "conv_block"
@@ -35,24 +37,30 @@ def make_inputs(shape, dtype, device, seed, binary=False):
     return [t.to(device=device, dtype=dtype).requires_grad_() for t in (x, *params)]
 
 
+@pytest.mark.parametrize("need_x", [True, False], ids=["with_dx", "parameters_only"])
 @pytest.mark.parametrize("binary", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_float64_oracle(backend_device, shape, binary):
+def test_matches_float64_oracle(backend_device, shape, binary, need_x):
+    """need_x False takes the backward's path from the recorded window maxima."""
     name, device = backend_device
     inputs = make_inputs(shape, torch.float32, device, seed=sum(shape), binary=binary)
-    exact = [t.detach().double().requires_grad_() for t in inputs]
+    inputs[0].requires_grad_(need_x)
+    if binary:  # strokes offset from 0, as images are: the patch moments must not cancel
+        inputs[0].data.add_(3.0)
+    exact = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
     pad = shape[-1]
     want = oracle(*exact, pad)
     go = torch.randn_like(want)
-    want_grads = torch.autograd.grad(want, exact, go)
+    wanted = [t for t in exact if t.requires_grad]
+    want_grads = torch.autograd.grad(want, wanted, go)
     with fastmeta.use_backend(name):
         got = conv_block(*inputs, padding=(pad, pad))
-        got_grads = torch.autograd.grad(got, inputs, go.float())
+        got_grads = torch.autograd.grad(got, [t for t in inputs if t.requires_grad], go.float())
     assert fastmeta.last_backend(OP) == name
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     scale = max(float(g.abs().max()) for g in want_grads)
-    for arg, g_got, g_want in zip(("x", "weight", "bias", "gamma", "beta"), got_grads,
-                                  want_grads):
+    names = ("x", "weight", "bias", "gamma", "beta")[0 if need_x else 1:]
+    for arg, g_got, g_want in zip(names, got_grads, want_grads):
         # d bias is 0 in exact arithmetic (batch norm removes the mean): compare to the scale
         err = float((g_got.double() - g_want).abs().max()) / scale
         assert err < 2e-5, (arg, err)
@@ -60,10 +68,13 @@ def test_matches_float64_oracle(backend_device, shape, binary):
 
 def test_gradcheck_and_opcheck():
     inputs = make_inputs((2, 2, 6, 5, 3, 3, 1), torch.float64, "cpu", seed=1)
+    x, w, b, g, beta = inputs
+    data = x.detach()  # no d_x: the backward from the recorded window maxima
     for name in ("reference", "cpu"):
         with fastmeta.use_backend(name):
             assert torch.autograd.gradcheck(lambda *t: conv_block(*t, padding=(1, 1)), inputs)
-    x, w, b, g, beta = inputs
+            assert torch.autograd.gradcheck(lambda *t: conv_block(data, *t, padding=(1, 1)),
+                                            inputs[1:])
     torch.library.opcheck(torch.ops.fastmeta.conv_block.default, (x, w, b, g, beta, [1, 1], 1e-5))
 
 
@@ -116,11 +127,17 @@ def test_fuse_conv_blocks_fuses_only_small_first_layers():
     assert isinstance(view.features[0], FusedConvBlock) and wrapped.features is not view.features
     x = torch.randn(6, 1, 28, 28)
     fastmeta.backend._last_used.pop(OP, None)
-    torch.testing.assert_close(view(x), wrapped(x), rtol=1e-5, atol=1e-5)
-    assert fastmeta.last_backend(OP) is None  # gradients wanted: the ATen path
-    with torch.no_grad():
-        torch.testing.assert_close(view(x), wrapped(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(view(x.requires_grad_()), wrapped(x), rtol=1e-5, atol=1e-5)
+    assert fastmeta.last_backend(OP) is None  # a gradient for x wanted: the ATen path
+    x = x.detach()
+    fused_out, plain_out = view(x), wrapped(x)  # the weights' gradients: the fused op
     assert fastmeta.last_backend(OP) == "cpu" or not fastmeta.backends().extension_built
+    torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-5)
+    weights = list(wrapped.parameters())
+    go = torch.randn_like(plain_out)
+    for got, want in zip(torch.autograd.grad(fused_out, weights, go),
+                         torch.autograd.grad(plain_out, weights, go)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_maml_evaluation_uses_the_fused_block_and_matches_unfused():
@@ -139,3 +156,20 @@ def test_maml_evaluation_uses_the_fused_block_and_matches_unfused():
         assert (fastmeta.last_backend(OP) is not None) == fuse or \
             not fastmeta.backends().extension_built
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_block_updates_running_statistics_like_batch_norm(momentum):
+    torch.manual_seed(0)
+    model = conv4(track_running_stats=True)
+    model[1].momentum = momentum
+    plain = copy.deepcopy(model)
+    view = fuse_conv_blocks(model)
+    for _ in range(2):
+        x = torch.rand(7, 1, 28, 28)
+        fastmeta.backend._last_used.pop(OP, None)
+        torch.testing.assert_close(view(x), plain(x), rtol=1e-5, atol=1e-5)
+        assert fastmeta.last_backend(OP) == "cpu" or not fastmeta.backends().extension_built
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(model[1], name), getattr(plain[1], name),
+                                   rtol=1e-5, atol=1e-6)

@@ -1,12 +1,15 @@
 // Conv2d -> BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2), CPU kernels.
-// The math is in ../conv_block.h. Each channel is one parallel task: it walks the
-// N images twice (forward: statistics, then the output; backward: the BN sums,
-// then d_c and d_weight), recomputing its plane of the convolution each time in a
-// small buffer instead of storing [N, C, Hc, Wc].
+// The math is in ../conv_block.h. Each channel is one parallel task: the forward
+// walks the N images twice (statistics, then the output), recomputing its plane of
+// the convolution in a small buffer instead of storing [N, C, Hc, Wc], and records
+// each window's argmax and conv value there. The backward without d_x needs only
+// those and two moments of the input patches; with d_x it recomputes the planes
+// (the BN sums, then d_c and d_weight) and keeps d_c for the transposed convolution.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -101,15 +104,130 @@ int64_t window_argmax(const Geometry& g, const scalar_t* y, int64_t oh, int64_t 
   return best;
 }
 
+// Moments of the input patches, shared by every channel: S1[t] = sum over images and
+// conv positions of patch tap t, G[t][u] = sum of tap t times tap u (double).
+struct PatchMoments {
+  std::vector<double> s1, gram;
+};
+
+constexpr int64_t kPatchChunk = 1 << 20;  // patch elements per GEMM chunk (8 MiB of double)
+
+template <typename scalar_t>
+PatchMoments patch_moments(const Geometry& g, const scalar_t* xp) {
+  const int64_t taps = g.Cin * g.KH * g.KW, plane = g.Hc * g.Wc, in_image = g.Cin * g.H * g.W;
+  const int64_t images = std::max<int64_t>(1, kPatchChunk / (plane * taps));
+  at::Tensor gram = at::zeros({taps, taps}, at::kDouble), s1 = at::zeros({taps}, at::kDouble);
+  for (int64_t n0 = 0; n0 < g.N; n0 += images) {
+    const int64_t n1 = std::min(g.N, n0 + images);
+    at::Tensor patches = at::empty({(n1 - n0) * plane, taps}, at::kDouble);
+    double* pp = patches.mutable_data_ptr<double>();
+    at::parallel_for(n0, n1, 1, [&](int64_t a, int64_t b) {
+      for (int64_t n = a; n < b; ++n) {
+        double* rows = pp + (n - n0) * plane * taps;
+        for (int64_t oh = 0; oh < g.Hc; ++oh) {
+          for (int64_t ow = 0; ow < g.Wc; ++ow) {
+            double* row = rows + (oh * g.Wc + ow) * taps;
+            for (int64_t ci = 0; ci < g.Cin; ++ci) {
+              for (int64_t i = 0; i < g.KH; ++i) {
+                const int64_t h = oh + i - g.ph;
+                for (int64_t j = 0; j < g.KW; ++j) {
+                  const int64_t w = ow + j - g.pw;
+                  const bool inside = h >= 0 && h < g.H && w >= 0 && w < g.W;
+                  *row++ = inside ? double(xp[n * in_image + (ci * g.H + h) * g.W + w]) : 0.0;
+                }
+              }
+            }
+          }
+        }
+      }
+    });
+    gram.addmm_(patches.t(), patches);
+    s1.add_(patches.sum(0));
+  }
+  return {std::vector<double>(s1.const_data_ptr<double>(), s1.const_data_ptr<double>() + taps),
+          std::vector<double>(gram.const_data_ptr<double>(),
+                              gram.const_data_ptr<double>() + taps * taps)};
+}
+
+// The parameter gradients without d_x, from the forward's window offsets and conv
+// values at each window's maximum: dy is nonzero only there, so
+//   d_beta = sum dy, d_gamma = sum dy xhat                       (one pass over windows)
+//   d_weight[t] = k (sum dy x_t - mean_dy S1[t] - mean_dy_xhat sum xhat x_t),
+//   sum xhat x_t = rstd (bias S1[t] + (G w)[t] - mean S1[t])     (k = gamma rstd)
+// and d_bias = k (sum dy - M mean_dy - mean_dy_xhat sum xhat) (zero up to rounding).
+template <typename scalar_t>
+void conv_block_parameter_grads(const Geometry& g, const scalar_t* gop, const scalar_t* xp,
+                                const scalar_t* wp, const scalar_t* bp, const scalar_t* gp,
+                                const scalar_t* betap, const scalar_t* mp, const scalar_t* rp,
+                                const uint8_t* winp, const scalar_t* cmp, scalar_t* dwp,
+                                scalar_t* dbp, scalar_t* dgp, scalar_t* dbetap) {
+  const int64_t taps = g.Cin * g.KH * g.KW, in_image = g.Cin * g.H * g.W;
+  const int64_t pooled = g.Ho * g.Wo;
+  const PatchMoments moments = patch_moments(g, xp);
+  const double count = double(g.N * g.Hc * g.Wc);
+  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<double> sparse(taps);
+    for (int64_t c = c0; c < c1; ++c) {
+      const scalar_t mu = mp[c], r = rp[c];
+      const auto [scale, shift] = affine(mu, r, gp[c], betap[c]);
+      std::fill(sparse.begin(), sparse.end(), 0.0);
+      double sum_dy = 0, sum_dy_xhat = 0;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const int64_t first = (n * g.C + c) * pooled;
+        const scalar_t* xn = xp + n * in_image;
+        for (int64_t o = 0; o < pooled; ++o) {
+          const scalar_t cv = cmp[first + o];
+          if (!(cv * scale + shift > 0)) continue;  // relu closed this window
+          const double d = gop[first + o];
+          sum_dy += d;
+          sum_dy_xhat += d * double((cv - mu) * r);
+          const int64_t h0 = 2 * (o / g.Wo) + winp[first + o] / 2 - g.ph;
+          const int64_t w0 = 2 * (o % g.Wo) + winp[first + o] % 2 - g.pw;
+          for (int64_t ci = 0, t = 0; ci < g.Cin; ++ci) {
+            for (int64_t i = 0; i < g.KH; ++i) {
+              for (int64_t j = 0; j < g.KW; ++j, ++t) {
+                const int64_t h = h0 + i, w = w0 + j;
+                if (h >= 0 && h < g.H && w >= 0 && w < g.W) {
+                  sparse[t] += d * double(xn[(ci * g.H + h) * g.W + w]);
+                }
+              }
+            }
+          }
+        }
+      }
+      const double k = double(gp[c]) * double(r), mean_dy = sum_dy / count;
+      const double mean_dy_xhat = sum_dy_xhat / count;
+      const scalar_t* w = wp + c * taps;
+      double sum_c = count * double(bp[c]);
+      for (int64_t t = 0; t < taps; ++t) sum_c += double(w[t]) * moments.s1[t];
+      for (int64_t t = 0; t < taps; ++t) {
+        double gw = 0;
+        for (int64_t u = 0; u < taps; ++u) gw += moments.gram[t * taps + u] * double(w[u]);
+        const double sum_xhat_x =
+            double(r) * (double(bp[c]) * moments.s1[t] + gw - double(mu) * moments.s1[t]);
+        dwp[c * taps + t] =
+            scalar_t(k * (sparse[t] - mean_dy * moments.s1[t] - mean_dy_xhat * sum_xhat_x));
+      }
+      const double sum_xhat = double(r) * (sum_c - count * double(mu));
+      dbp[c] = scalar_t(k * (sum_dy - count * mean_dy - mean_dy_xhat * sum_xhat));
+      dgp[c] = scalar_t(sum_dy_xhat);
+      dbetap[c] = scalar_t(sum_dy);
+    }
+  });
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_block_forward_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-    const at::Tensor& gamma, const at::Tensor& beta, int64_t pad_h, int64_t pad_w, double eps) {
+ConvBlockForward conv_block_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& bias, const at::Tensor& gamma,
+                                        const at::Tensor& beta, int64_t pad_h, int64_t pad_w,
+                                        double eps) {
   const Geometry g = check_and_measure(x, weight, bias, gamma, beta, pad_h, pad_w);
   at::Tensor out = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options());
   at::Tensor mean = at::empty({g.C}, x.options());
   at::Tensor rstd = at::empty({g.C}, x.options());
+  at::Tensor window = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().dtype(at::kByte));
+  at::Tensor c_max = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options());
   const int64_t plane = g.Hc * g.Wc, in_image = g.Cin * g.H * g.W, taps = g.Cin * g.KH * g.KW;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_forward_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -120,8 +238,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_block_forward_cpu(
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     scalar_t* mp = mean.mutable_data_ptr<scalar_t>();
     scalar_t* rp = rstd.mutable_data_ptr<scalar_t>();
+    uint8_t* winp = window.mutable_data_ptr<uint8_t>();
+    scalar_t* cmp = c_max.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<scalar_t> cbuf(plane);
+      std::vector<scalar_t> cbuf(plane), ybuf(plane);
       for (int64_t c = c0; c < c1; ++c) {
         const scalar_t* w = wp + c * taps;
         double sum = 0, sumsq = 0;
@@ -144,22 +264,28 @@ _Pragma("omp simd reduction(+ : s1, s2)")
         const auto [scale, shift] = affine(mp[c], rp[c], gp[c], betap[c]);
         for (int64_t n = 0; n < g.N; ++n) {
           conv_plane(g, xp + n * in_image, w, bp[c], cbuf.data());
-          for (int64_t k = 0; k < plane; ++k) cbuf[k] = cbuf[k] * scale + shift;
-          scalar_t* o = op + (n * g.C + c) * g.Ho * g.Wo;
+          for (int64_t k = 0; k < plane; ++k) ybuf[k] = cbuf[k] * scale + shift;
+          const int64_t first = (n * g.C + c) * g.Ho * g.Wo;
           for (int64_t oh = 0; oh < g.Ho; ++oh) {
-            for (int64_t ow = 0; ow < g.Wo; ++ow) window_argmax(g, cbuf.data(), oh, ow, &o[oh * g.Wo + ow]);
+            for (int64_t ow = 0; ow < g.Wo; ++ow) {
+              const int64_t o = first + oh * g.Wo + ow;
+              const int64_t best = window_argmax(g, ybuf.data(), oh, ow, &op[o]);
+              winp[o] = uint8_t((best / g.Wc - 2 * oh) * 2 + best % g.Wc - 2 * ow);
+              cmp[o] = cbuf[best];
+            }
           }
         }
       }
     });
   });
-  return {out, mean, rstd};
+  return {out, mean, rstd, window, c_max};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta,
-    const at::Tensor& mean, const at::Tensor& rstd, int64_t pad_h, int64_t pad_w, bool need_x) {
+    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& window,
+    const at::Tensor& c_max, int64_t pad_h, int64_t pad_w, bool need_x) {
   const Geometry g = check_and_measure(x, weight, bias, gamma, beta, pad_h, pad_w);
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == x.scalar_type() &&
                   grad_out.sizes() == at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}),
@@ -172,8 +298,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
   at::Tensor d_bias = at::empty_like(bias);
   at::Tensor d_gamma = at::empty_like(gamma);
   at::Tensor d_beta = at::empty_like(beta);
-  // d_c is kept only when d_x is needed (the transposed convolution needs every channel).
-  at::Tensor d_c = need_x ? at::empty({g.N, g.C, g.Hc, g.Wc}, x.options()) : at::Tensor();
+  if (!need_x) {
+    TORCH_CHECK(window.scalar_type() == at::kByte && window.sizes() == grad_out.sizes() &&
+                    c_max.sizes() == grad_out.sizes() && window.is_contiguous() &&
+                    c_max.is_contiguous() && c_max.scalar_type() == x.scalar_type(),
+                "conv_block: window (uint8) and c_max must be contiguous ", grad_out.sizes());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_parameter_grads_cpu", [&] {
+      conv_block_parameter_grads(
+          g, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+          weight.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
+          gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
+          mean.const_data_ptr<scalar_t>(), rstd.const_data_ptr<scalar_t>(),
+          window.const_data_ptr<uint8_t>(), c_max.const_data_ptr<scalar_t>(),
+          d_weight.mutable_data_ptr<scalar_t>(), d_bias.mutable_data_ptr<scalar_t>(),
+          d_gamma.mutable_data_ptr<scalar_t>(), d_beta.mutable_data_ptr<scalar_t>());
+    });
+    return {at::empty({0}, x.options()), d_weight, d_bias, d_gamma, d_beta};
+  }
+  // With d_x: the dense path. d_c [N, C, Hc, Wc] is kept for the transposed convolution.
+  at::Tensor d_c = at::empty({g.N, g.C, g.Hc, g.Wc}, x.options());
   const int64_t plane = g.Hc * g.Wc, in_image = g.Cin * g.H * g.W, taps = g.Cin * g.KH * g.KW;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_backward_cpu", [&] {
     const scalar_t* gop = grad_out.const_data_ptr<scalar_t>();
@@ -188,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
     scalar_t* dbp = d_bias.mutable_data_ptr<scalar_t>();
     scalar_t* dgp = d_gamma.mutable_data_ptr<scalar_t>();
     scalar_t* dbetap = d_beta.mutable_data_ptr<scalar_t>();
-    scalar_t* dcp = need_x ? d_c.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dcp = d_c.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
       std::vector<scalar_t> cbuf(plane), ybuf(plane), dy(plane);
       std::vector<double> dw(taps);
@@ -236,7 +379,7 @@ _Pragma("omp simd reduction(+ : s1, s2)")
         double db = 0;
         for (int64_t n = 0; n < g.N; ++n) {
           pooled_grad(n);
-          scalar_t* dc = need_x ? dcp + (n * g.C + c) * plane : dy.data();
+          scalar_t* dc = dcp + (n * g.C + c) * plane;
           scalar_t s1 = 0;
 _Pragma("omp simd reduction(+ : s1)")
           for (int64_t k = 0; k < plane; ++k) {
@@ -269,9 +412,8 @@ _Pragma("omp simd reduction(+ : acc)")
       }
     });
   });
-  at::Tensor d_x;
-  if (need_x) {
-    d_x = at::zeros_like(x);
+  at::Tensor d_x = at::zeros_like(x);
+  {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_backward_x_cpu", [&] {
       const scalar_t* wp = weight.const_data_ptr<scalar_t>();
       const scalar_t* dcp = d_c.const_data_ptr<scalar_t>();
@@ -300,8 +442,6 @@ _Pragma("omp simd reduction(+ : acc)")
         }
       });
     });
-  } else {
-    d_x = at::empty({0}, x.options());
   }
   return {d_x, d_weight, d_bias, d_gamma, d_beta};
 }

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 import fastmeta
 from fastmeta.cli.models import encoder
 from fastmeta.data import Episodes
+from fastmeta.metanet import networks as metanet_networks
 
 
 class Algorithm(Protocol):
@@ -86,6 +87,25 @@ class MAMLAlgorithm:
         return (logits.argmax(-1) == episodes.query_y).float().mean(-1)
 
 
+class MetaNetAlgorithm:
+    """fastmeta.MetaNetwork: conv4 (images) or MLP (vectors) base and representation
+    learners with augmented layers; a `ways`-way classifier."""
+
+    ops = ("attention_read", "gradient_mlp")
+
+    def build(self, input_shape: Sequence[int], ways: int) -> nn.Module:
+        return fastmeta.MetaNetwork(*metanet_networks(input_shape, ways))
+
+    def loss(self, model: nn.Module, episodes: Episodes, ways: int) -> tuple[Tensor, Tensor]:
+        model.train()
+        return model.loss(*episodes)
+
+    def accuracy(self, model: nn.Module, episodes: Episodes, ways: int) -> Tensor:
+        model.eval()  # the support-set gradients are still taken: no torch.no_grad
+        logits = model(episodes.support_x, episodes.support_y, episodes.query_x).detach()
+        return (logits.argmax(-1) == episodes.query_y).float().mean(-1)
+
+
 @dataclass(frozen=True)
 class Entry:
     requires: str  # the fastmeta attribute the algorithm is built on
@@ -96,7 +116,7 @@ REGISTRY: dict[str, Entry] = {
     "protonet": Entry("ProtoNet", lambda args: ProtoNetAlgorithm()),
     "maml": Entry("MAML", lambda args: MAMLAlgorithm(args, meta_sgd=False)),
     "metasgd": Entry("MetaSGD", lambda args: MAMLAlgorithm(args, meta_sgd=True)),
-    "metanet": Entry("MetaNetwork", None),
+    "metanet": Entry("MetaNetwork", lambda args: MetaNetAlgorithm()),
 }
 
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
-from fastmeta.maml.fused_blocks import fuse_conv_blocks, rename_map
+from fastmeta.fused_blocks import fuse_conv_blocks, rename_map
 from fastmeta.maml.layout import ParamLayout
 
 STRATEGIES = ("loop", "vmap")
@@ -87,9 +87,9 @@ class TaskModel:
     """Calls `module` with the adapted parameters from a flat buffer; the rest of its
     parameters and buffers (`fixed`) are shared by every task.
 
-    With fuse=True the loop strategy's query pass runs a view of the module whose
-    Conv2d-BatchNorm2d-ReLU-MaxPool2d runs are one fused op (fused_blocks.py); a block
-    fuses only when no gradient is wanted (evaluation under torch.no_grad)."""
+    With fuse=True the loop strategy's query pass and first-order support passes run
+    a view of the module whose Conv2d-BatchNorm2d-ReLU-MaxPool2d runs are one fused op
+    (fused_blocks.py; differentiable once, so never where create_graph is used)."""
 
     def __init__(self, module: nn.Module, layout: ParamLayout, fixed: dict[str, Tensor],
                  fuse: bool = True):
@@ -114,7 +114,7 @@ class TaskModel:
         grads = []
         for row, xt, yt in zip(rows, x, y):
             params = self.layout.unflatten(row)
-            loss = loss_fn(self.call(params, xt), yt)
+            loss = loss_fn(self.call(params, xt, fused=not create_graph), yt)
             g = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph,
                                     allow_unused=allow_unused)
             grads.append(self.layout.flatten(g, like=row))

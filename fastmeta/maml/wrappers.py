@@ -104,7 +104,7 @@ class MAML(_MetaLearner):
     allow_unused / allow_nograd as in learn2learn. steps: adapt_batch's default.
     strategy: 'auto' (loop on CPU, vmap on GPU), 'loop' or 'vmap'. fuse: under 'loop'
     on CPU, run Conv2d-BatchNorm2d-ReLU-MaxPool2d blocks with few input channels as
-    one fused op where no second derivative is taken (fastmeta.maml.fused_blocks)."""
+    one fused op where no second derivative is taken (fastmeta.fused_blocks)."""
 
     def __init__(self, model: nn.Module, lr: float | Sequence[float],
                  first_order: bool = False, allow_unused: bool | None = None,

@@ -7,7 +7,10 @@ kernel recomputes the cheap convolution instead of storing it. Math and gradient
 csrc/conv_block.h.
 
     x [N, Cin, H, W], weight [C, Cin, KH, KW], bias, gamma, beta [C]
-      -> (out [N, C, Hc // 2, Wc // 2], mean [C], rstd [C]),  Hc = H + 2 pad_h - KH + 1
+      -> (out [N, C, Hc // 2, Wc // 2], mean [C], rstd [C], window, c_max),
+    Hc = H + 2 pad_h - KH + 1; window [N, C, Hc // 2, Wc // 2] uint8 is where in each
+    2x2 window the maximum is (row * 2 + column), c_max the convolution there: the
+    backward without d_x needs only those (no recomputation).
 
 Differentiable once (w.r.t. x, weight, bias, gamma, beta): fastmeta uses it only
 where no second derivative is taken (MAML's query pass, first-order inner steps).
@@ -65,11 +68,15 @@ def conv_block_forward_reference(x, weight, bias, gamma, beta, padding, eps):
     rstd = torch.rsqrt(var + eps)
     _, xhat = _conv_bn(x, weight, bias, padding, mean, rstd)
     y = xhat * gamma[:, None, None] + beta[:, None, None]
-    return F.max_pool2d(torch.relu(y), 2).contiguous(), mean, rstd
+    out, where = F.max_pool2d(torch.relu(y), 2, return_indices=True)
+    wc = c.shape[3]
+    window = ((where // wc) % 2 * 2 + where % wc % 2).to(torch.uint8)
+    c_max = c.flatten(2).gather(2, where.flatten(2)).view_as(out)
+    return out.contiguous(), mean, rstd, window.contiguous(), c_max.contiguous()
 
 
-def conv_block_backward_reference(grad_out, x, weight, bias, gamma, beta, mean, rstd,
-                                  padding, eps, need_x):
+def conv_block_backward_reference(grad_out, x, weight, bias, gamma, beta, mean, rstd, window,
+                                  c_max, padding, eps, need_x):
     # The formulas of csrc/conv_block.h written with ATen ops (an op's body runs
     # below autograd, so it cannot differentiate its forward).
     c, xhat = _conv_bn(x, weight, bias, padding, mean, rstd)
@@ -95,10 +102,12 @@ def _forward_cpu(x, weight, bias, gamma, beta, padding, eps):
         beta.contiguous(), padding[0], padding[1], eps)
 
 
-def _backward_cpu(grad_out, x, weight, bias, gamma, beta, mean, rstd, padding, eps, need_x):
+def _backward_cpu(grad_out, x, weight, bias, gamma, beta, mean, rstd, window, c_max, padding,
+                  eps, need_x):
     return torch.ops.fastmeta_C.conv_block_backward(
         grad_out.contiguous(), x.contiguous(), weight.contiguous(), bias.contiguous(),
-        gamma.contiguous(), beta.contiguous(), mean, rstd, padding[0], padding[1], need_x)
+        gamma.contiguous(), beta.contiguous(), mean, rstd, window, c_max, padding[0],
+        padding[1], need_x)
 
 
 _FORWARD = {"reference": conv_block_forward_reference, "cpu": _forward_cpu}
@@ -109,7 +118,8 @@ _BACKWARD = {"reference": conv_block_backward_reference, "cpu": _backward_cpu}
 
 @torch.library.custom_op("fastmeta::conv_block", mutates_args=())
 def conv_block_op(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor,
-                  padding: list[int], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+                  padding: list[int], eps: float
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_conv_block_args(x, weight, bias, gamma, beta, padding)
     return _FORWARD[backend.select(OP, x.device, x.dtype)](x, weight, bias, gamma, beta,
                                                              padding, eps)
@@ -120,37 +130,37 @@ def _(x, weight, bias, gamma, beta, padding, eps):
     check_conv_block_args(x, weight, bias, gamma, beta, padding)
     hc, wc = (x.shape[2 + d] + 2 * padding[d] - weight.shape[2 + d] + 1 for d in (0, 1))
     C = weight.shape[0]
-    return x.new_empty(x.shape[0], C, hc // 2, wc // 2), x.new_empty(C), x.new_empty(C)
+    pooled = (x.shape[0], C, hc // 2, wc // 2)
+    return (x.new_empty(pooled), x.new_empty(C), x.new_empty(C),
+            x.new_empty(pooled, dtype=torch.uint8), x.new_empty(pooled))
 
 
 @torch.library.custom_op("fastmeta::conv_block_backward", mutates_args=())
 def conv_block_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
                            gamma: Tensor, beta: Tensor, mean: Tensor, rstd: Tensor,
-                           padding: list[int], eps: float, need_x: bool
-                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           window: Tensor, c_max: Tensor, padding: list[int], eps: float,
+                           need_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (d_x or empty, d_weight, d_bias, d_gamma, d_beta)."""
     return _BACKWARD[backend.select(OP, x.device, x.dtype)](
-        grad_out, x, weight, bias, gamma, beta, mean, rstd, padding, eps, need_x)
+        grad_out, x, weight, bias, gamma, beta, mean, rstd, window, c_max, padding, eps,
+        need_x)
 
 
 @conv_block_backward_op.register_fake
-def _(grad_out, x, weight, bias, gamma, beta, mean, rstd, padding, eps, need_x):
+def _(grad_out, x, weight, bias, gamma, beta, mean, rstd, window, c_max, padding, eps, need_x):
     return (x.new_empty(x.shape if need_x else (0,)), torch.empty_like(weight),
             torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(beta))
 
 
 def _setup_forward(ctx, inputs, output):
     x, weight, bias, gamma, beta, padding, eps = inputs
-    _, mean, rstd = output
     ctx.padding, ctx.eps = padding, eps
-    ctx.save_for_backward(x, weight, bias, gamma, beta, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, gamma, beta, *output[1:])
 
 
-def _backward_forward(ctx, grad_out, _grad_mean, _grad_rstd):
-    x, weight, bias, gamma, beta, mean, rstd = ctx.saved_tensors
+def _backward_forward(ctx, grad_out, *_grad_statistics):
     need_x = ctx.needs_input_grad[0]
-    grads = conv_block_backward_op(grad_out, x, weight, bias, gamma, beta, mean, rstd,
-                                   ctx.padding, ctx.eps, need_x)
+    grads = conv_block_backward_op(grad_out, *ctx.saved_tensors, ctx.padding, ctx.eps, need_x)
     d_x = grads[0] if need_x else None
     return (d_x, *grads[1:], None, None)
 
@@ -165,14 +175,23 @@ conv_block_backward_op.register_autograd(_no_second_derivative,
                                          setup_context=lambda ctx, inputs, output: None)
 
 
-def conv_block(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor | None,
-               beta: Tensor | None, padding=(1, 1), eps: float = 1e-5) -> Tensor:
-    """maxpool2(relu(batch_norm(conv2d(x, weight, bias, padding)))) with batch
-    statistics: x [N, Cin, H, W], weight [C, Cin, KH, KW] -> [N, C, Hc // 2, Wc // 2].
-    bias, gamma, beta: [C] or None (zeros, ones, zeros)."""
+def conv_block_with_statistics(x: Tensor, weight: Tensor, bias: Tensor | None,
+                               gamma: Tensor | None, beta: Tensor | None, padding=(1, 1),
+                               eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+    """conv_block's output and the batch statistics of the convolution: (out, mean [C],
+    rstd [C] = 1 / sqrt(biased variance + eps))."""
     check_tensor(NAME, "weight", weight)
     C = weight.shape[0]
     bias = weight.new_zeros(C) if bias is None else bias
     gamma = weight.new_ones(C) if gamma is None else gamma
     beta = weight.new_zeros(C) if beta is None else beta
-    return conv_block_op(x, weight, bias, gamma, beta, [int(p) for p in padding], float(eps))[0]
+    return conv_block_op(x, weight, bias, gamma, beta, [int(p) for p in padding],
+                         float(eps))[:3]
+
+
+def conv_block(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor | None,
+               beta: Tensor | None, padding=(1, 1), eps: float = 1e-5) -> Tensor:
+    """maxpool2(relu(batch_norm(conv2d(x, weight, bias, padding)))) with batch
+    statistics: x [N, Cin, H, W], weight [C, Cin, KH, KW] -> [N, C, Hc // 2, Wc // 2].
+    bias, gamma, beta: [C] or None (zeros, ones, zeros)."""
+    return conv_block_with_statistics(x, weight, bias, gamma, beta, padding, eps)[0]

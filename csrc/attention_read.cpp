@@ -1,0 +1,120 @@
+// Memory read fused with an augmented layer's fast branch (Meta Networks), for CPU
+// and CUDA tensors alike: the work is GEMMs, so it goes through ATen's (MKL/OpenBLAS
+// on CPU, cuBLAS on GPU).
+//
+// Queries are taken in chunks of J per episode, J chosen so that the chunk's mixed
+// weights W*_j = sum_i a_ji W*_i [J, O, K] stay within kChunkElements: the plain
+// form holds all M of them ([B, M, O, K]) at once.
+//   forward : mixed = a[j0:j1] @ W.view(N, O*K);  out[j0:j1] = x[j0:j1] @ mixed^T
+//   backward: G = dout^T x [J, O*K];  d_a = G @ W^T;  d_W += a^T G;
+//             d_x = dout @ mixed (mixed recomputed)
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "metanet.h"
+
+namespace fastmeta {
+namespace {
+
+constexpr int64_t kChunkElements = 1 << 18;  // mixed weights per chunk: 1 MiB of float
+
+struct Shape {
+  int64_t B, M, N, O, K, L;
+};
+
+Shape check_shapes(const at::Tensor& attention, const at::Tensor& w, const at::Tensor& x) {
+  TORCH_CHECK(attention.dim() == 3 && w.dim() == 4 && x.dim() == 4,
+              "attention_read: expected attention [B, M, N], w [B, N, O, K], x [B, M, L, K], got ",
+              attention.sizes(), ", ", w.sizes(), ", ", x.sizes());
+  const Shape s{attention.size(0), attention.size(1), attention.size(2),
+                w.size(2),         w.size(3),         x.size(2)};
+  TORCH_CHECK(w.size(0) == s.B && w.size(1) == s.N && x.size(0) == s.B && x.size(1) == s.M &&
+                  x.size(3) == s.K,
+              "attention_read: shapes disagree: attention ", attention.sizes(), ", w ", w.sizes(),
+              ", x ", x.sizes());
+  TORCH_CHECK(attention.is_contiguous() && w.is_contiguous() && x.is_contiguous(),
+              "attention_read: kernels take contiguous tensors");
+  TORCH_CHECK(attention.scalar_type() == x.scalar_type() && w.scalar_type() == x.scalar_type(),
+              "attention_read: tensors must share a dtype");
+  TORCH_CHECK(attention.device() == x.device() && w.device() == x.device(),
+              "attention_read: tensors must be on one device");
+  return s;
+}
+
+int64_t chunk_size(const Shape& s) {
+  return std::clamp<int64_t>(kChunkElements / std::max<int64_t>(s.O * s.K, 1), 1,
+                             std::max<int64_t>(s.M, 1));
+}
+
+}  // namespace
+
+at::Tensor attention_read_forward(const at::Tensor& attention, const at::Tensor& w,
+                                  const at::Tensor& x) {
+  const Shape s = check_shapes(attention, w, x);
+  at::Tensor out = at::empty({s.B, s.M, s.L, s.O}, x.options());
+  const at::Tensor w_flat = w.view({s.B, s.N, s.O * s.K});
+  const int64_t J = chunk_size(s);
+  for (int64_t b = 0; b < s.B; ++b) {
+    for (int64_t j0 = 0; j0 < s.M; j0 += J) {
+      const int64_t n = std::min(J, s.M - j0);
+      const at::Tensor mixed = at::mm(attention[b].narrow(0, j0, n), w_flat[b]).view({n, s.O, s.K});
+      at::Tensor rows = out[b].narrow(0, j0, n);
+      at::bmm_out(rows, x[b].narrow(0, j0, n), mixed.transpose(1, 2));
+    }
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_read_backward(
+    const at::Tensor& grad_out, const at::Tensor& attention, const at::Tensor& w,
+    const at::Tensor& x, bool need_attention, bool need_w, bool need_x) {
+  const Shape s = check_shapes(attention, w, x);
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.sizes() == at::IntArrayRef({s.B, s.M, s.L, s.O}),
+              "attention_read: grad_out must be contiguous [B, M, L, O], got ", grad_out.sizes());
+  const auto empty = [&] { return at::empty({0}, x.options()); };
+  at::Tensor d_attention = need_attention ? at::empty({s.B, s.M, s.N}, x.options()) : empty();
+  at::Tensor d_w = need_w ? at::zeros({s.B, s.N, s.O, s.K}, x.options()) : empty();
+  at::Tensor d_x = need_x ? at::empty({s.B, s.M, s.L, s.K}, x.options()) : empty();
+  const at::Tensor w_flat = w.view({s.B, s.N, s.O * s.K});
+  const int64_t J = chunk_size(s);
+  for (int64_t b = 0; b < s.B; ++b) {
+    for (int64_t j0 = 0; j0 < s.M; j0 += J) {
+      const int64_t n = std::min(J, s.M - j0);
+      const at::Tensor dout = grad_out[b].narrow(0, j0, n);  // [n, L, O]
+      const at::Tensor a = attention[b].narrow(0, j0, n);    // [n, N]
+      if (need_attention || need_w) {
+        const at::Tensor g =
+            at::bmm(dout.transpose(1, 2), x[b].narrow(0, j0, n)).view({n, s.O * s.K});
+        if (need_attention) {
+          at::Tensor rows = d_attention[b].narrow(0, j0, n);
+          at::mm_out(rows, g, w_flat[b].t());
+        }
+        if (need_w) d_w[b].view({s.N, s.O * s.K}).addmm_(a.t(), g);
+      }
+      if (need_x) {
+        const at::Tensor mixed = at::mm(a, w_flat[b]).view({n, s.O, s.K});
+        at::Tensor rows = d_x[b].narrow(0, j0, n);
+        at::bmm_out(rows, dout, mixed);
+      }
+    }
+  }
+  return {d_attention, d_w, d_x};
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {
+  m.impl("attention_read_forward", &attention_read_forward);
+  m.impl("attention_read_backward", &attention_read_backward);
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_C, CUDA, m) {
+  m.impl("attention_read_forward", &attention_read_forward);
+  m.impl("attention_read_backward", &attention_read_backward);
+}
+
+}  // namespace fastmeta

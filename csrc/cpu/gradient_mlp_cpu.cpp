@@ -1,0 +1,164 @@
+// Coordinate-wise MLP on preprocessed gradients (Meta Networks' m and d), CPU.
+//
+// Every coordinate is independent: u = preprocess(g) (2 values), s = W1 u + b1 (H),
+// y = w2 . relu(s) + b2. The hidden layer lives in registers; the backward
+// recomputes it. Parameter gradients are sums over all coordinates: each fixed
+// chunk of kChunk coordinates sums into its own row of partials (double), then the
+// rows are added in order, so the result is the same on any number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../metanet.h"
+
+namespace fastmeta {
+namespace {
+
+constexpr int64_t kChunk = 4096;  // coordinates per task (and per row of partials)
+
+// The preprocessed inputs of g and their slopes du/dg.
+template <typename T>
+struct Preprocessed {
+  T u0, u1, d0, d1;
+};
+
+// The MLP's parameters (w1 [H, 2], b1 [H], w2 [H]) and the preprocessing constants.
+template <typename T>
+struct Mlp {
+  const T* w1;
+  const T* b1;
+  const T* w2;
+  int64_t hidden;
+  T p, threshold, e_p;  // p, e^-p, e^p
+
+  Mlp(const at::Tensor& w1_, const at::Tensor& b1_, const at::Tensor& w2_, double p_)
+      : w1(w1_.const_data_ptr<T>()), b1(b1_.const_data_ptr<T>()), w2(w2_.const_data_ptr<T>()),
+        hidden(w1_.size(0)), p(T(p_)), threshold(T(std::exp(-p_))), e_p(T(std::exp(p_))) {}
+
+  Preprocessed<T> preprocess(T g) const {
+    const T magnitude = std::abs(g);
+    if (magnitude < threshold) return {T(-1), e_p * g, T(0), e_p};
+    return {std::log(magnitude) / p, T((g > 0) - (g < 0)), T(1) / (p * g), T(0)};
+  }
+
+  // Pre-activation s_k of hidden unit k.
+  T hidden_input(const Preprocessed<T>& u, int64_t k) const {
+    return w1[2 * k] * u.u0 + w1[2 * k + 1] * u.u1 + b1[k];
+  }
+};
+
+void check_parameters(const at::Tensor& grads, const at::Tensor& w1, const at::Tensor& b1,
+                      const at::Tensor& w2) {
+  const int64_t H = w1.size(0);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == 2 && b1.numel() == H && w2.numel() == H,
+              "gradient_mlp: w1 must be [H, 2] with b1, w2 [H], got ", w1.sizes(), ", ",
+              b1.sizes(), ", ", w2.sizes());
+  TORCH_CHECK(grads.is_contiguous() && w1.is_contiguous() && b1.is_contiguous() &&
+                  w2.is_contiguous(),
+              "gradient_mlp: kernels take contiguous tensors");
+  TORCH_CHECK(w1.scalar_type() == grads.scalar_type() && b1.scalar_type() == grads.scalar_type() &&
+                  w2.scalar_type() == grads.scalar_type(),
+              "gradient_mlp: tensors must share a dtype");
+}
+
+}  // namespace
+
+at::Tensor gradient_mlp_forward_cpu(const at::Tensor& grads, const at::Tensor& w1,
+                                    const at::Tensor& b1, const at::Tensor& w2,
+                                    const at::Tensor& b2, double p) {
+  check_parameters(grads, w1, b1, w2);
+  at::Tensor out = at::empty_like(grads);
+  const int64_t n = grads.numel();
+  AT_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "gradient_mlp_forward_cpu", [&] {
+    using T = scalar_t;
+    const Mlp<T> mlp(w1, b1, w2, p);
+    const T* g = grads.const_data_ptr<T>();
+    const T bias2 = b2.item<T>();
+    T* y = out.mutable_data_ptr<T>();
+    at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const Preprocessed<T> u = mlp.preprocess(g[i]);
+        T acc = bias2;
+        for (int64_t k = 0; k < mlp.hidden; ++k) {
+          const T s = mlp.hidden_input(u, k);
+          acc += s > T(0) ? mlp.w2[k] * s : T(0);
+        }
+        y[i] = acc;
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_mlp_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& grads, const at::Tensor& w1,
+    const at::Tensor& b1, const at::Tensor& w2, double p, bool need_grads) {
+  check_parameters(grads, w1, b1, w2);
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.sizes() == grads.sizes() &&
+                  grad_out.scalar_type() == grads.scalar_type(),
+              "gradient_mlp: grad_out must be contiguous and shaped like grads ", grads.sizes(),
+              ", got ", grad_out.sizes());
+  const int64_t n = grads.numel(), H = w1.size(0);
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t row = 4 * H + 1;  // d_w1 (2H), d_b1 (H), d_w2 (H), d_b2 (1)
+  std::vector<double> partials(chunks * row, 0.0);
+  at::Tensor d_grads = need_grads ? at::empty_like(grads) : at::empty({0}, grads.options());
+  AT_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "gradient_mlp_backward_cpu", [&] {
+    using T = scalar_t;
+    const Mlp<T> mlp(w1, b1, w2, p);
+    const T* g = grads.const_data_ptr<T>();
+    const T* dy = grad_out.const_data_ptr<T>();
+    T* dg = need_grads ? d_grads.mutable_data_ptr<T>() : nullptr;
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        double* sums = partials.data() + c * row;
+        double* d_w1 = sums;
+        double* d_b1 = sums + 2 * H;
+        double* d_w2 = sums + 3 * H;
+        const int64_t end = std::min(n, (c + 1) * kChunk);
+        for (int64_t i = c * kChunk; i < end; ++i) {
+          const Preprocessed<T> u = mlp.preprocess(g[i]);
+          const T d = dy[i];
+          T du0 = 0, du1 = 0;
+          for (int64_t k = 0; k < H; ++k) {
+            const T s = mlp.hidden_input(u, k);
+            if (s <= T(0)) continue;
+            const T dh = d * mlp.w2[k];
+            d_w2[k] += double(d * s);
+            d_w1[2 * k] += double(dh * u.u0);
+            d_w1[2 * k + 1] += double(dh * u.u1);
+            d_b1[k] += double(dh);
+            du0 += dh * mlp.w1[2 * k];
+            du1 += dh * mlp.w1[2 * k + 1];
+          }
+          sums[4 * H] += double(d);
+          if (dg != nullptr) dg[i] = du0 * u.d0 + du1 * u.d1;
+        }
+      }
+    });
+  });
+  std::vector<double> total(row, 0.0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t r = 0; r < row; ++r) total[r] += partials[c * row + r];
+  }
+  const auto to_tensor = [&](int64_t offset, at::IntArrayRef shape) {
+    at::Tensor t = at::empty(shape, w1.options().dtype(at::kDouble));
+    std::copy(total.begin() + offset, total.begin() + offset + t.numel(),
+              t.mutable_data_ptr<double>());
+    return t.to(w1.scalar_type());
+  };
+  return {d_grads, to_tensor(0, {H, 2}), to_tensor(2 * H, {H}), to_tensor(3 * H, {H}),
+          to_tensor(4 * H, {})};
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {
+  m.impl("gradient_mlp_forward", &gradient_mlp_forward_cpu);
+  m.impl("gradient_mlp_backward", &gradient_mlp_backward_cpu);
+}
+
+}  // namespace fastmeta

@@ -1,0 +1,75 @@
+"""Benchmark: one Meta Networks training step (support gradients, fast weights, memory
+read, query loss, backward) on conv4 28x28 episodes.
+
+Model: fastmeta.MetaNetwork(ways=5): conv4 base and representation learners, their
+last conv layer (and the base's output layer) augmented, generators m and d with 20
+hidden units. One model, one batch of episodes; every row computes the mean query
+cross-entropy and calls .backward():
+  fastmeta                 fused=True: per-example gradients from one backward
+                           (dz_i^T rows_i), the gradient_mlp and attention_read ops
+                           on the default backend
+  fastmeta[reference ops]  the same with the ops' plain-PyTorch reference backend
+  plain PyTorch            fused=False: per-example weight copies and autograd, the
+                           generators' [.., hidden] activations and every query's mixed
+                           weights [M, O, K] built (the oracle of tests/test_metanet.py)
+Before timing, the rows' loss and gradients are compared with plain PyTorch's
+(printed). Peak memory: one extra call each (CPU: the process's high-water mark).
+"""
+
+import torch
+
+import fastmeta
+from fastmeta.bench.harness import Candidate, run_config
+
+CASE = "metanet"
+CONFIGS = {"(a) 5w1s 15q B=16 conv4 28x28": (16, 5, 1, 15)}  # episodes, ways, shots, queries
+QUICK = {"(a) 5w1s 5q B=2 conv4 28x28": (2, 5, 1, 5)}
+
+
+def _step(model, batch, fused: bool, backend: str | None = None):
+    def step():
+        model.fused = fused
+        model.zero_grad(set_to_none=True)
+        forced = fastmeta.use_backend(backend) if backend else torch.enable_grad()
+        with forced:
+            loss, _ = model.loss(*batch)
+            loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()]
+
+    return step
+
+
+def _max_error(got, expected) -> float:
+    loss, grads = got
+    ref_loss, ref_grads = expected
+    errors = [float((loss - ref_loss).abs() / ref_loss.abs())]
+    for g, r in zip(grads, ref_grads):
+        if r is not None and float(r.norm()) > 1e-6:  # skip biases before batch norm
+            errors.append(float((g - r).norm() / r.norm()))
+    return max(errors)
+
+
+def candidates(device: str, B: int, ways: int, shots: int, queries: int) -> list[Candidate]:
+    torch.manual_seed(0)
+    model = fastmeta.MetaNetwork(ways=ways).to(device)
+    support_y = torch.arange(ways, device=device).repeat_interleave(shots).repeat(B, 1)
+    batch = (torch.randn(B, ways * shots, 1, 28, 28, device=device), support_y,
+             torch.randn(B, ways * queries, 1, 28, 28, device=device),
+             torch.randint(0, ways, (B, ways * queries), device=device))
+    rows = [Candidate("fastmeta", _step(model, batch, True), is_fastmeta=True),
+            Candidate("fastmeta[reference ops]", _step(model, batch, True, "reference")),
+            Candidate("plain PyTorch", _step(model, batch, False))]
+    expected = rows[-1].fn()
+    for row in rows[:-1]:
+        print(f"  {row.name}: max relative error of loss and gradients vs plain PyTorch "
+              f"{_max_error(row.fn(), expected):.1e}")
+    return rows
+
+
+def run(device: str, quick: bool = False, **timing):
+    results = []
+    for config, sizes in (QUICK if quick else CONFIGS).items():
+        print(f"{CASE} {config}:")
+        results += run_config(CASE, config, device, candidates(device, *sizes), memory=True,
+                              **timing)
+    return results

@@ -1,0 +1,179 @@
+"""Meta Networks (Munkhdalai and Yu, "Meta Networks", ICML 2017, arXiv:1703.00837).
+
+For each episode (support set x'_i, y'_i, i = 1..N; queries x_j):
+  1. Task-level fast weights. The representation learner u (slow weights Q) embeds the
+     support set; an embedding loss (contrastive, over all pairs of support examples)
+     gives each example's gradient contribution nabla_i w.r.t. u's augmented weights;
+     the generator d maps them coordinate-wise to Q* = mean_i d(nabla_i).
+  2. Example-level fast weights. The base learner b (slow weights W) classifies each
+     support example; its cross-entropy gradient nabla_i w.r.t. b's augmented weights
+     is mapped coordinate-wise by the generator m to W*_i, stored in memory.
+  3. Read. Representations r = u(Q, Q*, x) of the support set (the memory's keys) and
+     the queries; a_j = softmax_i cos(r_j, r'_i); query j is classified by
+     b(W, W*_j, x_j) with W*_j = sum_i a_ji W*_i (the fused attention_read).
+  The training loss is the queries' cross-entropy; backprop trains W, Q, m and d.
+
+Choices where the paper leaves room (or where this differs), all documented in the
+README: d is the same kind of coordinate-wise MLP as m, averaged over the examples
+(the paper's d is an LSTM over them); the embedding loss runs on the whole support
+set; per-example gradients are exact when no batch norm follows an augmented layer
+(the default networks); gradients are inputs to m and d, not differentiated through,
+unless second_order=True.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastmeta.fused_blocks import fuse_conv_blocks
+from fastmeta.metanet.generator import GradientMLP
+from fastmeta.metanet.layers import augmented_layers, fast_branches, split_at_first_augmented
+from fastmeta.metanet.networks import conv4_network
+from fastmeta.metanet.passes import FUSED, PLAIN, Implementation, task_branch
+
+
+def contrastive_loss(r: Tensor, labels: Tensor, margin: float) -> Tensor:
+    """Sum over episodes of the mean over pairs i < i' of |r_i - r_i'|^2 (same class)
+    or relu(margin - |r_i - r_i'|)^2 (different classes); r [B, N, R], labels [B, N]."""
+    B, N, _ = r.shape
+    if N < 2:
+        return r.sum() * 0
+    i, j = torch.triu_indices(N, N, offset=1, device=r.device)
+    distance = (r[:, i] - r[:, j]).pow(2).sum(-1).clamp_min(1e-12).sqrt()  # [B, pairs]
+    same = labels[:, i] == labels[:, j]
+    pair_losses = torch.where(same, distance.pow(2), F.relu(margin - distance).pow(2))
+    return pair_losses.mean(1).sum()
+
+
+class MetaNetwork(nn.Module):
+    """Meta Networks around a base learner and a representation learner.
+
+    base: nn.Sequential classifier [n, ...] -> [n, ways] with AugmentedLinear /
+      AugmentedConv2d layers (fastmeta.metanet); representation: nn.Sequential
+      [n, ...] -> [n, R] with augmented layers too. Default (both None): conv4
+      networks for 28x28 images with their last conv layer (and b's output layer)
+      augmented; then `ways` and `in_channels` are needed.
+    hidden, p: the generators m and d (GradientMLP); margin: the contrastive loss's.
+    second_order: differentiate through the support-set gradients too (slower).
+    fused: False runs the same model in plain PyTorch (per-example weight copies,
+      the generators' [.., hidden] activations, every query's mixed weights built, the
+      first conv blocks as four modules): the oracle of the tests and the baseline of
+      the benchmark.
+
+    forward(support_x [B, N, ...], support_y [B, N], query_x [B, M, ...]) -> logits
+    [B, M, ways]; unbatched [N, ...], [N], [M, ...] -> [M, ways] too.
+    """
+
+    def __init__(self, base: nn.Sequential | None = None,
+                 representation: nn.Sequential | None = None, *, ways: int | None = None,
+                 in_channels: int = 1, hidden: int = 20, p: float = 10.0, margin: float = 1.0,
+                 second_order: bool = False, fused: bool = True):
+        super().__init__()
+        if (base is None) != (representation is None):
+            raise ValueError("give both base and representation networks, or neither "
+                             "(for the default conv4 networks)")
+        if base is None:
+            if ways is None:
+                raise ValueError("the default networks need ways (the number of classes)")
+            base, representation = (conv4_network(in_channels, ways=ways),
+                                    conv4_network(in_channels))
+        self.base, self.representation = base, representation
+        # Views into base and representation (slices of the Sequentials, and copies of
+        # the prefixes with their first conv blocks fused by fastmeta.conv_block), held
+        # in a plain tuple so that their parameters are not registered a second time.
+        base_prefix, base_tail = split_at_first_augmented(base)
+        rep_prefix, rep_tail = split_at_first_augmented(representation)
+        self._parts = (base_prefix, base_tail, rep_prefix, rep_tail,
+                       fuse_conv_blocks(base_prefix) or base_prefix,
+                       fuse_conv_blocks(rep_prefix) or rep_prefix)
+        self.m = GradientMLP(hidden, p)  # example-level: base gradients -> W*_i
+        self.d = GradientMLP(hidden, p)  # task-level: representation gradients -> Q*
+        self.margin, self.second_order, self.fused = margin, second_order, fused
+
+    @property
+    def implementation(self) -> Implementation:
+        return FUSED if self.fused else PLAIN
+
+    def _gradients(self, tail: nn.Sequential, h: Tensor, loss_fn: Callable[[Tensor], Tensor]
+                   ) -> tuple[Tensor, list[Tensor]]:
+        """tail's output on h (slow weights) and, for each augmented layer, every
+        example's gradient of loss_fn(output) w.r.t. its weight [n, O, K]."""
+        recorder = self.implementation.recorder(create_graph=self.second_order)
+        with fast_branches(tail, recorder):
+            out = tail(h)
+        return out, recorder.per_example_gradients(loss_fn(out))
+
+    def _fast_weights(self, generator: GradientMLP, grads: list[Tensor]) -> list[Tensor]:
+        run = generator if self.fused else generator.plain
+        return [run(g) for g in grads]
+
+    def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        unbatched = support_y.dim() == 1
+        if unbatched:
+            support_x, support_y, query_x = support_x[None], support_y[None], query_x[None]
+        self._check(support_x, support_y, query_x)
+        B, N, M = support_y.shape[0], support_y.shape[1], query_x.shape[1]
+        xs, xq, ys = support_x.flatten(0, 1), query_x.flatten(0, 1), support_y.flatten()
+        base_prefix, base_tail, rep_prefix, rep_tail, fused_base, fused_rep = self._parts
+        if self.fused:
+            base_prefix, rep_prefix = fused_base, fused_rep
+
+        # 1. Q* = mean_i d(grad of the embedding loss through example i)
+        hs, hq = rep_prefix(xs), rep_prefix(xq)
+        _, rep_grads = self._gradients(
+            rep_tail, hs,
+            lambda r: contrastive_loss(r.view(B, N, -1), support_y, self.margin))
+        q_star = [w.view(B, N, *w.shape[1:]).mean(1)
+                  for w in self._fast_weights(self.d, rep_grads)]  # [B, O, K] per layer
+        q_branch = task_branch(dict(zip(augmented_layers(rep_tail), q_star)), B)
+        with fast_branches(rep_tail, q_branch):
+            keys = F.normalize(rep_tail(hs).view(B, N, -1), dim=-1)
+            reads = F.normalize(rep_tail(hq).view(B, M, -1), dim=-1)
+        attention = torch.softmax(reads @ keys.transpose(1, 2), dim=-1)  # [B, M, N]
+
+        # 2. W*_i = m(grad of the base learner's loss on support example i)
+        def support_loss(logits: Tensor) -> Tensor:
+            _check_labels("support_y", support_y, logits.shape[-1])
+            return F.cross_entropy(logits, ys, reduction="sum")
+
+        _, base_grads = self._gradients(base_tail, base_prefix(xs), support_loss)
+        w_star = [w.view(B, N, *w.shape[1:]) for w in self._fast_weights(self.m, base_grads)]
+
+        # 3. queries read sum_i a_ji W*_i
+        reader = self.implementation.reader(attention,
+                                            dict(zip(augmented_layers(base_tail), w_star)))
+        with fast_branches(base_tail, reader):
+            logits = base_tail(base_prefix(xq)).view(B, M, -1)
+        return logits[0] if unbatched else logits
+
+    def loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+             ) -> tuple[Tensor, Tensor]:
+        """(mean query cross-entropy [], mean query accuracy [])."""
+        logits = self(support_x, support_y, query_x)
+        _check_labels("query_y", query_y, logits.shape[-1], logits.shape[:-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), query_y.reshape(-1))
+        return loss, (logits.argmax(-1) == query_y).float().mean()
+
+    def _check(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> None:
+        name = "fastmeta.MetaNetwork"
+        shapes = (f"support_x {list(support_x.shape)}, support_y {list(support_y.shape)}, "
+                  f"query_x {list(query_x.shape)}")
+        if support_y.dim() != 2 or support_x.shape[:2] != support_y.shape or \
+                query_x.shape[0] != support_x.shape[0] or \
+                query_x.shape[2:] != support_x.shape[2:]:
+            raise ValueError(f"{name}: expected support_x [B, N, ...], support_y [B, N] and "
+                             f"query_x [B, M, ...] with the same example shape, got {shapes}")
+
+
+def _check_labels(name: str, labels: Tensor, ways: int, shape=None) -> None:
+    """labels: integer classes in [0, ways) (of `shape` when given)."""
+    where = f"fastmeta.MetaNetwork: {name}"
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"{where} must hold integer class labels, got {labels.dtype}")
+    if shape is not None and labels.shape != shape:
+        raise ValueError(f"{where} must have shape {list(shape)}, got {list(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= ways):
+        raise ValueError(f"{where} holds labels outside [0, {ways}) (the base learner has "
+                         f"{ways} outputs): min {int(labels.min())}, max {int(labels.max())}")

@@ -1,0 +1,139 @@
+"""Meta Networks' memory read fused with the fast branch of an augmented layer
+(../shared/GUIDE.md section 3).
+
+Query j of episode b reads the fast weights W*_j = sum_i a_ji W*_i of the N stored
+support examples and applies them to its L input rows (L = 1 for a linear layer,
+the H*W patches of a convolution):
+    out[b, j, l, o] = sum_i a[b, j, i] sum_k W[b, i, o, k] x[b, j, l, k]
+    attention [B, M, N], fast_weights [B, N, O, K], x [B, M, L, K] -> [B, M, L, O].
+The kernels never hold all M mixed weights [M, O, K] at once (the plain form does).
+
+Backward, with G[b, j] = dout[b, j]^T x[b, j]  [O, K]:
+    d_attention[b, j, i] = <W[b, i], G[b, j]>
+    d_fast_weights[b, i] = sum_j a[b, j, i] G[b, j]
+    d_x[b, j]            = dout[b, j] W*_j
+Differentiable once (the backward op has no autograd formula of its own).
+
+Ops: torch.ops.fastmeta.attention_read, torch.ops.fastmeta.attention_read_backward.
+Backends: reference (here), cpu and cuda (csrc/attention_read.cpp: query
+chunks through ATen's GEMMs), triton (fastmeta/kernels/metanet_triton.py).
+"""
+
+import torch
+from torch import Tensor
+
+from fastmeta import backend
+from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
+
+OP = "attention_read"
+backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
+    "triton": (torch.float32,)})
+
+
+def check_attention_read_args(attention: Tensor, fast_weights: Tensor, x: Tensor) -> None:
+    """attention [B, M, N], fast_weights [B, N, O, K], x [B, M, L, K]: one dtype, device."""
+    name = "fastmeta.attention_read"
+    for arg, value in (("attention", attention), ("fast_weights", fast_weights), ("x", x)):
+        check_tensor(name, arg, value)
+        check_floating(name, arg, value)
+    check_same_dtype_device(name, "x", x, attention=attention, fast_weights=fast_weights)
+    got = (f"attention {shape_str(attention)}, fast_weights {shape_str(fast_weights)}, "
+           f"x {shape_str(x)}")
+    if attention.dim() != 3 or fast_weights.dim() != 4 or x.dim() != 4:
+        raise ValueError(f"{name}: expected attention [B, M, N], fast_weights [B, N, O, K] and "
+                         f"x [B, M, L, K], got {got}")
+    B, M, N = attention.shape
+    if fast_weights.shape[:2] != (B, N) or x.shape[:2] != (B, M) or \
+            x.shape[3] != fast_weights.shape[3]:
+        raise ValueError(f"{name}: B, M, N and K disagree: {got}")
+
+
+def attention_read_forward_reference(attention, fast_weights, x):
+    """The plain form: every query's mixed weights [B, M, O, K], then one matmul."""
+    mixed = torch.einsum("bmn,bnok->bmok", attention, fast_weights)
+    return x @ mixed.transpose(-1, -2)
+
+
+def attention_read_backward_reference(grad_out, attention, fast_weights, x, need_attention,
+                                      need_weights, need_x):
+    g = grad_out.transpose(-1, -2) @ x  # [B, M, O, K]
+    d_attention = (torch.einsum("bmok,bnok->bmn", g, fast_weights) if need_attention
+                   else x.new_empty(0))
+    d_weights = torch.einsum("bmn,bmok->bnok", attention, g) if need_weights else x.new_empty(0)
+    d_x = (grad_out @ torch.einsum("bmn,bnok->bmok", attention, fast_weights) if need_x
+           else x.new_empty(0))
+    return d_attention, d_weights, d_x
+
+
+def _forward_compiled(attention, fast_weights, x):  # cpu and cuda: the dispatcher picks
+    return torch.ops.fastmeta_C.attention_read_forward(attention, fast_weights, x)
+
+
+def _backward_compiled(grad_out, attention, fast_weights, x, *need):
+    return torch.ops.fastmeta_C.attention_read_backward(grad_out, attention, fast_weights, x,
+                                                        *need)
+
+
+def _forward_triton(attention, fast_weights, x):
+    from fastmeta.kernels import metanet_triton
+
+    return metanet_triton.attention_read_forward(attention, fast_weights, x)
+
+
+def _backward_triton(grad_out, attention, fast_weights, x, *need):
+    from fastmeta.kernels import metanet_triton
+
+    return metanet_triton.attention_read_backward(grad_out, attention, fast_weights, x, *need)
+
+
+_FORWARD = {"reference": attention_read_forward_reference, "cpu": _forward_compiled,
+            "cuda": _forward_compiled, "triton": _forward_triton}
+_BACKWARD = {"reference": attention_read_backward_reference, "cpu": _backward_compiled,
+             "cuda": _backward_compiled, "triton": _backward_triton}
+
+
+@torch.library.custom_op("fastmeta::attention_read", mutates_args=())
+def attention_read_op(attention: Tensor, fast_weights: Tensor, x: Tensor) -> Tensor:
+    check_attention_read_args(attention, fast_weights, x)
+    impl = _FORWARD[backend.select(OP, x.device, x.dtype)]
+    return impl(attention.contiguous(), fast_weights.contiguous(), x.contiguous())
+
+
+@attention_read_op.register_fake
+def _(attention, fast_weights, x):
+    return x.new_empty(*x.shape[:3], fast_weights.shape[2])
+
+
+@torch.library.custom_op("fastmeta::attention_read_backward", mutates_args=())
+def attention_read_backward_op(grad_out: Tensor, attention: Tensor, fast_weights: Tensor,
+                               x: Tensor, need_attention: bool, need_weights: bool,
+                               need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
+    impl = _BACKWARD[backend.select(OP, x.device, x.dtype)]
+    return impl(grad_out.contiguous(), attention.contiguous(), fast_weights.contiguous(),
+                x.contiguous(), need_attention, need_weights, need_x)
+
+
+@attention_read_backward_op.register_fake
+def _(grad_out, attention, fast_weights, x, need_attention, need_weights, need_x):
+    return tuple(torch.empty_like(t) if need else x.new_empty(0)
+                 for t, need in ((attention, need_attention), (fast_weights, need_weights),
+                                 (x, need_x)))
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_out):
+    need = ctx.needs_input_grad[:3]
+    grads = attention_read_backward_op(grad_out, *ctx.saved_tensors, *need)
+    return tuple(g if wanted else None for g, wanted in zip(grads, need))
+
+
+attention_read_op.register_autograd(_backward, setup_context=_setup)
+
+
+def attention_read(attention: Tensor, fast_weights: Tensor, x: Tensor) -> Tensor:
+    """sum_i attention[b, j, i] (fast_weights[b, i] applied to the rows of x[b, j]):
+    attention [B, M, N], fast_weights [B, N, O, K], x [B, M, L, K] -> [B, M, L, O]."""
+    return attention_read_op(attention, fast_weights, x)
