@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fastmeta.data import EpisodeSampler
+from fastmeta.distributed import Ranks
 
 FILE = "checkpoint.pt"
 # Arguments that define the training trajectory: a resumed run must keep them.
@@ -40,6 +41,13 @@ def load(out: Path, device: torch.device) -> dict:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which, not a traceback
         raise ValueError(f"cannot read checkpoint {path}: {error}") from None
+
+
+def load_on_all_ranks(out: Path, ranks: Ranks) -> dict:
+    """load(out) on the CPU by rank 0, sent to the other ranks (no shared file system
+    needed). If rank 0 cannot read it, rank 0 says why and the others lose contact."""
+    return ranks.broadcast_object(load(out, torch.device("cpu")) if ranks.is_main else None,
+                                  f"loading {out / FILE}")
 
 
 def restore(state: dict, args: Namespace, model: nn.Module,

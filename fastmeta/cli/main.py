@@ -1,7 +1,8 @@
 """fastmeta train ALGORITHM [options]    train, validate, checkpoint, test
 fastmeta eval --out DIR [options]       evaluate a trained run on other episodes
 
-(also `python -m fastmeta ...`). Bad input is one line on stderr and exit status 2."""
+(also `python -m fastmeta ...`). Bad input is one line on stderr and exit status 2.
+Under torchrun (WORLD_SIZE > 1) the ranks share the work (fastmeta.distributed)."""
 
 import argparse
 import contextlib
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 import fastmeta
+from fastmeta import distributed
 from fastmeta.cli import algorithms, checkpoint, data as task_data, report
 from fastmeta.cli.evaluate import evaluate, format_accuracy
 from fastmeta.cli.train import TEST_SEED, train
@@ -31,6 +33,13 @@ def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
     return value
 
 
@@ -59,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="force a fastmeta backend (default: the fastest usable one)")
     common.add_argument("--data-dir", help="Omniglot directory (default: $FASTMETA_OMNIGLOT; "
                         "eval: the run's)")
+    common.add_argument("--dist-timeout", type=_seconds, default=300.0, metavar="SECONDS",
+                        help="under torchrun: a rank waiting longer than this for its peers "
+                             "fails (one that exits fails them at once)")
     formatter = argparse.ArgumentDefaultsHelpFormatter
 
     run = commands.add_parser("train", parents=[common], formatter_class=formatter,
@@ -77,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ways", type=_positive_int, default=5)
     run.add_argument("--shots", type=_positive_int, default=1)
     run.add_argument("--queries", type=_positive_int, default=15, help="per class")
-    run.add_argument("--tasks", type=_positive_int, default=4, help="episodes per batch")
+    run.add_argument("--tasks", type=_positive_int, default=4,
+                     help="episodes per batch (under torchrun: of all ranks together)")
     run.add_argument("--steps", type=_positive_int, default=1000, help="training iterations")
     run.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     run.add_argument("--lr-halve-every", type=_positive_int, metavar="STEPS",
@@ -109,23 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train_command(args: Namespace) -> int:
+def train_command(args: Namespace, ranks: distributed.Ranks) -> int:
     args.data_dir = args.data_dir or os.environ.get("FASTMETA_OMNIGLOT")
     if args.data == "omniglot" and not args.data_dir:
         raise ValueError("--data omniglot needs --data-dir DIR (or FASTMETA_OMNIGLOT)")
     args.eval_inner_steps = args.eval_inner_steps or args.inner_steps
     args.out = args.out or f"runs/{args.algorithm}-{args.data}-{args.ways}w{args.shots}s"
     out = Path(args.out)
-    if not args.resume:
+    if ranks.is_main and not args.resume:
         out.mkdir(parents=True, exist_ok=True)
-    summary, history = train(args, out)
+    summary, history = train(args, out, ranks)
+    if not ranks.is_main:
+        return 0
     paths = {"summary": out / "summary.json", "checkpoint": out / checkpoint.FILE,
              "curve": report.plot_curve(out / "curve.png", history)}
     summary["paths"] = {name: str(path) for name, path in paths.items() if path}
     report.write_json(paths["summary"], summary)
     ran = ", ".join(sorted(set(summary["backend"]["ran"].values()))) or "-"
+    on = f" on {ranks.world_size} ranks" if ranks.world_size > 1 else ""
     print(f"{args.algorithm} on {args.data}, {args.ways}-way {args.shots}-shot: "
-          f"{summary['steps']} steps ({summary['episodes']} episodes) in "
+          f"{summary['steps']} steps ({summary['episodes']} episodes){on} in "
           f"{summary['train_seconds']:.1f} s, {summary['episodes_per_second']:.1f} episodes/s, "
           f"fastmeta backend {ran}")
     for split in ("val", "test"):
@@ -135,10 +151,10 @@ def train_command(args: Namespace) -> int:
     return 0
 
 
-def eval_command(args: Namespace) -> int:
-    device = torch.device(args.device)
+def eval_command(args: Namespace, ranks: distributed.Ranks) -> int:
+    device = ranks.device
     out = Path(args.out)
-    state = checkpoint.load(out, device)
+    state = checkpoint.load_on_all_ranks(out, ranks)
     run = Namespace(**state["args"])
     trained_ways = run.ways
     for name in ("ways", "shots", "queries", "data_dir"):
@@ -149,7 +165,10 @@ def eval_command(args: Namespace) -> int:
     model = algorithm.build(data.input_shape, trained_ways).to(device)
     model.load_state_dict(state["model"])
     accuracy = evaluate(algorithm, model, data, args.split, ways=run.ways, shots=run.shots,
-                        queries=run.queries, episodes=args.episodes, seed=run.seed + TEST_SEED)
+                        queries=run.queries, episodes=args.episodes, seed=run.seed + TEST_SEED,
+                        ranks=ranks)
+    if not ranks.is_main:
+        return 0
     path = report.write_json(out / f"eval-{args.split}-{run.ways}w{run.shots}s.json",
                              {"algorithm": run.algorithm, "data": run.data, "split": args.split,
                               "ways": run.ways, "shots": run.shots, "queries": run.queries,
@@ -163,7 +182,8 @@ COMMANDS = {"train": train_command, "eval": eval_command}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    """Runs the CLI; returns the exit status (0 ok, 2 bad input, 130 interrupted). A rank
+    that loses its peers exits the process at once with status 1."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit:  # --help (0) or a usage error argparse has printed (2)
@@ -171,8 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     forced = (contextlib.nullcontext() if args.backend == "auto"
               else fastmeta.use_backend(args.backend))
     try:
-        with forced:
-            return COMMANDS[args.command](args)
+        with forced, distributed.launch(args.device, args.dist_timeout) as ranks:
+            return COMMANDS[args.command](args, ranks)
+    except distributed.PeerLostError as error:
+        print(f"fastmeta {args.command}: error: {error}", file=sys.stderr)
+        # The broken group's threads may still be waiting on the lost peer: at interpreter
+        # shutdown they would abort the process ("terminate called without an active
+        # exception") or keep it waiting, so skip the shutdown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except (ValueError, OSError, ImportError, fastmeta.BackendUnavailableError) as error:
         print(f"fastmeta {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -9,11 +9,12 @@ from typing import TextIO
 class Progress:
     """update(step, loss, accuracy, episodes_per_second) after each training step shows
     step/total, running means of loss and accuracy, and throughput; message(text)
-    prints a line of its own; close() ends the in-place line."""
+    prints a line of its own; close() ends the in-place line. With enabled=False
+    (distributed ranks other than 0) it prints nothing."""
 
     def __init__(self, total: int, stream: TextIO | None = None, interval: float = 10.0,
-                 smoothing: float = 0.9):
-        self.total, self.stream = total, stream or sys.stderr
+                 smoothing: float = 0.9, enabled: bool = True):
+        self.total, self.stream, self.enabled = total, stream or sys.stderr, enabled
         self.tty = self.stream.isatty()
         self.interval = 0.2 if self.tty else interval
         self.smoothing = smoothing
@@ -32,18 +33,21 @@ class Progress:
         line = (f"step {step}/{self.total}  loss {self.loss:.4f}  acc {100 * self.accuracy:.2f}%"
                 f"  {episodes_per_second:.1f} episodes/s")
         if self.tty:
-            self.stream.write("\r" + line.ljust(self._width))
+            self._write("\r" + line.ljust(self._width))
             self._width = len(line)
         else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+            self._write(line + "\n")
 
     def message(self, text: str) -> None:
         self.close()
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        self._write(text + "\n")
 
     def close(self) -> None:
         if self._width:
-            self.stream.write("\n")
+            self._write("\n")
             self._width = 0
+
+    def _write(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(text)
+            self.stream.flush()

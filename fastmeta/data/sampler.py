@@ -124,21 +124,31 @@ class EpisodeSampler:
         self._support_y = label.repeat_interleave(shots).repeat(tasks, 1)
         self._query_y = label.repeat_interleave(queries).repeat(tasks, 1)
 
-    def sample(self) -> Episodes:
+    def sample(self, part: slice | None = None) -> Episodes:
         """One batch: support_x [T, N*K, ...], support_y [T, N*K], query_x [T, N*Q, ...],
-        query_y [T, N*Q], on `device`."""
-        t, n, k, q = self.tasks, self.ways, self.shots, self.queries
+        query_y [T, N*Q], on `device`.
+
+        part: only these tasks of the batch, e.g. slice(8, 16) -> T' = 8 tasks (a rank's
+        share in data-parallel training). The random numbers of the whole batch are
+        drawn all the same and only the part's examples gathered, so samplers seeded
+        alike, each sampling one part of a partition of the T tasks, together give
+        exactly sample()'s batches, step after step."""
+        n, k, q = self.ways, self.shots, self.queries
         rand = dict(generator=self.generator, device=self._table.device)
-        ways = torch.rand(t, len(self.classes), **rand).topk(n, dim=1).indices         # [T, N]
-        keys = torch.rand(t, n, self._table.shape[1], **rand)
+        class_keys = torch.rand(self.tasks, len(self.classes), **rand)
+        keys = torch.rand(self.tasks, n, self._table.shape[1], **rand)
+        if part is not None:
+            class_keys, keys = class_keys[part], keys[part]
+        t = len(keys)
+        ways = class_keys.topk(n, dim=1).indices                                      # [T, N]
         keys.masked_fill_(self._padding[ways], -1.0)                                  # never picked
         rows = self._table[ways.unsqueeze(2), keys.topk(k + q, dim=2).indices]       # [T, N, K+Q]
         rows = torch.cat((rows[..., :k].reshape(-1), rows[..., k:].reshape(-1)))
         batch = self.x.index_select(0, rows).to(self.device)
         support_x, query_x = batch.split((t * n * k, t * n * q))
         shape = self.x.shape[1:]
-        return Episodes(support_x.view(t, n * k, *shape), self._support_y.clone(),
-                        query_x.view(t, n * q, *shape), self._query_y.clone())
+        return Episodes(support_x.view(t, n * k, *shape), self._support_y[:t].clone(),
+                        query_x.view(t, n * q, *shape), self._query_y[:t].clone())
 
     def __iter__(self) -> Iterator[Episodes]:
         while True:
