@@ -8,7 +8,8 @@ buffer with the model: torch.func.functional_call on the view swaps the same
 tensors. MAML's loop strategy runs the view where no second derivative is taken (the
 query pass, first-order inner steps), MetaNetwork its networks' first layers; a block
 fuses only when its input needs no gradient (the first layer, on data), so the op's
-backward takes its fast path.
+backward takes its fast path, and MAML by default only where no parameter gradient is
+wanted either (evaluation: see FusedConvBlock for the measurements).
 """
 
 import copy
@@ -39,24 +40,35 @@ def _fusable(conv, bn, relu, pool) -> bool:
 class FusedConvBlock(nn.Module):
     """pool(relu(bn(conv(x)))) through fastmeta.conv_block when it applies (CPU,
     float32/64, batch norm in training mode (its running statistics updated as
-    nn.BatchNorm2d would), the op's backend usable, and x needing no gradient), else
-    through the four modules.
+    nn.BatchNorm2d would), the op's backend usable, x needing no gradient, and, with
+    with_gradients=False, no parameter gradient wanted either), else through the four
+    modules.
+
+    Measured on the 2-core EPYC (conv 1->64 + BN + ReLU + pool on 28x28): on 75 images
+    the fused op is slower than ATen (forward 13.9 ms against 12.3, backward 7.2 against
+    7.9) and a conv4 MAML step 12% slower, though with half the peak memory; on 1200
+    images (a MetaNetwork query pass) it makes the training step 1.4x faster.
 
     The op is differentiable once: callers use the block only where no second
     derivative is taken. With x needing no gradient its backward reads the window
     maxima the forward recorded instead of recomputing the convolution (a d_x would
     need the dense path, slower than ATen's)."""
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: nn.ReLU, pool: nn.MaxPool2d):
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: nn.ReLU, pool: nn.MaxPool2d,
+                 with_gradients: bool = True):
         super().__init__()
         self.conv, self.bn, self.relu, self.pool = conv, bn, relu, pool
+        self.with_gradients = with_gradients
 
     def _use_fused(self, x: Tensor) -> bool:
         if not (self.bn.training and x.device.type == "cpu"
                 and x.dtype in (torch.float32, torch.float64)):
             return False
-        if torch.is_grad_enabled() and x.requires_grad:
-            return False
+        if torch.is_grad_enabled():
+            params = (self.conv.weight, self.conv.bias, self.bn.weight, self.bn.bias)
+            wants_gradients = any(p is not None and p.requires_grad for p in params)
+            if x.requires_grad or (wants_gradients and not self.with_gradients):
+                return False
         forced = backend.forced_backend()
         return backend.op_unavailable_reason(OP, forced[0] if forced else "cpu", "cpu",
                                              x.dtype) is None
@@ -91,27 +103,29 @@ def _update_running_statistics(bn: nn.BatchNorm2d, mean: Tensor, rstd: Tensor, c
     bn.running_var.lerp_(var, factor)
 
 
-def _fuse_sequential(seq: nn.Sequential) -> nn.Sequential | None:
+def _fuse_sequential(seq: nn.Sequential, with_gradients: bool) -> nn.Sequential | None:
     children = list(seq.children())
     out, fused_any, i = [], False, 0
     while i < len(children):
         run = children[i:i + 4]
         if len(run) == 4 and _fusable(*run):
-            out.append(FusedConvBlock(*run))
+            out.append(FusedConvBlock(*run, with_gradients=with_gradients))
             fused_any, i = True, i + 4
             continue
-        inner = fuse_conv_blocks(children[i])
+        inner = fuse_conv_blocks(children[i], with_gradients)
         out.append(inner if inner is not None else children[i])
         fused_any = fused_any or inner is not None
         i += 1
     return nn.Sequential(*out) if fused_any else None
 
 
-def fuse_conv_blocks(module: nn.Module) -> nn.Module | None:
-    """A view of `module` with its fusable blocks fused, or None if it has none."""
+def fuse_conv_blocks(module: nn.Module, with_gradients: bool = True) -> nn.Module | None:
+    """A view of `module` with its fusable blocks fused, or None if it has none.
+    with_gradients=False: the blocks fuse only calls that want no parameter gradient."""
     if isinstance(module, nn.Sequential):
-        return _fuse_sequential(module)
-    replaced = {name: fuse_conv_blocks(child) for name, child in module.named_children()}
+        return _fuse_sequential(module, with_gradients)
+    replaced = {name: fuse_conv_blocks(child, with_gradients)
+                for name, child in module.named_children()}
     replaced = {name: view for name, view in replaced.items() if view is not None}
     if not replaced:
         return None

@@ -173,3 +173,25 @@ def test_fused_block_updates_running_statistics_like_batch_norm(momentum):
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(model[1], name), getattr(plain[1], name),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_maml_fuses_training_passes_only_with_fuse_true():
+    torch.manual_seed(0)
+    model = conv4()
+    T = 2
+    xs, xq = torch.randn(T, 5, 1, 28, 28), torch.randn(T, 10, 1, 28, 28)
+    ys, yq = torch.arange(5).expand(T, -1), torch.randint(0, 5, (T, 10))
+    grads = []
+    for fuse in ("eval", True):
+        model.zero_grad()
+        learner = fastmeta.MAML(model, lr=0.4, fuse=fuse, strategy="loop").adapt_batch(
+            xs, ys, F.cross_entropy)
+        fastmeta.backend._last_used.pop(OP, None)
+        F.cross_entropy(learner(xq).flatten(0, 1), yq.flatten()).backward()
+        fused = fastmeta.last_backend(OP) is not None
+        assert fused == (fuse is True) or not fastmeta.backends().extension_built
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="fuse must be True, False or 'eval'"):
+        fastmeta.MAML(model, lr=0.4, fuse="always").adapt_batch(xs, ys, F.cross_entropy)

@@ -1,8 +1,8 @@
 // Conv2d -> BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2), CPU kernels.
 // The math is in ../conv_block.h. Each channel is one parallel task: the forward
-// walks the N images twice (statistics, then the output), recomputing its plane of
-// the convolution in a small buffer instead of storing [N, C, Hc, Wc], and records
-// each window's argmax and conv value there. The backward without d_x needs only
+// computes the channel's conv planes of all N images into a per-thread buffer (never
+// [N, C, Hc, Wc]), takes the statistics, then normalizes and pools from it, and
+// records each window's argmax and conv value there. The backward without d_x needs only
 // those and two moments of the input patches; with d_x it recomputes the planes
 // (the BN sums, then d_c and d_weight) and keeps d_c for the transposed convolution.
 #include <ATen/Dispatch.h>
@@ -241,17 +241,19 @@ ConvBlockForward conv_block_forward_cpu(const at::Tensor& x, const at::Tensor& w
     uint8_t* winp = window.mutable_data_ptr<uint8_t>();
     scalar_t* cmp = c_max.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<scalar_t> cbuf(plane), ybuf(plane);
+      // The channel's conv planes of all N images, computed once (N * Hc * Wc per thread).
+      std::vector<scalar_t> cbuf(g.N * plane), ybuf(plane);
       for (int64_t c = c0; c < c1; ++c) {
         const scalar_t* w = wp + c * taps;
         double sum = 0, sumsq = 0;
         for (int64_t n = 0; n < g.N; ++n) {
-          conv_plane(g, xp + n * in_image, w, bp[c], cbuf.data());
+          scalar_t* cn = cbuf.data() + n * plane;
+          conv_plane(g, xp + n * in_image, w, bp[c], cn);
           scalar_t s1 = 0, s2 = 0;  // one plane in scalar_t (vectorized), planes in double
 _Pragma("omp simd reduction(+ : s1, s2)")
           for (int64_t k = 0; k < plane; ++k) {
-            s1 += cbuf[k];
-            s2 += cbuf[k] * cbuf[k];
+            s1 += cn[k];
+            s2 += cn[k] * cn[k];
           }
           sum += s1;
           sumsq += s2;
@@ -263,15 +265,15 @@ _Pragma("omp simd reduction(+ : s1, s2)")
         rp[c] = scalar_t(1.0 / std::sqrt(var + eps));
         const auto [scale, shift] = affine(mp[c], rp[c], gp[c], betap[c]);
         for (int64_t n = 0; n < g.N; ++n) {
-          conv_plane(g, xp + n * in_image, w, bp[c], cbuf.data());
-          for (int64_t k = 0; k < plane; ++k) ybuf[k] = cbuf[k] * scale + shift;
+          const scalar_t* cn = cbuf.data() + n * plane;
+          for (int64_t k = 0; k < plane; ++k) ybuf[k] = cn[k] * scale + shift;
           const int64_t first = (n * g.C + c) * g.Ho * g.Wo;
           for (int64_t oh = 0; oh < g.Ho; ++oh) {
             for (int64_t ow = 0; ow < g.Wo; ++ow) {
               const int64_t o = first + oh * g.Wo + ow;
               const int64_t best = window_argmax(g, ybuf.data(), oh, ow, &op[o]);
               winp[o] = uint8_t((best / g.Wc - 2 * oh) * 2 + best % g.Wc - 2 * ow);
-              cmp[o] = cbuf[best];
+              cmp[o] = cn[best];
             }
           }
         }

@@ -87,14 +87,18 @@ class TaskModel:
     """Calls `module` with the adapted parameters from a flat buffer; the rest of its
     parameters and buffers (`fixed`) are shared by every task.
 
-    With fuse=True the loop strategy's query pass and first-order support passes run
-    a view of the module whose Conv2d-BatchNorm2d-ReLU-MaxPool2d runs are one fused op
-    (fused_blocks.py; differentiable once, so never where create_graph is used)."""
+    fuse: the loop strategy's query pass and first-order support passes run a view of
+    the module whose Conv2d-BatchNorm2d-ReLU-MaxPool2d runs are one fused op
+    (fused_blocks.py; differentiable once, so never where create_graph is used):
+    "eval" only where no parameter gradient is wanted, True also in training (half the
+    peak memory, slower on small per-task batches), False never."""
 
     def __init__(self, module: nn.Module, layout: ParamLayout, fixed: dict[str, Tensor],
-                 fuse: bool = True):
+                 fuse: bool | str = "eval"):
         self.module, self.layout, self.fixed = module, layout, fixed
-        self.fused = fuse_conv_blocks(module) if fuse else None
+        if fuse not in (True, False, "eval"):
+            raise ValueError(f"fuse must be True, False or 'eval', got {fuse!r}")
+        self.fused = fuse_conv_blocks(module, with_gradients=fuse is True) if fuse else None
         self.fused_names = rename_map(module, self.fused) if self.fused is not None else None
 
     def call(self, params: dict[str, Tensor], x, fused: bool = False):
