@@ -48,8 +48,8 @@ class AugmentedLayer(nn.Module):
         """K: the length of one input row."""
         return self.weight[0].numel()
 
-    def slow(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
-        """W x + b with the layer's weight (or `weight`, same shape)."""
+    def slow(self, x: Tensor) -> Tensor:
+        """W x + b: the slow branch's pre-activation."""
         raise NotImplementedError
 
     def rows(self, x: Tensor) -> Tensor:
@@ -80,8 +80,8 @@ class AugmentedLinear(AugmentedLayer):
         self.bias = nn.Parameter(torch.empty(out_features))
         self.reset_parameters()
 
-    def slow(self, x, weight=None):
-        return F.linear(x, self.weight if weight is None else weight, self.bias)
+    def slow(self, x):
+        return F.linear(x, self.weight, self.bias)
 
     def rows(self, x):
         return x[:, None, :]
@@ -109,9 +109,8 @@ class AugmentedConv2d(AugmentedLayer):
         self.bias = nn.Parameter(torch.empty(out_channels))
         self.reset_parameters()
 
-    def slow(self, x, weight=None):
-        return F.conv2d(x, self.weight if weight is None else weight, self.bias,
-                        padding=self.padding)
+    def slow(self, x):
+        return F.conv2d(x, self.weight, self.bias, padding=self.padding)
 
     def rows(self, x):
         return F.unfold(x, self.weight.shape[2:], padding=self.padding).transpose(1, 2)

@@ -97,13 +97,13 @@ class MetaNetwork(nn.Module):
         return FUSED if self.fused else PLAIN
 
     def _gradients(self, tail: nn.Sequential, h: Tensor, loss_fn: Callable[[Tensor], Tensor]
-                   ) -> tuple[Tensor, list[Tensor]]:
-        """tail's output on h (slow weights) and, for each augmented layer, every
-        example's gradient of loss_fn(output) w.r.t. its weight [n, O, K]."""
+                   ) -> list[Tensor]:
+        """For each augmented layer of tail, every example's gradient [n, O, K] of
+        loss_fn(tail(h)) (slow weights only) w.r.t. the layer's weight."""
         recorder = self.implementation.recorder(create_graph=self.second_order)
         with fast_branches(tail, recorder):
             out = tail(h)
-        return out, recorder.per_example_gradients(loss_fn(out))
+        return recorder.per_example_gradients(loss_fn(out))
 
     def _fast_weights(self, generator: GradientMLP, grads: list[Tensor]) -> list[Tensor]:
         run = generator if self.fused else generator.plain
@@ -122,7 +122,7 @@ class MetaNetwork(nn.Module):
 
         # 1. Q* = mean_i d(grad of the embedding loss through example i)
         hs, hq = rep_prefix(xs), rep_prefix(xq)
-        _, rep_grads = self._gradients(
+        rep_grads = self._gradients(
             rep_tail, hs,
             lambda r: contrastive_loss(r.view(B, N, -1), support_y, self.margin))
         q_star = [w.view(B, N, *w.shape[1:]).mean(1)
@@ -138,7 +138,7 @@ class MetaNetwork(nn.Module):
             _check_labels("support_y", support_y, logits.shape[-1])
             return F.cross_entropy(logits, ys, reduction="sum")
 
-        _, base_grads = self._gradients(base_tail, base_prefix(xs), support_loss)
+        base_grads = self._gradients(base_tail, base_prefix(xs), support_loss)
         w_star = [w.view(B, N, *w.shape[1:]) for w in self._fast_weights(self.m, base_grads)]
 
         # 3. queries read sum_i a_ji W*_i

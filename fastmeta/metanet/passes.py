@@ -12,12 +12,13 @@ objects, fastmeta.metanet.layers), in two implementations of the same math:
 The task-level pass (Q*, one fast weight per episode) is a batched matmul in both.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from fastmeta.metanet.layers import AugmentedLayer
+from fastmeta.metanet.layers import AugmentedLayer, FastBranch
 from fastmeta.ops.attention_read import attention_read, attention_read_forward_reference
 
 
@@ -91,8 +92,8 @@ def task_branch(weights: dict[AugmentedLayer, Tensor], episodes: int):
 
 @dataclass(frozen=True)
 class Implementation:
-    recorder: type[_Recorder]
-    reader: object  # (attention, weights by layer) -> FastBranch
+    recorder: type[_Recorder]  # support pass: per-example gradients
+    reader: Callable[[Tensor, dict[AugmentedLayer, Tensor]], FastBranch]  # query pass
 
 
 FUSED = Implementation(_RowRecorder, _reader(attention_read))
