@@ -87,9 +87,9 @@ def test_per_example_gradients_are_each_examples_own():
 
 @pytest.mark.parametrize("case,error,message", [
     ("query_shape", ValueError, "query_x [B, M, ...] with the same example shape"),
-    ("label_range", ValueError, "support_y holds labels outside [0, 3)"),
-    ("label_dtype", TypeError, "support_y must hold integer class labels"),
-    ("query_labels", ValueError, "query_y holds labels outside [0, 3)"),
+    ("label_range", ValueError, "support_y holds 3 at index [1, 2], outside [0, num_classes=3)"),
+    ("label_dtype", TypeError, "support_y must be an integer tensor of class indices"),
+    ("query_labels", ValueError, "query_y holds 7 at index [0, 0], outside [0, num_classes=3)"),
     ("episodes", ValueError, "query_x [3, 4, 5]"),
 ])
 def test_bad_input_names_the_argument(case, error, message):

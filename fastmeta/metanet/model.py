@@ -32,6 +32,9 @@ from fastmeta.metanet.generator import GradientMLP
 from fastmeta.metanet.layers import augmented_layers, fast_branches, split_at_first_augmented
 from fastmeta.metanet.networks import conv4_network
 from fastmeta.metanet.passes import FUSED, PLAIN, Implementation, task_branch
+from fastmeta.ops._checks import check_labels
+
+NAME = "fastmeta.MetaNetwork"
 
 
 def contrastive_loss(r: Tensor, labels: Tensor, margin: float) -> Tensor:
@@ -135,7 +138,7 @@ class MetaNetwork(nn.Module):
 
         # 2. W*_i = m(grad of the base learner's loss on support example i)
         def support_loss(logits: Tensor) -> Tensor:
-            _check_labels("support_y", support_y, logits.shape[-1])
+            check_labels(NAME, "support_y", support_y, support_y.shape, logits.shape[-1])
             return F.cross_entropy(logits, ys, reduction="sum")
 
         base_grads = self._gradients(base_tail, base_prefix(xs), support_loss)
@@ -152,28 +155,15 @@ class MetaNetwork(nn.Module):
              ) -> tuple[Tensor, Tensor]:
         """(mean query cross-entropy [], mean query accuracy [])."""
         logits = self(support_x, support_y, query_x)
-        _check_labels("query_y", query_y, logits.shape[-1], logits.shape[:-1])
+        check_labels(NAME, "query_y", query_y, logits.shape[:-1], logits.shape[-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), query_y.reshape(-1))
         return loss, (logits.argmax(-1) == query_y).float().mean()
 
     def _check(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> None:
-        name = "fastmeta.MetaNetwork"
         shapes = (f"support_x {list(support_x.shape)}, support_y {list(support_y.shape)}, "
                   f"query_x {list(query_x.shape)}")
         if support_y.dim() != 2 or support_x.shape[:2] != support_y.shape or \
                 query_x.shape[0] != support_x.shape[0] or \
                 query_x.shape[2:] != support_x.shape[2:]:
-            raise ValueError(f"{name}: expected support_x [B, N, ...], support_y [B, N] and "
+            raise ValueError(f"{NAME}: expected support_x [B, N, ...], support_y [B, N] and "
                              f"query_x [B, M, ...] with the same example shape, got {shapes}")
-
-
-def _check_labels(name: str, labels: Tensor, ways: int, shape=None) -> None:
-    """labels: integer classes in [0, ways) (of `shape` when given)."""
-    where = f"fastmeta.MetaNetwork: {name}"
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"{where} must hold integer class labels, got {labels.dtype}")
-    if shape is not None and labels.shape != shape:
-        raise ValueError(f"{where} must have shape {list(shape)}, got {list(labels.shape)}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= ways):
-        raise ValueError(f"{where} holds labels outside [0, {ways}) (the base learner has "
-                         f"{ways} outputs): min {int(labels.min())}, max {int(labels.max())}")
