@@ -25,11 +25,7 @@ import triton
 import triton.language as tl
 
 from fastmeta.backend import triton_interpreter
-
-
-@triton.jit
-def _dot(a, b, acc):
-    return tl.dot(a, b, acc, input_precision="ieee")
+from fastmeta.kernels.tiles import dot, load_tile, offsets, store_tile
 
 
 @triton.jit
@@ -131,26 +127,12 @@ def gradient_mlp_backward(grad_out, grads, w1, b1, w2, p, need_grads):
 def _mixed_tile(a_ptr, w_ptr, os, ks, O, K, N, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
     """sum_i a[i] W[i, os, ks] [BLOCK_O, BLOCK_K]; a_ptr: this query's row, w_ptr: W[b]."""
     mask = (os[:, None] < O) & (ks[None, :] < K)
-    offsets = os.to(tl.int64)[:, None] * K + ks[None, :]
+    at = offsets(os, ks, K)
     mixed = tl.zeros([BLOCK_O, BLOCK_K], dtype=tl.float32)
     for i in range(N):
         a = tl.load(a_ptr + i).to(tl.float32)
-        mixed += a * tl.load(w_ptr + i * O * K + offsets, mask=mask, other=0.0).to(tl.float32)
+        mixed += a * tl.load(w_ptr + i * O * K + at, mask=mask, other=0.0).to(tl.float32)
     return mixed
-
-
-@triton.jit
-def _tile(ptr, rows, cols, n_rows, n_cols):
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=mask,
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store(ptr, value, rows, cols, n_rows, n_cols):
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :],
-             value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -174,8 +156,8 @@ def _apply_mixed_kernel(rows_ptr, a_ptr, w_ptr, out_ptr, M, N, O, K, L, OUT_IS_O
         else:
             mixed = _mixed_tile(a_ptr + query * N, w_ptr + b * N * O * K, rs, cs, O, K, N,
                                 BLOCK_R, BLOCK_C)
-        acc = _dot(_tile(rows_ptr + query * L * R, ls, rs, L, R), mixed, acc)
-    _store(out_ptr + query * L * C, acc, ls, cs, L, C)
+        acc = dot(load_tile(rows_ptr + query * L * R, ls, rs, L, R), mixed, acc)
+    store_tile(out_ptr + query * L * C, acc, ls, cs, L, C)
 
 
 @triton.jit
@@ -188,23 +170,23 @@ def _read_da_dw_kernel(go_ptr, a_ptr, w_ptr, x_ptr, da_partials_ptr, dw_ptr, M, 
     os = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (os[:, None] < O) & (ks[None, :] < K)
-    offsets = os.to(tl.int64)[:, None] * K + ks[None, :]
+    at = offsets(os, ks, K)
     for j in range(M):
         query = b * M + j
         g = tl.zeros([BLOCK_O, BLOCK_K], dtype=tl.float32)  # dout_j^T x_j on this tile
         for l0 in range(0, L, BLOCK_L):
             ls = l0 + tl.arange(0, BLOCK_L)
-            go = _tile(go_ptr + query * L * O, ls, os, L, O)
-            g = _dot(tl.trans(go), _tile(x_ptr + query * L * K, ls, ks, L, K), g)
+            go = load_tile(go_ptr + query * L * O, ls, os, L, O)
+            g = dot(tl.trans(go), load_tile(x_ptr + query * L * K, ls, ks, L, K), g)
         for i in range(N):
-            w_at = w_ptr + (b * N + i) * O * K + offsets
+            w_at = w_ptr + (b * N + i) * O * K + at
             if NEED_ATTENTION:
                 w = tl.load(w_at, mask=mask, other=0.0).to(tl.float32)
                 tl.store(da_partials_ptr + (query * N + i) * n_tiles + tile, tl.sum(tl.sum(
                     w * g, axis=1), axis=0))
             if NEED_W:
                 a = tl.load(a_ptr + query * N + i).to(tl.float32)
-                dw_at = dw_ptr + (b * N + i) * O * K + offsets
+                dw_at = dw_ptr + (b * N + i) * O * K + at
                 old = tl.load(dw_at, mask=mask, other=0.0)
                 tl.store(dw_at, old + a * g, mask=mask)
 

@@ -36,14 +36,7 @@ import triton
 import triton.language as tl
 
 from fastmeta.backend import triton_interpreter
-
-
-@triton.jit
-def _dot(a, b, acc):
-    # ieee float32 products: matches the float64 references tightly (and the one-hot GEMM
-    # of class_prototypes must stay exact). On a GPU, "tf32" would run the distance and
-    # logit GEMMs faster at ~1e-3 relative error; kept at ieee for now.
-    return tl.dot(a, b, acc, input_precision="ieee")
+from fastmeta.kernels.tiles import dot, load_tile, store_tile
 
 
 @triton.jit
@@ -54,25 +47,6 @@ def _coords(n_i, n_j):
 
 
 @triton.jit
-def _offsets(rows, cols, ld):
-    """int64 offsets [rows, cols] into a row-major matrix with leading dimension ld."""
-    return rows.to(tl.int64)[:, None] * ld + cols[None, :]
-
-
-@triton.jit
-def _load_tile(ptr, rows, cols, n_rows, n_cols):
-    """Tile [rows, cols] of a row-major [n_rows, n_cols] float matrix, 0 outside it."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(ptr + _offsets(rows, cols, n_cols), mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_tile(ptr, value, rows, cols, n_rows, n_cols):
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(ptr + _offsets(rows, cols, n_cols), value.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
     """q . c [rows, cls], ||q||^2 [rows], ||c||^2 [cls] (q [M, D], c [C, D]; 0 outside)."""
     qc = tl.zeros((rows.shape[0], cls.shape[0]), dtype=tl.float32)
@@ -80,9 +54,9 @@ def _gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
     cn = tl.zeros((cls.shape[0],), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
-        q = _load_tile(q_ptr, rows, ds, M, D)
-        c = _load_tile(c_ptr, cls, ds, C, D)
-        qc = _dot(q, tl.trans(c), qc)
+        q = load_tile(q_ptr, rows, ds, M, D)
+        c = load_tile(c_ptr, cls, ds, C, D)
+        qc = dot(q, tl.trans(c), qc)
         qn += tl.sum(q * q, axis=1)
         cn += tl.sum(c * c, axis=1)
     return qc, qn, cn
@@ -94,8 +68,8 @@ def _direct_distances_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_R: tl.constex
     acc = tl.zeros((rows.shape[0], cls.shape[0]), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_R):
         ds = d0 + tl.arange(0, BLOCK_R)
-        diff = (_load_tile(q_ptr, rows, ds, M, D)[:, None, :]
-                - _load_tile(c_ptr, cls, ds, C, D)[None, :, :])
+        diff = (load_tile(q_ptr, rows, ds, M, D)[:, None, :]
+                - load_tile(c_ptr, cls, ds, C, D)[None, :, :])
         acc += tl.sum(diff * diff, axis=2)
     return acc
 
@@ -114,10 +88,10 @@ def _class_prototypes_forward_kernel(s_ptr, y_ptr, out_ptr, S, C, D, BLOCK_C: tl
         idx = s0 + tl.arange(0, BLOCK_S)
         y = tl.load(y_ptr + idx, mask=idx < S, other=-1)
         onehot = (cls[:, None] == y[None, :]).to(tl.float32)  # [BLOCK_C, BLOCK_S]
-        sums = _dot(onehot, _load_tile(s_ptr, idx, ds, S, D), sums)
+        sums = dot(onehot, load_tile(s_ptr, idx, ds, S, D), sums)
         counts += tl.sum(onehot, axis=1)
     counts = tl.maximum(counts, 1.0)  # every class is present; this spares the padding 0 / 0
-    _store_tile(out_ptr + b * C * D, sums / counts[:, None], cls, ds, C, D)
+    store_tile(out_ptr + b * C * D, sums / counts[:, None], cls, ds, C, D)
 
 
 @triton.jit
@@ -129,8 +103,8 @@ def _class_prototypes_backward_kernel(g_ptr, y_ptr, n_ptr, out_ptr, S, C, D,
     in_s = idx < S
     y = tl.load(y_ptr + b * S + idx, mask=in_s, other=0)
     n = tl.load(n_ptr + b * C + y, mask=in_s, other=1).to(tl.float32)
-    grad = _load_tile(g_ptr + b * C * D, y, ds, C, D)
-    _store_tile(out_ptr + b * S * D, grad / n[:, None], idx, ds, S, D)
+    grad = load_tile(g_ptr + b * C * D, y, ds, C, D)
+    store_tile(out_ptr + b * S * D, grad / n[:, None], idx, ds, S, D)
 
 
 @triton.jit
@@ -149,7 +123,7 @@ def _squared_distances_kernel(q_ptr, c_ptr, out_ptr, M, C, D, BLOCK_M: tl.conste
     if tl.max(cancelled.to(tl.int32)) > 0:  # rare: recompute this tile directly
         direct = _direct_distances_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_R)
         dist = tl.where(cancelled, direct, dist)
-    _store_tile(out_ptr + b * M * C, dist, rows, cls, M, C)
+    store_tile(out_ptr + b * M * C, dist, rows, cls, M, C)
 
 
 @triton.jit
@@ -195,7 +169,7 @@ def _prototypical_ce_forward_kernel(q_ptr, c_ptr, y_ptr, tau_ptr, loss_ptr, pred
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
         z = _logits_tile(q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D)
-        _store_tile(sm_ptr, tl.exp((z - run_max[:, None]) - log_sum[:, None]), rows, cls, M, C)
+        store_tile(sm_ptr, tl.exp((z - run_max[:, None]) - log_sum[:, None]), rows, cls, M, C)
 
 
 @triton.jit
@@ -210,7 +184,7 @@ def _row_grads_and_labels(gl_ptr, y_ptr, b, rows, M):
 def _g_tile(sm_ptr, grad, y, rows, cls, M, C):
     """G = (softmax - onehot(y)) * grad_losses [rows, cls]; 0 outside [M, C]."""
     onehot = (cls[None, :] == y[:, None]).to(tl.float32)
-    return (_load_tile(sm_ptr, rows, cls, M, C) - onehot) * grad[:, None]
+    return (load_tile(sm_ptr, rows, cls, M, C) - onehot) * grad[:, None]
 
 
 @triton.jit
@@ -227,10 +201,10 @@ def _prototypical_ce_backward_queries_kernel(gl_ptr, q_ptr, c_ptr, y_ptr, tau_pt
     gc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
-        gc = _dot(_g_tile(sm_ptr, grad, y, rows, cls, M, C), _load_tile(c_ptr, cls, ds, C, D), gc)
+        gc = dot(_g_tile(sm_ptr, grad, y, rows, cls, M, C), load_tile(c_ptr, cls, ds, C, D), gc)
     tau = tl.load(tau_ptr).to(tl.float32)
-    _store_tile(dq_ptr + b * M * D, 2 * tau * gc, rows, ds, M, D)
-    q = _load_tile(q_ptr + b * M * D, rows, ds, M, D)
+    store_tile(dq_ptr + b * M * D, 2 * tau * gc, rows, ds, M, D)
+    q = load_tile(q_ptr + b * M * D, rows, ds, M, D)
     tl.store(partials_ptr + tl.program_id(0), 2 * tl.sum(tl.sum(q * gc, axis=1), axis=0))
 
 
@@ -250,11 +224,11 @@ def _prototypical_ce_backward_prototypes_kernel(gl_ptr, q_ptr, c_ptr, y_ptr, tau
         rows = m0 + tl.arange(0, BLOCK_M)
         grad, y = _row_grads_and_labels(gl_ptr, y_ptr, b, rows, M)
         g = _g_tile(sm_ptr, grad, y, rows, cls, M, C)
-        gq = _dot(tl.trans(g), _load_tile(q_ptr, rows, ds, M, D), gq)
+        gq = dot(tl.trans(g), load_tile(q_ptr, rows, ds, M, D), gq)
         colsum += tl.sum(g, axis=0)
     tau = tl.load(tau_ptr).to(tl.float32)
-    c = _load_tile(c_ptr + b * C * D, cls, ds, C, D)
-    _store_tile(dc_ptr + b * C * D, 2 * tau * (gq - colsum[:, None] * c), cls, ds, C, D)
+    c = load_tile(c_ptr + b * C * D, cls, ds, C, D)
+    store_tile(dc_ptr + b * C * D, 2 * tau * (gq - colsum[:, None] * c), cls, ds, C, D)
     tl.store(partials_ptr + tl.program_id(0), -tl.sum(colsum * tl.sum(c * c, axis=1), axis=0))
 
 
