@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta import backend
-from fastmeta.ops.conv_block import OP, conv_block_with_statistics
+from fastmeta.ops.conv_block import OP, conv_block_with_statistics, conv_size
 
 MAX_TAPS = 27
 
@@ -80,13 +80,9 @@ class FusedConvBlock(nn.Module):
         out, mean, rstd = conv_block_with_statistics(x, conv.weight, conv.bias, bn.weight,
                                                      bn.bias, conv.padding, bn.eps)
         if bn.track_running_stats and bn.running_mean is not None:
-            _update_running_statistics(bn, mean, rstd, x.shape[0] * _conv_positions(x, conv))
+            hc, wc = conv_size(x.shape, conv.weight.shape, conv.padding)
+            _update_running_statistics(bn, mean, rstd, x.shape[0] * hc * wc)
         return out
-
-
-def _conv_positions(x: Tensor, conv: nn.Conv2d) -> int:
-    h, w = (x.shape[2 + d] + 2 * conv.padding[d] - conv.kernel_size[d] + 1 for d in (0, 1))
-    return h * w
 
 
 @torch.no_grad()

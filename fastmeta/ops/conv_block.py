@@ -31,6 +31,11 @@ backend.register_op(OP, ("reference", "cpu"))
 NAME = "fastmeta.conv_block"
 
 
+def conv_size(x_shape, weight_shape, padding) -> tuple[int, int]:
+    """(Hc, Wc): the stride-1 convolution's output size."""
+    return tuple(x_shape[2 + d] + 2 * padding[d] - weight_shape[2 + d] + 1 for d in (0, 1))
+
+
 def check_conv_block_args(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
                           beta: Tensor, padding: list[int]) -> None:
     """Raises a clear error unless the shapes fit a stride-1 conv and a 2x2 pool."""
@@ -47,7 +52,7 @@ def check_conv_block_args(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor
         if tuple(t.shape) != (C,):
             raise ValueError(f"{NAME}: {name} must be [C] = [{C}] for weight "
                              f"{shape_str(weight)}, got {shape_str(t)}")
-    hc, wc = (x.shape[2 + d] + 2 * padding[d] - weight.shape[2 + d] + 1 for d in (0, 1))
+    hc, wc = conv_size(x.shape, weight.shape, padding)
     if len(padding) != 2 or min(padding) < 0 or hc < 2 or wc < 2:
         raise ValueError(f"{NAME}: padding {padding} with x {shape_str(x)} and weight "
                          f"{shape_str(weight)} gives a {hc}x{wc} convolution; the 2x2 pool "
@@ -128,7 +133,7 @@ def conv_block_op(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: 
 @conv_block_op.register_fake
 def _(x, weight, bias, gamma, beta, padding, eps):
     check_conv_block_args(x, weight, bias, gamma, beta, padding)
-    hc, wc = (x.shape[2 + d] + 2 * padding[d] - weight.shape[2 + d] + 1 for d in (0, 1))
+    hc, wc = conv_size(x.shape, weight.shape, padding)
     C = weight.shape[0]
     pooled = (x.shape[0], C, hc // 2, wc // 2)
     return (x.new_empty(pooled), x.new_empty(C), x.new_empty(C),
