@@ -109,8 +109,7 @@ class MetaNetwork(nn.Module):
         return recorder.per_example_gradients(loss_fn(out))
 
     def _fast_weights(self, generator: GradientMLP, grads: list[Tensor]) -> list[Tensor]:
-        run = generator if self.fused else generator.plain
-        return [run(g) for g in grads]
+        return [self.implementation.generate(generator, g) for g in grads]
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         unbatched = support_y.dim() == 1
