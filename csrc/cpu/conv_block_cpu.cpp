@@ -1,10 +1,13 @@
 // Conv2d -> BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2), CPU kernels.
-// The math is in ../conv_block.h. Each channel is one parallel task: the forward
-// computes the channel's conv planes of all N images into a per-thread buffer (never
-// [N, C, Hc, Wc]), takes the statistics, then normalizes and pools from it, and
-// records each window's argmax and conv value there. The backward without d_x needs only
-// those and two moments of the input patches; with d_x it recomputes the planes
-// (the BN sums, then d_c and d_weight) and keeps d_c for the transposed convolution.
+// The math is in ../conv_block.h. The batch statistics come first, from the mean and
+// covariance of the input patches (shared by every channel: mean_c = b + w.pbar,
+// var_c = w^T Sigma w), so the forward is one pass over images: each image's padded
+// input is split into its four 2x2 phases, which turns every (window position, tap)
+// pair into one contiguous run, and each channel's four window-position planes are
+// computed, normalized and pooled in L1 (never [N, C, Hc, Wc]), recording each
+// window's argmax and conv value there. The backward without d_x needs only those and
+// the same patch moments; with d_x it recomputes the planes (the BN sums, then d_c
+// and d_weight) and keeps d_c for the transposed convolution.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -15,9 +18,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <tuple>
 #include <vector>
 
 #include "../conv_block.h"
+#include "simd_clones.h"
 
 namespace fastmeta {
 namespace {
@@ -104,116 +110,333 @@ int64_t window_argmax(const Geometry& g, const scalar_t* y, int64_t oh, int64_t 
   return best;
 }
 
-// Moments of the input patches, shared by every channel: S1[t] = sum over images and
-// conv positions of patch tap t, G[t][u] = sum of tap t times tap u (double).
+// Mean pbar [taps] and covariance Sigma [taps, taps] of the input patches over images
+// and conv positions (count of them), shared by every channel. Each tap is shifted by
+// its input channel's pixel mean first, so that Sigma = E[p p^T] - pbar pbar^T does not
+// cancel on offset data (images in [0, 1]). Per image: the taps' rows over the conv
+// positions, their sums and pairwise dot products (scalar_t, vectorized), kept in double
+// per image and summed over images in order (the result does not depend on threads).
 struct PatchMoments {
-  std::vector<double> s1, gram;
+  double count;
+  std::vector<double> mean, cov;
 };
 
-constexpr int64_t kPatchChunk = 1 << 20;  // patch elements per GEMM chunk (8 MiB of double)
+template <typename scalar_t>
+FASTMETA_SIMD_CLONES void image_patch_moments(const Geometry& g, const scalar_t* xn,
+                                              const double* shift, scalar_t* rows,
+                                              double* moments) {
+  const int64_t taps = g.Cin * g.KH * g.KW, plane = g.Hc * g.Wc;
+  for (int64_t ci = 0, t = 0; ci < g.Cin; ++ci) {
+    const scalar_t s = scalar_t(shift[ci]);
+    for (int64_t i = 0; i < g.KH; ++i) {
+      for (int64_t j = 0; j < g.KW; ++j, ++t) {
+        scalar_t* row = rows + t * plane;
+        for (int64_t oh = 0; oh < g.Hc; ++oh) {
+          const int64_t h = oh + i - g.ph;
+          for (int64_t ow = 0; ow < g.Wc; ++ow) {
+            const int64_t w = ow + j - g.pw;
+            const bool inside = h >= 0 && h < g.H && w >= 0 && w < g.W;
+            row[oh * g.Wc + ow] = (inside ? xn[(ci * g.H + h) * g.W + w] : scalar_t(0)) - s;
+          }
+        }
+      }
+    }
+  }
+  for (int64_t t = 0; t < taps; ++t) {
+    const scalar_t* rt = rows + t * plane;
+    scalar_t sum = 0;
+_Pragma("omp simd reduction(+ : sum)")
+    for (int64_t k = 0; k < plane; ++k) sum += rt[k];
+    moments[t] = sum;
+    for (int64_t u = 0; u <= t; ++u) {
+      const scalar_t* ru = rows + u * plane;
+      scalar_t dot = 0;
+_Pragma("omp simd reduction(+ : dot)")
+      for (int64_t k = 0; k < plane; ++k) dot += rt[k] * ru[k];
+      moments[taps + t * taps + u] = moments[taps + u * taps + t] = dot;
+    }
+  }
+}
 
 template <typename scalar_t>
 PatchMoments patch_moments(const Geometry& g, const scalar_t* xp) {
   const int64_t taps = g.Cin * g.KH * g.KW, plane = g.Hc * g.Wc, in_image = g.Cin * g.H * g.W;
-  const int64_t images = std::max<int64_t>(1, kPatchChunk / (plane * taps));
-  at::Tensor gram = at::zeros({taps, taps}, at::kDouble), s1 = at::zeros({taps}, at::kDouble);
-  for (int64_t n0 = 0; n0 < g.N; n0 += images) {
-    const int64_t n1 = std::min(g.N, n0 + images);
-    at::Tensor patches = at::empty({(n1 - n0) * plane, taps}, at::kDouble);
-    double* pp = patches.mutable_data_ptr<double>();
-    at::parallel_for(n0, n1, 1, [&](int64_t a, int64_t b) {
-      for (int64_t n = a; n < b; ++n) {
-        double* rows = pp + (n - n0) * plane * taps;
-        for (int64_t oh = 0; oh < g.Hc; ++oh) {
-          for (int64_t ow = 0; ow < g.Wc; ++ow) {
-            double* row = rows + (oh * g.Wc + ow) * taps;
-            for (int64_t ci = 0; ci < g.Cin; ++ci) {
-              for (int64_t i = 0; i < g.KH; ++i) {
-                const int64_t h = oh + i - g.ph;
-                for (int64_t j = 0; j < g.KW; ++j) {
-                  const int64_t w = ow + j - g.pw;
-                  const bool inside = h >= 0 && h < g.H && w >= 0 && w < g.W;
-                  *row++ = inside ? double(xp[n * in_image + (ci * g.H + h) * g.W + w]) : 0.0;
-                }
-              }
-            }
-          }
-        }
-      }
-    });
-    gram.addmm_(patches.t(), patches);
-    s1.add_(patches.sum(0));
+  std::vector<double> shift(g.Cin, 0.0);
+  for (int64_t ci = 0; ci < g.Cin; ++ci) {
+    for (int64_t n = 0; n < g.N; ++n) {
+      const scalar_t* xc = xp + n * in_image + ci * g.H * g.W;
+      shift[ci] += std::accumulate(xc, xc + g.H * g.W, 0.0);
+    }
+    shift[ci] /= double(g.N * g.H * g.W);
   }
-  return {std::vector<double>(s1.const_data_ptr<double>(), s1.const_data_ptr<double>() + taps),
-          std::vector<double>(gram.const_data_ptr<double>(),
-                              gram.const_data_ptr<double>() + taps * taps)};
+  const int64_t per_image = taps + taps * taps;  // sums, then the Gram matrix
+  std::vector<double> moments(g.N * per_image);
+  at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<scalar_t> rows(taps * plane);
+    for (int64_t n = n0; n < n1; ++n) {
+      image_patch_moments(g, xp + n * in_image, shift.data(), rows.data(),
+                          moments.data() + n * per_image);
+    }
+  });
+  std::vector<double> total(per_image, 0.0);
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t e = 0; e < per_image; ++e) total[e] += moments[n * per_image + e];
+  }
+  PatchMoments m{double(g.N * plane), std::vector<double>(taps), std::vector<double>(taps * taps)};
+  const double* s = total.data();
+  const double* gram = total.data() + taps;
+  for (int64_t t = 0; t < taps; ++t) m.mean[t] = s[t] / m.count + shift[t / (g.KH * g.KW)];
+  for (int64_t t = 0; t < taps; ++t) {
+    for (int64_t u = 0; u < taps; ++u) {
+      m.cov[t * taps + u] = gram[t * taps + u] / m.count - (s[t] / m.count) * (s[u] / m.count);
+    }
+  }
+  return m;
 }
 
-// The parameter gradients without d_x, from the forward's window offsets and conv
-// values at each window's maximum: dy is nonzero only there, so
-//   d_beta = sum dy, d_gamma = sum dy xhat                       (one pass over windows)
-//   d_weight[t] = k (sum dy x_t - mean_dy S1[t] - mean_dy_xhat sum xhat x_t),
-//   sum xhat x_t = rstd (bias S1[t] + (G w)[t] - mean S1[t])     (k = gamma rstd)
-// and d_bias = k (sum dy - M mean_dy - mean_dy_xhat sum xhat) (zero up to rounding).
+// The padded input of an image split into its four 2x2 phases, so that each window
+// position (a, b) of the pool reads each tap t = (ci, i, j) as one contiguous run:
+//   X[ci][p][q][u S + v] = x_padded[ci][2u + p][2v + q]       (zero outside x)
+//   c[2u + a][2v + b] = bias + sum_t w[t] X[ci][(a + i) % 2][(b + j) % 2][k + d]
+// for the flat index k = u S + v and d = ((a + i) / 2) S + (b + j) / 2. Rows u < Ho,
+// columns v < S = Wo + KW / 2 (the columns v >= Wo are computed and thrown away, and
+// they read at most one row past the last one used: R = Ho + KH / 2 + 1 rows).
+struct Phases {
+  int64_t S, R, per_image, runs;  // runs = Ho * S, the length of each flat run
+  std::vector<int64_t> offset;    // [4 window positions][taps]: start of each run in X
+};
+
+Phases make_phases(const Geometry& g) {
+  const int64_t taps = g.Cin * g.KH * g.KW;
+  Phases ph{g.Wo + g.KW / 2, g.Ho + g.KH / 2 + 1, 0, 0, std::vector<int64_t>(4 * taps)};
+  ph.per_image = g.Cin * 4 * ph.R * ph.S;
+  ph.runs = g.Ho * ph.S;
+  for (int64_t ab = 0; ab < 4; ++ab) {
+    const int64_t a = ab / 2, b = ab % 2;
+    for (int64_t ci = 0, t = 0; ci < g.Cin; ++ci) {
+      for (int64_t i = 0; i < g.KH; ++i) {
+        for (int64_t j = 0; j < g.KW; ++j, ++t) {
+          const int64_t phase = (ci * 2 + (a + i) % 2) * 2 + (b + j) % 2;
+          ph.offset[ab * taps + t] = phase * ph.R * ph.S + (a + i) / 2 * ph.S + (b + j) / 2;
+        }
+      }
+    }
+  }
+  return ph;
+}
+
+// X [N, per_image] for all images (about the size of x).
 template <typename scalar_t>
-void conv_block_parameter_grads(const Geometry& g, const scalar_t* gop, const scalar_t* xp,
+at::Tensor split_phases(const Geometry& g, const Phases& ph, const at::Tensor& x) {
+  at::Tensor phases = at::empty({g.N, ph.per_image}, x.options());
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* out = phases.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, g.N * g.Cin * 4, 16, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {  // p = (n, ci, row phase, column phase)
+      const int64_t n = p / (4 * g.Cin), ci = p / 4 % g.Cin, dr = p / 2 % 2, ds = p % 2;
+      const scalar_t* xc = xp + (n * g.Cin + ci) * g.H * g.W;
+      scalar_t* X = out + p * ph.R * ph.S;
+      for (int64_t u = 0; u < ph.R; ++u) {
+        const int64_t h = 2 * u + dr - g.ph;
+        for (int64_t v = 0; v < ph.S; ++v) {
+          const int64_t w = 2 * v + ds - g.pw;
+          X[u * ph.S + v] = h >= 0 && h < g.H && w >= 0 && w < g.W ? xc[h * g.W + w] : 0;
+        }
+      }
+    }
+  });
+  return phases;
+}
+
+// planes[ab][k] = bias + sum_t w[t] X[offset[ab][t] + k], k < runs: the conv at the
+// four positions of every pooling window of one image and channel.
+template <typename scalar_t>
+FASTMETA_INLINE void window_planes(const Phases& ph, int64_t taps, const scalar_t* X,
+                                   const scalar_t* w, scalar_t bias, scalar_t* planes) {
+  for (int64_t ab = 0; ab < 4; ++ab) {
+    scalar_t* P = planes + ab * ph.runs;
+    std::fill(P, P + ph.runs, bias);
+    for (int64_t t = 0; t < taps; ++t) {
+      const scalar_t* src = X + ph.offset[ab * taps + t];
+      const scalar_t wv = w[t];
+_Pragma("omp simd")
+      for (int64_t k = 0; k < ph.runs; ++k) P[k] += wv * src[k];
+    }
+  }
+}
+
+// Pooling over the four window-position planes P[ab * runs + k], k < runs: the first
+// maximum of relu(c * scale + shift) over each window, scanned row by row as ATen's
+// max_pool2d does (a NaN wins), into out[k], where it is (ab) into window[k] and the
+// conv value there into c_max[k].
+template <typename scalar_t>
+FASTMETA_INLINE void pool_windows(const scalar_t* P, int64_t runs, scalar_t scale,
+                                  scalar_t shift, scalar_t* out, uint8_t* window,
+                                  scalar_t* c_max) {
+  const scalar_t zero = 0;
+_Pragma("omp simd")
+  for (int64_t k = 0; k < runs; ++k) {
+    scalar_t best = 0, best_c = 0;
+    int32_t where = 0;
+    for (int32_t ab = 0; ab < 4; ++ab) {  // unrolled; written so that it vectorizes
+      const scalar_t cv = P[ab * runs + k];
+      scalar_t y = cv * scale + shift;
+      y = y < zero ? zero : y;
+      const bool take = ab == 0 || y > best || y != y;
+      best = take ? y : best;
+      best_c = take ? cv : best_c;
+      where = take ? ab : where;
+    }
+    out[k] = best;
+    window[k] = uint8_t(where);
+    c_max[k] = best_c;
+  }
+}
+
+// Scatters pooled gradients d[k] into the four window-position planes:
+// planes[ab * runs + k] = d[k] where window[k] == ab, else 0 (k < runs).
+template <typename scalar_t>
+FASTMETA_INLINE void scatter_windows(const scalar_t* d, const uint8_t* window, int64_t runs,
+                                     scalar_t* planes) {
+_Pragma("omp simd")
+  for (int64_t k = 0; k < runs; ++k) {  // selects, not branches, so that it vectorizes
+    const int32_t where = window[k];
+    const scalar_t dv = d[k], zero = 0;
+    planes[k] = where == 0 ? dv : zero;
+    planes[runs + k] = where == 1 ? dv : zero;
+    planes[2 * runs + k] = where == 2 ? dv : zero;
+    planes[3 * runs + k] = where == 3 ? dv : zero;
+  }
+}
+
+// One channel's sparse sums over images [n0, n1), added to sparse[t] += sum dy x_t and
+// sums += (sum dy, sum dy xhat). Scratch from the caller: open [Ho * Wo]; open_runs and
+// where_runs [runs], the same in the runs' layout (zero at the thrown-away columns);
+// dy [4 * runs].
+template <typename scalar_t>
+FASTMETA_SIMD_CLONES void channel_sparse_sums(const Geometry& g, const Phases& ph,
+                                              const scalar_t* phases, int64_t c,
+                                              int64_t n0, int64_t n1, scalar_t mu,
+                                              scalar_t r, scalar_t scale, scalar_t shift,
+                                              const scalar_t* gop, const uint8_t* winp,
+                                              const scalar_t* cmp, scalar_t* open,
+                                              scalar_t* open_runs, uint8_t* where_runs,
+                                              scalar_t* dy, scalar_t* partial, double* sparse,
+                                              double* sums) {
+  const int64_t taps = g.Cin * g.KH * g.KW, pooled = g.Ho * g.Wo;
+  double sum_dy = 0, sum_dy_xhat = 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t first = (n * g.C + c) * pooled;
+    scalar_t s1 = 0, s2 = 0;
+_Pragma("omp simd reduction(+ : s1, s2)")
+    for (int64_t o = 0; o < pooled; ++o) {  // dy at the window maxima where relu is open
+      const scalar_t cv = cmp[first + o];
+      const scalar_t d = cv * scale + shift > 0 ? gop[first + o] : scalar_t(0);
+      open[o] = d;
+      s1 += d;
+      s2 += d * ((cv - mu) * r);
+    }
+    sum_dy += s1;
+    sum_dy_xhat += s2;
+    for (int64_t u = 0; u < g.Ho; ++u) {
+      std::copy_n(open + u * g.Wo, g.Wo, open_runs + u * ph.S);
+      std::copy_n(winp + first + u * g.Wo, g.Wo, where_runs + u * ph.S);
+    }
+    scatter_windows(open_runs, where_runs, ph.runs, dy);
+    const scalar_t* X = phases + n * ph.per_image;
+    for (int64_t t = 0; t < taps; ++t) {  // per position, reduced once per chunk
+      const scalar_t* d = dy;
+      const int64_t* off = ph.offset.data() + t;
+      const scalar_t *x0 = X + off[0], *x1 = X + off[taps], *x2 = X + off[2 * taps],
+                     *x3 = X + off[3 * taps];
+      scalar_t* acc = partial + t * ph.runs;
+      const int64_t runs = ph.runs;
+_Pragma("omp simd")
+      for (int64_t k = 0; k < runs; ++k) {
+        acc[k] += d[k] * x0[k] + d[runs + k] * x1[k] + d[2 * runs + k] * x2[k] +
+                  d[3 * runs + k] * x3[k];
+      }
+    }
+  }
+  for (int64_t t = 0; t < taps; ++t) {
+    scalar_t* acc = partial + t * ph.runs;
+    sparse[t] += std::accumulate(acc, acc + ph.runs, 0.0);
+    std::fill(acc, acc + ph.runs, scalar_t(0));
+  }
+  sums[0] += sum_dy;
+  sums[1] += sum_dy_xhat;
+}
+
+// Images per pass of the backward: their phases stay in L2 while every channel reads them.
+constexpr int64_t kPhaseChunkBytes = 256 << 10;
+
+template <typename scalar_t>
+void conv_block_parameter_grads(const Geometry& g, const Phases& ph, const scalar_t* phases,
+                                const PatchMoments& moments, const scalar_t* gop,
                                 const scalar_t* wp, const scalar_t* bp, const scalar_t* gp,
                                 const scalar_t* betap, const scalar_t* mp, const scalar_t* rp,
                                 const uint8_t* winp, const scalar_t* cmp, scalar_t* dwp,
                                 scalar_t* dbp, scalar_t* dgp, scalar_t* dbetap) {
-  const int64_t taps = g.Cin * g.KH * g.KW, in_image = g.Cin * g.H * g.W;
-  const int64_t pooled = g.Ho * g.Wo;
-  const PatchMoments moments = patch_moments(g, xp);
-  const double count = double(g.N * g.Hc * g.Wc);
-  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<double> sparse(taps);
-    for (int64_t c = c0; c < c1; ++c) {
-      const scalar_t mu = mp[c], r = rp[c];
-      const auto [scale, shift] = affine(mu, r, gp[c], betap[c]);
-      std::fill(sparse.begin(), sparse.end(), 0.0);
-      double sum_dy = 0, sum_dy_xhat = 0;
-      for (int64_t n = 0; n < g.N; ++n) {
-        const int64_t first = (n * g.C + c) * pooled;
-        const scalar_t* xn = xp + n * in_image;
-        for (int64_t o = 0; o < pooled; ++o) {
-          const scalar_t cv = cmp[first + o];
-          if (!(cv * scale + shift > 0)) continue;  // relu closed this window
-          const double d = gop[first + o];
-          sum_dy += d;
-          sum_dy_xhat += d * double((cv - mu) * r);
-          const int64_t h0 = 2 * (o / g.Wo) + winp[first + o] / 2 - g.ph;
-          const int64_t w0 = 2 * (o % g.Wo) + winp[first + o] % 2 - g.pw;
-          for (int64_t ci = 0, t = 0; ci < g.Cin; ++ci) {
-            for (int64_t i = 0; i < g.KH; ++i) {
-              for (int64_t j = 0; j < g.KW; ++j, ++t) {
-                const int64_t h = h0 + i, w = w0 + j;
-                if (h >= 0 && h < g.H && w >= 0 && w < g.W) {
-                  sparse[t] += d * double(xn[(ci * g.H + h) * g.W + w]);
-                }
-              }
-            }
-          }
-        }
+  const int64_t taps = g.Cin * g.KH * g.KW;
+  std::vector<double> sparse(g.C * taps, 0.0), sums(g.C * 2, 0.0);
+  const int64_t chunk =
+      std::max<int64_t>(1, kPhaseChunkBytes / (ph.per_image * int64_t(sizeof(scalar_t))));
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {  // channels in parallel within a chunk
+    const int64_t n1 = std::min(g.N, n0 + chunk);
+    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<scalar_t> dy(4 * ph.runs), open(g.Ho * g.Wo), open_runs(ph.runs, 0),
+          partial(taps * ph.runs, 0);
+      std::vector<uint8_t> where_runs(ph.runs, 0);
+      for (int64_t c = c0; c < c1; ++c) {
+        const auto [scale, shift] = affine(mp[c], rp[c], gp[c], betap[c]);
+        channel_sparse_sums(g, ph, phases, c, n0, n1, mp[c], rp[c], scale, shift, gop, winp,
+                            cmp, open.data(), open_runs.data(), where_runs.data(), dy.data(),
+                            partial.data(), sparse.data() + c * taps, sums.data() + c * 2);
       }
-      const double k = double(gp[c]) * double(r), mean_dy = sum_dy / count;
-      const double mean_dy_xhat = sum_dy_xhat / count;
-      const scalar_t* w = wp + c * taps;
-      double sum_c = count * double(bp[c]);
-      for (int64_t t = 0; t < taps; ++t) sum_c += double(w[t]) * moments.s1[t];
-      for (int64_t t = 0; t < taps; ++t) {
-        double gw = 0;
-        for (int64_t u = 0; u < taps; ++u) gw += moments.gram[t * taps + u] * double(w[u]);
-        const double sum_xhat_x =
-            double(r) * (double(bp[c]) * moments.s1[t] + gw - double(mu) * moments.s1[t]);
-        dwp[c * taps + t] =
-            scalar_t(k * (sparse[t] - mean_dy * moments.s1[t] - mean_dy_xhat * sum_xhat_x));
-      }
-      const double sum_xhat = double(r) * (sum_c - count * double(mu));
-      dbp[c] = scalar_t(k * (sum_dy - count * mean_dy - mean_dy_xhat * sum_xhat));
-      dgp[c] = scalar_t(sum_dy_xhat);
-      dbetap[c] = scalar_t(sum_dy);
+    });
+  }
+  for (int64_t c = 0; c < g.C; ++c) {
+    const double sum_dy = sums[c * 2], sum_dy_xhat = sums[c * 2 + 1];
+    const double r = rp[c], k = double(gp[c]) * r;
+    const scalar_t* w = wp + c * taps;
+    double mean_c = bp[c];
+    for (int64_t t = 0; t < taps; ++t) mean_c += double(w[t]) * moments.mean[t];
+    for (int64_t t = 0; t < taps; ++t) {
+      double cov_w = 0;
+      for (int64_t u = 0; u < taps; ++u) cov_w += moments.cov[t * taps + u] * double(w[u]);
+      dwp[c * taps + t] = scalar_t(
+          k * (sparse[c * taps + t] - sum_dy * moments.mean[t] - sum_dy_xhat * r * cov_w));
     }
-  });
+    dbp[c] = scalar_t(-k * sum_dy_xhat * r * (mean_c - double(mp[c])));
+    dgp[c] = scalar_t(sum_dy_xhat);
+    dbetap[c] = scalar_t(sum_dy);
+  }
+}
+
+// The forward of images [n0, n1), all channels: the four window-position planes, then
+// the pool into out / window / c_max [N, C, Ho, Wo]. planes [4 * runs], best, where,
+// best_c [runs] are the caller's scratch.
+template <typename scalar_t>
+FASTMETA_SIMD_CLONES void images_forward(const Geometry& g, const Phases& ph,
+                                         const scalar_t* phases, const scalar_t* wp,
+                                         const scalar_t* bp, const scalar_t* scale,
+                                         const scalar_t* shift, int64_t n0, int64_t n1,
+                                         scalar_t* planes, scalar_t* best, uint8_t* where,
+                                         scalar_t* best_c, scalar_t* op, uint8_t* winp,
+                                         scalar_t* cmp) {
+  const int64_t taps = g.Cin * g.KH * g.KW, pooled = g.Ho * g.Wo;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t c = 0; c < g.C; ++c) {
+      window_planes(ph, taps, phases + n * ph.per_image, wp + c * taps, bp[c], planes);
+      pool_windows(planes, ph.runs, scale[c], shift[c], best, where, best_c);
+      const int64_t first = (n * g.C + c) * pooled;
+      for (int64_t u = 0; u < g.Ho; ++u) {  // drop the thrown-away columns
+        std::copy_n(best + u * ph.S, g.Wo, op + first + u * g.Wo);
+        std::copy_n(where + u * ph.S, g.Wo, winp + first + u * g.Wo);
+        std::copy_n(best_c + u * ph.S, g.Wo, cmp + first + u * g.Wo);
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -228,56 +451,39 @@ ConvBlockForward conv_block_forward_cpu(const at::Tensor& x, const at::Tensor& w
   at::Tensor rstd = at::empty({g.C}, x.options());
   at::Tensor window = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().dtype(at::kByte));
   at::Tensor c_max = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options());
-  const int64_t plane = g.Hc * g.Wc, in_image = g.Cin * g.H * g.W, taps = g.Cin * g.KH * g.KW;
+  const int64_t taps = g.Cin * g.KH * g.KW, pooled = g.Ho * g.Wo;
+  const Phases ph = make_phases(g);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_forward_cpu", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     const scalar_t* bp = bias.const_data_ptr<scalar_t>();
-    const scalar_t* gp = gamma.const_data_ptr<scalar_t>();
-    const scalar_t* betap = beta.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
     scalar_t* mp = mean.mutable_data_ptr<scalar_t>();
     scalar_t* rp = rstd.mutable_data_ptr<scalar_t>();
-    uint8_t* winp = window.mutable_data_ptr<uint8_t>();
-    scalar_t* cmp = c_max.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-      // The channel's conv planes of all N images, computed once (N * Hc * Wc per thread).
-      std::vector<scalar_t> cbuf(g.N * plane), ybuf(plane);
-      for (int64_t c = c0; c < c1; ++c) {
-        const scalar_t* w = wp + c * taps;
-        double sum = 0, sumsq = 0;
-        for (int64_t n = 0; n < g.N; ++n) {
-          scalar_t* cn = cbuf.data() + n * plane;
-          conv_plane(g, xp + n * in_image, w, bp[c], cn);
-          scalar_t s1 = 0, s2 = 0;  // one plane in scalar_t (vectorized), planes in double
-_Pragma("omp simd reduction(+ : s1, s2)")
-          for (int64_t k = 0; k < plane; ++k) {
-            s1 += cn[k];
-            s2 += cn[k] * cn[k];
-          }
-          sum += s1;
-          sumsq += s2;
-        }
-        const double count = double(g.N * plane);
-        const double mu = sum / count;
-        const double var = std::max(sumsq / count - mu * mu, 0.0);
-        mp[c] = scalar_t(mu);
-        rp[c] = scalar_t(1.0 / std::sqrt(var + eps));
-        const auto [scale, shift] = affine(mp[c], rp[c], gp[c], betap[c]);
-        for (int64_t n = 0; n < g.N; ++n) {
-          const scalar_t* cn = cbuf.data() + n * plane;
-          for (int64_t k = 0; k < plane; ++k) ybuf[k] = cn[k] * scale + shift;
-          const int64_t first = (n * g.C + c) * g.Ho * g.Wo;
-          for (int64_t oh = 0; oh < g.Ho; ++oh) {
-            for (int64_t ow = 0; ow < g.Wo; ++ow) {
-              const int64_t o = first + oh * g.Wo + ow;
-              const int64_t best = window_argmax(g, ybuf.data(), oh, ow, &op[o]);
-              winp[o] = uint8_t((best / g.Wc - 2 * oh) * 2 + best % g.Wc - 2 * ow);
-              cmp[o] = cn[best];
-            }
-          }
+    // Statistics: mean_c = b_c + w_c . pbar, var_c = w_c^T Sigma w_c.
+    const PatchMoments moments = patch_moments(g, x.const_data_ptr<scalar_t>());
+    std::vector<scalar_t> scale(g.C), shift(g.C);
+    for (int64_t c = 0; c < g.C; ++c) {
+      const scalar_t* w = wp + c * taps;
+      double mu = bp[c], var = 0;
+      for (int64_t t = 0; t < taps; ++t) {
+        mu += double(w[t]) * moments.mean[t];
+        for (int64_t u = 0; u < taps; ++u) {
+          var += double(w[t]) * moments.cov[t * taps + u] * double(w[u]);
         }
       }
+      mp[c] = scalar_t(mu);
+      rp[c] = scalar_t(1.0 / std::sqrt(std::max(var, 0.0) + eps));
+      std::tie(scale[c], shift[c]) =
+          affine(mp[c], rp[c], gamma.const_data_ptr<scalar_t>()[c],
+                 beta.const_data_ptr<scalar_t>()[c]);
+    }
+    const at::Tensor phases = split_phases<scalar_t>(g, ph, x);
+    at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+      std::vector<scalar_t> planes(4 * ph.runs), best(ph.runs), best_c(ph.runs);
+      std::vector<uint8_t> where(ph.runs);
+      images_forward(g, ph, phases.const_data_ptr<scalar_t>(), wp, bp, scale.data(),
+                     shift.data(), n0, n1, planes.data(), best.data(), where.data(),
+                     best_c.data(), out.mutable_data_ptr<scalar_t>(),
+                     window.mutable_data_ptr<uint8_t>(), c_max.mutable_data_ptr<scalar_t>());
     });
   });
   return {out, mean, rstd, window, c_max};
@@ -305,9 +511,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
                     c_max.sizes() == grad_out.sizes() && window.is_contiguous() &&
                     c_max.is_contiguous() && c_max.scalar_type() == x.scalar_type(),
                 "conv_block: window (uint8) and c_max must be contiguous ", grad_out.sizes());
+    const Phases ph = make_phases(g);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_parameter_grads_cpu", [&] {
+      const at::Tensor phases = split_phases<scalar_t>(g, ph, x);
       conv_block_parameter_grads(
-          g, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+          g, ph, phases.const_data_ptr<scalar_t>(),
+          patch_moments(g, x.const_data_ptr<scalar_t>()), grad_out.const_data_ptr<scalar_t>(),
           weight.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
           gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
           mean.const_data_ptr<scalar_t>(), rstd.const_data_ptr<scalar_t>(),

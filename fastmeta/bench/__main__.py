@@ -10,10 +10,10 @@ import sys
 import torch
 
 import fastmeta
-from fastmeta.bench import harness, inner_update, maml, metanet, protonet
+from fastmeta.bench import conv_block, harness, inner_update, maml, metanet, protonet
 
-CASES = {inner_update.CASE: inner_update.run, maml.CASE: maml.run, metanet.CASE: metanet.run,
-         protonet.CASE: protonet.run}
+CASES = {conv_block.CASE: conv_block.run, inner_update.CASE: inner_update.run,
+         maml.CASE: maml.run, metanet.CASE: metanet.run, protonet.CASE: protonet.run}
 
 
 def main(argv=None) -> int:

@@ -90,11 +90,11 @@ class TaskModel:
     fuse: the loop strategy's query pass and first-order support passes run a view of
     the module whose Conv2d-BatchNorm2d-ReLU-MaxPool2d runs are one fused op
     (fused_blocks.py; differentiable once, so never where create_graph is used):
-    "eval" only where no parameter gradient is wanted, True also in training (half the
-    peak memory, slower on small per-task batches), False never."""
+    True (the default) wherever that holds, "eval" only where no parameter gradient is
+    wanted either, False never."""
 
     def __init__(self, module: nn.Module, layout: ParamLayout, fixed: dict[str, Tensor],
-                 fuse: bool | str = "eval"):
+                 fuse: bool | str = True):
         self.module, self.layout, self.fixed = module, layout, fixed
         if fuse not in (True, False, "eval"):
             raise ValueError(f"fuse must be True, False or 'eval', got {fuse!r}")
