@@ -31,6 +31,12 @@ TORCH_LIBRARY(fastmeta_C, m) {
       "Tensor gamma, Tensor beta, Tensor mean, Tensor rstd, Tensor window, Tensor c_max, "
       "int pad_h, int pad_w, bool need_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
+      "bn_relu_pool_forward(Tensor c, Tensor gamma, Tensor beta, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_relu_pool_backward(Tensor grad_out, Tensor c, Tensor gamma, Tensor beta, "
+      "Tensor mean, Tensor rstd, Tensor window) -> (Tensor, Tensor, Tensor)");
+  m.def(
       "gradient_mlp_forward(Tensor grads, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float p) "
       "-> Tensor");
   m.def(

@@ -186,10 +186,12 @@ def test_maml_fuses_training_passes_only_with_fuse_true():
         model.zero_grad()
         learner = fastmeta.MAML(model, lr=0.4, fuse=fuse, strategy="loop").adapt_batch(
             xs, ys, F.cross_entropy)
-        fastmeta.backend._last_used.pop(OP, None)
+        for op in (OP, "bn_relu_pool"):
+            fastmeta.backend._last_used.pop(op, None)
         F.cross_entropy(learner(xq).flatten(0, 1), yq.flatten()).backward()
-        fused = fastmeta.last_backend(OP) is not None
-        assert fused == (fuse is True) or not fastmeta.backends().extension_built
+        for op in (OP, "bn_relu_pool"):  # layer 1, and layers 2-3 after their convolutions
+            fused = fastmeta.last_backend(op) is not None
+            assert fused == (fuse is True) or not fastmeta.backends().extension_built
         grads.append([p.grad.clone() for p in model.parameters()])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

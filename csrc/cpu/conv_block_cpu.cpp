@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../conv_block.h"
+#include "window_pool.h"
 #include "simd_clones.h"
 
 namespace fastmeta {
@@ -80,15 +81,6 @@ void conv_plane(const Geometry& g, const scalar_t* x, const scalar_t* w, scalar_
       }
     }
   }
-}
-
-// y = c * scale + shift with scale = rstd * gamma, shift = beta - mean * scale, from
-// the stored statistics, so the forward and the backward round y identically.
-template <typename scalar_t>
-std::pair<scalar_t, scalar_t> affine(scalar_t mean, scalar_t rstd, scalar_t gamma,
-                                     scalar_t beta) {
-  const double scale = double(rstd) * double(gamma);
-  return {scalar_t(scale), scalar_t(double(beta) - double(mean) * scale)};
 }
 
 // The flat index in the conv plane of window (oh, ow)'s first maximum of relu(y),
@@ -265,34 +257,6 @@ _Pragma("omp simd")
   }
 }
 
-// Pooling over the four window-position planes P[ab * runs + k], k < runs: the first
-// maximum of relu(c * scale + shift) over each window, scanned row by row as ATen's
-// max_pool2d does (a NaN wins), into out[k], where it is (ab) into window[k] and the
-// conv value there into c_max[k].
-template <typename scalar_t>
-FASTMETA_INLINE void pool_windows(const scalar_t* P, int64_t runs, scalar_t scale,
-                                  scalar_t shift, scalar_t* out, uint8_t* window,
-                                  scalar_t* c_max) {
-  const scalar_t zero = 0;
-_Pragma("omp simd")
-  for (int64_t k = 0; k < runs; ++k) {
-    scalar_t best = 0, best_c = 0;
-    int32_t where = 0;
-    for (int32_t ab = 0; ab < 4; ++ab) {  // unrolled; written so that it vectorizes
-      const scalar_t cv = P[ab * runs + k];
-      scalar_t y = cv * scale + shift;
-      y = y < zero ? zero : y;
-      const bool take = ab == 0 || y > best || y != y;
-      best = take ? y : best;
-      best_c = take ? cv : best_c;
-      where = take ? ab : where;
-    }
-    out[k] = best;
-    window[k] = uint8_t(where);
-    c_max[k] = best_c;
-  }
-}
-
 // Scatters pooled gradients d[k] into the four window-position planes:
 // planes[ab * runs + k] = d[k] where window[k] == ab, else 0 (k < runs).
 template <typename scalar_t>
@@ -388,7 +352,7 @@ void conv_block_parameter_grads(const Geometry& g, const Phases& ph, const scala
           partial(taps * ph.runs, 0);
       std::vector<uint8_t> where_runs(ph.runs, 0);
       for (int64_t c = c0; c < c1; ++c) {
-        const auto [scale, shift] = affine(mp[c], rp[c], gp[c], betap[c]);
+        const auto [scale, shift] = batch_norm_affine(mp[c], rp[c], gp[c], betap[c]);
         channel_sparse_sums(g, ph, phases, c, n0, n1, mp[c], rp[c], scale, shift, gop, winp,
                             cmp, open.data(), open_runs.data(), where_runs.data(), dy.data(),
                             partial.data(), sparse.data() + c * taps, sums.data() + c * 2);
@@ -473,7 +437,7 @@ ConvBlockForward conv_block_forward_cpu(const at::Tensor& x, const at::Tensor& w
       mp[c] = scalar_t(mu);
       rp[c] = scalar_t(1.0 / std::sqrt(std::max(var, 0.0) + eps));
       std::tie(scale[c], shift[c]) =
-          affine(mp[c], rp[c], gamma.const_data_ptr<scalar_t>()[c],
+          batch_norm_affine(mp[c], rp[c], gamma.const_data_ptr<scalar_t>()[c],
                  beta.const_data_ptr<scalar_t>()[c]);
     }
     const at::Tensor phases = split_phases<scalar_t>(g, ph, x);
@@ -549,7 +513,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
       for (int64_t c = c0; c < c1; ++c) {
         const scalar_t* w = wp + c * taps;
         const scalar_t mu = mp[c], r = rp[c], gam = gp[c];
-        const auto [scale, shift] = affine(mu, r, gam, betap[c]);
+        const auto [scale, shift] = batch_norm_affine(mu, r, gam, betap[c]);
         // Image n: xhat into cbuf, and dy (zero but at each window's first maximum
         // of relu(y), where y > 0) into dy.
         auto pooled_grad = [&](int64_t n) {

@@ -88,8 +88,9 @@ class TaskModel:
     parameters and buffers (`fixed`) are shared by every task.
 
     fuse: the loop strategy's query pass and first-order support passes run a view of
-    the module whose Conv2d-BatchNorm2d-ReLU-MaxPool2d runs are one fused op
-    (fused_blocks.py; differentiable once, so never where create_graph is used):
+    the module whose Conv2d-BatchNorm2d-ReLU-MaxPool2d runs are fused ops (conv_block
+    for first layers, bn_relu_pool after the others' convolutions; fused_blocks.py;
+    differentiable once, so never where create_graph is used):
     True (the default) wherever that holds, "eval" only where no parameter gradient is
     wanted either, False never."""
 
@@ -98,7 +99,8 @@ class TaskModel:
         self.module, self.layout, self.fixed = module, layout, fixed
         if fuse not in (True, False, "eval"):
             raise ValueError(f"fuse must be True, False or 'eval', got {fuse!r}")
-        self.fused = fuse_conv_blocks(module, with_gradients=fuse is True) if fuse else None
+        self.fused = (fuse_conv_blocks(module, with_gradients=fuse is True, bn_relu_pool=True)
+                      if fuse else None)
         self.fused_names = rename_map(module, self.fused) if self.fused is not None else None
 
     def call(self, params: dict[str, Tensor], x, fused: bool = False):

@@ -1,0 +1,213 @@
+// BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2) on a given activation, CPU
+// kernels; the math is in ../bn_relu_pool.h. Each channel is one parallel task: the
+// forward reads its N planes twice (statistics, then the pool over the planes' windows
+// split by position), the backward reads the pooled gradient once for the sums and c
+// once for the dense d_c.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../bn_relu_pool.h"
+#include "window_pool.h"
+#include "simd_clones.h"
+
+namespace fastmeta {
+namespace {
+
+struct Shape {
+  int64_t N, C, H, W, Ho, Wo;
+};
+
+Shape check_and_measure(const at::Tensor& c, const at::Tensor& gamma, const at::Tensor& beta) {
+  TORCH_CHECK(c.dim() == 4 && c.size(2) >= 2 && c.size(3) >= 2,
+              "bn_relu_pool: c must be [N, C, H, W] with H, W >= 2, got ", c.sizes());
+  for (const at::Tensor* t : {&gamma, &beta}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == c.size(1), "bn_relu_pool: gamma and beta must be [",
+                c.size(1), "], got ", t->sizes());
+  }
+  for (const at::Tensor* t : {&c, &gamma, &beta}) {
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == c.scalar_type() && t->is_cpu(),
+                "bn_relu_pool: inputs must be contiguous CPU tensors of one dtype");
+  }
+  return {c.size(0), c.size(1), c.size(2), c.size(3), c.size(2) / 2, c.size(3) / 2};
+}
+
+// Flat offset in the plane of window (u, v)'s position `where` (row * 2 + column).
+FASTMETA_INLINE int64_t window_offset(const Shape& s, int64_t u, int64_t v, int64_t where) {
+  return (2 * u + where / 2) * s.W + 2 * v + where % 2;
+}
+
+// One channel's mean and rstd over its N planes (sums of c - c[0] in double per plane,
+// so that an offset channel does not cancel).
+template <typename scalar_t>
+FASTMETA_SIMD_CLONES std::pair<double, double> channel_statistics(const Shape& s,
+                                                                  const scalar_t* c, int64_t ch,
+                                                                  double eps) {
+  const int64_t plane = s.H * s.W;
+  const scalar_t ref = c[ch * plane];
+  double sum = 0, sumsq = 0;
+  for (int64_t n = 0; n < s.N; ++n) {
+    const scalar_t* p = c + (n * s.C + ch) * plane;
+    scalar_t s1 = 0, s2 = 0;
+_Pragma("omp simd reduction(+ : s1, s2)")
+    for (int64_t i = 0; i < plane; ++i) {
+      const scalar_t d = p[i] - ref;
+      s1 += d;
+      s2 += d * d;
+    }
+    sum += s1;
+    sumsq += s2;
+  }
+  const double count = double(s.N * plane), mean_shifted = sum / count;
+  const double var = std::max(sumsq / count - mean_shifted * mean_shifted, 0.0);
+  return {double(ref) + mean_shifted, 1.0 / std::sqrt(var + eps)};
+}
+
+// One channel's pool: each plane's windows split into four window-position planes
+// [4][Ho * Wo] (planes scratch, c_max too), then the first maximum of
+// relu(c * scale + shift) over each window and where it is (window_pool.h).
+template <typename scalar_t>
+FASTMETA_SIMD_CLONES void channel_pool(const Shape& s, const scalar_t* c, int64_t ch,
+                                       scalar_t scale, scalar_t shift, scalar_t* planes,
+                                       scalar_t* c_max, scalar_t* out, uint8_t* window) {
+  const int64_t pooled = s.Ho * s.Wo;
+  for (int64_t n = 0; n < s.N; ++n) {
+    const scalar_t* p = c + (n * s.C + ch) * s.H * s.W;
+    for (int64_t ab = 0; ab < 4; ++ab) {
+      for (int64_t u = 0; u < s.Ho; ++u) {
+        const scalar_t* row = p + window_offset(s, u, 0, ab);
+        scalar_t* P = planes + ab * pooled + u * s.Wo;
+        for (int64_t v = 0; v < s.Wo; ++v) P[v] = row[2 * v];
+      }
+    }
+    const int64_t first = (n * s.C + ch) * pooled;
+    pool_windows(planes, pooled, scale, shift, out + first, window + first, c_max);
+  }
+}
+
+// One channel's backward: the sums over the window maxima where relu is open, then
+// d_c = a + b c everywhere plus k dy at those maxima.
+template <typename scalar_t>
+FASTMETA_SIMD_CLONES void channel_backward(const Shape& s, const scalar_t* go, const scalar_t* c,
+                                           int64_t ch, scalar_t mean, scalar_t rstd,
+                                           scalar_t gamma, scalar_t beta, const uint8_t* window,
+                                           scalar_t* dc, scalar_t* d_gamma, scalar_t* d_beta) {
+  const int64_t plane = s.H * s.W, pooled = s.Ho * s.Wo;
+  const auto [scale, shift] = batch_norm_affine(mean, rstd, gamma, beta);
+  double sum_dy = 0, sum_dy_xhat = 0;
+  for (int64_t n = 0; n < s.N; ++n) {
+    const scalar_t* p = c + (n * s.C + ch) * plane;
+    const int64_t first = (n * s.C + ch) * pooled;
+    for (int64_t u = 0; u < s.Ho; ++u) {
+      for (int64_t v = 0; v < s.Wo; ++v) {
+        const int64_t o = first + u * s.Wo + v;
+        const scalar_t cv = p[window_offset(s, u, v, window[o])];
+        if (cv * scale + shift > 0) {
+          sum_dy += go[o];
+          sum_dy_xhat += double(go[o]) * double((cv - mean) * rstd);
+        }
+      }
+    }
+  }
+  const double count = double(s.N * plane), k = double(gamma) * double(rstd);
+  const double b = -k * double(rstd) * sum_dy_xhat / count;
+  const scalar_t a_s = scalar_t(-k * sum_dy / count - b * double(mean)), b_s = scalar_t(b);
+  const scalar_t k_s = scalar_t(k);
+  for (int64_t n = 0; n < s.N; ++n) {
+    const scalar_t* p = c + (n * s.C + ch) * plane;
+    scalar_t* d = dc + (n * s.C + ch) * plane;
+_Pragma("omp simd")
+    for (int64_t i = 0; i < plane; ++i) d[i] = a_s + b_s * p[i];
+    const int64_t first = (n * s.C + ch) * pooled;
+    for (int64_t u = 0; u < s.Ho; ++u) {
+      for (int64_t v = 0; v < s.Wo; ++v) {
+        const int64_t o = first + u * s.Wo + v, at = window_offset(s, u, v, window[o]);
+        if (p[at] * scale + shift > 0) d[at] += k_s * go[o];
+      }
+    }
+  }
+  *d_gamma = scalar_t(sum_dy_xhat);
+  *d_beta = scalar_t(sum_dy);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_forward_cpu(
+    const at::Tensor& c, const at::Tensor& gamma, const at::Tensor& beta, double eps) {
+  const Shape s = check_and_measure(c, gamma, beta);
+  at::Tensor out = at::empty({s.N, s.C, s.Ho, s.Wo}, c.options());
+  at::Tensor window = at::empty({s.N, s.C, s.Ho, s.Wo}, c.options().dtype(at::kByte));
+  at::Tensor mean = at::empty({s.C}, c.options());
+  at::Tensor rstd = at::empty({s.C}, c.options());
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "bn_relu_pool_forward_cpu", [&] {
+    const scalar_t* cp = c.const_data_ptr<scalar_t>();
+    const scalar_t* gp = gamma.const_data_ptr<scalar_t>();
+    const scalar_t* bp = beta.const_data_ptr<scalar_t>();
+    scalar_t* mp = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* rp = rstd.mutable_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    uint8_t* wp = window.mutable_data_ptr<uint8_t>();
+    at::parallel_for(0, s.C, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<scalar_t> planes(4 * s.Ho * s.Wo), c_max(s.Ho * s.Wo);
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        const auto [mu, r] = channel_statistics(s, cp, ch, eps);
+        mp[ch] = scalar_t(mu);
+        rp[ch] = scalar_t(r);
+        const auto [scale, shift] = batch_norm_affine(mp[ch], rp[ch], gp[ch], bp[ch]);
+        channel_pool(s, cp, ch, scale, shift, planes.data(), c_max.data(), op, wp);
+      }
+    });
+  });
+  return {out, mean, rstd, window};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& c, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd,
+    const at::Tensor& window) {
+  const Shape s = check_and_measure(c, gamma, beta);
+  const std::vector<int64_t> pooled{s.N, s.C, s.Ho, s.Wo};
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == c.scalar_type() &&
+                  grad_out.sizes() == at::IntArrayRef(pooled),
+              "bn_relu_pool: grad_out must be contiguous ", at::IntArrayRef(pooled), ", got ",
+              grad_out.sizes());
+  TORCH_CHECK(window.is_contiguous() && window.scalar_type() == at::kByte &&
+                  window.sizes() == at::IntArrayRef(pooled),
+              "bn_relu_pool: window must be contiguous uint8 ", at::IntArrayRef(pooled));
+  TORCH_CHECK(mean.numel() == s.C && rstd.numel() == s.C && mean.is_contiguous() &&
+                  rstd.is_contiguous() && mean.scalar_type() == c.scalar_type() &&
+                  rstd.scalar_type() == c.scalar_type(),
+              "bn_relu_pool: mean and rstd must be [", s.C, "] of c's dtype");
+  at::Tensor d_c = at::empty_like(c);
+  at::Tensor d_gamma = at::empty_like(gamma);
+  at::Tensor d_beta = at::empty_like(beta);
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "bn_relu_pool_backward_cpu", [&] {
+    const scalar_t* gp = gamma.const_data_ptr<scalar_t>();
+    const scalar_t* bp = beta.const_data_ptr<scalar_t>();
+    const scalar_t* mp = mean.const_data_ptr<scalar_t>();
+    const scalar_t* rp = rstd.const_data_ptr<scalar_t>();
+    at::parallel_for(0, s.C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        channel_backward(s, grad_out.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(),
+                         ch, mp[ch], rp[ch], gp[ch], bp[ch], window.const_data_ptr<uint8_t>(),
+                         d_c.mutable_data_ptr<scalar_t>(),
+                         d_gamma.mutable_data_ptr<scalar_t>() + ch,
+                         d_beta.mutable_data_ptr<scalar_t>() + ch);
+      }
+    });
+  });
+  return {d_c, d_gamma, d_beta};
+}
+
+TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {
+  m.impl("bn_relu_pool_forward", &bn_relu_pool_forward_cpu);
+  m.impl("bn_relu_pool_backward", &bn_relu_pool_backward_cpu);
+}
+
+}  // namespace fastmeta

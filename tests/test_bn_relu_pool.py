@@ -1,0 +1,125 @@
+"""fastmeta.bn_relu_pool (BatchNorm2d batch stats -> ReLU -> MaxPool2d(2) on an
+activation) on every backend against a float64 PyTorch oracle, and its fused view of a
+conv stack."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmeta
+from fastmeta.fused_blocks import FusedBnReluPool, FusedConvBlock, fuse_conv_blocks
+from fastmeta.ops.bn_relu_pool import bn_relu_pool
+
+OP = "bn_relu_pool"
+
+# (N, C, H, W): odd sizes, rows/columns the pool drops (they still count in the
+# statistics and get a gradient through them), the smallest pool, conv4's layers 2-4.
+SHAPES = [(3, 5, 9, 7), (2, 3, 2, 2), (1, 4, 5, 6), (75, 6, 14, 14), (7, 3, 7, 7),
+          (4, 2, 3, 3)]
+
+
+def oracle(c, gamma, beta, eps=1e-5):
+    return F.max_pool2d(F.relu(F.batch_norm(c, None, None, gamma, beta, training=True,
+                                            eps=eps)), 2)
+
+
+def make_inputs(shape, dtype, seed, tied=False):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(*shape, generator=g, dtype=torch.float64) + 2.0  # offset, as after a conv
+    if tied:  # few distinct values: many exactly tied windows and relu boundaries
+        c = (c * 2).round() / 2
+    gamma, beta = (torch.randn(shape[1], generator=g, dtype=torch.float64) for _ in range(2))
+    return [t.to(dtype).requires_grad_() for t in (c, gamma, beta)]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_oracle(backend_device, shape, tied):
+    name, device = backend_device
+    inputs = make_inputs(shape, torch.float32, seed=sum(shape), tied=tied)
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    want = oracle(*exact)
+    go = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, exact, go)
+    with fastmeta.use_backend(name):
+        got = bn_relu_pool(*inputs)
+        got_grads = torch.autograd.grad(got, inputs, go.float())
+    assert fastmeta.last_backend(OP) == name
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for arg, g_got, g_want in zip(("c", "gamma", "beta"), got_grads, want_grads):
+        err = float((g_got.double() - g_want).abs().max()) / float(g_want.abs().max())
+        assert err < 2e-5, (arg, err)
+
+
+def test_statistics_match_batch_norm():
+    c, gamma, beta = make_inputs((4, 3, 6, 5), torch.float64, seed=4)
+    c = (c * 1e3 + 1e4).detach()  # a large offset must not cancel the variance
+    for name in ("reference", "cpu"):
+        with fastmeta.use_backend(name):
+            _, mean, rstd, _ = torch.ops.fastmeta.bn_relu_pool(c, gamma, beta, 1e-5)
+        var, want_mean = torch.var_mean(c, dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(mean, want_mean, rtol=1e-12, atol=0)
+        torch.testing.assert_close(rstd, torch.rsqrt(var + 1e-5), rtol=1e-9, atol=0)
+
+
+def test_gradcheck_and_opcheck():
+    inputs = make_inputs((2, 3, 5, 4), torch.float64, seed=1)
+    for name in ("reference", "cpu"):
+        with fastmeta.use_backend(name):
+            assert torch.autograd.gradcheck(bn_relu_pool, inputs)
+    torch.library.opcheck(torch.ops.fastmeta.bn_relu_pool.default, (*inputs, 1e-5))
+
+
+def test_no_second_derivative():
+    c, gamma, beta = make_inputs((2, 3, 4, 4), torch.float32, seed=2)
+    (dc,) = torch.autograd.grad(bn_relu_pool(c, gamma, beta).square().sum(), c,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        dc.sum().backward()
+
+
+def test_bad_input_names_the_argument():
+    c, gamma, beta = make_inputs((2, 3, 4, 4), torch.float32, seed=3)
+    with pytest.raises(ValueError, match=r"c must be \[N, C, H, W\].*got \[2, 3, 4\]"):
+        bn_relu_pool(c[..., 0], gamma, beta)
+    with pytest.raises(ValueError, match=r"H, W >= 2.*got \[2, 3, 1, 4\]"):
+        bn_relu_pool(c[:, :, :1], gamma, beta)
+    with pytest.raises(ValueError, match=r"beta must be \[C\] = \[3\].*got \[4\]"):
+        bn_relu_pool(c, gamma, torch.zeros(4))
+    with pytest.raises(TypeError, match="gamma has dtype torch.float64"):
+        bn_relu_pool(c, gamma.double(), beta)
+    with pytest.raises(TypeError, match="c must be a floating-point tensor"):
+        bn_relu_pool(c.int(), gamma, beta)
+
+
+def test_fused_view_matches_the_model_and_updates_running_statistics():
+    """fuse_conv_blocks(bn_relu_pool=True): layers 2-3 of a conv stack run the fused op
+    (their input needs a gradient); outputs, every gradient and the running statistics
+    equal the plain model's."""
+    torch.manual_seed(0)
+    layers = []
+    for cin in (1, 8, 8):
+        layers += [nn.Conv2d(cin, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2)]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 3 * 3, 5)).double()
+    plain = copy.deepcopy(model)
+    assert fuse_conv_blocks(model) is not None
+    assert not any(isinstance(m, FusedBnReluPool) for m in fuse_conv_blocks(model).modules())
+    view = fuse_conv_blocks(model, bn_relu_pool=True)
+    assert isinstance(view[0], FusedConvBlock)
+    assert [type(m) for m in view[1:5]] == [nn.Conv2d, FusedBnReluPool, nn.Conv2d, FusedBnReluPool]
+    x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
+    fastmeta.backend._last_used.pop(OP, None)
+    got, want = view(x), plain(x)
+    assert fastmeta.last_backend(OP) == "cpu" or not fastmeta.backends().extension_built
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    go = torch.randn_like(want)
+    for g_got, g_want in zip(torch.autograd.grad(got, list(model.parameters()), go),
+                             torch.autograd.grad(want, list(plain.parameters()), go)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-8, atol=1e-10)
+    norms = [[m for m in net if isinstance(m, nn.BatchNorm2d)] for net in (model, plain)]
+    for fused_bn, plain_bn in zip(*norms):
+        torch.testing.assert_close(fused_bn.running_var, plain_bn.running_var)
+        torch.testing.assert_close(fused_bn.running_mean, plain_bn.running_mean)
