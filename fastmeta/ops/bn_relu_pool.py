@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fastmeta import backend
 from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
+from fastmeta.ops._once import forbid_second_derivative
 
 OP = "bn_relu_pool"
 backend.register_op(OP, ("reference", "cpu"))
@@ -135,14 +136,8 @@ def _backward_forward(ctx, grad_out, *_grad_statistics):
     return (*bn_relu_pool_backward_op(grad_out, *ctx.saved_tensors), None)
 
 
-def _no_second_derivative(ctx, *grads):
-    raise RuntimeError("fastmeta.bn_relu_pool is differentiable once: its backward has no "
-                       "derivative (fastmeta uses it only where none is taken)")
-
-
 bn_relu_pool_op.register_autograd(_backward_forward, setup_context=_setup_forward)
-bn_relu_pool_backward_op.register_autograd(_no_second_derivative,
-                                           setup_context=lambda ctx, inputs, output: None)
+forbid_second_derivative(bn_relu_pool_backward_op, NAME)
 
 
 def bn_relu_pool_with_statistics(c: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5

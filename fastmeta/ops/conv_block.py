@@ -25,6 +25,7 @@ from torch import Tensor
 
 from fastmeta import backend
 from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
+from fastmeta.ops._once import forbid_second_derivative
 
 OP = "conv_block"
 backend.register_op(OP, ("reference", "cpu"))
@@ -170,14 +171,8 @@ def _backward_forward(ctx, grad_out, *_grad_statistics):
     return (d_x, *grads[1:], None, None)
 
 
-def _no_second_derivative(ctx, *grads):
-    raise RuntimeError("fastmeta.conv_block is differentiable once: its backward has no "
-                       "derivative (fastmeta uses it only where none is taken)")
-
-
 conv_block_op.register_autograd(_backward_forward, setup_context=_setup_forward)
-conv_block_backward_op.register_autograd(_no_second_derivative,
-                                         setup_context=lambda ctx, inputs, output: None)
+forbid_second_derivative(conv_block_backward_op, NAME)
 
 
 def conv_block_with_statistics(x: Tensor, weight: Tensor, bias: Tensor | None,
