@@ -50,7 +50,12 @@ def test_conv4_model_equals_plain_pytorch_float64(second_order):
     torch.manual_seed(0)
     model = MetaNetwork(ways=5, second_order=second_order).double()
     batch = episodes(2, 5, 2, 7, (1, 28, 28))
+    fused_blocks = ("conv_block", "bn_relu_pool")  # the prefixes' conv blocks
+    for op in fused_blocks:
+        fastmeta.backend._last_used.pop(op, None)
     assert_fused_equals_plain(model, batch, 1e-9)
+    for op in fused_blocks:
+        assert fastmeta.last_backend(op) == "cpu" or not fastmeta.backends().extension_built
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])

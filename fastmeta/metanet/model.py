@@ -84,13 +84,16 @@ class MetaNetwork(nn.Module):
                                     conv4_network(in_channels))
         self.base, self.representation = base, representation
         # Views into base and representation (slices of the Sequentials, and copies of
-        # the prefixes with their first conv blocks fused by fastmeta.conv_block), held
-        # in a plain tuple so that their parameters are not registered a second time.
+        # the prefixes with their conv blocks fused: fastmeta.conv_block for the first,
+        # fastmeta.bn_relu_pool after the others' convolutions; the prefixes are never
+        # differentiated twice, as per-example gradients stop at the augmented layers'
+        # pre-activations), held in a plain tuple so that their parameters are not
+        # registered a second time.
         base_prefix, base_tail = split_at_first_augmented(base)
         rep_prefix, rep_tail = split_at_first_augmented(representation)
         self._parts = (base_prefix, base_tail, rep_prefix, rep_tail,
-                       fuse_conv_blocks(base_prefix) or base_prefix,
-                       fuse_conv_blocks(rep_prefix) or rep_prefix)
+                       fuse_conv_blocks(base_prefix, bn_relu_pool=True) or base_prefix,
+                       fuse_conv_blocks(rep_prefix, bn_relu_pool=True) or rep_prefix)
         self.m = GradientMLP(hidden, p)  # example-level: base gradients -> W*_i
         self.d = GradientMLP(hidden, p)  # task-level: representation gradients -> Q*
         self.margin, self.second_order, self.fused = margin, second_order, fused
