@@ -4,6 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta import functional as F
+from fastmeta.fused_blocks import fuse_conv_blocks
 
 
 class ProtoNet(nn.Module):
@@ -17,11 +18,23 @@ class ProtoNet(nn.Module):
     query_x [B, M, ...]) or one episode (support_x [S, ...], support_y [S]); the
     encoder sees [N, ...] batches. num_classes defaults to max(support_y) + 1.
     tau is the inverse temperature (learnable with learn_tau=True).
+
+    fuse=True runs the encoder's Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d(2) runs (in
+    nn.Sequentials, training mode, on CPU) as fastmeta's fused conv_block and
+    bn_relu_pool ops (fastmeta.fused_blocks; a conv4 training step several times
+    faster, same numbers). Those ops are differentiable once: leave fuse False where
+    the loss is differentiated twice w.r.t. the encoder (create_graph through it, as in
+    second-order MAML over a ProtoNet); a second derivative raises a RuntimeError.
     """
 
-    def __init__(self, encoder: nn.Module, tau: float = 1.0, learn_tau: bool = False):
+    def __init__(self, encoder: nn.Module, tau: float = 1.0, learn_tau: bool = False,
+                 fuse: bool = False):
         super().__init__()
         self.encoder = encoder
+        # The fused view shares the encoder's modules; a tuple keeps its parameters from
+        # being registered twice.
+        self._fused_encoder = ((fuse_conv_blocks(encoder, bn_relu_pool=True) or encoder)
+                               if fuse else None,)
         tau_tensor = torch.tensor(float(tau))
         if learn_tau:
             self.tau = nn.Parameter(tau_tensor)
@@ -30,7 +43,8 @@ class ProtoNet(nn.Module):
 
     def _embed(self, x: Tensor, batch_dims: int) -> Tensor:
         lead = x.shape[:batch_dims]
-        z = self.encoder(x.reshape(-1, *x.shape[batch_dims:]))
+        encoder = self._fused_encoder[0] or self.encoder
+        z = encoder(x.reshape(-1, *x.shape[batch_dims:]))
         return z.reshape(*lead, -1)
 
     def _episode(self, support_x, support_y, query_x, num_classes):

@@ -282,6 +282,41 @@ def test_protonet_module_batched_and_unbatched():
     assert single.shape == (7, 5) and rel_err(single, logits[0]) < TOL
 
 
+def test_protonet_fused_encoder_equals_plain_and_is_differentiable_once():
+    """fuse=True: a conv4 encoder's blocks run as conv_block / bn_relu_pool with the
+    same loss and gradients as the plain encoder (float64); create_graph through it
+    raises instead of giving a wrong second derivative."""
+    from fastmeta.cli.models import conv4
+
+    torch.manual_seed(0)
+    encoder = conv4().double()
+    support_x, ys = torch.rand(2, 10, 1, 28, 28, dtype=torch.float64), \
+        torch.arange(5).repeat(2).expand(2, 10)
+    query_x, yq = torch.rand(2, 7, 1, 28, 28, dtype=torch.float64), torch.randint(0, 5, (2, 7))
+    results = []
+    for fuse in (True, False):
+        for op in ("conv_block", "bn_relu_pool"):
+            fastmeta.backend._last_used.pop(op, None)
+        model = fastmeta.ProtoNet(encoder, fuse=fuse)
+        loss, _ = model.loss(support_x, ys, query_x, yq)
+        results.append((loss, torch.autograd.grad(loss, list(encoder.parameters()))))
+        for op in ("conv_block", "bn_relu_pool"):
+            ran = fastmeta.last_backend(op) is not None
+            assert ran == fuse or not fastmeta.backends().extension_built
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = results
+    assert rel_err(fused_loss, plain_loss) < 1e-12
+    for got, want in zip(fused_grads, plain_grads):
+        assert float((got - want).abs().max()) <= 1e-9 * float(want.abs().max()) + 1e-12
+    assert len(list(fastmeta.ProtoNet(encoder, fuse=True).parameters())) == \
+        len(list(encoder.parameters()))
+    if fastmeta.backends().extension_built:
+        model = fastmeta.ProtoNet(encoder, fuse=True)
+        loss, _ = model.loss(support_x, ys, query_x, yq)
+        (g,) = torch.autograd.grad(loss, [encoder[0].weight], create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            g.sum().backward()
+
+
 BAD = [
     ("label >= num_classes", dict(support_labels=[[0, 1, 2, 5]]), ValueError,
      ["support_labels", "5", "num_classes=3"]),

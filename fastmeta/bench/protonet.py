@@ -20,6 +20,7 @@ import fastmeta
 from fastmeta import backend
 from fastmeta.bench.harness import Candidate, run_config
 from fastmeta.cli.models import conv4
+from fastmeta.fused_blocks import fuse_conv_blocks
 
 CASE = "protonet"
 CONFIGS = {  # name: (episodes B, ways C, shots K, queries per class, D)
@@ -104,8 +105,11 @@ def loss_candidates(device, B, C, K, Q, D) -> list[Candidate]:
 
 
 def training_step_candidates(device, C, K, Q, best_alternative) -> list[Candidate]:
-    """One conv4 training step (embed 28x28 support and queries, loss, backward)."""
+    """One conv4 training step (embed 28x28 support and queries, loss, backward):
+    fastmeta's loss with the encoder as is, and with its conv blocks fused
+    (ProtoNet(fuse=True)'s view: conv_block, bn_relu_pool; CPU only)."""
     encoder = conv4().to(device)
+    fused_encoder = fuse_conv_blocks(encoder, bn_relu_pool=True)
     support_x = torch.randn(C * K, 1, 28, 28, device=device)
     query_x = torch.randn(C * Q, 1, 28, 28, device=device)
     ys = torch.arange(C, device=device).repeat_interleave(K)
@@ -113,8 +117,8 @@ def training_step_candidates(device, C, K, Q, best_alternative) -> list[Candidat
     params = list(encoder.parameters())
     name, loss_fn = best_alternative
 
-    def fastmeta_step():
-        z = encoder(torch.cat([support_x, query_x]))
+    def fastmeta_step(net=encoder):
+        z = net(torch.cat([support_x, query_x]))
         loss, _ = fastmeta.functional.prototypical_loss(z[: C * K], ys, z[C * K:], yq, C)
         return torch.autograd.grad(loss, params)
 
@@ -123,8 +127,13 @@ def training_step_candidates(device, C, K, Q, best_alternative) -> list[Candidat
         loss = loss_fn(z[None, : C * K], z[None, C * K:], yq[None], 1, C, K)
         return torch.autograd.grad(loss, params)
 
-    return [Candidate("fastmeta + conv4", fastmeta_step, is_fastmeta=True),
+    fused = device == "cpu"  # the fused blocks are CPU ops; the ratios refer to this row
+    rows = [Candidate("fastmeta + conv4", fastmeta_step, is_fastmeta=not fused),
             Candidate(f"{name} + conv4", plain_step)]
+    if fused:
+        rows.insert(0, Candidate("fastmeta + conv4 fused (ProtoNet(fuse=True))",
+                                 lambda: fastmeta_step(fused_encoder), is_fastmeta=True))
+    return rows
 
 
 def run(device: str, quick: bool = False, **timing):

@@ -15,6 +15,8 @@ from fastmeta.cli.models import encoder
 from fastmeta.data import Episodes
 from fastmeta.metanet import networks as metanet_networks
 
+FUSED_BLOCK_OPS = ("conv_block", "bn_relu_pool")  # conv4's blocks on CPU (fused_blocks.py)
+
 
 class Algorithm(Protocol):
     ops: tuple[str, ...]  # the fastmeta ops it runs (for the summary's backend report)
@@ -30,12 +32,14 @@ class Algorithm(Protocol):
 
 
 class ProtoNetAlgorithm:
-    """fastmeta.ProtoNet around conv4 (images) or an MLP (vectors)."""
+    """fastmeta.ProtoNet around conv4 (images) or an MLP (vectors); conv4's blocks run
+    as the fused conv_block / bn_relu_pool ops in training (fuse=True)."""
 
-    ops = ("class_prototypes", "prototypical_cross_entropy", "squared_distances")
+    ops = ("class_prototypes", "prototypical_cross_entropy", "squared_distances",
+           *FUSED_BLOCK_OPS)
 
     def build(self, input_shape: Sequence[int], ways: int) -> nn.Module:
-        return fastmeta.ProtoNet(encoder(input_shape)[0])
+        return fastmeta.ProtoNet(encoder(input_shape)[0], fuse=True)
 
     def loss(self, model: nn.Module, episodes: Episodes, ways: int) -> tuple[Tensor, Tensor]:
         model.train()
@@ -53,7 +57,7 @@ class MAMLAlgorithm:
     linear head; cross-entropy. Batch norm uses each task's batch statistics, in
     training and evaluation alike (as in the MAML reference code)."""
 
-    ops = ("inner_update",)
+    ops = ("inner_update", *FUSED_BLOCK_OPS)
 
     def __init__(self, args: Namespace, meta_sgd: bool):
         self.meta_sgd = meta_sgd
@@ -91,7 +95,7 @@ class MetaNetAlgorithm:
     """fastmeta.MetaNetwork: conv4 (images) or MLP (vectors) base and representation
     learners with augmented layers; a `ways`-way classifier."""
 
-    ops = ("attention_read", "gradient_mlp")
+    ops = ("attention_read", "gradient_mlp", *FUSED_BLOCK_OPS)
 
     def build(self, input_shape: Sequence[int], ways: int) -> nn.Module:
         return fastmeta.MetaNetwork(*metanet_networks(input_shape, ways))
