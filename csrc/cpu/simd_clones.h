@@ -5,7 +5,11 @@
 // calls must be FASTMETA_INLINE so that they are compiled into each clone.
 #pragma once
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#include <cstdint>  // defines __GLIBC__ where the C library is glibc
+
+// target_clones needs GCC >= 11 for the x86-64-vN names and the loader's ifunc (glibc).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && \
+    defined(__GLIBC__)
 #define FASTMETA_SIMD_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
