@@ -5,8 +5,10 @@
 //
 // Shapes: x [N, Cin, H, W], weight [C, Cin, KH, KW], bias/gamma/beta [C];
 // conv output c [N, C, Hc, Wc] with Hc = H + 2 ph - KH + 1 (never stored: each
-// kernel recomputes a plane of c where it needs it), out [N, C, Hc/2, Wc/2].
-//   mean_c, rstd_c = batch statistics of c over (N, Hc, Wc) (biased variance)
+// kernel recomputes the part of c it needs), out [N, C, Hc/2, Wc/2].
+//   mean_c, rstd_c = batch statistics of c over (N, Hc, Wc) (biased variance), from
+//   the mean pbar [taps] and covariance Sigma [taps, taps] of the input patches:
+//   mean_c = bias_c + w_c . pbar,  var_c = w_c^T Sigma w_c
 //   y = (c - mean) * rstd * gamma + beta,   out = maxpool2(relu(y))
 // Backward (M = N*Hc*Wc per channel; dy = the pooled gradient routed to each
 // window's first maximum, times [y > 0]; xhat = (c - mean) * rstd):
@@ -17,11 +19,12 @@
 // Without d_x, dy is nonzero only at each window's maximum, so the forward's record
 // of where (window, uint8 offset 0..3 = row * 2 + column) and of c there (c_max)
 // gives d_beta, d_gamma and the sparse part of d_weight in one pass over the pooled
-// outputs; the dense terms of d_weight need only the patch sums S1 [taps] and Gram
-// matrix G [taps, taps], shared by all channels:
-//   sum_hw xhat x_tap = rstd (bias S1 + G w - mean S1).
-// Parallel over channels (each channel's statistics and gradients have one
-// owner: deterministic); d_x, when asked for, over images.
+// outputs; the dense terms of d_weight need only the same patch moments, shared by all
+// channels (M' = N Hc Wc conv positions):
+//   sum_hw x_tap = M' pbar[tap],  sum_hw xhat x_tap = M' rstd (Sigma w)[tap].
+// The forward is parallel over images (statistics first, so nothing is reduced across
+// threads), the parameter gradients over channels within chunks of images, d_x over
+// images: all deterministic.
 #pragma once
 
 #include <ATen/core/Tensor.h>

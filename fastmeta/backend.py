@@ -156,6 +156,12 @@ def last_backend(op: str) -> str | None:
     return _last_used.get(op)
 
 
+def forget_last_backends(ops) -> None:
+    """Clears last_backend's record of `ops`, so that it reports only later calls."""
+    for op in ops:
+        _last_used.pop(op, None)
+
+
 @dataclasses.dataclass
 class BackendReport:
     """What `fastmeta.backends()` returns; print it for a readable summary."""

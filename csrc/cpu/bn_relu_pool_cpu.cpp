@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "../bn_relu_pool.h"
-#include "window_pool.h"
 #include "simd_clones.h"
+#include "window_pool.h"
 
 namespace fastmeta {
 namespace {

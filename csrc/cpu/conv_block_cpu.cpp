@@ -12,7 +12,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -23,8 +22,8 @@
 #include <vector>
 
 #include "../conv_block.h"
-#include "window_pool.h"
 #include "simd_clones.h"
+#include "window_pool.h"
 
 namespace fastmeta {
 namespace {

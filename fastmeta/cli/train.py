@@ -30,6 +30,7 @@ def train(args: Namespace, out: Path, ranks: Ranks) -> tuple[dict, dict]:
     device = ranks.device
     data = task_data.load(args, device)
     algorithm = algorithms.get(args.algorithm, args)
+    fastmeta.backend.forget_last_backends(algorithm.ops)  # the summary reports this run's
     episode = dict(ways=args.ways, shots=args.shots, queries=args.queries)
     for split in ("val", "test"):  # bad ways/shots for these splits fail now, not later
         data.sampler(split, **episode, tasks=1, seed=0)
