@@ -265,7 +265,7 @@ def candidates(device, T, K, Q, steps, first_order, log=print) -> list[Candidate
     loop_fn = builders["loop (reference)"](model, data)
     reference, seconds, peak = _meta_gradient(model, loop_fn, device)
     log(f"  loop (reference): {seconds:.2f} s (first call)")
-    rows, peaks, check64 = [(Candidate("loop (reference)", loop_fn), peak)], {}, None
+    rows, check64 = [(Candidate("loop (reference)", loop_fn), peak)], None
     for name, build in builders.items():
         if name == "loop (reference)":
             continue
