@@ -123,3 +123,36 @@ def test_fused_view_matches_the_model_and_updates_running_statistics():
     for fused_bn, plain_bn in zip(*norms):
         torch.testing.assert_close(fused_bn.running_var, plain_bn.running_var)
         torch.testing.assert_close(fused_bn.running_mean, plain_bn.running_mean)
+
+
+def test_fused_block_ops_do_not_depend_on_the_thread_count():
+    """conv_block and bn_relu_pool give bitwise the same outputs and gradients with 1, 2
+    and 3 threads (each sum has one owner and a fixed order)."""
+    from fastmeta.ops.conv_block import conv_block
+
+    if not fastmeta.backends().extension_built:
+        pytest.skip("the C++ kernels are not built")
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(13, 1, 28, 28, generator=g)
+    conv_params = [torch.randn(9, 1, 3, 3, generator=g), torch.randn(9, generator=g),
+                   torch.rand(9, generator=g) + 0.5, torch.randn(9, generator=g)]
+    c, gamma, beta = make_inputs((13, 9, 14, 14), torch.float32, seed=6)
+
+    def run():
+        params = [p.detach().requires_grad_() for p in conv_params]
+        with fastmeta.use_backend("cpu"):
+            y = conv_block(x, *params)
+            z = bn_relu_pool(c, gamma, beta)
+            return [y, *torch.autograd.grad(y, params, torch.ones_like(y)), z,
+                    *torch.autograd.grad(z, [c, gamma, beta], torch.ones_like(z))]
+
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
