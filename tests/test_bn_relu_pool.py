@@ -12,6 +12,7 @@ from torch import nn
 import fastmeta
 from fastmeta.fused_blocks import FusedBnReluPool, FusedConvBlock, fuse_conv_blocks
 from fastmeta.ops.bn_relu_pool import bn_relu_pool
+from fastmeta.ops.conv_block import conv_block
 
 OP = "bn_relu_pool"
 
@@ -128,8 +129,6 @@ def test_fused_view_matches_the_model_and_updates_running_statistics():
 def test_fused_block_ops_do_not_depend_on_the_thread_count():
     """conv_block and bn_relu_pool give bitwise the same outputs and gradients with 1, 2
     and 3 threads (each sum has one owner and a fixed order)."""
-    from fastmeta.ops.conv_block import conv_block
-
     if not fastmeta.backends().extension_built:
         pytest.skip("the C++ kernels are not built")
     g = torch.Generator().manual_seed(5)
