@@ -4,9 +4,9 @@
 // the last term is the same for every class and cancels in the softmax, so the
 // kernels use z'[m, k] = tau (2 Q C^T - ||c||^2) [m, k]: one GEMM plus an epilogue.
 //
-// forward : Z = Q C^T (ATen batched GEMM, [B, M, C]); a pass per row turns Z in
-//           place into z' - max (and takes the argmax), ATen's vectorized exp_, and a
-//           normalizing pass yields the softmax and loss_m = lse_m - z'_{m, y_m}.
+// forward : Z = Q C^T (ATen batched GEMM, [B, M, C]); then each row, in L1, turns
+//           into z', its max and argmax, exp(z' - max) (vector_exp.h) and the softmax,
+//           with loss_m = lse_m - z'_{m, y_m}: one read and one write of Z.
 //           Returns (losses [B, M], predictions [B, M], softmax [B, M, C]).
 // backward: with G = (softmax - onehot(y)) * grad_losses (one pass, which also
 //           takes the column sums of G in a fixed order),
@@ -29,6 +29,8 @@
 #include "large_alloc.h"
 #include "parallel_grain.h"
 #include "row_norms.h"
+#include "simd_clones.h"
+#include "vector_exp.h"
 
 namespace fastmeta {
 namespace {
@@ -44,6 +46,42 @@ void check_shapes(const at::Tensor& queries, const at::Tensor& prototypes,
               "prototypical_ce: labels must be contiguous int64 [B, M], got ", labels.sizes());
   TORCH_CHECK(tau.dim() == 0 && tau.scalar_type() == queries.scalar_type(),
               "prototypical_ce: tau must be a 0-d tensor of the queries' dtype");
+}
+
+// One row of Z = Q C^T [C] into the softmax of z' = tau (2 Z - ||c||^2), in place;
+// *loss = lse - z'_label, *pred = the first index of the largest logit.
+template <typename scalar_t>
+FASTMETA_SIMD_CLONES void softmax_row(scalar_t* row, const at::opmath_type<scalar_t>* norms,
+                                      int64_t C, at::opmath_type<scalar_t> t, int64_t label,
+                                      scalar_t* loss, int64_t* pred) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t best = -std::numeric_limits<acc_t>::infinity();
+  _Pragma("omp simd reduction(max : best)")
+  for (int64_t k = 0; k < C; ++k) {
+    const acc_t z = t * (acc_t(2) * acc_t(row[k]) - norms[k]);
+    row[k] = static_cast<scalar_t>(z);
+    best = std::max(best, z);
+  }
+  int64_t arg = 0;  // the first maximum (0 if every logit is NaN)
+  for (int64_t k = 0; k < C; ++k) {
+    if (acc_t(row[k]) == best) {
+      arg = k;
+      break;
+    }
+  }
+  const acc_t label_logit = row[label];
+  acc_t sum = 0;
+  _Pragma("omp simd reduction(+ : sum)")
+  for (int64_t k = 0; k < C; ++k) {
+    const acc_t e = vector_exp(acc_t(row[k]) - best);
+    row[k] = static_cast<scalar_t>(e);
+    sum += e;
+  }
+  const acc_t inv = acc_t(1) / sum;
+  _Pragma("omp simd")
+  for (int64_t k = 0; k < C; ++k) row[k] = static_cast<scalar_t>(acc_t(row[k]) * inv);
+  *loss = static_cast<scalar_t>(best + std::log(sum) - label_logit);
+  *pred = arg;
 }
 
 }  // namespace
@@ -67,42 +105,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cpu(
     scalar_t* p = softmax.mutable_data_ptr<scalar_t>();
     scalar_t* loss = losses.mutable_data_ptr<scalar_t>();
     int64_t* pred = predictions.mutable_data_ptr<int64_t>();
-    const int64_t grain = grain_for(C);
-    std::vector<acc_t> row_max(B * M), label_logit(B * M);
-    // Pass 1 (each row in L1): z' in place, its max, argmax and label logit, then z' - max.
-    at::parallel_for(0, B * M, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * M, grain_for(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / M, label = y[r];
+        const int64_t label = y[r];
         TORCH_CHECK(label >= 0 && label < C, "prototypical_ce: query label ", label,
                     " is outside [0, ", C, ")");
-        scalar_t* row = p + r * C;
-        const acc_t* norms = cn.data() + b * C;
-        acc_t best = -std::numeric_limits<acc_t>::infinity();
-        int64_t arg = 0;
-        for (int64_t k = 0; k < C; ++k) {
-          const acc_t z = t * (acc_t(2) * acc_t(row[k]) - norms[k]);
-          row[k] = static_cast<scalar_t>(z);
-          if (z > best) best = z, arg = k;
-        }
-        label_logit[r] = row[label];
-        row_max[r] = best;
-        pred[r] = arg;
-        _Pragma("omp simd")
-        for (int64_t k = 0; k < C; ++k) row[k] = static_cast<scalar_t>(acc_t(row[k]) - best);
-      }
-    });
-    softmax.exp_();  // ATen's vectorized exp: one exp per element
-    // Pass 2: normalize each row; loss = lse - z'_y = max + log(sum) - z'_y.
-    at::parallel_for(0, B * M, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        scalar_t* row = p + r * C;
-        acc_t sum = 0;
-        _Pragma("omp simd reduction(+ : sum)")
-        for (int64_t k = 0; k < C; ++k) sum += acc_t(row[k]);
-        const acc_t inv = acc_t(1) / sum;
-        _Pragma("omp simd")
-        for (int64_t k = 0; k < C; ++k) row[k] = static_cast<scalar_t>(acc_t(row[k]) * inv);
-        loss[r] = static_cast<scalar_t>(row_max[r] + std::log(sum) - label_logit[r]);
+        softmax_row(p + r * C, cn.data() + r / M * C, C, t, label, loss + r, pred + r);
       }
     });
   });
