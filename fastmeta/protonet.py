@@ -31,10 +31,9 @@ class ProtoNet(nn.Module):
                  fuse: bool = False):
         super().__init__()
         self.encoder = encoder
-        # The fused view shares the encoder's modules; a tuple keeps its parameters from
-        # being registered twice.
-        self._fused_encoder = ((fuse_conv_blocks(encoder, bn_relu_pool=True) or encoder)
-                               if fuse else None,)
+        # The fused view (None: nothing fuses, or fuse is off) shares the encoder's
+        # modules; a tuple keeps its parameters from being registered twice.
+        self._fused_encoder = (fuse_conv_blocks(encoder, bn_relu_pool=True) if fuse else None,)
         tau_tensor = torch.tensor(float(tau))
         if learn_tau:
             self.tau = nn.Parameter(tau_tensor)
@@ -43,7 +42,8 @@ class ProtoNet(nn.Module):
 
     def _embed(self, x: Tensor, batch_dims: int) -> Tensor:
         lead = x.shape[:batch_dims]
-        encoder = self._fused_encoder[0] or self.encoder
+        fused = self._fused_encoder[0]
+        encoder = self.encoder if fused is None else fused
         z = encoder(x.reshape(-1, *x.shape[batch_dims:]))
         return z.reshape(*lead, -1)
 

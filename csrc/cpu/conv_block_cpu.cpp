@@ -110,6 +110,23 @@ int64_t window_argmax(const Geometry& g, const scalar_t* y, int64_t oh, int64_t 
 struct PatchMoments {
   double count;
   std::vector<double> mean, cov;
+
+  // The batch mean of a channel's conv output: bias + w . pbar.
+  template <typename scalar_t>
+  double conv_mean(const scalar_t* w, scalar_t bias) const {
+    double mu = bias;
+    for (size_t t = 0; t < mean.size(); ++t) mu += double(w[t]) * mean[t];
+    return mu;
+  }
+
+  // (Sigma w)[t]: the covariance of tap t with a channel's conv output.
+  template <typename scalar_t>
+  double cov_times(const scalar_t* w, size_t t) const {
+    const size_t taps = mean.size();
+    double sum = 0;
+    for (size_t u = 0; u < taps; ++u) sum += cov[t * taps + u] * double(w[u]);
+    return sum;
+  }
 };
 
 template <typename scalar_t>
@@ -362,15 +379,11 @@ void conv_block_parameter_grads(const Geometry& g, const Phases& ph, const scala
     const double sum_dy = sums[c * 2], sum_dy_xhat = sums[c * 2 + 1];
     const double r = rp[c], k = double(gp[c]) * r;
     const scalar_t* w = wp + c * taps;
-    double mean_c = bp[c];
-    for (int64_t t = 0; t < taps; ++t) mean_c += double(w[t]) * moments.mean[t];
     for (int64_t t = 0; t < taps; ++t) {
-      double cov_w = 0;
-      for (int64_t u = 0; u < taps; ++u) cov_w += moments.cov[t * taps + u] * double(w[u]);
-      dwp[c * taps + t] = scalar_t(
-          k * (sparse[c * taps + t] - sum_dy * moments.mean[t] - sum_dy_xhat * r * cov_w));
+      dwp[c * taps + t] = scalar_t(k * (sparse[c * taps + t] - sum_dy * moments.mean[t] -
+                                        sum_dy_xhat * r * moments.cov_times(w, t)));
     }
-    dbp[c] = scalar_t(-k * sum_dy_xhat * r * (mean_c - double(mp[c])));
+    dbp[c] = scalar_t(-k * sum_dy_xhat * r * (moments.conv_mean(w, bp[c]) - double(mp[c])));
     dgp[c] = scalar_t(sum_dy_xhat);
     dbetap[c] = scalar_t(sum_dy);
   }
@@ -426,18 +439,12 @@ ConvBlockForward conv_block_forward_cpu(const at::Tensor& x, const at::Tensor& w
     std::vector<scalar_t> scale(g.C), shift(g.C);
     for (int64_t c = 0; c < g.C; ++c) {
       const scalar_t* w = wp + c * taps;
-      double mu = bp[c], var = 0;
-      for (int64_t t = 0; t < taps; ++t) {
-        mu += double(w[t]) * moments.mean[t];
-        for (int64_t u = 0; u < taps; ++u) {
-          var += double(w[t]) * moments.cov[t * taps + u] * double(w[u]);
-        }
-      }
-      mp[c] = scalar_t(mu);
+      double var = 0;  // w^T Sigma w
+      for (int64_t t = 0; t < taps; ++t) var += double(w[t]) * moments.cov_times(w, t);
+      mp[c] = scalar_t(moments.conv_mean(w, bp[c]));
       rp[c] = scalar_t(1.0 / std::sqrt(std::max(var, 0.0) + eps));
-      std::tie(scale[c], shift[c]) =
-          batch_norm_affine(mp[c], rp[c], gamma.const_data_ptr<scalar_t>()[c],
-                 beta.const_data_ptr<scalar_t>()[c]);
+      std::tie(scale[c], shift[c]) = batch_norm_affine(
+          mp[c], rp[c], gamma.const_data_ptr<scalar_t>()[c], beta.const_data_ptr<scalar_t>()[c]);
     }
     const at::Tensor phases = split_phases<scalar_t>(g, ph, x);
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {

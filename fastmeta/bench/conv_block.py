@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmeta
+from fastmeta import backend
 from fastmeta.bench.harness import Candidate, run_config
 from fastmeta.ops.bn_relu_pool import bn_relu_pool
 from fastmeta.ops.conv_block import conv_block
@@ -98,6 +99,10 @@ def _no_grad(fn):
 def run(device: str, quick: bool = False, **timing):
     if device != "cpu":
         print(f"{CASE}: CPU only (fastmeta.conv_block has no GPU kernel), skipped")
+        return []
+    reason = backend.op_unavailable_reason(CASE, "cpu", "cpu", torch.float32)
+    if reason is not None:
+        print(f"{CASE}: the C++ kernels cannot run here ({reason}), skipped")
         return []
     results = []
     for images in QUICK_IMAGES if quick else IMAGES:
