@@ -4,18 +4,20 @@
 // the last term is the same for every class and cancels in the softmax, so the
 // kernels use z'[m, k] = tau (2 Q C^T - ||c||^2) [m, k]: one GEMM plus an epilogue.
 //
-// forward : Z = Q C^T (ATen batched GEMM, [B, M, C]); then each row, in L1, turns
-//           into z', its max and argmax, exp(z' - max) (vector_exp.h) and the softmax,
-//           with loss_m = lse_m - z'_{m, y_m}: one read and one write of Z.
+// forward : Z = Q C^T (ATen batched GEMM, [B, M, C]); then each block of rows, in L1,
+//           turns into z', its max and argmax, exp(z' - max) (vector_exp.h) and the
+//           softmax, with loss_m = lse_m - z'_{m, y_m}: one read and one write of Z.
 //           Returns (losses [B, M], predictions [B, M], softmax [B, M, C]).
 // backward: with G = (softmax - onehot(y)) * grad_losses (one pass, which also
 //           takes the column sums of G in a fixed order),
-//             d_Q   = 2 tau G C
+//             d_Q   = 2 tau G C                        (the GEMM's alpha scales)
 //             d_C   = 2 tau (G^T Q - colsum(G) * C)
-//             d_tau = sum(G * (2 Q C^T - ||c||^2)) = 2 sum_m q_m . (G C)_m - colsum(G) . ||c||^2
-//           (the last form needs no second copy of Z). Two GEMMs.
+//             d_tau = sum(G * (2 Q C^T - ||c||^2)) = 2 sum_k c_k . (G^T Q)_k - colsum(G) . ||c||^2
+//           (the last form needs no copy of Z and only [C, D] work: it is read in
+//           the pass that finishes d_C). Two GEMMs; nothing after them touches [M, D].
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -48,40 +50,101 @@ void check_shapes(const at::Tensor& queries, const at::Tensor& prototypes,
               "prototypical_ce: tau must be a 0-d tensor of the queries' dtype");
 }
 
-// One row of Z = Q C^T [C] into the softmax of z' = tau (2 Z - ||c||^2), in place;
-// *loss = lse - z'_label, *pred = the first index of the largest logit.
-template <typename scalar_t>
-FASTMETA_SIMD_CLONES void softmax_row(scalar_t* row, const at::opmath_type<scalar_t>* norms,
-                                      int64_t C, at::opmath_type<scalar_t> t, int64_t label,
-                                      scalar_t* loss, int64_t* pred) {
-  using acc_t = at::opmath_type<scalar_t>;
-  acc_t best = -std::numeric_limits<acc_t>::infinity();
-  _Pragma("omp simd reduction(max : best)")
-  for (int64_t k = 0; k < C; ++k) {
-    const acc_t z = t * (acc_t(2) * acc_t(row[k]) - norms[k]);
-    row[k] = static_cast<scalar_t>(z);
-    best = std::max(best, z);
-  }
-  int64_t arg = 0;  // the first maximum (0 if every logit is NaN)
-  for (int64_t k = 0; k < C; ++k) {
-    if (acc_t(row[k]) == best) {
-      arg = k;
-      break;
+// Rows [begin, end) of Z = Q C^T [rows, C] (episode of row r: r / M) into the softmax
+// of z' = tau (2 Z - ||c||^2), in place; loss_r = lse - z'_{y_r}, pred_r = the first
+// index of the largest logit. Blocks of rows stay in L1 for three passes: per row the
+// logits, their max and argmax, and z' - max; then exp over the whole block (one
+// contiguous vector loop, so that C = 5 vectorizes as well as C = 1000); then per
+// row the sum and the normalization.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+FASTMETA_SIMD_CLONES void softmax_rows(scalar_t* z, const acc_t* norms, const int64_t* y,
+                                       int64_t M, int64_t C, acc_t t, int64_t begin,
+                                       int64_t end, scalar_t* loss, int64_t* pred) {
+  constexpr int64_t kBlockElements = 4096, kMaxBlockRows = 256;
+  const int64_t block_rows = std::clamp<int64_t>(kBlockElements / C, 1, kMaxBlockRows);
+  acc_t label_shifted[kMaxBlockRows];  // z'_{y_r} - max_r
+  for (int64_t r0 = begin; r0 < end; r0 += block_rows) {
+    const int64_t r1 = std::min(end, r0 + block_rows);
+    for (int64_t r = r0; r < r1; ++r) {
+      scalar_t* row = z + r * C;
+      const acc_t* cn = norms + r / M * C;
+      acc_t best = -std::numeric_limits<acc_t>::infinity();
+      _Pragma("omp simd reduction(max : best)")
+      for (int64_t k = 0; k < C; ++k) {
+        const acc_t logit = t * (acc_t(2) * acc_t(row[k]) - cn[k]);
+        row[k] = static_cast<scalar_t>(logit);
+        best = std::max(best, logit);
+      }
+      int64_t arg = 0;  // the first maximum (0 if every logit is NaN)
+      for (int64_t k = 0; k < C; ++k) {
+        if (acc_t(row[k]) == best) {
+          arg = k;
+          break;
+        }
+      }
+      pred[r] = arg;
+      _Pragma("omp simd")
+      for (int64_t k = 0; k < C; ++k) row[k] = static_cast<scalar_t>(acc_t(row[k]) - best);
+      label_shifted[r - r0] = row[y[r]];
+    }
+    scalar_t* block = z + r0 * C;
+    _Pragma("omp simd")
+    for (int64_t i = 0; i < (r1 - r0) * C; ++i) {
+      block[i] = static_cast<scalar_t>(vector_exp(acc_t(block[i])));
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      scalar_t* row = z + r * C;
+      acc_t sum = 0;
+      _Pragma("omp simd reduction(+ : sum)")
+      for (int64_t k = 0; k < C; ++k) sum += acc_t(row[k]);
+      const acc_t inv = acc_t(1) / sum;
+      _Pragma("omp simd")
+      for (int64_t k = 0; k < C; ++k) row[k] = static_cast<scalar_t>(acc_t(row[k]) * inv);
+      loss[r] = static_cast<scalar_t>(std::log(sum) - label_shifted[r - r0]);
     }
   }
-  const acc_t label_logit = row[label];
-  acc_t sum = 0;
-  _Pragma("omp simd reduction(+ : sum)")
-  for (int64_t k = 0; k < C; ++k) {
-    const acc_t e = vector_exp(acc_t(row[k]) - best);
-    row[k] = static_cast<scalar_t>(e);
-    sum += e;
+}
+
+// Rows [begin, end) of G = (softmax - onehot(y)) * grad_losses [rows, C], adding each
+// row into colsum [C] in row order.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+FASTMETA_SIMD_CLONES void gradient_rows(const scalar_t* p, const scalar_t* go, const int64_t* y,
+                                        int64_t C, int64_t begin, int64_t end, scalar_t* g,
+                                        acc_t* colsum) {
+  for (int64_t r = begin; r < end; ++r) {
+    const acc_t scale = go[r];
+    const scalar_t* pr = p + r * C;
+    scalar_t* gr = g + r * C;
+    _Pragma("omp simd")
+    for (int64_t k = 0; k < C; ++k) {
+      const acc_t v = acc_t(pr[k]) * scale;
+      gr[k] = static_cast<scalar_t>(v);
+      colsum[k] += v;
+    }
+    gr[y[r]] = static_cast<scalar_t>(acc_t(gr[y[r]]) - scale);  // minus onehot(y)
+    colsum[y[r]] -= scale;
   }
-  const acc_t inv = acc_t(1) / sum;
-  _Pragma("omp simd")
-  for (int64_t k = 0; k < C; ++k) row[k] = static_cast<scalar_t>(acc_t(row[k]) * inv);
-  *loss = static_cast<scalar_t>(best + std::log(sum) - label_logit);
-  *pred = arg;
+}
+
+// One prototype's gradient from gtq = (G^T Q)_k [D], in place:
+// d_c = 2 tau (gtq - s c) with s = colsum(G)_k; returns c . gtq (for d_tau), in double.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+FASTMETA_SIMD_CLONES double prototype_gradient_row(scalar_t* gtq, const scalar_t* c, int64_t D,
+                                                   acc_t s, acc_t t) {
+  double dot = 0;
+  _Pragma("omp simd reduction(+ : dot)")
+  for (int64_t j = 0; j < D; ++j) {
+    dot += double(c[j]) * double(gtq[j]);
+    gtq[j] = static_cast<scalar_t>(acc_t(2) * t * (acc_t(gtq[j]) - s * acc_t(c[j])));
+  }
+  return dot;
+}
+
+void check_label_range(const char* op, const at::Tensor& labels, int64_t C) {
+  const int64_t* y = labels.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < labels.numel(); ++r) {
+    TORCH_CHECK(y[r] >= 0 && y[r] < C, op, ": query label ", y[r], " is outside [0, ", C, ")");
+  }
 }
 
 }  // namespace
@@ -91,6 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cpu(
     const at::Tensor& tau) {
   check_shapes(queries, prototypes, labels, tau);
   const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
+  check_label_range("prototypical_ce", labels, C);
   // Q C^T into a pooled buffer (a fresh 40 MB output costs more in page faults than
   // the epilogue), then turned into the softmax in place.
   at::Tensor softmax = empty_cpu_large({B, M, C}, queries.options());
@@ -106,12 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cpu(
     scalar_t* loss = losses.mutable_data_ptr<scalar_t>();
     int64_t* pred = predictions.mutable_data_ptr<int64_t>();
     at::parallel_for(0, B * M, grain_for(C), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t label = y[r];
-        TORCH_CHECK(label >= 0 && label < C, "prototypical_ce: query label ", label,
-                    " is outside [0, ", C, ")");
-        softmax_row(p + r * C, cn.data() + r / M * C, C, t, label, loss + r, pred + r);
-      }
+      softmax_rows(p, cn.data(), y, M, C, t, begin, end, loss, pred);
     });
   });
   return {losses, predictions, softmax};
@@ -122,9 +181,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cpu(
     const at::Tensor& labels, const at::Tensor& tau, const at::Tensor& softmax) {
   check_shapes(queries, prototypes, labels, tau);
   const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
+  const int64_t D = queries.size(2);
   TORCH_CHECK(softmax.sizes() == at::IntArrayRef({B, M, C}) && softmax.is_contiguous() &&
                   grad_losses.sizes() == labels.sizes() && grad_losses.is_contiguous(),
               "prototypical_ce_backward: softmax [B, M, C] and grad_losses [B, M] expected");
+  check_label_range("prototypical_ce_backward", labels, C);
   at::Tensor G = empty_cpu_large({B, M, C}, queries.options());
   const int64_t tasks = (M + kRowsPerTask - 1) / kRowsPerTask;
   at::Tensor d_queries, d_prototypes, d_tau;
@@ -139,69 +200,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cpu(
     at::parallel_for(0, B * tasks, grain_for(kRowsPerTask * C), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / tasks, m0 = (task % tasks) * kRowsPerTask;
-        acc_t* colsum = partial.data() + task * C;
-        for (int64_t m = m0; m < std::min(M, m0 + kRowsPerTask); ++m) {
-          const int64_t r = b * M + m;
-          TORCH_CHECK(y[r] >= 0 && y[r] < C, "prototypical_ce_backward: query label ", y[r],
-                      " is outside [0, ", C, ")");
-          const acc_t scale = go[r];
-          const scalar_t* pr = p + r * C;
-          scalar_t* gr = g + r * C;
-          _Pragma("omp simd")
-          for (int64_t k = 0; k < C; ++k) {
-            const acc_t v = acc_t(pr[k]) * scale;
-            gr[k] = static_cast<scalar_t>(v);
-            colsum[k] += v;
-          }
-          gr[y[r]] = static_cast<scalar_t>(acc_t(gr[y[r]]) - scale);  // minus onehot(y)
-          colsum[y[r]] -= scale;
-        }
+        gradient_rows(p, go, y, C, b * M + m0, b * M + std::min(M, m0 + kRowsPerTask), g,
+                      partial.data() + task * C);
       }
     });
-    std::vector<scalar_t> colsum(B * C, scalar_t(0));
+    std::vector<acc_t> colsum(B * C, acc_t(0));
     for (int64_t b = 0; b < B; ++b) {
-      for (int64_t k = 0; k < C; ++k) {
-        acc_t sum = 0;
-        for (int64_t task = 0; task < tasks; ++task) sum += partial[(b * tasks + task) * C + k];
-        colsum[b * C + k] = static_cast<scalar_t>(sum);
+      for (int64_t task = 0; task < tasks; ++task) {
+        for (int64_t k = 0; k < C; ++k) colsum[b * C + k] += partial[(b * tasks + task) * C + k];
       }
     }
     const acc_t t = tau.item<acc_t>();
-    const auto cn = row_squared_norms<scalar_t>(prototypes);
-    d_queries = at::bmm(G, prototypes);                  // G C, scaled in place below
+    // d_Q = 2 tau G C: the GEMM scales (beta 0: the uninitialized d_queries is not read).
+    d_queries = at::empty({B, M, D}, queries.options());
+    at::baddbmm_out(d_queries, d_queries, G, prototypes, /*beta=*/0, /*alpha=*/2 * t);
     d_prototypes = at::bmm(G.transpose(1, 2), queries);  // G^T Q, finished below
-    const int64_t D = queries.size(2);
-    const scalar_t* q = queries.const_data_ptr<scalar_t>();
     const scalar_t* c = prototypes.const_data_ptr<scalar_t>();
-    scalar_t* dq = d_queries.mutable_data_ptr<scalar_t>();
     scalar_t* dc = d_prototypes.mutable_data_ptr<scalar_t>();
-    // d_Q = 2 tau (G C), and each row's q_m . (G C)_m for d_tau (in double, per row).
-    std::vector<double> q_dot_gc(B * M, 0.0);
-    at::parallel_for(0, B * M, grain_for(D),
-                     [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        double dot = 0;
-        for (int64_t j = 0; j < D; ++j) {
-          dot += double(q[r * D + j]) * double(dq[r * D + j]);
-          dq[r * D + j] = static_cast<scalar_t>(2 * t * acc_t(dq[r * D + j]));
-        }
-        q_dot_gc[r] = dot;
-      }
-    });
-    // d_C = 2 tau (G^T Q - colsum(G) * C).
-    at::parallel_for(0, B * C, grain_for(D),
-                     [&](int64_t begin, int64_t end) {
+    // d_C = 2 tau (G^T Q - colsum(G) * C), and c_k . (G^T Q)_k for d_tau.
+    std::vector<double> c_dot_gtq(B * C, 0.0);
+    at::parallel_for(0, B * C, grain_for(D), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const acc_t s = colsum[i];
-        for (int64_t j = 0; j < D; ++j) {
-          dc[i * D + j] = static_cast<scalar_t>(
-              2 * t * (acc_t(dc[i * D + j]) - s * acc_t(c[i * D + j])));
-        }
+        c_dot_gtq[i] = prototype_gradient_row(dc + i * D, c + i * D, D, colsum[i], t);
       }
     });
-    double dt = 0;  // d_tau = 2 sum_m q_m . (G C)_m - colsum . ||c||^2, fixed order
-    for (double v : q_dot_gc) dt += 2 * v;
-    for (int64_t i = 0; i < B * C; ++i) dt -= double(colsum[i]) * double(cn[i]);
+    // d_tau = sum(G * (2 Q C^T - ||c||^2)) = 2 sum_k c_k . (G^T Q)_k - colsum . ||c||^2,
+    // summed in a fixed order.
+    const auto cn = row_squared_norms<scalar_t>(prototypes);
+    double dt = 0;
+    for (int64_t i = 0; i < B * C; ++i) dt += 2 * c_dot_gtq[i] - double(colsum[i]) * double(cn[i]);
     d_tau = at::empty({}, queries.options()).fill_(dt);
   });
   return {d_queries, d_prototypes, d_tau};
