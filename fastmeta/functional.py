@@ -13,10 +13,10 @@
 import torch
 from torch import Tensor
 
-from fastmeta.ops._checks import (check_episode_pair, check_every_class_present, check_labels,
-                                  check_num_classes, check_tensor)
+from fastmeta.ops._checks import check_num_classes, check_tensor
 from fastmeta.ops.class_prototypes import class_prototypes_op
 from fastmeta.ops.inner_update import inner_update
+from fastmeta.ops.prototypical_episode import prototypical_loss_op
 from fastmeta.ops.prototypical_loss import prototypical_ce_op
 from fastmeta.ops.squared_distances import squared_distances_op
 
@@ -94,16 +94,11 @@ def prototypical_loss(support: Tensor, support_labels: Tensor, queries: Tensor,
     _check_reduction(op, reduction)
     check_num_classes(op, num_classes)
     batched = support.dim() == 3
-    s = _batched(op, "support", support, 2)
     q = _batched(op, "queries", queries, 2)
-    check_episode_pair(op, "support", s, "queries", q)
-    y_support = _batched(op, "support_labels", support_labels, 1)
     y_query = _batched(op, "query_labels", query_labels, 1)
-    check_labels(op, "support_labels", y_support, s.shape[:2], num_classes)
-    check_labels(op, "query_labels", y_query, q.shape[:2], num_classes)
-    check_every_class_present(op, "support_labels", y_support, num_classes)
-    prototypes = class_prototypes_op(s, y_support, num_classes)
-    losses, predictions, _ = prototypical_ce_op(q, prototypes, y_query, _tau_tensor(tau, q))
+    losses, predictions, _, _ = prototypical_loss_op(
+        _batched(op, "support", support, 2), _batched(op, "support_labels", support_labels, 1),
+        q, y_query, num_classes, _tau_tensor(tau, q))
     accuracy = (predictions == y_query).to(q.dtype).mean()
     return _reduce(losses, reduction, batched), accuracy
 

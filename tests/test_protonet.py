@@ -125,6 +125,7 @@ def test_prototypical_loss_matches_float64(backend_device, B, C, D):
                                              query_labels.to(device), C, tau=tau)
         grads = torch.autograd.grad(loss, (support, queries, tau))
         assert fastmeta.last_backend("prototypical_cross_entropy") == name
+        assert fastmeta.last_backend("class_prototypes") == name
     s64, q64, t64 = (x.detach().cpu().double().requires_grad_() for x in (support, queries, tau))
     want_losses, logits = loss_float64(s64, support_labels, q64, query_labels, C, t64)
     want_grads = torch.autograd.grad(want_losses.mean(), (s64, q64, t64))
@@ -234,6 +235,15 @@ def test_opcheck(backend_device):
         if backend_supports(name, "class_prototypes", device):
             torch.library.opcheck(ops.class_prototypes_backward.default,
                                   (torch.randn_like(prototypes), ys))
+            for rg in (False, True):
+                s, q, t = (x.clone().requires_grad_(rg) for x in (support, queries, tau))
+                torch.library.opcheck(ops.prototypical_loss.default, (s, ys, q, yq, 4, t))
+            losses, _, fused_prototypes, softmax = ops.prototypical_loss(support, ys, queries,
+                                                                         yq, 4, tau)
+            assert rel_err(fused_prototypes, prototypes) < TOL
+            torch.library.opcheck(ops.prototypical_loss_backward.default,
+                                  (torch.randn_like(losses), ys, queries, yq, tau,
+                                   fused_prototypes, softmax))
 
 
 def backend_supports(name, op, device):

@@ -42,7 +42,7 @@ def check_labels(op: str, name: str, labels: torch.Tensor, shape: tuple, num_cla
                          f"{shape_str(labels)}")
     if labels.numel() == 0 or torch.compiler.is_compiling():
         return
-    low, high = int(labels.min()), int(labels.max())
+    low, high = (int(v) for v in torch.aminmax(labels))
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
         where = (labels == bad).nonzero()[0].tolist()

@@ -25,19 +25,22 @@ backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
     "triton": (torch.float32,)})
 
 
-def check_class_prototypes_args(support: Tensor, labels: Tensor, num_classes: int) -> None:
-    """Raises a clear error unless support [B, S, D] and labels [B, S] make episodes
-    in which every one of num_classes classes has a support example."""
-    name = "fastmeta.class_prototypes"
+def check_class_prototypes_args(support: Tensor, labels: Tensor, num_classes: int,
+                                name: str = "fastmeta.class_prototypes",
+                                labels_name: str = "labels") -> None:
+    """Raises a clear error (naming `name` and the arguments) unless support [B, S, D]
+    and labels [B, S] make episodes in which every one of num_classes classes has a
+    support example."""
     check_tensor(name, "support", support)
     check_floating(name, "support", support)
     if support.dim() != 3:
         raise ValueError(f"{name}: support must be [B, S, D], got shape {shape_str(support)}")
     check_num_classes(name, num_classes)
-    check_labels(name, "labels", labels, support.shape[:2], num_classes)
+    check_labels(name, labels_name, labels, support.shape[:2], num_classes)
     if labels.device != support.device:
-        raise ValueError(f"{name}: labels is on {labels.device} but support is on {support.device}")
-    check_every_class_present(name, "labels", labels, num_classes)
+        raise ValueError(f"{name}: {labels_name} is on {labels.device} but support is on "
+                         f"{support.device}")
+    check_every_class_present(name, labels_name, labels, num_classes)
 
 
 def _counts(labels: Tensor, num_classes: int, dtype) -> Tensor:
@@ -87,11 +90,21 @@ _BACKWARD = {"reference": class_prototypes_backward_reference, "cpu": _backward_
              "cuda": _backward_compiled, "triton": _backward_triton}
 
 
+def class_prototypes_forward(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """The forward on the selected backend; arguments checked, labels int64 contiguous."""
+    return _FORWARD[backend.select(OP, support.device, support.dtype)](support, labels,
+                                                                        num_classes)
+
+
+def class_prototypes_backward(grad: Tensor, labels: Tensor) -> Tensor:
+    """The backward on the selected backend; labels int64 contiguous."""
+    return _BACKWARD[backend.select(OP, grad.device, grad.dtype)](grad, labels)
+
+
 @torch.library.custom_op("fastmeta::class_prototypes", mutates_args=())
 def class_prototypes_op(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     check_class_prototypes_args(support, labels, num_classes)
-    impl = _FORWARD[backend.select(OP, support.device, support.dtype)]
-    return impl(support, labels.long().contiguous(), num_classes)
+    return class_prototypes_forward(support, labels.long().contiguous(), num_classes)
 
 
 @class_prototypes_op.register_fake
@@ -101,8 +114,7 @@ def _(support, labels, num_classes):
 
 @torch.library.custom_op("fastmeta::class_prototypes_backward", mutates_args=())
 def class_prototypes_backward_op(grad: Tensor, labels: Tensor) -> Tensor:
-    impl = _BACKWARD[backend.select(OP, grad.device, grad.dtype)]
-    return impl(grad, labels.long().contiguous())
+    return class_prototypes_backward(grad, labels.long().contiguous())
 
 
 @class_prototypes_backward_op.register_fake

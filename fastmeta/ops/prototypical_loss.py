@@ -32,19 +32,27 @@ backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
     "triton": (torch.float32,)})
 
 
-def check_prototypical_ce_args(queries: Tensor, prototypes: Tensor, labels: Tensor,
-                               tau: Tensor) -> None:
-    name = "fastmeta.prototypical_cross_entropy"
-    check_episode_pair(name, "queries", queries, "prototypes", prototypes)
+def check_query_args(name: str, queries: Tensor, labels: Tensor, num_classes: int,
+                     tau: Tensor) -> None:
+    """queries [B, M, D] (checked by the caller), query_labels [B, M] in [0, num_classes)
+    on the queries' device, tau a floating 0-d tensor of the queries' dtype and device."""
     check_tensor(name, "tau", tau)
     check_floating(name, "tau", tau)
     if tau.dim() != 0:
         raise ValueError(f"{name}: tau must be a scalar, got shape {shape_str(tau)}")
-    check_same_dtype_device(name, "queries", queries, prototypes=prototypes, tau=tau)
-    check_labels(name, "query_labels", labels, queries.shape[:2], prototypes.shape[1])
+    check_same_dtype_device(name, "queries", queries, tau=tau)
+    check_labels(name, "query_labels", labels, queries.shape[:2], num_classes)
     if labels.device != queries.device:
         raise ValueError(f"{name}: query_labels is on {labels.device} but queries is on "
                          f"{queries.device}")
+
+
+def check_prototypical_ce_args(queries: Tensor, prototypes: Tensor, labels: Tensor,
+                               tau: Tensor) -> None:
+    name = "fastmeta.prototypical_cross_entropy"
+    check_episode_pair(name, "queries", queries, "prototypes", prototypes)
+    check_same_dtype_device(name, "queries", queries, prototypes=prototypes)
+    check_query_args(name, queries, labels, prototypes.shape[1], tau)
 
 
 def _logits(queries: Tensor, prototypes: Tensor, tau: Tensor) -> Tensor:
@@ -104,12 +112,31 @@ _BACKWARD = {"reference": prototypical_ce_backward_reference, "cpu": _backward_c
              "cuda": _backward_compiled, "triton": _backward_triton}
 
 
+def prototypical_ce_forward(queries, prototypes, labels, tau):
+    """The forward on the selected backend; arguments checked, labels int64 contiguous."""
+    impl = _FORWARD[backend.select(OP, queries.device, queries.dtype)]
+    return impl(queries, prototypes, labels, tau)
+
+
+def prototypical_ce_backward(grad_losses, queries, prototypes, labels, tau, softmax):
+    """The fused backward on the selected backend; labels int64 contiguous."""
+    impl = _BACKWARD[backend.select(OP, queries.device, queries.dtype)]
+    return impl(grad_losses, queries, prototypes, labels, tau, softmax)
+
+
+def prototypical_ce_backward_differentiable(grad_losses, queries, prototypes, labels, tau):
+    """The backward for create_graph: the softmax recomputed from the inputs and the
+    formulas in differentiable torch ops, so grad of grad is exact."""
+    softmax = torch.softmax(_logits(*opmath(queries, prototypes, tau)), dim=-1)
+    return prototypical_ce_backward_reference(grad_losses, queries, prototypes, labels.long(),
+                                              tau, softmax)
+
+
 @torch.library.custom_op("fastmeta::prototypical_cross_entropy", mutates_args=())
 def prototypical_ce_op(queries: Tensor, prototypes: Tensor, labels: Tensor,
                        tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     check_prototypical_ce_args(queries, prototypes, labels, tau)
-    impl = _FORWARD[backend.select(OP, queries.device, queries.dtype)]
-    return impl(queries, prototypes, labels.long().contiguous(), tau)
+    return prototypical_ce_forward(queries, prototypes, labels.long().contiguous(), tau)
 
 
 @prototypical_ce_op.register_fake
@@ -124,8 +151,8 @@ def prototypical_ce_backward_op(grad_losses: Tensor, queries: Tensor, prototypes
                                 labels: Tensor, tau: Tensor,
                                 softmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     check_prototypical_ce_args(queries, prototypes, labels, tau)
-    impl = _BACKWARD[backend.select(OP, queries.device, queries.dtype)]
-    return impl(grad_losses, queries, prototypes, labels.long().contiguous(), tau, softmax)
+    return prototypical_ce_backward(grad_losses, queries, prototypes, labels.long().contiguous(),
+                                    tau, softmax)
 
 
 @prototypical_ce_backward_op.register_fake
@@ -143,9 +170,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_losses, _grad_predictions, _grad_softmax):
     queries, prototypes, labels, tau, softmax = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph: recompute differentiably
-        softmax = torch.softmax(_logits(*opmath(queries, prototypes, tau)), dim=-1)
-        grads = prototypical_ce_backward_reference(grad_losses, queries, prototypes,
-                                                   labels.long(), tau, softmax)
+        grads = prototypical_ce_backward_differentiable(grad_losses, queries, prototypes,
+                                                        labels, tau)
     else:
         grads = prototypical_ce_backward_op(grad_losses, queries, prototypes, labels, tau, softmax)
     d_queries, d_prototypes, d_tau = grads

@@ -1,0 +1,120 @@
+"""The ProtoNet loss of whole episodes as one op: class prototypes, then the
+prototypical cross-entropy (the math and the kernels are in class_prototypes.py and
+prototypical_loss.py). One op instead of two halves the Python dispatch, autograd
+nodes and argument checks of a training step, which is most of the time of small
+episodes: support [B, S, D], support_labels [B, S], queries [B, M, D],
+query_labels [B, M], num_classes C, tau a 0-d tensor.
+
+    forward : prototypes = class_prototypes(support, support_labels, C)       [B, C, D]
+              losses, predictions, softmax = prototypical_ce(queries, prototypes,
+                                                             query_labels, tau)
+    backward: d_queries, d_prototypes, d_tau = prototypical_ce_backward(...)
+              d_support[b, i] = d_prototypes[b, y_bi] / n_{b, y_bi}
+Under create_graph the backward recomputes prototypes and softmax with differentiable
+ops instead, so grad of grad is exact.
+
+Ops: torch.ops.fastmeta.prototypical_loss (-> losses [B, M], predictions [B, M],
+prototypes [B, C, D], softmax [B, M, C]) and ..._backward. Each half runs on the
+backend its own op selects (and records): class_prototypes and
+prototypical_cross_entropy.
+"""
+
+import torch
+from torch import Tensor
+
+from fastmeta.ops._checks import check_episode_pair, check_labels, shape_str
+from fastmeta.ops.class_prototypes import (check_class_prototypes_args, class_prototypes_backward,
+                                           class_prototypes_backward_op, class_prototypes_forward,
+                                           class_prototypes_op)
+from fastmeta.ops.prototypical_loss import (check_query_args, prototypical_ce_backward,
+                                            prototypical_ce_backward_differentiable,
+                                            prototypical_ce_forward)
+
+NAME = "fastmeta.prototypical_loss"
+
+
+def check_prototypical_loss_args(support: Tensor, support_labels: Tensor, queries: Tensor,
+                                 query_labels: Tensor, num_classes: int, tau: Tensor) -> None:
+    check_class_prototypes_args(support, support_labels, num_classes, NAME, "support_labels")
+    check_episode_pair(NAME, "support", support, "queries", queries)
+    if queries.dtype != support.dtype or queries.device != support.device:
+        raise TypeError(f"{NAME}: queries is {queries.dtype} on {queries.device} but support "
+                        f"is {support.dtype} on {support.device}")
+    check_query_args(NAME, queries, query_labels, num_classes, tau)
+
+
+@torch.library.custom_op("fastmeta::prototypical_loss", mutates_args=())
+def prototypical_loss_op(support: Tensor, support_labels: Tensor, queries: Tensor,
+                         query_labels: Tensor, num_classes: int,
+                         tau: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_prototypical_loss_args(support, support_labels, queries, query_labels, num_classes,
+                                 tau)
+    prototypes = class_prototypes_forward(support.contiguous(),
+                                          support_labels.long().contiguous(), num_classes)
+    losses, predictions, softmax = prototypical_ce_forward(
+        queries, prototypes, query_labels.long().contiguous(), tau)
+    return losses, predictions, prototypes, softmax
+
+
+@prototypical_loss_op.register_fake
+def _(support, support_labels, queries, query_labels, num_classes, tau):
+    B, M = queries.shape[:2]
+    return (queries.new_empty(B, M), queries.new_empty(B, M, dtype=torch.int64),
+            support.new_empty(B, num_classes, support.shape[2]),
+            queries.new_empty(B, M, num_classes))
+
+
+@torch.library.custom_op("fastmeta::prototypical_loss_backward", mutates_args=())
+def prototypical_loss_backward_op(grad_losses: Tensor, support_labels: Tensor, queries: Tensor,
+                                  query_labels: Tensor, tau: Tensor, prototypes: Tensor,
+                                  softmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_support [B, S, D], d_queries [B, M, D], d_tau []) from the forward's
+    prototypes [B, C, D] and softmax [B, M, C]."""
+    check_episode_pair(NAME, "queries", queries, "prototypes", prototypes)
+    B, M = queries.shape[:2]
+    C = prototypes.shape[1]
+    check_labels(NAME, "support_labels", support_labels, (B, support_labels.shape[-1]), C)
+    check_query_args(NAME, queries, query_labels, C, tau)
+    for name, t, shape in (("grad_losses", grad_losses, (B, M)), ("softmax", softmax, (B, M, C))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{NAME}: {name} must be [{', '.join(map(str, shape))}], got "
+                             f"{shape_str(t)}")
+    d_queries, d_prototypes, d_tau = prototypical_ce_backward(
+        grad_losses.contiguous(), queries, prototypes, query_labels.long().contiguous(), tau,
+        softmax.contiguous())
+    d_support = class_prototypes_backward(d_prototypes.contiguous(),
+                                          support_labels.long().contiguous())
+    return d_support, d_queries, d_tau
+
+
+@prototypical_loss_backward_op.register_fake
+def _(grad_losses, support_labels, queries, query_labels, tau, prototypes, softmax):
+    B, S = support_labels.shape
+    return (queries.new_empty(B, S, queries.shape[2]), queries.new_empty(queries.shape),
+            tau.new_empty(()))
+
+
+def _setup(ctx, inputs, output):
+    support, support_labels, queries, query_labels, num_classes, tau = inputs
+    _, predictions, prototypes, softmax = output
+    ctx.mark_non_differentiable(predictions, prototypes, softmax)
+    ctx.num_classes = num_classes
+    ctx.save_for_backward(support, support_labels, queries, query_labels, tau, prototypes,
+                          softmax)
+
+
+def _backward(ctx, grad_losses, _grad_predictions, _grad_prototypes, _grad_softmax):
+    support, support_labels, queries, query_labels, tau, prototypes, softmax = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: every step differentiable
+        prototypes = class_prototypes_op(support, support_labels, ctx.num_classes)
+        d_queries, d_prototypes, d_tau = prototypical_ce_backward_differentiable(
+            grad_losses, queries, prototypes, query_labels, tau)
+        d_support = class_prototypes_backward_op(d_prototypes, support_labels)
+    else:
+        d_support, d_queries, d_tau = prototypical_loss_backward_op(
+            grad_losses, support_labels, queries, query_labels, tau, prototypes, softmax)
+    return (d_support, None, d_queries, None, None,
+            d_tau if ctx.needs_input_grad[5] else None)
+
+
+prototypical_loss_op.register_autograd(_backward, setup_context=_setup)
