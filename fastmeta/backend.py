@@ -21,6 +21,7 @@ import os
 import torch
 
 from fastmeta import _extension
+from fastmeta import race as racing
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "FASTMETA_BACKEND"
@@ -130,8 +131,13 @@ def use_backend(name: str):
         _forced_stack.pop()
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs `op` for inputs on `device` with `dtype` (and records it)."""
+def select(op: str, device: torch.device, dtype: torch.dtype,
+           race: "racing.Race | None" = None) -> str:
+    """The backend that runs `op` for inputs on `device` with `dtype` (and records it).
+
+    With `race` (ops whose GPU backends differ in speed by shape), the default choice
+    on a device with several racing backends is the fastest for the shape bucket,
+    timed on its first call (fastmeta/race.py)."""
     forced = forced_backend()
     if forced is not None:
         name, source = forced
@@ -145,8 +151,13 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
         chosen = name
     else:
         preference = DEFAULT_PREFERENCE.get(device.type, ("reference",))
-        chosen = next(b for b in preference
-                      if op_unavailable_reason(op, b, device.type, dtype) is None)
+        usable = (b for b in preference if op_unavailable_reason(op, b, device.type, dtype) is None)
+        if race is None or not racing.enabled(device):
+            chosen = next(usable)
+        else:
+            usable = list(usable)
+            names = racing.contenders(device.type, usable)
+            chosen = racing.winner(op, device, dtype, names, race) if len(names) > 1 else usable[0]
     _last_used[op] = chosen
     return chosen
 
@@ -176,6 +187,7 @@ class BackendReport:
     forced: str | None
     usable: dict[str, str | None]  # backend -> None if usable here, else why not
     ops: dict[str, dict[str, str | None]]  # op -> device type -> default backend
+    races: dict[tuple, dict[str, float]]  # (op, device, dtype, shape bucket) -> ms per backend
 
     def __str__(self) -> str:
         built = "not built" if not self.extension_built else (
@@ -194,6 +206,13 @@ class BackendReport:
         for op, per_device in self.ops.items():
             choice = ", ".join(f"{d}: {b or '-'}" for d, b in per_device.items())
             lines.append(f"  {op:<24} {choice}")
+        raced = ", ".join(f"{device}: {' vs '.join(names)}" for device, names in racing.RACED.items())
+        lines.append(f"per-shape races ({raced}; {racing.ENV_VAR}=0 turns them off):"
+                     + ("" if self.races else " none run yet"))
+        for (op, device, dtype, bucket), times in self.races.items():
+            timed = ", ".join(f"{b} {ms:.3f} ms" for b, ms in times.items())
+            lines.append(f"  {op} {device} {str(dtype).replace('torch.', '')} {bucket}: "
+                         f"{min(times, key=times.get)} ({timed})")
         return "\n".join(lines)
 
 
@@ -221,6 +240,7 @@ def backends() -> BackendReport:
         forced=f"{forced[0]} (by {forced[1]})" if forced else None,
         usable={b: unavailable_reason(b) for b in BACKENDS},
         ops=ops,
+        races=racing.results(),
     )
 
 
