@@ -206,14 +206,18 @@ class BackendReport:
         for op, per_device in self.ops.items():
             choice = ", ".join(f"{d}: {b or '-'}" for d, b in per_device.items())
             lines.append(f"  {op:<24} {choice}")
+        return "\n".join(lines + self.race_lines())
+
+    def race_lines(self) -> list[str]:
+        """The per-shape races run so far: op, shape bucket, winner, times."""
         raced = ", ".join(f"{device}: {' vs '.join(names)}" for device, names in racing.RACED.items())
-        lines.append(f"per-shape races ({raced}; {racing.ENV_VAR}=0 turns them off):"
-                     + ("" if self.races else " none run yet"))
+        lines = [f"per-shape races ({raced}; {racing.ENV_VAR}=0 turns them off):"
+                 + ("" if self.races else " none run yet")]
         for (op, device, dtype, bucket), times in self.races.items():
             timed = ", ".join(f"{b} {ms:.3f} ms" for b, ms in times.items())
             lines.append(f"  {op} {device} {str(dtype).replace('torch.', '')} {bucket}: "
                          f"{min(times, key=times.get)} ({timed})")
-        return "\n".join(lines)
+        return lines
 
 
 def backends() -> BackendReport:

@@ -41,6 +41,7 @@ def main(argv=None) -> int:
         results += CASES[case](args.device, quick=args.quick, **timing)
     stem = args.stem or f"bench-{args.device}" + ("-quick" if args.quick else "")
     paths = harness.write_results(results, args.out, stem, {"machine": machine, "command": command})
+    print("\n".join(fastmeta.backends().race_lines()))
     print(f"machine: {machine}")
     print(f"written: {', '.join(paths)}")
     print(harness.format_table(results))
