@@ -49,10 +49,7 @@ def _want_cuda():
 def _extension():
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    # -fno-trapping-math lets GCC if-convert float selects, without which loops with a
-    # min, max or ?: (vector_exp.h) stay scalar in the AVX2/AVX-512 clones; it changes
-    # no result (no reassociation, no flush to zero).
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     common = dict(
         name="fastmeta._C",
         include_dirs=[os.path.join(here, "csrc")],

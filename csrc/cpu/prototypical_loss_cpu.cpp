@@ -15,6 +15,14 @@
 //             d_tau = sum(G * (2 Q C^T - ||c||^2)) = 2 sum_k c_k . (G^T Q)_k - colsum(G) . ||c||^2
 //           (the last form needs no copy of Z and only [C, D] work: it is read in
 //           the pass that finishes d_C). Two GEMMs; nothing after them touches [M, D].
+// No FP trap semantics in this file (results unchanged: no reassociation, no flush to
+// zero), so that GCC if-converts vector_exp's selects and vectorizes the softmax in
+// the AVX2/AVX-512 clones (see vector_exp.h). File-wide, before any code: GCC applies
+// it only to functions that are wholly compiled under it. Not set for the whole
+// extension: it stops the pooling loops of window_pool.h from vectorizing.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/baddbmm.h>
