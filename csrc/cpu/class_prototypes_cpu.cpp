@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../protonet.h"
+#include "large_alloc.h"
 #include "parallel_grain.h"
 
 namespace fastmeta {
@@ -94,7 +95,7 @@ at::Tensor class_prototypes_backward_cpu(const at::Tensor& grad, const at::Tenso
   const int64_t S = labels.size(1);
   check_labels(labels, B, S);
   const std::vector<int64_t> counts = class_counts(labels, C);
-  at::Tensor d_support = at::empty({B, S, D}, grad.options());
+  at::Tensor d_support = empty_cpu_large({B, S, D}, grad.options());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "class_prototypes_backward_cpu", [&] {
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     const int64_t* y = labels.const_data_ptr<int64_t>();

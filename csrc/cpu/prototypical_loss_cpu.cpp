@@ -220,9 +220,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cpu(
     }
     const acc_t t = tau.item<acc_t>();
     // d_Q = 2 tau G C: the GEMM scales (beta 0: the uninitialized d_queries is not read).
-    d_queries = at::empty({B, M, D}, queries.options());
+    d_queries = empty_cpu_large({B, M, D}, queries.options());
     at::baddbmm_out(d_queries, d_queries, G, prototypes, /*beta=*/0, /*alpha=*/2 * t);
-    d_prototypes = at::bmm(G.transpose(1, 2), queries);  // G^T Q, finished below
+    d_prototypes = empty_cpu_large({B, C, D}, queries.options());
+    at::bmm_out(d_prototypes, G.transpose(1, 2), queries);  // G^T Q, finished below
     const scalar_t* c = prototypes.const_data_ptr<scalar_t>();
     scalar_t* dc = d_prototypes.mutable_data_ptr<scalar_t>();
     // d_C = 2 tau (G^T Q - colsum(G) * C), and c_k . (G^T Q)_k for d_tau.
