@@ -139,6 +139,29 @@ def test_prototypical_loss_matches_float64(backend_device, B, C, D):
 
 
 @pytest.mark.op("prototypical_cross_entropy")
+@pytest.mark.parametrize("C", [3, 16, 17, 40])  # the CPU kernel has a path for C <= 16
+def test_predictions_are_the_first_nearest_prototype(backend_device, C):
+    """Small integer embeddings make every logit exact in float32, so duplicated
+    prototypes and equidistant queries tie exactly: the prediction is the first
+    nearest class, as torch.argmax picks, and the softmax splits the mass evenly."""
+    name, device = backend_device
+    base = torch.randint(-3, 4, (1, C // 2 + 1, 8)).float()
+    prototypes = torch.cat([base, base], 1)[:, :C]  # class k + C // 2 + 1 repeats class k
+    queries = torch.randint(-3, 4, (1, 70, 8)).float()
+    labels = (torch.arange(70) % C)[None]
+    with fastmeta.use_backend(name):
+        losses, predictions, softmax = torch.ops.fastmeta.prototypical_cross_entropy(
+            queries.to(device), prototypes.to(device), labels.to(device),
+            torch.tensor(1.0, device=device))
+    logits = -(queries.double()[:, :, None] - prototypes.double()[:, None]).pow(2).sum(-1)
+    assert torch.equal(predictions.cpu(), logits.argmax(-1))
+    assert (predictions < C // 2 + 1).all()  # never the repeated copy
+    assert rel_err(softmax, logits.softmax(-1)) < TOL
+    want = -logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
+    assert rel_err(losses, want) < TOL
+
+
+@pytest.mark.op("prototypical_cross_entropy")
 def test_reductions_and_unbatched_input(backend_device):
     name, device = backend_device
     support, ys, queries, yq = (x[0].to(device) for x in make_episodes(1, 5, 16))

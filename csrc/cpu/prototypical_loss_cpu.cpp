@@ -113,6 +113,53 @@ FASTMETA_SIMD_CLONES void softmax_rows(scalar_t* z, const acc_t* norms, const in
   }
 }
 
+// softmax_rows for C <= kLaneClasses, where a row is shorter than a vector: groups of
+// kLaneRows rows are transposed into L1 so that the rows are the vector lanes and
+// every step (max, first argmax, exp, sum) is one vector loop over the group per
+// class. Same results as softmax_rows up to the order of each row's sum.
+constexpr int64_t kLaneClasses = 16, kLaneRows = 64;
+
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+FASTMETA_SIMD_CLONES void softmax_rows_few_classes(scalar_t* z, const acc_t* norms,
+                                                   const int64_t* y, int64_t M, int64_t C,
+                                                   acc_t t, int64_t begin, int64_t end,
+                                                   scalar_t* loss, int64_t* pred) {
+  acc_t T[kLaneClasses][kLaneRows];  // T[k][i] = z'[r0 + i, k], then its exp
+  acc_t best[kLaneRows], sum[kLaneRows], label_shifted[kLaneRows];
+  int64_t arg[kLaneRows];
+  for (int64_t r0 = begin; r0 < end; r0 += kLaneRows) {
+    const int64_t n = std::min(kLaneRows, end - r0);
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t* row = z + (r0 + i) * C;
+      const acc_t* cn = norms + (r0 + i) / M * C;
+      for (int64_t k = 0; k < C; ++k) T[k][i] = t * (acc_t(2) * acc_t(row[k]) - cn[k]);
+    }
+    for (int64_t i = 0; i < n; ++i) best[i] = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t k = 0; k < C; ++k) {
+      for (int64_t i = 0; i < n; ++i) best[i] = std::max(best[i], T[k][i]);  // NaN skipped
+    }
+    for (int64_t i = 0; i < n; ++i) arg[i] = 0;  // the first maximum (0 if all NaN)
+    for (int64_t k = C - 1; k >= 0; --k) {
+      for (int64_t i = 0; i < n; ++i) arg[i] = T[k][i] == best[i] ? k : arg[i];
+    }
+    for (int64_t i = 0; i < n; ++i) label_shifted[i] = T[y[r0 + i]][i] - best[i];
+    for (int64_t i = 0; i < n; ++i) sum[i] = 0;
+    for (int64_t k = 0; k < C; ++k) {
+      for (int64_t i = 0; i < n; ++i) {
+        T[k][i] = vector_exp(T[k][i] - best[i]);
+        sum[i] += T[k][i];
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      scalar_t* row = z + (r0 + i) * C;
+      const acc_t inv = acc_t(1) / sum[i];
+      for (int64_t k = 0; k < C; ++k) row[k] = static_cast<scalar_t>(T[k][i] * inv);
+      loss[r0 + i] = static_cast<scalar_t>(std::log(sum[i]) - label_shifted[i]);
+      pred[r0 + i] = arg[i];
+    }
+  }
+}
+
 // Rows [begin, end) of G = (softmax - onehot(y)) * grad_losses [rows, C], adding each
 // row into colsum [C] in row order.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
@@ -178,7 +225,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cpu(
     scalar_t* loss = losses.mutable_data_ptr<scalar_t>();
     int64_t* pred = predictions.mutable_data_ptr<int64_t>();
     at::parallel_for(0, B * M, grain_for(C), [&](int64_t begin, int64_t end) {
-      softmax_rows(p, cn.data(), y, M, C, t, begin, end, loss, pred);
+      if (C <= kLaneClasses) {
+        softmax_rows_few_classes(p, cn.data(), y, M, C, t, begin, end, loss, pred);
+      } else {
+        softmax_rows(p, cn.data(), y, M, C, t, begin, end, loss, pred);
+      }
     });
   });
   return {losses, predictions, softmax};
