@@ -15,6 +15,7 @@ import gc
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from typing import Callable
@@ -57,8 +58,11 @@ def time_candidates(candidates: list[Candidate], device: str, warmup: int = 2,
         for c in candidates:
             c.fn()
     samples = {c.name: [] for c in candidates}
-    for _ in range(repeats):
-        for c in candidates:
+    order = list(candidates)
+    shuffle = random.Random(0).shuffle  # a new order each round (seeded): no candidate
+    for _ in range(repeats):            # always runs in the caches another one left
+        shuffle(order)
+        for c in order:
             start = time.perf_counter()
             c.fn()
             samples[c.name].append((time.perf_counter() - start) * 1e3)
