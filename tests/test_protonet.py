@@ -161,6 +161,25 @@ def test_predictions_are_the_first_nearest_prototype(backend_device, C):
     assert rel_err(losses, want) < TOL
 
 
+@pytest.mark.skipif(not fastmeta.backends().extension_built, reason="needs fastmeta._C")
+@pytest.mark.parametrize("C,step", [(16, 0.5), (131, 1 / 16)])  # both CPU softmax paths
+def test_cpu_softmax_is_accurate_to_a_few_ulp(C, step):
+    """The CPU kernel's own vectorized exp (csrc/cpu/vector_exp.h): with prototypes
+    c_k = k * step on a line and the query at 0 every logit -c_k^2 is exact in float32
+    and spans [0, -66], so each softmax entry must be within a few ulp of float64."""
+    prototypes = (torch.arange(C, dtype=torch.float32) * step).reshape(1, C, 1)
+    prototypes = prototypes[:, torch.randperm(C)]
+    queries, labels = torch.zeros(1, 3, 1), torch.tensor([[0, C // 2, C - 1]])
+    with fastmeta.use_backend("cpu"):
+        losses, _, softmax = torch.ops.fastmeta.prototypical_cross_entropy(
+            queries, prototypes, labels, torch.tensor(1.0))
+    logits = -prototypes.double()[:, None, :, 0] ** 2 + 0 * queries.double()
+    want = logits.softmax(-1)
+    assert ((softmax.double() - want).abs() / want).max() < 1e-6
+    want_losses = -logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
+    assert ((losses.double() - want_losses).abs() / want_losses.abs().clamp_min(1)).max() < 1e-6
+
+
 @pytest.mark.op("prototypical_cross_entropy")
 def test_reductions_and_unbatched_input(backend_device):
     name, device = backend_device
