@@ -15,6 +15,7 @@
 //             d_tau = sum(G * (2 Q C^T - ||c||^2)) = 2 sum_k c_k . (G^T Q)_k - colsum(G) . ||c||^2
 //           (the last form needs no copy of Z and only [C, D] work: it is read in
 //           the pass that finishes d_C). Two GEMMs; nothing after them touches [M, D].
+//           A large G is made and multiplied a chunk of rows at a time (kChunkBytes).
 // No FP trap semantics in this file (results unchanged: no reassociation, no flush to
 // zero), so that GCC if-converts vector_exp's selects and vectorizes the softmax in
 // the AVX2/AVX-512 clones (see vector_exp.h). File-wide, before any code: GCC applies
@@ -25,6 +26,7 @@
 #endif
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
@@ -46,6 +48,7 @@ namespace fastmeta {
 namespace {
 
 constexpr int64_t kRowsPerTask = 64;  // rows per column-sum partial (fixed: deterministic)
+constexpr int64_t kChunkBytes = int64_t(8) << 20;  // the most of G the backward holds
 
 void check_shapes(const at::Tensor& queries, const at::Tensor& prototypes,
                   const at::Tensor& labels, const at::Tensor& tau) {
@@ -160,13 +163,13 @@ FASTMETA_SIMD_CLONES void softmax_rows_few_classes(scalar_t* z, const acc_t* nor
   }
 }
 
-// Rows [begin, end) of G = (softmax - onehot(y)) * grad_losses [rows, C], adding each
-// row into colsum [C] in row order.
+// n rows of G = (softmax - onehot(y)) * grad_losses [n, C] from the rows p, go, y of
+// the forward's softmax, grad_losses and labels, adding each row into colsum [C] in
+// row order.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 FASTMETA_SIMD_CLONES void gradient_rows(const scalar_t* p, const scalar_t* go, const int64_t* y,
-                                        int64_t C, int64_t begin, int64_t end, scalar_t* g,
-                                        acc_t* colsum) {
-  for (int64_t r = begin; r < end; ++r) {
+                                        int64_t C, int64_t n, scalar_t* g, acc_t* colsum) {
+  for (int64_t r = 0; r < n; ++r) {
     const acc_t scale = go[r];
     const scalar_t* pr = p + r * C;
     scalar_t* gr = g + r * C;
@@ -245,36 +248,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cpu(
                   grad_losses.sizes() == labels.sizes() && grad_losses.is_contiguous(),
               "prototypical_ce_backward: softmax [B, M, C] and grad_losses [B, M] expected");
   check_label_range("prototypical_ce_backward", labels, C);
-  at::Tensor G = empty_cpu_large({B, M, C}, queries.options());
+  // G [B, M, C] whole when small (one batched GEMM pair), else a chunk of rows of one
+  // episode at a time (a multiple of kRowsPerTask, so the column-sum partials are the
+  // same), so that the backward never holds more than kChunkBytes of G.
+  const int64_t row_bytes = C * queries.element_size();
+  const bool chunked = B * M * row_bytes > kChunkBytes;
   const int64_t tasks = (M + kRowsPerTask - 1) / kRowsPerTask;
-  at::Tensor d_queries, d_prototypes, d_tau;
+  const int64_t chunk_rows =
+      chunked ? std::max<int64_t>(1, kChunkBytes / (row_bytes * kRowsPerTask)) * kRowsPerTask : M;
+  at::Tensor G = chunked ? empty_cpu_large({std::min(chunk_rows, M), C}, queries.options())
+                         : empty_cpu_large({B, M, C}, queries.options());
+  at::Tensor d_queries = empty_cpu_large({B, M, D}, queries.options());
+  at::Tensor d_prototypes = empty_cpu_large({B, C, D}, queries.options());
+  at::Tensor d_tau;
   AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "prototypical_ce_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t* y = labels.const_data_ptr<int64_t>();
     const scalar_t* p = softmax.const_data_ptr<scalar_t>();
     const scalar_t* go = grad_losses.const_data_ptr<scalar_t>();
     scalar_t* g = G.mutable_data_ptr<scalar_t>();
+    const acc_t t = tau.item<acc_t>();
     // partial column sums of G: [B, tasks, C], reduced below in task order.
     std::vector<acc_t> partial(B * tasks * C, acc_t(0));
-    at::parallel_for(0, B * tasks, grain_for(kRowsPerTask * C), [&](int64_t begin, int64_t end) {
+    // G's rows [m0, m1) of episode b (m0 a multiple of kRowsPerTask) into g_rows.
+    auto fill = [&](int64_t b, int64_t m0, int64_t m1, scalar_t* g_rows, int64_t begin,
+                    int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / tasks, m0 = (task % tasks) * kRowsPerTask;
-        gradient_rows(p, go, y, C, b * M + m0, b * M + std::min(M, m0 + kRowsPerTask), g,
-                      partial.data() + task * C);
+        const int64_t r0 = task * kRowsPerTask, n = std::min(m1, r0 + kRowsPerTask) - r0;
+        const int64_t row = b * M + r0;
+        gradient_rows(p + row * C, go + row, y + row, C, n, g_rows + (r0 - m0) * C,
+                      partial.data() + (b * tasks + task) * C);
       }
-    });
+    };
+    if (!chunked) {
+      at::parallel_for(0, B * tasks, grain_for(kRowsPerTask * C), [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / tasks;
+          fill(b, 0, M, g + b * M * C, task % tasks, task % tasks + 1);
+        }
+      });
+      // d_Q = 2 tau G C: the GEMM scales (beta 0: the uninitialized d_queries is not read).
+      at::baddbmm_out(d_queries, d_queries, G, prototypes, /*beta=*/0, /*alpha=*/2 * t);
+      at::bmm_out(d_prototypes, G.transpose(1, 2), queries);  // G^T Q, finished below
+    } else {
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
+          const int64_t m1 = std::min(M, m0 + chunk_rows);
+          at::parallel_for(m0 / kRowsPerTask, (m1 + kRowsPerTask - 1) / kRowsPerTask,
+                           grain_for(kRowsPerTask * C), [&](int64_t begin, int64_t end) {
+            fill(b, m0, m1, g, begin, end);
+          });
+          const at::Tensor g_rows = G.narrow(0, 0, m1 - m0);
+          at::Tensor dq = d_queries[b].narrow(0, m0, m1 - m0), gtq = d_prototypes[b];
+          at::addmm_out(dq, dq, g_rows, prototypes[b], /*beta=*/0, /*alpha=*/2 * t);
+          at::addmm_out(gtq, gtq, g_rows.t(), queries[b].narrow(0, m0, m1 - m0),
+                        /*beta=*/m0 == 0 ? 0 : 1, /*alpha=*/1);
+        }
+      }
+    }
     std::vector<acc_t> colsum(B * C, acc_t(0));
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t task = 0; task < tasks; ++task) {
         for (int64_t k = 0; k < C; ++k) colsum[b * C + k] += partial[(b * tasks + task) * C + k];
       }
     }
-    const acc_t t = tau.item<acc_t>();
-    // d_Q = 2 tau G C: the GEMM scales (beta 0: the uninitialized d_queries is not read).
-    d_queries = empty_cpu_large({B, M, D}, queries.options());
-    at::baddbmm_out(d_queries, d_queries, G, prototypes, /*beta=*/0, /*alpha=*/2 * t);
-    d_prototypes = empty_cpu_large({B, C, D}, queries.options());
-    at::bmm_out(d_prototypes, G.transpose(1, 2), queries);  // G^T Q, finished below
     const scalar_t* c = prototypes.const_data_ptr<scalar_t>();
     scalar_t* dc = d_prototypes.mutable_data_ptr<scalar_t>();
     // d_C = 2 tau (G^T Q - colsum(G) * C), and c_k . (G^T Q)_k for d_tau.
