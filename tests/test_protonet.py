@@ -180,6 +180,26 @@ def test_cpu_softmax_is_accurate_to_a_few_ulp(C, step):
     assert ((losses.double() - want_losses).abs() / want_losses.abs().clamp_min(1)).max() < 1e-6
 
 
+@pytest.mark.skipif(not fastmeta.backends().extension_built, reason="needs fastmeta._C")
+def test_cpu_backward_in_row_chunks_matches_the_reference():
+    """G [M, C] over 8 MiB is built and multiplied a chunk of rows at a time (here
+    1100 x 1001 float64 in two chunks, two episodes): every gradient as the reference."""
+    support, ys, _, _ = make_episodes(2, 1001, 7, dtype=torch.float64, max_shots=1)
+    queries = torch.randn(2, 1100, 7, dtype=torch.float64, requires_grad=True)
+    yq = torch.randint(0, 1001, (2, 1100))
+    support.requires_grad_()
+    tau = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for name in ("cpu", "reference"):
+        with fastmeta.use_backend(name):
+            loss, _ = F.prototypical_loss(support, ys, queries, yq, 1001, tau=tau,
+                                          reduction="sum")
+            grads[name] = torch.autograd.grad(loss, (support, queries, tau))
+    assert queries.shape[1] * 1001 * 8 > 8 << 20
+    for got, want in zip(grads["cpu"], grads["reference"]):
+        assert rel_err(got, want) < 1e-12
+
+
 @pytest.mark.op("prototypical_cross_entropy")
 def test_reductions_and_unbatched_input(backend_device):
     name, device = backend_device
