@@ -403,6 +403,8 @@ BAD = [
     ("float labels", dict(support_labels=torch.tensor([[0.0, 1.0, 2.0, 0.0]])), TypeError,
      ["support_labels", "integer", "float32"]),
     ("label shape", dict(query_labels=[[0, 1, 2]]), ValueError, ["query_labels", "[1, 2]", "[1, 3]"]),
+    ("dtype mismatch", dict(queries=torch.randn(1, 2, 6, dtype=torch.float64)), TypeError,
+     ["queries", "float64", "support", "float32"]),
 ]
 
 

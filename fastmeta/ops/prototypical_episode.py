@@ -22,7 +22,8 @@ prototypical_cross_entropy.
 import torch
 from torch import Tensor
 
-from fastmeta.ops._checks import check_episode_pair, check_labels, shape_str
+from fastmeta.ops._checks import (check_episode_pair, check_labels, check_same_dtype_device,
+                                  shape_str)
 from fastmeta.ops.class_prototypes import (check_class_prototypes_args, class_prototypes_backward,
                                            class_prototypes_backward_op, class_prototypes_forward,
                                            class_prototypes_op)
@@ -37,9 +38,7 @@ def check_prototypical_loss_args(support: Tensor, support_labels: Tensor, querie
                                  query_labels: Tensor, num_classes: int, tau: Tensor) -> None:
     check_class_prototypes_args(support, support_labels, num_classes, NAME, "support_labels")
     check_episode_pair(NAME, "support", support, "queries", queries)
-    if queries.dtype != support.dtype or queries.device != support.device:
-        raise TypeError(f"{NAME}: queries is {queries.dtype} on {queries.device} but support "
-                        f"is {support.dtype} on {support.device}")
+    check_same_dtype_device(NAME, "support", support, queries=queries)
     check_query_args(NAME, queries, query_labels, num_classes, tau)
 
 
@@ -71,6 +70,8 @@ def prototypical_loss_backward_op(grad_losses: Tensor, support_labels: Tensor, q
     """(d_support [B, S, D], d_queries [B, M, D], d_tau []) from the forward's
     prototypes [B, C, D] and softmax [B, M, C]."""
     check_episode_pair(NAME, "queries", queries, "prototypes", prototypes)
+    check_same_dtype_device(NAME, "queries", queries, prototypes=prototypes, softmax=softmax,
+                            grad_losses=grad_losses)
     B, M = queries.shape[:2]
     C = prototypes.shape[1]
     check_labels(NAME, "support_labels", support_labels, (B, support_labels.shape[-1]), C)
