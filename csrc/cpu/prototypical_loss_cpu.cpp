@@ -16,11 +16,12 @@
 //           (the last form needs no copy of Z and only [C, D] work: it is read in
 //           the pass that finishes d_C). Two GEMMs; nothing after them touches [M, D].
 //           A large G is made and multiplied a chunk of rows at a time (kChunkBytes).
+//
 // No FP trap semantics in this file (results unchanged: no reassociation, no flush to
 // zero), so that GCC if-converts vector_exp's selects and vectorizes the softmax in
-// the AVX2/AVX-512 clones (see vector_exp.h). File-wide, before any code: GCC applies
-// it only to functions that are wholly compiled under it. Not set for the whole
-// extension: it stops the pooling loops of window_pool.h from vectorizing.
+// the AVX2/AVX-512 clones (see vector_exp.h). The pragma comes before any code: GCC
+// applies it per function, and both the loops and the inlined vector_exp need it.
+// Not set for the whole extension: it stops window_pool.h's pooling loop vectorizing.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
