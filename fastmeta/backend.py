@@ -162,6 +162,15 @@ def select(op: str, device: torch.device, dtype: torch.dtype,
     return chosen
 
 
+def run_selected(op: str, impls: dict, args: tuple, keys: tuple, tag: tuple = ()):
+    """impls[backend](*args) with the backend select picks for keys[0]'s device and
+    dtype, raced per shape bucket of `keys` (plus `tag`) where backends race."""
+    def run(name):
+        return impls[name](*args)
+
+    return run(select(op, keys[0].device, keys[0].dtype, racing.Race(run, *keys, tag=tag)))
+
+
 def last_backend(op: str) -> str | None:
     """The backend that ran the most recent call of `op` (forward or backward)."""
     return _last_used.get(op)

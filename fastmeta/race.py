@@ -2,7 +2,7 @@
 
 On a GPU an op may have two fused implementations, CUDA C++ and Triton, and which is
 faster depends on the shape (tile sizes, occupancy, the GEMM library's kernels). An op
-that opts in (it passes a `Race` to `fastmeta.backend.select`) is, on the first call
+that opts in (it runs through `fastmeta.backend.run_selected`) is, on the first call
 of each shape bucket, run with every contender: one untimed call (which also compiles
 Triton kernels), then `RUNS` timed calls each; the fastest median wins and is used for
 that bucket from then on. Racing reruns an op on the same inputs, so only ops without

@@ -18,7 +18,6 @@ from fastmeta import backend
 from fastmeta.ops._checks import (check_every_class_present, check_floating, check_labels,
                                   check_num_classes, check_tensor, shape_str)
 from fastmeta.ops._opmath import opmath
-from fastmeta.race import Race
 
 OP = "class_prototypes"
 backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
@@ -93,20 +92,13 @@ _BACKWARD = {"reference": class_prototypes_backward_reference, "cpu": _backward_
 
 def class_prototypes_forward(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     """The forward on the selected backend; arguments checked, labels int64 contiguous."""
-    def run(name):
-        return _FORWARD[name](support, labels, num_classes)
-
-    race = Race(run, support, tag=("forward", num_classes))
-    return run(backend.select(OP, support.device, support.dtype, race))
+    return backend.run_selected(OP, _FORWARD, (support, labels, num_classes), (support,),
+                                tag=("forward", num_classes))
 
 
 def class_prototypes_backward(grad: Tensor, labels: Tensor) -> Tensor:
     """The backward on the selected backend; labels int64 contiguous."""
-    def run(name):
-        return _BACKWARD[name](grad, labels)
-
-    race = Race(run, grad, labels, tag=("backward",))
-    return run(backend.select(OP, grad.device, grad.dtype, race))
+    return backend.run_selected(OP, _BACKWARD, (grad, labels), (grad, labels), tag=("backward",))
 
 
 @torch.library.custom_op("fastmeta::class_prototypes", mutates_args=())

@@ -25,7 +25,6 @@ from fastmeta import backend
 from fastmeta.ops._checks import (check_episode_pair, check_floating, check_labels,
                                   check_same_dtype_device, check_tensor, shape_str)
 from fastmeta.ops._opmath import opmath
-from fastmeta.race import Race
 
 OP = "prototypical_cross_entropy"
 backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
@@ -115,20 +114,15 @@ _BACKWARD = {"reference": prototypical_ce_backward_reference, "cpu": _backward_c
 
 def prototypical_ce_forward(queries, prototypes, labels, tau):
     """The forward on the selected backend; arguments checked, labels int64 contiguous."""
-    def run(name):
-        return _FORWARD[name](queries, prototypes, labels, tau)
-
-    race = Race(run, queries, prototypes, tag=("forward",))
-    return run(backend.select(OP, queries.device, queries.dtype, race))
+    return backend.run_selected(OP, _FORWARD, (queries, prototypes, labels, tau),
+                                (queries, prototypes), tag=("forward",))
 
 
 def prototypical_ce_backward(grad_losses, queries, prototypes, labels, tau, softmax):
     """The fused backward on the selected backend; labels int64 contiguous."""
-    def run(name):
-        return _BACKWARD[name](grad_losses, queries, prototypes, labels, tau, softmax)
-
-    race = Race(run, queries, prototypes, tag=("backward",))
-    return run(backend.select(OP, queries.device, queries.dtype, race))
+    return backend.run_selected(OP, _BACKWARD,
+                                (grad_losses, queries, prototypes, labels, tau, softmax),
+                                (queries, prototypes), tag=("backward",))
 
 
 def prototypical_ce_backward_differentiable(grad_losses, queries, prototypes, labels, tau):

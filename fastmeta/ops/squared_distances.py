@@ -19,7 +19,6 @@ from torch import Tensor
 from fastmeta import backend
 from fastmeta.ops._checks import check_episode_pair, check_same_dtype_device
 from fastmeta.ops._opmath import opmath
-from fastmeta.race import Race
 
 OP = "squared_distances"
 backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
@@ -71,11 +70,7 @@ _FORWARD = {"reference": squared_distances_forward_reference, "cpu": _forward_co
 @torch.library.custom_op("fastmeta::squared_distances", mutates_args=())
 def squared_distances_op(queries: Tensor, prototypes: Tensor) -> Tensor:
     check_squared_distances_args(queries, prototypes)
-    def run(name):
-        return _FORWARD[name](queries, prototypes)
-
-    race = Race(run, queries, prototypes)
-    return run(backend.select(OP, queries.device, queries.dtype, race))
+    return backend.run_selected(OP, _FORWARD, (queries, prototypes), (queries, prototypes))
 
 
 @squared_distances_op.register_fake
