@@ -6,6 +6,7 @@ backward: grid (P blocks,); each program loops over the T tasks and reduces
           reduced per program into partials[programs], then summed in float64 by
           torch.sum: deterministic, no atomics.
 alpha kinds: 0 scalar [], 1 per element [P], 2 per task and element [T, P].
+Offsets are int64 (p up to P, t * P + p up to T * P: either may pass 2**31).
 """
 
 import torch
@@ -13,6 +14,7 @@ import triton
 import triton.language as tl
 
 from fastmeta.backend import triton_interpreter
+from fastmeta.kernels.launch import launches_on_input_device
 
 _MAX_GRID_Y = 65535
 
@@ -31,10 +33,11 @@ def _load_alpha(alpha_ptr, offs, row, mask, ALPHA_KIND: tl.constexpr, ACC: tl.co
 @triton.jit
 def _forward_kernel(theta_ptr, alpha_ptr, g_ptr, out_ptr, T, P,
                     ALPHA_KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # int64 offsets: P and T * P may pass 2**31
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P
     theta = tl.load(theta_ptr + offs, mask=mask, other=0.0).to(ACC)
-    row = tl.program_id(1).to(tl.int64) * P + offs  # int64: T * P may pass 2**31
+    row = tl.program_id(1).to(tl.int64) * P + offs
     row_step = tl.num_programs(1).to(tl.int64) * P
     for _ in range(tl.program_id(1), T, tl.num_programs(1)):
         a = _load_alpha(alpha_ptr, offs, row, mask, ALPHA_KIND, ACC)
@@ -47,11 +50,11 @@ def _forward_kernel(theta_ptr, alpha_ptr, g_ptr, out_ptr, T, P,
 def _backward_kernel(go_ptr, alpha_ptr, g_ptr, d_theta_ptr, d_g_ptr, d_alpha_ptr, partials_ptr,
                      T, P, ALPHA_KIND: tl.constexpr, NEED_G: tl.constexpr,
                      NEED_ALPHA: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P
     sum_go = tl.zeros([BLOCK], dtype=ACC)
     sum_g_go = tl.zeros([BLOCK], dtype=ACC)
-    row = offs.to(tl.int64)
+    row = offs
     for _ in range(0, T):
         go = tl.load(go_ptr + row, mask=mask, other=0.0).to(ACC)
         sum_go += go
@@ -88,6 +91,7 @@ def _alpha_kind(alpha: torch.Tensor) -> int:
     return alpha.dim()  # 0: [], 1: [P], 2: [T, P] (shapes checked by the op)
 
 
+@launches_on_input_device
 def inner_update_forward(theta: torch.Tensor, alpha: torch.Tensor, g: torch.Tensor):
     """theta [P], alpha [] / [P] / [T, P], g [T, P] -> out [T, P]."""
     theta, alpha, g = theta.contiguous(), alpha.contiguous(), g.contiguous()
@@ -102,6 +106,7 @@ def inner_update_forward(theta: torch.Tensor, alpha: torch.Tensor, g: torch.Tens
     return out
 
 
+@launches_on_input_device
 def inner_update_backward(grad_out, alpha, g, need_g: bool, need_alpha: bool):
     """grad_out [T, P] -> (d_theta [P], d_g [T, P] or empty, d_alpha like alpha or empty)."""
     grad_out, alpha, g = grad_out.contiguous(), alpha.contiguous(), g.contiguous()

@@ -6,16 +6,28 @@ gradient_mlp forward : program per BLOCK coordinates; the hidden layer is a
 gradient_mlp backward: the same tile recomputed; d_grads stored per coordinate; each
     program reduces its parameter gradients into one row of partials [5, BLOCK_H]
     (d_w1[:, 0], d_w1[:, 1], d_b1, d_w2, d_b2), summed in float64 by torch: no atomics.
-attention_read forward: program (b, j, L tile, O tile); over K tiles the mixed weight
-    tile sum_i a_ji W_i [BLOCK_O, BLOCK_K] is built in registers, then
+
+attention_read: attention a [B, M, N], fast weights W [B, N, O, K], x [B, M, L, K],
+out [B, M, L, O]; query j of episode b reads W*_j = sum_i a_ji W_i [O, K].
+forward: out_j = x_j W*_j^T; program (b * M + j, L tile, O tile); over K tiles the
+    mixed tile sum_i a_ji W_i [BLOCK_O, BLOCK_K] is built in registers, then
     acc += x_tile @ mixed^T (tl.dot).
-attention_read backward:
-    d_x: the same kernel, program (b, j, L tile, K tile); over O tiles
-    acc += dout_tile @ mixed_tile.
-    d_attention, d_W: program (b, O tile, K tile); for each query j, G = dout_j^T x_j
-    on the tile (over L tiles), then for each i: a partial <W_i, G> of d_attention
-    (summed over tiles by torch) and d_W_i += a_ji G (this program owns the tile).
-Tiles are powers of two of at least 16 (tl.dot's minimum); masks pad the rest.
+backward, with dout [B, M, L, O] and G_j = dout_j^T x_j [O, K]:
+    d_x_j = dout_j W*_j: the forward's kernel on dout, program (b * M + j, L tile,
+        K tile); over O tiles acc += dout_tile @ mixed_tile.
+    d_attention[b, j, i] = <W_i, G_j>: program (b * M + j, O tile, K tile) forms G_j's
+        tile once in registers (tl.dot over L tiles), then for each i stores the
+        tile's part of <W_i, G_j> to partials [B, M, N, tiles]; torch sums the tiles.
+    d_W_i = sum_j a_ji G_j: program (b * N + i, O tile, K tile); over the M L rows
+        r = j L + l of dout[b] [M L, O] and x[b] [M L, K] (one GEMM),
+        acc += (a_{r // L, i} dout_r)^T x_r (tl.dot), stored once.
+    Every output element has one writer (no atomics, no read-modify-write of global
+    memory) and a fixed summation order: deterministic. The price: d_W's GEMM redoes
+    the G_j products for every i, B N M L O K multiply-adds where forming each G_j once
+    takes B M L O K (but needs a [B, M, O, K] buffer or a read-modify-write of d_W).
+Grids are 1-D (tiles.program_coords); the outer index b * M + j or b * N + i is
+int64, and so is every offset built from it. Tiles are powers of two of at least 16
+(tl.dot's minimum); masks pad the rest.
 """
 
 import math
@@ -25,7 +37,8 @@ import triton
 import triton.language as tl
 
 from fastmeta.backend import triton_interpreter
-from fastmeta.kernels.tiles import dot, load_tile, offsets, store_tile
+from fastmeta.kernels.launch import launches_on_input_device
+from fastmeta.kernels.tiles import dot, load_tile, program_coords, store_tile, tile_size
 
 
 @triton.jit
@@ -93,6 +106,7 @@ def _scalars(p: float):
     return float(p), math.exp(-p), math.exp(p)
 
 
+@launches_on_input_device
 def gradient_mlp_forward(grads, w1, b1, w2, b2, p):
     grads = grads.contiguous()
     out = torch.empty_like(grads)
@@ -106,6 +120,7 @@ def gradient_mlp_forward(grads, w1, b1, w2, b2, p):
     return out
 
 
+@launches_on_input_device
 def gradient_mlp_backward(grad_out, grads, w1, b1, w2, p, need_grads):
     grads, grad_out = grads.contiguous(), grad_out.contiguous()
     n, H = grads.numel(), w1.shape[0]
@@ -124,14 +139,14 @@ def gradient_mlp_backward(grad_out, grads, w1, b1, w2, p, need_grads):
 
 
 @triton.jit
-def _mixed_tile(a_ptr, w_ptr, os, ks, O, K, N, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
-    """sum_i a[i] W[i, os, ks] [BLOCK_O, BLOCK_K]; a_ptr: this query's row, w_ptr: W[b]."""
-    mask = (os[:, None] < O) & (ks[None, :] < K)
-    at = offsets(os, ks, K)
-    mixed = tl.zeros([BLOCK_O, BLOCK_K], dtype=tl.float32)
+def _mixed_tile(a_ptr, w_ptr, os, ks, O, K, N):
+    """sum_i a[i] W[i, os, ks] [len(os), len(ks)]; a_ptr: this query's row of a [N],
+    w_ptr: W[b] [N, O, K]."""
+    step = tl.cast(O, tl.int64) * K  # int64: i O K passes 2**31 in a large W[b]
+    mixed = tl.zeros((os.shape[0], ks.shape[0]), dtype=tl.float32)
     for i in range(N):
-        a = tl.load(a_ptr + i).to(tl.float32)
-        mixed += a * tl.load(w_ptr + i * O * K + at, mask=mask, other=0.0).to(tl.float32)
+        mixed += tl.load(a_ptr + i).to(tl.float32) * load_tile(w_ptr, os, ks, O, K)
+        w_ptr += step
     return mixed
 
 
@@ -141,97 +156,121 @@ def _apply_mixed_kernel(rows_ptr, a_ptr, w_ptr, out_ptr, M, N, O, K, L, OUT_IS_O
     """out[b, j] = rows[b, j] @ W*_j^T (OUT_IS_O: rows x [L, K] -> [L, O], the forward)
     or rows[b, j] @ W*_j (rows dout [L, O] -> d_x [L, K]); program (b * M + j, L tile,
     output-column tile), reducing over the other dimension in BLOCK_R tiles."""
-    query = tl.program_id(0).to(tl.int64)  # b * M + j
-    b = query // M
     R = K if OUT_IS_O else O
     C = O if OUT_IS_O else K
-    ls = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    query, l_tile, c_tile = program_coords(tl.cdiv(L, BLOCK_L), tl.cdiv(C, BLOCK_C))
+    a_ptr += query * N
+    w_ptr += query // M * N * O * K
+    ls = l_tile * BLOCK_L + tl.arange(0, BLOCK_L)
+    cs = c_tile * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         if OUT_IS_O:
-            mixed = tl.trans(_mixed_tile(a_ptr + query * N, w_ptr + b * N * O * K, cs, rs, O,
-                                         K, N, BLOCK_C, BLOCK_R))
+            mixed = tl.trans(_mixed_tile(a_ptr, w_ptr, cs, rs, O, K, N))
         else:
-            mixed = _mixed_tile(a_ptr + query * N, w_ptr + b * N * O * K, rs, cs, O, K, N,
-                                BLOCK_R, BLOCK_C)
+            mixed = _mixed_tile(a_ptr, w_ptr, rs, cs, O, K, N)
         acc = dot(load_tile(rows_ptr + query * L * R, ls, rs, L, R), mixed, acc)
     store_tile(out_ptr + query * L * C, acc, ls, cs, L, C)
 
 
 @triton.jit
-def _read_da_dw_kernel(go_ptr, a_ptr, w_ptr, x_ptr, da_partials_ptr, dw_ptr, M, N, O, K, L,
-                       n_tiles_k, NEED_ATTENTION: tl.constexpr, NEED_W: tl.constexpr,
-                       BLOCK_L: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1) * n_tiles_k + tl.program_id(2)
-    n_tiles = tl.num_programs(1) * n_tiles_k
-    os = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (os[:, None] < O) & (ks[None, :] < K)
-    at = offsets(os, ks, K)
-    for j in range(M):
-        query = b * M + j
-        g = tl.zeros([BLOCK_O, BLOCK_K], dtype=tl.float32)  # dout_j^T x_j on this tile
-        for l0 in range(0, L, BLOCK_L):
-            ls = l0 + tl.arange(0, BLOCK_L)
-            go = load_tile(go_ptr + query * L * O, ls, os, L, O)
-            g = dot(tl.trans(go), load_tile(x_ptr + query * L * K, ls, ks, L, K), g)
-        for i in range(N):
-            w_at = w_ptr + (b * N + i) * O * K + at
-            if NEED_ATTENTION:
-                w = tl.load(w_at, mask=mask, other=0.0).to(tl.float32)
-                tl.store(da_partials_ptr + (query * N + i) * n_tiles + tile, tl.sum(tl.sum(
-                    w * g, axis=1), axis=0))
-            if NEED_W:
-                a = tl.load(a_ptr + query * N + i).to(tl.float32)
-                dw_at = dw_ptr + (b * N + i) * O * K + at
-                old = tl.load(dw_at, mask=mask, other=0.0)
-                tl.store(dw_at, old + a * g, mask=mask)
+def _read_d_attention_kernel(go_ptr, w_ptr, x_ptr, partials_ptr, M, N, O, K, L,
+                             BLOCK_L: tl.constexpr, BLOCK_O: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    """partials[b, j, i, tile] = sum over this (O, K) tile of W_i * G_j, for every i;
+    program (b * M + j, O tile, K tile)."""
+    tiles_o, tiles_k = tl.cdiv(O, BLOCK_O), tl.cdiv(K, BLOCK_K)
+    query, o_tile, k_tile = program_coords(tiles_o, tiles_k)
+    os = o_tile * BLOCK_O + tl.arange(0, BLOCK_O)
+    ks = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+    g = tl.zeros([BLOCK_O, BLOCK_K], dtype=tl.float32)  # G_j = dout_j^T x_j on the tile
+    for l0 in range(0, L, BLOCK_L):
+        ls = l0 + tl.arange(0, BLOCK_L)
+        g = dot(tl.trans(load_tile(go_ptr + query * L * O, ls, os, L, O)),
+                load_tile(x_ptr + query * L * K, ls, ks, L, K), g)
+    w_ptr += query // M * N * O * K
+    step = tl.cast(O, tl.int64) * K
+    out_ptr = partials_ptr + query * N * tiles_o * tiles_k + o_tile * tiles_k + k_tile
+    for i in range(N):
+        tl.store(out_ptr, tl.sum(tl.sum(load_tile(w_ptr, os, ks, O, K) * g, axis=1), axis=0))
+        w_ptr += step
+        out_ptr += tiles_o * tiles_k
 
 
-def _tiles(L: int, O: int, K: int) -> tuple[int, int, int]:
-    cap = 64 if not triton_interpreter() else 128
-    return tuple(max(16, min(cap, triton.next_power_of_2(n))) for n in (L, O, K))
+@triton.jit
+def _read_d_weights_kernel(go_ptr, a_ptr, x_ptr, dw_ptr, M, N, O, K, L, BLOCK_R: tl.constexpr,
+                           BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+    """d_W[b, i] = (a[b, r // L, i] dout[b, r])^T x[b, r] summed over the rows r < M L of
+    dout[b] [M L, O] and x[b] [M L, K], on this (O, K) tile; program (b * N + i, O tile,
+    K tile)."""
+    weight, o_tile, k_tile = program_coords(tl.cdiv(O, BLOCK_O), tl.cdiv(K, BLOCK_K))
+    b = weight // N
+    rows = tl.cast(M, tl.int64) * L
+    go_ptr += b * rows * O
+    x_ptr += b * rows * K
+    a_ptr += b * M * N + weight % N  # column i of a[b] [M, N]
+    os = o_tile * BLOCK_O + tl.arange(0, BLOCK_O)
+    ks = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_O, BLOCK_K], dtype=tl.float32)
+    for r0 in range(0, rows, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        a = tl.load(a_ptr + rs // L * N, mask=rs < rows, other=0.0).to(tl.float32)
+        go = load_tile(go_ptr, rs, os, rows, O) * a[:, None]
+        acc = dot(tl.trans(go), load_tile(x_ptr, rs, ks, rows, K), acc)
+    store_tile(dw_ptr + weight * O * K, acc, os, ks, O, K)
 
 
+def _tile(n: int) -> int:
+    """The memory-read kernels' tile for an extent n."""
+    return tile_size(n, gpu=64, interpreter=128)
+
+
+@launches_on_input_device
 def attention_read_forward(attention, fast_weights, x):
+    """attention [B, M, N], fast_weights [B, N, O, K], x [B, M, L, K] -> [B, M, L, O]."""
     attention, fast_weights, x = (t.contiguous() for t in (attention, fast_weights, x))
     B, M, N = attention.shape
     O, K, L = fast_weights.shape[2], fast_weights.shape[3], x.shape[2]
     out = x.new_empty(B, M, L, O)
     if out.numel() == 0:
         return out
-    bl, bo, bk = _tiles(L, O, K)
-    _apply_mixed_kernel[(B * M, triton.cdiv(L, bl), triton.cdiv(O, bo))](
+    bl, bo, bk = _tile(L), _tile(O), _tile(K)
+    _apply_mixed_kernel[(B * M * triton.cdiv(L, bl) * triton.cdiv(O, bo),)](
         x, attention, fast_weights, out, M, N, O, K, L, OUT_IS_O=True, BLOCK_L=bl, BLOCK_C=bo,
         BLOCK_R=bk)
     return out
 
 
+@launches_on_input_device
 def attention_read_backward(grad_out, attention, fast_weights, x, need_attention, need_weights,
                             need_x):
+    """grad_out [B, M, L, O] and the forward's inputs -> (d_attention [B, M, N],
+    d_fast_weights [B, N, O, K], d_x [B, M, L, K]); each one empty when not needed."""
     grad_out, attention, fast_weights, x = (t.contiguous() for t in
                                             (grad_out, attention, fast_weights, x))
     B, M, N = attention.shape
     O, K, L = fast_weights.shape[2], fast_weights.shape[3], x.shape[2]
-    bl, bo, bk = _tiles(L, O, K)
-    d_x = torch.empty_like(x) if need_x else x.new_empty(0)
-    if need_x and d_x.numel():
-        _apply_mixed_kernel[(B * M, triton.cdiv(L, bl), triton.cdiv(K, bk))](
-            grad_out, attention, fast_weights, d_x, M, N, O, K, L, OUT_IS_O=False, BLOCK_L=bl,
-            BLOCK_C=bk, BLOCK_R=bo)
-    d_attention, d_w = x.new_empty(0), x.new_empty(0)
-    if need_attention or need_weights:
-        tiles_o, tiles_k = triton.cdiv(O, bo), triton.cdiv(K, bk)
-        partials = torch.zeros(B, M, N, tiles_o * tiles_k, device=x.device, dtype=torch.float32)
-        d_w = torch.zeros_like(fast_weights, dtype=torch.float32)
-        if B * M * N and O * K:
-            _read_da_dw_kernel[(B, tiles_o, tiles_k)](
-                grad_out, attention, fast_weights, x, partials, d_w, M, N, O, K, L, tiles_k,
-                NEED_ATTENTION=need_attention, NEED_W=need_weights, BLOCK_L=bl, BLOCK_O=bo,
+    bl, bo, bk = _tile(L), _tile(O), _tile(K)
+    tiles = triton.cdiv(O, bo) * triton.cdiv(K, bk)
+    d_attention, d_w, d_x = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    if need_x:
+        d_x = torch.empty_like(x)
+        if d_x.numel():
+            _apply_mixed_kernel[(B * M * triton.cdiv(L, bl) * triton.cdiv(K, bk),)](
+                grad_out, attention, fast_weights, d_x, M, N, O, K, L, OUT_IS_O=False,
+                BLOCK_L=bl, BLOCK_C=bk, BLOCK_R=bo)
+    if need_attention:
+        partials = torch.empty(B, M, N, tiles, device=x.device, dtype=torch.float32)
+        if partials.numel():
+            _read_d_attention_kernel[(B * M * tiles,)](
+                grad_out, fast_weights, x, partials, M, N, O, K, L, BLOCK_L=bl, BLOCK_O=bo,
                 BLOCK_K=bk)
-        d_attention = partials.sum(-1).to(x.dtype) if need_attention else x.new_empty(0)
-        d_w = d_w.to(x.dtype) if need_weights else x.new_empty(0)
+        d_attention = partials.sum(-1)  # O K = 0: no tiles, zeros
+    if need_weights:
+        d_w = torch.empty_like(fast_weights)
+        if d_w.numel():
+            _read_d_weights_kernel[(B * N * tiles,)](
+                grad_out, attention, x, d_w, M, N, O, K, L, BLOCK_R=_tile(M * L), BLOCK_O=bo,
+                BLOCK_K=bk)
     return d_attention, d_w, d_x

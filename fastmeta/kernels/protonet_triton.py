@@ -3,7 +3,8 @@ class_prototypes.py, squared_distances.py, prototypical_loss.py).
 
 Shapes: support [B, S, D] with labels y [B, S]; queries Q [B, M, D] with labels [B, M];
 prototypes C [B, C, D]; tau []. float32 in, float32 accumulation. Every grid is 1-D: a
-program is (episode b, tile i, tile j), decoded by _coords.
+program is (episode b, tile i, tile j), decoded by tiles.program_coords (b as
+int64, so every per-episode offset b * rows * cols is int64).
 
 class_prototypes forward : program (b, class tile, D tile); over S tiles, in order,
     sums += onehot(y)^T S (tl.dot; products with 0 / 1 are exact), n += colsum(onehot);
@@ -35,15 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmeta.backend import triton_interpreter
-from fastmeta.kernels.tiles import dot, load_tile, store_tile
-
-
-@triton.jit
-def _coords(n_i, n_j):
-    """(episode as int64, tile i, tile j) of this program in a grid of B * n_i * n_j."""
-    pid = tl.program_id(0)
-    return (pid // (n_i * n_j)).to(tl.int64), (pid // n_j) % n_i, pid % n_j
+from fastmeta.kernels.launch import launches_on_input_device
+from fastmeta.kernels.tiles import dot, load_tile, program_coords, store_tile, tile_size
 
 
 @triton.jit
@@ -77,7 +71,7 @@ def _direct_distances_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_R: tl.constex
 @triton.jit
 def _class_prototypes_forward_kernel(s_ptr, y_ptr, out_ptr, S, C, D, BLOCK_C: tl.constexpr,
                                      BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    b, k, j = _coords(tl.cdiv(C, BLOCK_C), tl.cdiv(D, BLOCK_D))
+    b, k, j = program_coords(tl.cdiv(C, BLOCK_C), tl.cdiv(D, BLOCK_D))
     s_ptr += b * S * D
     y_ptr += b * S
     cls = k * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -97,7 +91,7 @@ def _class_prototypes_forward_kernel(s_ptr, y_ptr, out_ptr, S, C, D, BLOCK_C: tl
 @triton.jit
 def _class_prototypes_backward_kernel(g_ptr, y_ptr, n_ptr, out_ptr, S, C, D,
                                       BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    b, i, j = _coords(tl.cdiv(S, BLOCK_S), tl.cdiv(D, BLOCK_D))
+    b, i, j = program_coords(tl.cdiv(S, BLOCK_S), tl.cdiv(D, BLOCK_D))
     idx = i * BLOCK_S + tl.arange(0, BLOCK_S)
     ds = j * BLOCK_D + tl.arange(0, BLOCK_D)
     in_s = idx < S
@@ -111,7 +105,7 @@ def _class_prototypes_backward_kernel(g_ptr, y_ptr, n_ptr, out_ptr, S, C, D,
 def _squared_distances_kernel(q_ptr, c_ptr, out_ptr, M, C, D, BLOCK_M: tl.constexpr,
                               BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                               BLOCK_R: tl.constexpr):
-    b, i, j = _coords(tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_C))
+    b, i, j = program_coords(tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_C))
     q_ptr += b * M * D
     c_ptr += b * C * D
     rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,7 +132,7 @@ def _logits_tile(q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
 def _prototypical_ce_forward_kernel(q_ptr, c_ptr, y_ptr, tau_ptr, loss_ptr, pred_ptr, sm_ptr,
                                     M, C, D, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                                     BLOCK_D: tl.constexpr):
-    b, i, _ = _coords(tl.cdiv(M, BLOCK_M), 1)
+    b, i, _ = program_coords(tl.cdiv(M, BLOCK_M), 1)
     q_ptr += b * M * D
     c_ptr += b * C * D
     sm_ptr += b * M * C
@@ -192,7 +186,7 @@ def _prototypical_ce_backward_queries_kernel(gl_ptr, q_ptr, c_ptr, y_ptr, tau_pt
                                              dq_ptr, partials_ptr, M, C, D,
                                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                                              BLOCK_D: tl.constexpr):
-    b, i, j = _coords(tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_D))
+    b, i, j = program_coords(tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_D))
     c_ptr += b * C * D
     sm_ptr += b * M * C
     rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -213,7 +207,7 @@ def _prototypical_ce_backward_prototypes_kernel(gl_ptr, q_ptr, c_ptr, y_ptr, tau
                                                 dc_ptr, partials_ptr, M, C, D,
                                                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                                                 BLOCK_D: tl.constexpr):
-    b, k, j = _coords(tl.cdiv(C, BLOCK_C), tl.cdiv(D, BLOCK_D))
+    b, k, j = program_coords(tl.cdiv(C, BLOCK_C), tl.cdiv(D, BLOCK_D))
     q_ptr += b * M * D
     sm_ptr += b * M * C
     cls = k * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -232,13 +226,7 @@ def _prototypical_ce_backward_prototypes_kernel(gl_ptr, q_ptr, c_ptr, y_ptr, tau
     tl.store(partials_ptr + tl.program_id(0), -tl.sum(colsum * tl.sum(c * c, axis=1), axis=0))
 
 
-def _tile(n: int, gpu: int, interpreter: int, least: int = 16) -> int:
-    """Power-of-two tile for an extent n, in [least, cap]; least 16 is tl.dot's minimum.
-    The interpreter runs one program at a time in numpy: few, wide programs."""
-    cap = interpreter if triton_interpreter() else gpu
-    return max(least, min(triton.next_power_of_2(max(n, 1)), cap))
-
-
+@launches_on_input_device
 def class_prototypes_forward(support: torch.Tensor, labels: torch.Tensor,
                              num_classes: int) -> torch.Tensor:
     """support [B, S, D], labels [B, S] int64 in [0, C), every class present
@@ -249,13 +237,14 @@ def class_prototypes_forward(support: torch.Tensor, labels: torch.Tensor,
     out = support.new_empty(B, C, D)
     if out.numel() == 0:
         return out
-    block_c, block_s, block_d = _tile(C, 32, 512), _tile(S, 32, 512), _tile(D, 64, 512)
+    block_c, block_s, block_d = tile_size(C, 32, 512), tile_size(S, 32, 512), tile_size(D, 64, 512)
     grid = (B * triton.cdiv(C, block_c) * triton.cdiv(D, block_d),)
     _class_prototypes_forward_kernel[grid](support, labels, out, S, C, D, BLOCK_C=block_c,
                                            BLOCK_S=block_s, BLOCK_D=block_d)
     return out
 
 
+@launches_on_input_device
 def class_prototypes_backward(grad: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """grad [B, C, D], labels [B, S] int64 -> d_support [B, S, D],
     d_support[b, i] = grad[b, y_bi] / n_{b, y_bi}."""
@@ -267,13 +256,14 @@ def class_prototypes_backward(grad: torch.Tensor, labels: torch.Tensor) -> torch
         return out
     counts = torch.zeros(B, C, dtype=torch.int64, device=labels.device)
     counts.scatter_add_(1, labels, torch.ones_like(labels))  # integer sums: deterministic
-    block_s, block_d = _tile(S, 32, 512), _tile(D, 128, 1024)
+    block_s, block_d = tile_size(S, 32, 512), tile_size(D, 128, 1024)
     grid = (B * triton.cdiv(S, block_s) * triton.cdiv(D, block_d),)
     _class_prototypes_backward_kernel[grid](grad, labels, counts, out, S, C, D,
                                             BLOCK_S=block_s, BLOCK_D=block_d)
     return out
 
 
+@launches_on_input_device
 def squared_distances_forward(queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """queries [B, M, D], prototypes [B, C, D] -> ||q - c||^2 [B, M, C]."""
     queries, prototypes = queries.contiguous(), prototypes.contiguous()
@@ -282,14 +272,15 @@ def squared_distances_forward(queries: torch.Tensor, prototypes: torch.Tensor) -
     out = queries.new_empty(B, M, C)
     if out.numel() == 0:
         return out
-    block_m, block_c, block_d = _tile(M, 64, 512), _tile(C, 64, 512), _tile(D, 32, 128)
+    block_m, block_c, block_d = tile_size(M, 64, 512), tile_size(C, 64, 512), tile_size(D, 32, 128)
     grid = (B * triton.cdiv(M, block_m) * triton.cdiv(C, block_c),)
     _squared_distances_kernel[grid](queries, prototypes, out, M, C, D, BLOCK_M=block_m,
                                     BLOCK_C=block_c, BLOCK_D=block_d,
-                                    BLOCK_R=_tile(D, 4, 8, least=1))
+                                    BLOCK_R=tile_size(D, 4, 8, least=1))
     return out
 
 
+@launches_on_input_device
 def prototypical_ce_forward(queries: torch.Tensor, prototypes: torch.Tensor,
                             labels: torch.Tensor, tau: torch.Tensor):
     """queries [B, M, D], prototypes [B, C, D], labels [B, M] int64, tau []
@@ -302,7 +293,7 @@ def prototypical_ce_forward(queries: torch.Tensor, prototypes: torch.Tensor,
     softmax = queries.new_empty(B, M, C)
     if softmax.numel() == 0:
         return losses, predictions, softmax
-    block_m, block_c, block_d = _tile(M, 64, 512), _tile(C, 64, 512), _tile(D, 32, 128)
+    block_m, block_c, block_d = tile_size(M, 64, 512), tile_size(C, 64, 512), tile_size(D, 32, 128)
     grid = (B * triton.cdiv(M, block_m),)
     _prototypical_ce_forward_kernel[grid](queries, prototypes, labels, tau, losses, predictions,
                                           softmax, M, C, D, BLOCK_M=block_m, BLOCK_C=block_c,
@@ -310,6 +301,7 @@ def prototypical_ce_forward(queries: torch.Tensor, prototypes: torch.Tensor,
     return losses, predictions, softmax
 
 
+@launches_on_input_device
 def prototypical_ce_backward(grad_losses: torch.Tensor, queries: torch.Tensor,
                              prototypes: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor,
                              softmax: torch.Tensor):
@@ -325,9 +317,9 @@ def prototypical_ce_backward(grad_losses: torch.Tensor, queries: torch.Tensor,
     d_queries, d_prototypes = torch.empty_like(queries), torch.empty_like(prototypes)
     if softmax.numel() == 0 or D == 0:
         return d_queries.zero_(), d_prototypes.zero_(), torch.zeros_like(tau)
-    block_d = _tile(D, 64, 512)
-    q_blocks = dict(BLOCK_M=_tile(M, 64, 512), BLOCK_C=_tile(C, 32, 512), BLOCK_D=block_d)
-    c_blocks = dict(BLOCK_M=_tile(M, 32, 512), BLOCK_C=_tile(C, 64, 512), BLOCK_D=block_d)
+    block_d = tile_size(D, 64, 512)
+    q_blocks = dict(BLOCK_M=tile_size(M, 64, 512), BLOCK_C=tile_size(C, 32, 512), BLOCK_D=block_d)
+    c_blocks = dict(BLOCK_M=tile_size(M, 32, 512), BLOCK_C=tile_size(C, 64, 512), BLOCK_D=block_d)
     q_programs = B * triton.cdiv(M, q_blocks["BLOCK_M"]) * triton.cdiv(D, block_d)
     c_programs = B * triton.cdiv(C, c_blocks["BLOCK_C"]) * triton.cdiv(D, block_d)
     partials = torch.empty(q_programs + c_programs, dtype=torch.float32, device=queries.device)

@@ -1,8 +1,25 @@
-"""Triton helpers shared by the kernel modules: float32 tiles of row-major matrices
-and the ieee-precision tl.dot."""
+"""Triton helpers shared by the kernel modules: program coordinates in a 1-D grid,
+float32 tiles of row-major matrices, the ieee-precision tl.dot, and (host side) the
+tile sizes.
+
+Index arithmetic: sizes and loop indices are int32 (a size argument of 1 is even a
+compile-time constant), so every product that can pass 2**31 (a batch or row index
+times a row size, a loop index times a matrix size) starts from an int64 factor:
+a program id `.to(tl.int64)`, `tl.cast(size, tl.int64)` (which also takes constants
+and the interpreter's Python-int loop indices), or `offsets` below."""
 
 import triton
 import triton.language as tl
+
+from fastmeta.backend import triton_interpreter
+
+
+def tile_size(n: int, gpu: int, interpreter: int, least: int = 16) -> int:
+    """Power-of-two tile for an extent n, in [least, cap]; least 16 is tl.dot's minimum.
+    cap is `gpu`, or `interpreter` under the Triton interpreter, which runs one program
+    at a time in numpy: few, wide programs."""
+    cap = interpreter if triton_interpreter() else gpu
+    return max(least, min(triton.next_power_of_2(max(n, 1)), cap))
 
 
 @triton.jit
@@ -11,6 +28,15 @@ def dot(a, b, acc):
     # of class_prototypes must stay exact). On a GPU, "tf32" would run the distance, logit
     # and memory-read GEMMs faster at ~1e-3 relative error; kept at ieee for now.
     return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def program_coords(n_i, n_j):
+    """(outer index as int64, tile i, tile j) of this program in a 1-D grid of
+    outer * n_i * n_j programs. One grid axis: the y and z axes of a CUDA grid stop
+    at 65535."""
+    pid = tl.program_id(0)
+    return (pid // (n_i * n_j)).to(tl.int64), (pid // n_j) % n_i, pid % n_j
 
 
 @triton.jit
