@@ -10,11 +10,14 @@ Backends:
 By default an op runs the first usable backend of its preference list for the
 input's device. `use_backend(name)` (a process-wide context manager) or the
 FASTMETA_BACKEND environment variable forces one; forcing a backend that cannot
-run the call is an error, never a silent fallback.
+run the call is an error, never a silent fallback. A default that falls back to the
+reference on a device where the op has a fused backend (a dtype its kernels do not
+take) is not an error, but `backends()` lists where it would happen and where it did.
 """
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import os
 
@@ -36,6 +39,19 @@ _OPS: dict[str, tuple[str, ...]] = {}  # op name -> backends that implement it
 _OP_DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {}  # (op, backend) -> dtypes
 _forced_stack: list[str] = []
 _last_used: dict[str, str] = {}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what backends() reports
+
+
+@dataclasses.dataclass(frozen=True)
+class _Default:
+    """The default choice for one (op, device type, dtype)."""
+
+    usable: tuple[str, ...]  # in preference order; the last is always reference
+    fallback: str | None  # why reference is first though the op has a fused backend there
+
+
+_defaults: dict[tuple, _Default] = {}
+_fallbacks_seen: dict[tuple[str, str, torch.dtype], str] = {}  # (op, device type, dtype) -> why
 
 
 def register_op(name: str, backends: tuple[str, ...],
@@ -45,6 +61,12 @@ def register_op(name: str, backends: tuple[str, ...],
     _OPS[name] = tuple(backends)
     for backend_name, allowed in (dtypes or {}).items():
         _OP_DTYPES[(name, backend_name)] = tuple(allowed)
+    _defaults.clear()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float32" for torch.float32."""
+    return str(dtype).replace("torch.", "")
 
 
 def op_unavailable_reason(op: str, backend: str, device_type: str, dtype) -> str | None:
@@ -53,9 +75,21 @@ def op_unavailable_reason(op: str, backend: str, device_type: str, dtype) -> str
         return f"op {op} has no {backend} backend (it has {', '.join(_OPS[op])})"
     allowed = _OP_DTYPES.get((op, backend))
     if allowed is not None and dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        return f"its {op} kernels take {names}, got {dtype}"
+        return f"its {op} kernels take {', '.join(map(dtype_name, allowed))}"
     return unavailable_reason(backend, device_type, dtype)
+
+
+def fallback_reason(op: str, device_type: str, dtype) -> str | None:
+    """Why the default for `op` on device_type/dtype tensors is the reference though
+    the op has a fused backend usable on that device type here (e.g. "cpu: its
+    class_prototypes kernels take float32, float64"); None when a fused backend takes
+    the call or none runs on that device type here."""
+    fused = [b for b in DEFAULT_PREFERENCE.get(device_type, ())
+             if b != "reference" and b in _OPS[op] and unavailable_reason(b, device_type) is None]
+    reasons = {b: op_unavailable_reason(op, b, device_type, dtype) for b in fused}
+    if not reasons or None in reasons.values():
+        return None
+    return "; ".join(f"{b}: {why}" for b, why in reasons.items())
 
 
 def triton_interpreter() -> bool:
@@ -63,6 +97,7 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def _triton_version():
     if importlib.util.find_spec("triton") is None:
         return None
@@ -100,7 +135,7 @@ def unavailable_reason(backend: str, device_type: str | None = None, dtype=None)
     if not triton_interpreter():
         return "on CPU tensors it needs the Triton interpreter (TRITON_INTERPRET=1)"
     if dtype is not None and dtype != torch.float32:
-        return f"the Triton interpreter runs float32 only, got {dtype}"
+        return "the Triton interpreter runs float32 only"
     return None
 
 
@@ -131,13 +166,28 @@ def use_backend(name: str):
         _forced_stack.pop()
 
 
+def _default(op: str, device_type: str, dtype) -> _Default:
+    """The usable backends and any fallback reason, worked out once per (op, device
+    type, dtype): what was built, the GPU and Triton do not change within a process
+    (and TRITON_INTERPRET, read each time, matters only to a forced triton)."""
+    key = (op, device_type, dtype)
+    found = _defaults.get(key)
+    if found is None:
+        preference = DEFAULT_PREFERENCE.get(device_type, ("reference",))
+        usable = tuple(b for b in preference
+                       if op_unavailable_reason(op, b, device_type, dtype) is None)
+        found = _defaults[key] = _Default(usable, fallback_reason(op, device_type, dtype))
+    return found
+
+
 def select(op: str, device: torch.device, dtype: torch.dtype,
            race: "racing.Race | None" = None) -> str:
     """The backend that runs `op` for inputs on `device` with `dtype` (and records it).
 
     With `race` (ops whose GPU backends differ in speed by shape), the default choice
-    on a device with several racing backends is the fastest for the shape bucket,
-    timed on its first call (fastmeta/race.py)."""
+    on a device with several racing backends is the winner of the shape bucket's race
+    (fastmeta/race.py). A default that is the reference while the op has a fused
+    backend on that device type is recorded for `backends()`."""
     forced = forced_backend()
     if forced is not None:
         name, source = forced
@@ -150,14 +200,14 @@ def select(op: str, device: torch.device, dtype: torch.dtype,
             )
         chosen = name
     else:
-        preference = DEFAULT_PREFERENCE.get(device.type, ("reference",))
-        usable = (b for b in preference if op_unavailable_reason(op, b, device.type, dtype) is None)
-        if race is None or not racing.enabled(device):
-            chosen = next(usable)
-        else:
-            usable = list(usable)
-            names = racing.contenders(device.type, usable)
-            chosen = racing.winner(op, device, dtype, names, race) if len(names) > 1 else usable[0]
+        default = _default(op, device.type, dtype)
+        chosen = default.usable[0]
+        if default.fallback is not None:  # only the reference is usable: nothing to race
+            _fallbacks_seen[(op, device.type, dtype)] = default.fallback
+        elif race is not None:
+            names = racing.contenders(device.type, default.usable)
+            if len(names) > 1 and racing.enabled(device):
+                chosen = racing.winner(op, device, dtype, names, race)
     _last_used[op] = chosen
     return chosen
 
@@ -195,8 +245,12 @@ class BackendReport:
     triton_interpreter: bool
     forced: str | None
     usable: dict[str, str | None]  # backend -> None if usable here, else why not
-    ops: dict[str, dict[str, str | None]]  # op -> device type -> default backend
-    races: dict[tuple, dict[str, float]]  # (op, device, dtype, shape bucket) -> ms per backend
+    ops: dict[str, dict[str, str | None]]  # op -> device type -> default backend (float32)
+    # op -> device type -> dtype -> why the default is the reference though the op has
+    # a fused backend there (only ops, devices and dtypes that fall back)
+    fallbacks: dict[str, dict[str, dict[torch.dtype, str]]]
+    fallbacks_seen: dict[tuple[str, str, torch.dtype], str]  # calls that fell back, and why
+    races: dict[tuple, racing.Outcome]  # (op, device, dtype, shape bucket) -> its race
 
     def __str__(self) -> str:
         built = "not built" if not self.extension_built else (
@@ -215,32 +269,53 @@ class BackendReport:
         for op, per_device in self.ops.items():
             choice = ", ".join(f"{d}: {b or '-'}" for d, b in per_device.items())
             lines.append(f"  {op:<24} {choice}")
-        return "\n".join(lines + self.race_lines())
+        return "\n".join(lines + self.fallback_lines() + self.race_lines())
+
+    def fallback_lines(self) -> list[str]:
+        """Where the default is the reference though a fused backend exists for the
+        device: per op, the dtypes and why; then the calls that did so."""
+        lines = ["fallbacks to the reference by dtype:" + ("" if self.fallbacks else " none")]
+        for op, per_device in self.fallbacks.items():
+            parts = []
+            for device, per_dtype in per_device.items():
+                by_reason: dict[str, list[str]] = {}
+                for dtype, why in per_dtype.items():
+                    by_reason.setdefault(why, []).append(dtype_name(dtype))
+                parts += [f"{device} {', '.join(names)} ({why})"
+                          for why, names in by_reason.items()]
+            lines.append(f"  {op:<24} {'; '.join(parts)}")
+        lines.append("fallbacks to the reference seen in this process:"
+                     + ("" if self.fallbacks_seen else " none"))
+        lines += [f"  {op} {device} {dtype_name(dtype)} ({why})"
+                  for (op, device, dtype), why in self.fallbacks_seen.items()]
+        return lines
 
     def race_lines(self) -> list[str]:
-        """The per-shape races run so far: op, shape bucket, winner, times."""
+        """The per-shape races run so far: op, shape bucket, winner, times, dropped
+        contenders and why."""
         raced = ", ".join(f"{device}: {' vs '.join(names)}" for device, names in racing.RACED.items())
-        lines = [f"per-shape races ({raced}; {racing.ENV_VAR}=0 turns them off):"
-                 + ("" if self.races else " none run yet")]
-        for (op, device, dtype, bucket), times in self.races.items():
-            timed = ", ".join(f"{b} {ms:.3f} ms" for b, ms in times.items())
-            lines.append(f"  {op} {device} {str(dtype).replace('torch.', '')} {bucket}: "
-                         f"{min(times, key=times.get)} ({timed})")
+        lines = [f"per-shape races ({raced}; none under {racing.ENV_VAR}=0 or deterministic "
+                 "algorithms):" + ("" if self.races else " none run yet")]
+        for (op, device, dtype, bucket), outcome in self.races.items():
+            parts = [f"{b} {ms:.3f} ms" for b, ms in outcome.times.items()]
+            parts += [f"{b} dropped: {why}" for b, why in outcome.dropped.items()]
+            lines.append(f"  {op} {device} {dtype_name(dtype)} {bucket}: {outcome.winner}"
+                         + (f" ({'; '.join(parts)})" if parts else ""))
         return lines
 
 
 def backends() -> BackendReport:
     """Reports what was built, what is usable here and which backend each op uses."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    ops = {}
+    devices = ("cpu", "cuda") if gpu else ("cpu",)
+    ops = {op: {d: _default(op, d, torch.float32).usable[0] if d in devices else None
+                for d in ("cpu", "cuda")} for op in _OPS}
+    fallbacks: dict[str, dict[str, dict[torch.dtype, str]]] = {}
     for op in _OPS:
-        ops[op] = {}
-        for device_type in ("cpu", "cuda"):
-            ops[op][device_type] = next(
-                (b for b in DEFAULT_PREFERENCE[device_type]
-                 if op_unavailable_reason(op, b, device_type, torch.float32) is None),
-                None,
-            ) if device_type == "cpu" or gpu else None
+        for d in devices:
+            per_dtype = {dtype: why for dtype in DTYPES if (why := fallback_reason(op, d, dtype))}
+            if per_dtype:
+                fallbacks.setdefault(op, {})[d] = per_dtype
     forced = forced_backend()
     return BackendReport(
         torch_version=torch.__version__,
@@ -253,6 +328,8 @@ def backends() -> BackendReport:
         forced=f"{forced[0]} (by {forced[1]})" if forced else None,
         usable={b: unavailable_reason(b) for b in BACKENDS},
         ops=ops,
+        fallbacks=fallbacks,
+        fallbacks_seen=dict(_fallbacks_seen),
         races=racing.results(),
     )
 

@@ -88,3 +88,28 @@ def test_large_cpu_outputs_reuse_pooled_buffers():
     del second
     assert fastmeta.empty_cpu_cache() >= 16 * 2**20
     assert fastmeta.empty_cpu_cache() == 0
+
+
+def test_report_lists_the_dtypes_that_fall_back_to_the_reference():
+    report = fastmeta.backends()
+    why = "cpu: its class_prototypes kernels take float32, float64"
+    assert report.fallbacks["class_prototypes"]["cpu"] == {torch.float16: why,
+                                                           torch.bfloat16: why}
+    assert "inner_update" not in report.fallbacks  # its cpu kernels take every dtype
+    assert f"  class_prototypes         cpu float16, bfloat16 ({why})" in str(report)
+
+
+def test_a_call_that_falls_back_to_the_reference_is_recorded(monkeypatch):
+    monkeypatch.setattr(backend, "_fallbacks_seen", {})
+    support = torch.randn(1, 4, 3, dtype=torch.bfloat16)
+    labels = torch.tensor([[0, 1, 0, 1]])
+    with fastmeta.use_backend("reference"):  # forced: not a fallback
+        fastmeta.functional.class_prototypes(support, labels, 2)
+    assert "fallbacks to the reference seen in this process: none" in str(fastmeta.backends())
+    fastmeta.functional.class_prototypes(support, labels, 2)
+    assert fastmeta.last_backend("class_prototypes") == "reference"
+    report = fastmeta.backends()
+    why = "cpu: its class_prototypes kernels take float32, float64"
+    assert report.fallbacks_seen == {("class_prototypes", "cpu", torch.bfloat16): why}
+    assert f"fallbacks to the reference seen in this process:\n  class_prototypes cpu bfloat16 " \
+           f"({why})" in str(report)

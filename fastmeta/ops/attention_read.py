@@ -16,7 +16,9 @@ Differentiable once (the backward op has no autograd formula of its own).
 
 Ops: torch.ops.fastmeta.attention_read, torch.ops.fastmeta.attention_read_backward.
 Backends: reference (here), cpu and cuda (csrc/attention_read.cpp: query
-chunks through ATen's GEMMs), triton (fastmeta/kernels/metanet_triton.py).
+chunks through ATen's GEMMs), triton (fastmeta/kernels/metanet_triton.py). On CUDA the
+forward and the backward each race cuda against triton per shape bucket
+(fastmeta/race.py): which is faster depends on the shape.
 """
 
 import torch
@@ -95,8 +97,8 @@ _BACKWARD = {"reference": attention_read_backward_reference, "cpu": _backward_co
 @torch.library.custom_op("fastmeta::attention_read", mutates_args=())
 def attention_read_op(attention: Tensor, fast_weights: Tensor, x: Tensor) -> Tensor:
     check_attention_read_args(attention, fast_weights, x)
-    impl = _FORWARD[backend.select(OP, x.device, x.dtype)]
-    return impl(attention.contiguous(), fast_weights.contiguous(), x.contiguous())
+    inputs = (attention.contiguous(), fast_weights.contiguous(), x.contiguous())
+    return backend.run_selected(OP, _FORWARD, inputs, inputs, tag=("forward",))
 
 
 @attention_read_op.register_fake
@@ -108,9 +110,10 @@ def _(attention, fast_weights, x):
 def attention_read_backward_op(grad_out: Tensor, attention: Tensor, fast_weights: Tensor,
                                x: Tensor, need_attention: bool, need_weights: bool,
                                need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
-    impl = _BACKWARD[backend.select(OP, x.device, x.dtype)]
-    return impl(grad_out.contiguous(), attention.contiguous(), fast_weights.contiguous(),
-                x.contiguous(), need_attention, need_weights, need_x)
+    inputs = (attention.contiguous(), fast_weights.contiguous(), x.contiguous())
+    need = (need_attention, need_weights, need_x)
+    return backend.run_selected(OP, _BACKWARD, (grad_out.contiguous(), *inputs, *need), inputs,
+                                tag=("backward", *need))
 
 
 @attention_read_backward_op.register_fake
