@@ -1,27 +1,153 @@
 #!/usr/bin/env bash
-# GPU check: on a machine with a CUDA GPU and no network (torch, triton, nvcc and
-# ninja already installed), build fastmeta in place, run the whole test suite
-# (the cuda and triton backends run on the GPU), then the GPU benchmarks; print
-# the summary table last. Logs, CSV and JSON go to $OUT (or benchmarks/results/local).
-# Budget: under 8 minutes on an H100.
-set -euo pipefail
+# GPU check: the one run a short GPU loan gets (one card, no network; Python, torch,
+# Triton, nvcc and ninja already installed). Prints the card, driver and versions,
+# builds fastmeta._C in place for the card's arch (no pip), prints fastmeta.backends(),
+# runs the GPU cases of the tests, then the GPU benchmarks, and prints the summary last.
+#
+#   scripts/gpu_check.sh              on the GPU machine (Python: ${PYTHON:-python3})
+#   scripts/gpu_check.sh --rehearse   the same steps on CPU, seconds each (CI runs it)
+#
+# Budget: under 9 minutes. Every step runs under `timeout` for its cap or for the time
+# left before the deadline (BUDGET_S, default 525 s after the start) less the time kept
+# back for later phases, whichever is smaller; a killed step gets 10 s more to exit.
+#   caps (s):  machine 30, build 240, backends 60, each test file 150 (120 per test when
+#              pytest-timeout is installed), benchmarks protonet 150, inner_update 90,
+#              maml 150, metanet 120, compile tests 150, summary 30
+#   kept back: 150 s for the benchmarks while the tests run, 45 s for the compile tests
+#              (last: Inductor) while the benchmarks run, 15 s for the summary
+# A step that fails, times out or gets no time is recorded and the next one runs; the
+# exit status is 1 if any did, after all of them.
+#
+# Written to $OUT (default benchmarks/results/local) as it goes, so that a run cut off
+# still returns what it measured:
+#   gpu_check.log  the whole console
+#   summary.md     machine, steps, test counts per test step with the failed tests,
+#                  every benchmark row with its ratio to fastmeta (scripts/gpu_summary.py)
+#   logs.tar.gz    every step's log, JUnit XML, benchmark CSV and JSON
+# The last two are remade after every step.
+set -u
 cd "$(dirname "$0")/.."
+export PY=${PYTHON:-python3} PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results/local}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+rm -f "$out/summary.md" "$out/logs.tar.gz"  # an earlier run's
+export work
+work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+trap 'rm -rf "$work"' EXIT
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-echo "== build (log: $out/build.log)"
-start=$SECONDS
-FASTMETA_CUDA=1 python -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 \
-  || { tail -n 60 "$out/build.log"; exit 1; }
-echo "built in $((SECONDS - start)) s"
-python -c "import fastmeta; print(fastmeta.backends())"
+case ${1:-} in
+  --rehearse)
+    export mode=rehearsal
+    device=cpu
+    build=("$PY" -c "import fastmeta._C")  # built by make: an in-place rebuild takes minutes
+    need=(reference cpu)
+    test_files=(tests/test_race.py tests/test_backend.py tests/test_gpu*.py)
+    cases=(protonet inner_update)
+    bench=(--device cpu --quick --repeats 1)
+    export TORCH_COMPILE_DISABLE=1 ;;  # rehearse the script, not Inductor (a minute here)
+  "")
+    export mode=gpu
+    device=cuda
+    arch=$(timeout 20 nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1)
+    build=(env FASTMETA_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)"
+           "$PY" setup.py build_ext --inplace)
+    need=(cpu cuda triton)
+    # tests/test_gpu*.py and the kernel tests first; the CPU-only ones not at all
+    first=(tests/test_gpu*.py tests/test_{protonet,inner_update,metanet_ops}.py)
+    mapfile -t test_files < <(printf '%s\n' "${first[@]}" tests/test_*.py \
+      | grep -Ev 'test_(bench|cli|distributed)\.py' | awk '!seen[$0]++')
+    cases=(protonet inner_update maml metanet)  # conv_block has no GPU kernel
+    bench=(--device cuda) ;;
+  *) echo "usage: $0 [--rehearse]" >&2; exit 2 ;;
+esac
+declare -A caps=([protonet]=150 [inner_update]=90 [maml]=150 [metanet]=120)
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+  export PYTEST_TIMEOUT=120
+fi
 
-echo "== tests (log: $out/tests.log)"
-start=$SECONDS
-python -m pytest -q -x tests 2>&1 | tee "$out/tests.log" | tail -n 15
-echo "tests took $((SECONDS - start)) s"
+machine() {  # the card, driver and versions
+  echo "gpu_check $mode, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores"
+  if [[ $mode == gpu ]]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv || return
+  fi
+  echo "nvcc: $(nvcc --version 2>&1 | tail -n 1)"
+  "$PY" -c 'import platform, torch, triton
+print(f"Python {platform.python_version()}, torch {torch.__version__} "
+      f"(CUDA {torch.version.cuda}), Triton {triton.__version__}")'
+}
 
-echo "== benchmarks"
-python -m fastmeta.bench --device cuda --out "$out" 2>&1 | tee "$out/bench.log"
+backends() {  # backends NAME...: prints fastmeta.backends(); fails unless each NAME is usable
+  "$PY" -c 'import sys, fastmeta
+report = fastmeta.backends()
+print(report)
+missing = [f"{b} ({report.usable[b]})" for b in sys.argv[1:] if report.usable[b] is not None]
+sys.exit("not usable: " + ", ".join(missing) if missing else 0)' "$@"
+}
+
+run_tests() {  # run_tests NAME PYTEST-ARGS...: JUnit XML to $work/NAME.xml; none selected passes
+  "$PY" -m pytest -q -rfE --junitxml "$work/$1.xml" "${@:2}"
+  local rc=$?
+  return $((rc == 5 ? 0 : rc))
+}
+export -f machine backends run_tests
+
+publish() {  # summary.md and logs.tar.gz, each replaced whole
+  "$PY" scripts/gpu_summary.py "$work" > "$out/summary.md.part" \
+    && mv "$out/summary.md.part" "$out/summary.md"
+  tar -czf "$out/logs.tar.gz.part" -C "$work" . && mv "$out/logs.tar.gz.part" "$out/logs.tar.gz"
+}
+
+failed=()
+reserve=0  # seconds kept back for later phases
+step() {  # step NAME CAP CMD...: CMD (a command or a function above), logged to $work/NAME.log
+  local name=$1 cap=$2 start=$SECONDS result rc
+  shift 2
+  local limit=$((deadline - reserve - SECONDS))
+  ((limit > cap)) && limit=$cap
+  if ((limit < 5)); then
+    result="skipped: out of time" limit=-
+  else
+    echo "== $name (limit ${limit} s): $*"
+    timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@" < /dev/null 2>&1 | tee "$work/$name.log"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+      0) result=ok ;;
+      124 | 137) result="TIMEOUT" ;;
+      *) result="FAILED (exit $rc)" ;;
+    esac
+  fi
+  [[ $result == ok ]] || failed+=("$name")
+  printf '%s\t%s\t%s\t%s\n' "$name" "$result" $((SECONDS - start)) "$limit" >> "$work/steps.tsv"
+  echo "== $name: $result after $((SECONDS - start)) s"
+  publish
+}
+
+main() {
+  deadline=$((SECONDS + ${BUDGET_S:-525}))
+  step machine 30 machine
+  step build 240 "${build[@]}"
+  step backends 60 backends "${need[@]}"
+  reserve=150
+  for file in "${test_files[@]}"; do
+    step "$(basename "$file" .py)" 150 run_tests "$(basename "$file" .py)" \
+      -k "($device or gpu) and not compile" "$file"
+  done
+  reserve=45
+  for case in "${cases[@]}"; do
+    step "bench-$case" "${caps[$case]}" "$PY" -m fastmeta.bench "${bench[@]}" --case "$case" \
+      --out "$work" --stem "bench-$case"
+  done
+  reserve=15
+  step tests-compile 150 run_tests tests-compile -k "($device or gpu) and compile" \
+    "${test_files[@]}"
+  reserve=0
+  step summary 30 "$PY" scripts/gpu_summary.py "$work"
+  if ((${#failed[@]})); then
+    echo "gpu_check ($mode): ${#failed[@]} step(s) did not pass: ${failed[*]}"
+    return 1
+  fi
+  echo "gpu_check ($mode): every step passed"
+}
+
+main 2>&1 | tee "$out/gpu_check.log"
+exit "${PIPESTATUS[0]}"

@@ -1,4 +1,5 @@
-"""The training CLI end to end on tiny runs: outputs, resume, eval, bad input."""
+"""The training CLI end to end on tiny runs: outputs, resume, eval, bad input. On the CPU
+also where a GPU is visible (the CLI then defaults to cuda): every run passes --device cpu."""
 
 import importlib.util
 import json
@@ -16,7 +17,8 @@ from fastmeta.cli.main import main
 
 OMNIGLOT = Path(os.environ.get("FASTMETA_OMNIGLOT")
                 or Path(__file__).resolve().parents[2] / "shared/data/omniglot")
-TINY = ["--steps", "4", "--val-every", "2", "--val-episodes", "10", "--test-episodes", "20",
+CPU = ["--device", "cpu"]
+TINY = [*CPU, "--steps", "4", "--val-every", "2", "--val-episodes", "10", "--test-episodes", "20",
         "--tasks", "2", "--queries", "3"]
 SUMMARY_KEYS = {"algorithm", "data", "args", "backend", "device", "steps", "episodes",
                 "train_seconds", "episodes_per_second", "val", "test", "val_history", "paths"}
@@ -64,7 +66,7 @@ def test_resume_reaches_the_uninterrupted_result(tmp_path):
 
 def test_eval_other_ways_on_a_trained_run(tmp_path, capsys):
     train(tmp_path)
-    assert main(["eval", "--out", str(tmp_path), "--ways", "3", "--episodes", "12"]) == 0
+    assert main(["eval", *CPU, "--out", str(tmp_path), "--ways", "3", "--episodes", "12"]) == 0
     result = json.loads((tmp_path / "eval-test-3w1s.json").read_text())
     check_accuracy(result, 12)
     assert result["ways"] == 3 and "3-way 1-shot" in capsys.readouterr().out
@@ -124,14 +126,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, options
     bad_zip.mkdir()
     (bad_zip / "images_background.zip").write_text("not a zip")
     options = [o.format(tmp=tmp_path, bad_zip=bad_zip) for o in options]
-    err = run_failing(["train", "protonet", "--out", str(tmp_path / "run"), *options], capsys)
+    err = run_failing(["train", "protonet", *CPU, "--out", str(tmp_path / "run"), *options],
+                      capsys)
     assert message in err
 
 
 def test_unknown_algorithm_and_unavailable_algorithm(tmp_path, capsys, monkeypatch):
     assert "invalid choice: 'reptile'" in run_failing(["train", "reptile"], capsys)
     monkeypatch.delattr(fastmeta, "MetaNetwork", raising=False)
-    err = run_failing(["train", "metanet", "--out", str(tmp_path)], capsys)
+    err = run_failing(["train", "metanet", *CPU, "--out", str(tmp_path)], capsys)
     assert "algorithm metanet is not available in this build of fastmeta yet" in err
 
 

@@ -1,5 +1,6 @@
 """fastmeta.distributed and `fastmeta train` under torchrun: 2 CPU ranks (gloo) take the
-same steps as 1 process on the whole meta-batch; a lost rank fails the other promptly."""
+same steps as 1 process on the whole meta-batch; a lost rank fails the other promptly.
+Every run passes --device cpu: with one GPU visible, rank 1 would ask for cuda:1."""
 
 import json
 import os
@@ -27,8 +28,8 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 # 3 tasks on 2 ranks: shares of 1 and 2 tasks, so the T_r / T weighting is exercised.
-TINY = ["--steps", "4", "--val-every", "2", "--val-episodes", "10", "--test-episodes", "20",
-        "--tasks", "3", "--queries", "3", "--seed", "1"]
+TINY = ["--device", "cpu", "--steps", "4", "--val-every", "2", "--val-episodes", "10",
+        "--test-episodes", "20", "--tasks", "3", "--queries", "3", "--seed", "1"]
 # ProtoNet's last encoder bias shifts every embedding alike, which the distances cancel:
 # its true gradient is 0, its computed one rounding noise that Adam scales up to steps of
 # ~lr, different in every summation order. It does not change the model's outputs.
@@ -151,9 +152,9 @@ def test_a_lost_rank_fails_the_other_with_a_clear_error(tmp_path, sig, victim):
     """A killed peer closes its connections: the survivor fails at its next collective,
     long before --dist-timeout. A hung one (stopped) fails it after --dist-timeout."""
     timeout = 60 if sig == signal.SIGKILL else 4
-    argv = ["-m", "fastmeta", "train", "maml", "--steps", "100000", "--val-every", "3",
-            "--val-episodes", "2", "--tasks", "2", "--queries", "3", "--out", str(tmp_path),
-            "--dist-timeout", str(timeout)]
+    argv = ["-m", "fastmeta", "train", "maml", "--device", "cpu", "--steps", "100000",
+            "--val-every", "3", "--val-episodes", "2", "--tasks", "2", "--queries", "3",
+            "--out", str(tmp_path), "--dist-timeout", str(timeout)]
     port = free_port()
     procs = [subprocess.Popen([sys.executable, *argv], env=rank_env(rank, port),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -146,8 +146,9 @@ def write_results(results: list[Result], out_dir: str, stem: str, extra: dict) -
     csv_path = os.path.join(out_dir, f"{stem}.csv")
     json_path = os.path.join(out_dir, f"{stem}.json")
     rows = [dataclasses.asdict(r) for r in results]
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    columns = [field.name for field in dataclasses.fields(Result)]
+    with open(csv_path, "w", newline="") as f:  # no results (a case skipped): the header
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     with open(json_path, "w") as f:
