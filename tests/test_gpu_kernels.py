@@ -17,6 +17,8 @@ README.md claims). This file adds only what they lack, for each cuda and triton 
   weights (W[b, i] starting past element 2**31) and inner_update's P itself past
   2**31, checked against float64 one slice at a time; tests/test_metanet_ops.py
   checks the fake (meta) path's shapes for the same read on CPU;
+- the per-shape race on a real GPU (cuda against triton, CUDA-event timing): every
+  raced op reports a winner and times, and the loss and gradients still match float64;
 - wrappers launched on cuda:1 while device 0 is current (two-GPU machines only).
 Every test is skipped without a CUDA GPU. The > 2**31 tests need about 20 GiB
 (attention_read) and 45 GiB (inner_update) of GPU memory.
@@ -30,6 +32,7 @@ import fastmeta
 from conftest import rel_err
 from fastmeta import backend
 from fastmeta import functional as F
+from fastmeta import race
 from fastmeta.ops import attention_read, gradient_mlp
 from test_metanet_ops import LARGE_READ, attention_read_float64, mlp_parameters, random_gradients
 from test_triton_launch import wrapper_calls
@@ -278,6 +281,62 @@ def test_inner_update_past_2_31_parameters(name):
     chunks = zip(g[0].split(1 << 28), go[0].split(1 << 28))
     want_d_alpha = -sum((a.double() * b.double()).sum() for a, b in chunks)
     assert cuda_rel_err(d_alpha, want_d_alpha) < 1e-6
+
+
+# ---------------------------------------------------------------- the race
+
+@pytest.fixture
+def racing():
+    """Deterministic algorithms off (conftest turns them on, and they stop races), no
+    race remembered before or after."""
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(False)
+    race.clear()
+    yield
+    race.clear()
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def test_the_race_on_a_gpu_times_both_backends_and_keeps_the_numbers(racing, monkeypatch):
+    """A default ProtoNet loss and attention_read step on CUDA race cuda against triton
+    for each op and direction; each race reports both times (or a dropped backend and
+    its error), and the results match float64 whichever backend won."""
+    require(PROTONET_OPS + ("attention_read",), "cuda")
+    require(PROTONET_OPS + ("attention_read",), "triton")
+    monkeypatch.delenv(race.ENV_VAR, raising=False)
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    B, C, M, D = EPISODES[2]
+    support, support_labels, queries, query_labels = episode(B, C, M, D)
+    support.requires_grad_(), queries.requires_grad_()
+    losses, _ = F.prototypical_loss(support, support_labels, queries, query_labels, C,
+                                    reduction="none")
+    grads = torch.autograd.grad(losses.mean(), (support, queries))
+    read_inputs = [torch.softmax(torch.randn(1, 9, 5, device="cuda"), -1).requires_grad_(),
+                   torch.randn(1, 5, 33, 40, device="cuda", requires_grad=True),
+                   torch.randn(1, 9, 1, 40, device="cuda", requires_grad=True)]
+    read = attention_read(*read_inputs)
+    read_grads = torch.autograd.grad(read.sum(), read_inputs)
+    outcomes = race.results()
+    raced = {key[0] for key in outcomes}
+    assert {"class_prototypes", "prototypical_cross_entropy", "attention_read"} <= raced
+    for key, outcome in outcomes.items():
+        assert outcome.winner in GPU_BACKENDS, key
+        assert set(outcome.times) | set(outcome.dropped) == set(GPU_BACKENDS), key
+        assert all(ms > 0 for ms in outcome.times.values()), key
+    report = str(fastmeta.backends())
+    assert "prototypical_cross_entropy cuda float32" in report, report
+    s64, q64 = leaves(support, queries)
+    logits = -distances_float64(q64, prototypes_float64(s64, support_labels, C))
+    want = cross_entropy(logits.flatten(0, 1), query_labels.flatten(), reduction="none")
+    assert rel_err(losses, want.view(B, M)) < TOL
+    for g, w in zip(grads, torch.autograd.grad(want.mean(), (s64, q64))):
+        assert rel_err(g, w) < TOL
+    read64 = leaves(*read_inputs)
+    want_read = attention_read_float64(*read64)
+    assert rel_err(read, want_read) < 1e-5
+    for g, w in zip(read_grads, torch.autograd.grad(want_read.sum(), read64)):
+        assert rel_err(g, w) < TOL
 
 
 # ---------------------------------------------------------------- device guard
