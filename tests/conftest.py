@@ -19,6 +19,8 @@ import fastmeta  # noqa: E402
 from fastmeta import backend  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+COMPILED = fastmeta.backends().extension_built  # fastmeta._C loaded: the cpu backend runs
+CPU_KERNEL = "cpu" if COMPILED else None  # what a fused CPU path records, built or not
 
 
 def usable_backend_devices(op: str):
@@ -60,4 +62,4 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float("inf") if torch.isnan(err) else float(err)
 
 
-__all__ = ["fastmeta", "rel_err"]
+__all__ = ["COMPILED", "CPU_KERNEL", "fastmeta", "rel_err"]

@@ -14,6 +14,7 @@ import torch
 import fastmeta
 from fastmeta.cli import algorithms
 from fastmeta.cli.main import main
+from fastmeta.ops.bn_relu_pool import bn_relu_pool
 
 OMNIGLOT = Path(os.environ.get("FASTMETA_OMNIGLOT")
                 or Path(__file__).resolve().parents[2] / "shared/data/omniglot")
@@ -82,7 +83,9 @@ def test_maml_family_tiny_run(tmp_path, algorithm):
 
 
 def test_metanet_tiny_run_and_resume(tmp_path):
-    fastmeta.backend._last_used["conv_block"] = "cpu"  # stale, from an earlier call
+    with fastmeta.use_backend("reference"):  # a stale record of an earlier call
+        bn_relu_pool(torch.rand(2, 3, 4, 4), torch.ones(3), torch.zeros(3))
+    assert fastmeta.last_backend("bn_relu_pool") == "reference"
     summary = train(tmp_path, "--steps", "2", algorithm="metanet")
     check_accuracy(summary["test"], 20)
     # MLP networks on vectors: the conv-block ops do not run, and the report says so

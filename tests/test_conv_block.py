@@ -11,6 +11,7 @@ from torch import nn
 import fastmeta
 from fastmeta.fused_blocks import FusedConvBlock, fuse_conv_blocks
 from fastmeta.ops.conv_block import conv_block
+from conftest import COMPILED, CPU_KERNEL
 
 OP = "conv_block"
 
@@ -126,12 +127,12 @@ def test_fuse_conv_blocks_fuses_only_small_first_layers():
     view = fuse_conv_blocks(wrapped)
     assert isinstance(view.features[0], FusedConvBlock) and wrapped.features is not view.features
     x = torch.randn(6, 1, 28, 28)
-    fastmeta.backend._last_used.pop(OP, None)
+    fastmeta.backend.forget_last_backends([OP])
     torch.testing.assert_close(view(x.requires_grad_()), wrapped(x), rtol=1e-5, atol=1e-5)
     assert fastmeta.last_backend(OP) is None  # a gradient for x wanted: the ATen path
     x = x.detach()
     fused_out, plain_out = view(x), wrapped(x)  # the weights' gradients: the fused op
-    assert fastmeta.last_backend(OP) == "cpu" or not fastmeta.backends().extension_built
+    assert fastmeta.last_backend(OP) == CPU_KERNEL
     torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-5)
     weights = list(wrapped.parameters())
     go = torch.randn_like(plain_out)
@@ -150,11 +151,10 @@ def test_maml_evaluation_uses_the_fused_block_and_matches_unfused():
     for fuse in (True, False):
         learner = fastmeta.MAML(model, lr=0.4, fuse=fuse, strategy="loop").adapt_batch(
             xs, ys, F.cross_entropy)
-        fastmeta.backend._last_used.pop(OP, None)
+        fastmeta.backend.forget_last_backends([OP])
         with torch.no_grad():
             outputs.append(learner(xq))
-        assert (fastmeta.last_backend(OP) is not None) == fuse or \
-            not fastmeta.backends().extension_built
+        assert (fastmeta.last_backend(OP) is not None) == (fuse and COMPILED)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
 
 
@@ -167,9 +167,9 @@ def test_fused_block_updates_running_statistics_like_batch_norm(momentum):
     view = fuse_conv_blocks(model)
     for _ in range(2):
         x = torch.rand(7, 1, 28, 28)
-        fastmeta.backend._last_used.pop(OP, None)
+        fastmeta.backend.forget_last_backends([OP])
         torch.testing.assert_close(view(x), plain(x), rtol=1e-5, atol=1e-5)
-        assert fastmeta.last_backend(OP) == "cpu" or not fastmeta.backends().extension_built
+        assert fastmeta.last_backend(OP) == CPU_KERNEL
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(model[1], name), getattr(plain[1], name),
                                    rtol=1e-5, atol=1e-6)
@@ -186,12 +186,11 @@ def test_maml_fuses_training_passes_only_with_fuse_true():
         model.zero_grad()
         learner = fastmeta.MAML(model, lr=0.4, fuse=fuse, strategy="loop").adapt_batch(
             xs, ys, F.cross_entropy)
-        for op in (OP, "bn_relu_pool"):
-            fastmeta.backend._last_used.pop(op, None)
+        fastmeta.backend.forget_last_backends((OP, "bn_relu_pool"))
         F.cross_entropy(learner(xq).flatten(0, 1), yq.flatten()).backward()
         for op in (OP, "bn_relu_pool"):  # layer 1, and layers 2-3 after their convolutions
             fused = fastmeta.last_backend(op) is not None
-            assert fused == (fuse is True) or not fastmeta.backends().extension_built
+            assert fused == (fuse is True and COMPILED)
         grads.append([p.grad.clone() for p in model.parameters()])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
