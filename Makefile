@@ -37,5 +37,6 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	@$(PY) -c "import fastmeta; print(fastmeta.backends())"
 	@touch $@
 
+# The next build compiles everything again (the venv and its packages stay).
 clean:
-	rm -rf build fastmeta/_C*.so *.egg-info
+	rm -rf build fastmeta/_C*.so *.egg-info $(VENV)/.built $(VENV)/build.log

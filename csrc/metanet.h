@@ -1,4 +1,4 @@
-// Meta Networks kernels (../shared/GUIDE.md section 3; math in fastmeta/ops/
+// Meta Networks kernels (docs/kernel-math.md section 3; math in fastmeta/ops/
 // gradient_mlp.py and fastmeta/ops/attention_read.py).
 //
 // The Python ops check arguments and give users the error messages; these kernels

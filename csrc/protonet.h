@@ -1,4 +1,4 @@
-// Prototypical Networks kernels (../shared/GUIDE.md section 1).
+// Prototypical Networks kernels (docs/kernel-math.md section 1).
 //
 // Shapes: support [B, S, D], labels [B, S] (int64, in [0, C)), queries [B, M, D],
 // prototypes [B, C, D], query labels [B, M], tau a 0-d tensor. The Python ops check

@@ -1,4 +1,4 @@
-// Prototypical cross-entropy, CPU kernels (../shared/GUIDE.md section 1).
+// Prototypical cross-entropy, CPU kernels (docs/kernel-math.md section 1).
 //
 // Logits z[m, k] = -tau ||q_m - c_k||^2 = tau (2 q_m . c_k - ||c_k||^2) - tau ||q_m||^2;
 // the last term is the same for every class and cancels in the softmax, so the

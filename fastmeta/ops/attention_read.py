@@ -1,5 +1,5 @@
 """Meta Networks' memory read fused with the fast branch of an augmented layer
-(../shared/GUIDE.md section 3).
+(docs/kernel-math.md section 3).
 
 Query j of episode b reads the fast weights W*_j = sum_i a_ji W*_i of the N stored
 support examples and applies them to its L input rows (L = 1 for a linear layer,

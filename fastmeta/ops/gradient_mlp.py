@@ -1,5 +1,5 @@
 """A small MLP applied to every coordinate of a loss gradient (Meta Networks' fast-weight
-generators m and d; ../shared/GUIDE.md section 3).
+generators m and d; docs/kernel-math.md section 3).
 
 Each gradient element g is preprocessed (Andrychowicz et al. 2016, with p):
     u(g) = (log|g| / p, sign g)   if |g| >= e^-p

@@ -1,4 +1,4 @@
-"""Batched inner-loop update (MAML / Meta-SGD), ../shared/GUIDE.md section 2.
+"""Batched inner-loop update (MAML / Meta-SGD), docs/kernel-math.md section 2.
 
 T tasks share initial parameters theta [P] (every parameter tensor flattened into
 one buffer). One inner step for all tasks at once:
