@@ -11,14 +11,9 @@
         ...
 """
 
-from fastmeta.backend import (
-    BACKENDS,
-    BackendUnavailableError,
-    backends,
-    empty_cpu_cache,
-    last_backend,
-    use_backend,
-)
+from fastmeta.backend import BACKENDS, BackendUnavailableError, last_backend, use_backend
+from fastmeta.cpu_pool import empty_cpu_cache
+from fastmeta.report import backends
 from fastmeta import functional
 from fastmeta.maml import MAML, MetaSGD
 from fastmeta.metanet import MetaNetwork

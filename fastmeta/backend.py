@@ -17,14 +17,13 @@ take) is not an error, but `backends()` lists where it would happen and where it
 
 import contextlib
 import dataclasses
-import functools
-import importlib.util
 import os
 
 import torch
 
 from fastmeta import _extension
 from fastmeta import race as racing
+from fastmeta.kernels.interpreter import triton_interpreter, triton_version
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "FASTMETA_BACKEND"
@@ -39,7 +38,6 @@ _OPS: dict[str, tuple[str, ...]] = {}  # op name -> backends that implement it
 _OP_DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {}  # (op, backend) -> dtypes
 _forced_stack: list[str] = []
 _last_used: dict[str, str] = {}
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what backends() reports
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,20 +90,6 @@ def fallback_reason(op: str, device_type: str, dtype) -> str | None:
     return "; ".join(f"{b}: {why}" for b, why in reasons.items())
 
 
-def triton_interpreter() -> bool:
-    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.cache
-def _triton_version():
-    if importlib.util.find_spec("triton") is None:
-        return None
-    import triton
-
-    return triton.__version__
-
-
 def unavailable_reason(backend: str, device_type: str | None = None, dtype=None) -> str | None:
     """Why `backend` cannot run on this machine (or for this device type and dtype).
 
@@ -126,7 +110,7 @@ def unavailable_reason(backend: str, device_type: str | None = None, dtype=None)
             return "no CUDA GPU is visible"
         return None if device_type in (None, "cuda") else "it runs on CUDA tensors only"
     # triton
-    if _triton_version() is None:
+    if triton_version() is None:
         return "triton is not installed"
     if device_type == "cuda" or (device_type is None and torch.cuda.is_available()):
         return None
@@ -232,114 +216,17 @@ def forget_last_backends(ops) -> None:
         _last_used.pop(op, None)
 
 
-@dataclasses.dataclass
-class BackendReport:
-    """What `fastmeta.backends()` returns; print it for a readable summary."""
-
-    torch_version: str
-    triton_version: str | None
-    extension_built: bool
-    extension_with_cuda: bool
-    extension_error: str | None
-    gpu: str | None
-    triton_interpreter: bool
-    forced: str | None
-    usable: dict[str, str | None]  # backend -> None if usable here, else why not
-    ops: dict[str, dict[str, str | None]]  # op -> device type -> default backend (float32)
-    # op -> device type -> dtype -> why the default is the reference though the op has
-    # a fused backend there (only ops, devices and dtypes that fall back)
-    fallbacks: dict[str, dict[str, dict[torch.dtype, str]]]
-    fallbacks_seen: dict[tuple[str, str, torch.dtype], str]  # calls that fell back, and why
-    races: dict[tuple, racing.Outcome]  # (op, device, dtype, shape bucket) -> its race
-
-    def __str__(self) -> str:
-        built = "not built" if not self.extension_built else (
-            "built with CPU and CUDA kernels" if self.extension_with_cuda
-            else "built with CPU kernels only")
-        lines = [
-            f"torch {self.torch_version}; triton {self.triton_version or 'not installed'}"
-            + (" (interpreter)" if self.triton_interpreter else ""),
-            f"fastmeta._C: {built}" + (f" ({self.extension_error})" if self.extension_error else ""),
-            f"GPU: {self.gpu or 'none visible'}",
-            f"forced backend: {self.forced or 'none'}",
-            "backends usable here:",
-        ]
-        lines += [f"  {b:<10} {'yes' if why is None else 'no: ' + why}" for b, why in self.usable.items()]
-        lines.append("default backend per op:")
-        for op, per_device in self.ops.items():
-            choice = ", ".join(f"{d}: {b or '-'}" for d, b in per_device.items())
-            lines.append(f"  {op:<24} {choice}")
-        return "\n".join(lines + self.fallback_lines() + self.race_lines())
-
-    def fallback_lines(self) -> list[str]:
-        """Where the default is the reference though a fused backend exists for the
-        device: per op, the dtypes and why; then the calls that did so."""
-        lines = ["fallbacks to the reference by dtype:" + ("" if self.fallbacks else " none")]
-        for op, per_device in self.fallbacks.items():
-            parts = []
-            for device, per_dtype in per_device.items():
-                by_reason: dict[str, list[str]] = {}
-                for dtype, why in per_dtype.items():
-                    by_reason.setdefault(why, []).append(dtype_name(dtype))
-                parts += [f"{device} {', '.join(names)} ({why})"
-                          for why, names in by_reason.items()]
-            lines.append(f"  {op:<24} {'; '.join(parts)}")
-        lines.append("fallbacks to the reference seen in this process:"
-                     + ("" if self.fallbacks_seen else " none"))
-        lines += [f"  {op} {device} {dtype_name(dtype)} ({why})"
-                  for (op, device, dtype), why in self.fallbacks_seen.items()]
-        return lines
-
-    def race_lines(self) -> list[str]:
-        """The per-shape races run so far: op, shape bucket, winner, times, dropped
-        contenders and why."""
-        raced = ", ".join(f"{device}: {' vs '.join(names)}" for device, names in racing.RACED.items())
-        lines = [f"per-shape races ({raced}; none under {racing.ENV_VAR}=0 or deterministic "
-                 "algorithms):" + ("" if self.races else " none run yet")]
-        for (op, device, dtype, bucket), outcome in self.races.items():
-            parts = [f"{b} {ms:.3f} ms" for b, ms in outcome.times.items()]
-            parts += [f"{b} dropped: {why}" for b, why in outcome.dropped.items()]
-            lines.append(f"  {op} {device} {dtype_name(dtype)} {bucket}: {outcome.winner}"
-                         + (f" ({'; '.join(parts)})" if parts else ""))
-        return lines
+def fallbacks_seen() -> dict[tuple[str, str, torch.dtype], str]:
+    """(op, device type, dtype) -> why: the default calls so far that fell back to the
+    reference though the op has a fused backend on that device type."""
+    return dict(_fallbacks_seen)
 
 
-def backends() -> BackendReport:
-    """Reports what was built, what is usable here and which backend each op uses."""
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    devices = ("cpu", "cuda") if gpu else ("cpu",)
-    ops = {op: {d: _default(op, d, torch.float32).usable[0] if d in devices else None
-                for d in ("cpu", "cuda")} for op in _OPS}
-    fallbacks: dict[str, dict[str, dict[torch.dtype, str]]] = {}
-    for op in _OPS:
-        for d in devices:
-            per_dtype = {dtype: why for dtype in DTYPES if (why := fallback_reason(op, d, dtype))}
-            if per_dtype:
-                fallbacks.setdefault(op, {})[d] = per_dtype
-    forced = forced_backend()
-    return BackendReport(
-        torch_version=torch.__version__,
-        triton_version=_triton_version(),
-        extension_built=_extension.LOADED,
-        extension_with_cuda=_extension.WITH_CUDA,
-        extension_error=_extension.LOAD_ERROR,
-        gpu=gpu,
-        triton_interpreter=triton_interpreter(),
-        forced=f"{forced[0]} (by {forced[1]})" if forced else None,
-        usable={b: unavailable_reason(b) for b in BACKENDS},
-        ops=ops,
-        fallbacks=fallbacks,
-        fallbacks_seen=dict(_fallbacks_seen),
-        races=racing.results(),
-    )
+def default_backend(op: str, device_type: str, dtype) -> str:
+    """The backend a default (not forced, not raced) call of `op` runs."""
+    return _default(op, device_type, dtype).usable[0]
 
 
-def empty_cpu_cache() -> int:
-    """Frees the idle buffers that fastmeta's CPU kernels keep for reuse.
-
-    Large CPU outputs (1 MiB and up) come from a pool of freed buffers, so a
-    training loop does not pay page faults for fresh memory every step. The pool
-    holds at most FASTMETA_CPU_POOL_MB (default 1024) MiB of idle buffers; this
-    returns them to the system. Returns the bytes freed (0 without fastmeta._C).
-    """
-    return int(torch.ops.fastmeta_C.empty_cpu_pool()) if _extension.LOADED else 0
+def ops() -> tuple[str, ...]:
+    """The registered ops."""
+    return tuple(_OPS)

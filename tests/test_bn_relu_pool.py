@@ -156,3 +156,22 @@ def test_fused_block_ops_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_the_reference_and_says_so(dtype):
+    """The C++ kernels take float32 and float64: a half-precision call runs the reference
+    (it crashed inside the kernel before), and backends() lists the fallback."""
+    torch.manual_seed(0)
+    c = torch.randn(3, 4, 6, 6)
+    gamma, beta = torch.rand(4) + 0.5, torch.randn(4)
+    got = bn_relu_pool(c.to(dtype), gamma.to(dtype), beta.to(dtype))
+    assert fastmeta.last_backend(OP) == "reference" and got.dtype == dtype
+    want = bn_relu_pool(c.double(), gamma.double(), beta.double())
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+    x = torch.randn(2, 1, 8, 8).to(dtype)
+    block = conv_block(x, torch.randn(3, 1, 3, 3).to(dtype), None, None, None)
+    assert fastmeta.last_backend("conv_block") == "reference" and block.dtype == dtype
+    report = fastmeta.backends()
+    for op in (OP, "conv_block"):  # a fallback only where the cpu backend exists
+        assert (dtype in report.fallbacks.get(op, {}).get("cpu", {})) == COMPILED, op

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from fastmeta.backend import empty_cpu_cache
+from fastmeta.cpu_pool import empty_cpu_cache
 
 
 @dataclasses.dataclass

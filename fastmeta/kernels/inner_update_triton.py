@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmeta.backend import triton_interpreter
+from fastmeta.kernels.interpreter import triton_interpreter
 from fastmeta.kernels.launch import launches_on_input_device
 
 _MAX_GRID_Y = 65535

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmeta.backend import triton_interpreter
+from fastmeta.kernels.interpreter import triton_interpreter
 from fastmeta.kernels.launch import launches_on_input_device
 from fastmeta.kernels.tiles import dot, load_tile, program_coords, store_tile, tile_size
 

@@ -11,7 +11,7 @@ and the interpreter's Python-int loop indices), or `offsets` below."""
 import triton
 import triton.language as tl
 
-from fastmeta.backend import triton_interpreter
+from fastmeta.kernels.interpreter import triton_interpreter
 
 
 def tile_size(n: int, gpu: int, interpreter: int, least: int = 16) -> int:

@@ -25,7 +25,7 @@ from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_
 from fastmeta.ops._once import forbid_second_derivative
 
 OP = "bn_relu_pool"
-backend.register_op(OP, ("reference", "cpu"))
+backend.register_op(OP, ("reference", "cpu"), dtypes={"cpu": (torch.float32, torch.float64)})
 NAME = "fastmeta.bn_relu_pool"
 
 
