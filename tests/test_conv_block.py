@@ -10,6 +10,7 @@ from torch import nn
 
 import fastmeta
 from fastmeta.fused_blocks import FusedConvBlock, fuse_conv_blocks
+from fastmeta.models import conv_bn_relu_pool
 from fastmeta.ops.conv_block import conv_block
 from conftest import COMPILED, CPU_KERNEL
 
@@ -99,17 +100,16 @@ def test_bad_input_names_the_argument():
         conv_block(x, w.double(), b, g, beta)
 
 
-def conv4(in_channels=1, ways=5, track_running_stats=False):
+def conv3(ways=5, track_running_stats=False):
+    """Three conv4 blocks of 8 channels and a linear head, for 28x28 images."""
     layers = []
-    for cin in (in_channels, 8, 8):
-        layers += [nn.Conv2d(cin, 8, 3, padding=1),
-                   nn.BatchNorm2d(8, track_running_stats=track_running_stats),
-                   nn.ReLU(), nn.MaxPool2d(2)]
+    for cin in (1, 8, 8):
+        layers += conv_bn_relu_pool(cin, 8, track_running_stats)
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 3 * 3, ways))
 
 
 def test_fuse_conv_blocks_fuses_only_small_first_layers():
-    model = conv4()
+    model = conv3()
     view = fuse_conv_blocks(model)
     fused = [m for m in view.modules() if isinstance(m, FusedConvBlock)]
     assert len(fused) == 1 and fused[0].conv is model[0]  # 8 * 9 taps > MAX_TAPS
@@ -118,7 +118,7 @@ def test_fuse_conv_blocks_fuses_only_small_first_layers():
     class Wrapper(nn.Module):  # a user module holding the Sequential
         def __init__(self):
             super().__init__()
-            self.features = conv4()
+            self.features = conv3()
 
         def forward(self, x):
             return self.features(x)
@@ -143,7 +143,7 @@ def test_fuse_conv_blocks_fuses_only_small_first_layers():
 
 def test_maml_evaluation_uses_the_fused_block_and_matches_unfused():
     torch.manual_seed(0)
-    model = conv4(track_running_stats=True)
+    model = conv3(track_running_stats=True)
     T = 3
     xs, xq = torch.randn(T, 5, 1, 28, 28), torch.randn(T, 10, 1, 28, 28)
     ys = torch.arange(5).expand(T, -1)
@@ -161,7 +161,7 @@ def test_maml_evaluation_uses_the_fused_block_and_matches_unfused():
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_fused_block_updates_running_statistics_like_batch_norm(momentum):
     torch.manual_seed(0)
-    model = conv4(track_running_stats=True)
+    model = conv3(track_running_stats=True)
     model[1].momentum = momentum
     plain = copy.deepcopy(model)
     view = fuse_conv_blocks(model)
@@ -177,7 +177,7 @@ def test_fused_block_updates_running_statistics_like_batch_norm(momentum):
 
 def test_maml_fuses_training_passes_only_with_fuse_true():
     torch.manual_seed(0)
-    model = conv4()
+    model = conv3()
     T = 2
     xs, xq = torch.randn(T, 5, 1, 28, 28), torch.randn(T, 10, 1, 28, 28)
     ys, yq = torch.arange(5).expand(T, -1), torch.randint(0, 5, (T, 10))

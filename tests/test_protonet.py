@@ -358,7 +358,7 @@ def test_protonet_fused_encoder_equals_plain_and_is_differentiable_once():
     """fuse=True: a conv4 encoder's blocks run as conv_block / bn_relu_pool with the
     same loss and gradients as the plain encoder (float64); create_graph through it
     raises instead of giving a wrong second derivative."""
-    from fastmeta.cli.models import conv4
+    from fastmeta.models import conv4
 
     torch.manual_seed(0)
     encoder = conv4().double()

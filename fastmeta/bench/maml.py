@@ -18,7 +18,7 @@ Every contender computes the mean query cross-entropy over the T tasks and calls
   vmap[native BN]     torch.func as users write it: vmap over tasks of inner steps made
                       with torch.func.grad + functional_call. torch.func differentiates
                       the native batch_norm twice wrongly (fastmeta/maml/task_model.py,
-                      _CompositeBatchNorm), so its second-order meta-gradient is wrong:
+                      CompositeBatchNorm), so its second-order meta-gradient is wrong:
                       the row is timed anyway and marked
   learn2learn         learn2learn.algorithms.MAML clone/adapt per task, if importable
 Before timing, each contender's meta-gradient is compared with the loop's (relative
@@ -48,7 +48,8 @@ from torch.func import functional_call
 
 import fastmeta
 from fastmeta.bench.harness import Candidate, peak_memory_mib, run_config
-from fastmeta.maml.task_model import _CompositeBatchNorm
+from fastmeta.maml.task_model import CompositeBatchNorm
+from fastmeta.models import conv4 as conv4_network
 
 CASE = "maml"
 WAYS, LR, TOLERANCE = 5, 0.4, 1e-4
@@ -66,14 +67,8 @@ CHECK64_TASKS = 4  # tasks in the float64 gradient check
 
 
 def conv4(ways: int = WAYS, channels: int = 64) -> nn.Module:
-    """MAML's Omniglot conv4: 4 x (conv3x3, BN (batch statistics), ReLU, maxpool2), linear."""
-    layers, in_ch = [], 1
-    for _ in range(4):
-        layers += [nn.Conv2d(in_ch, channels, 3, padding=1),
-                   nn.BatchNorm2d(channels, track_running_stats=False), nn.ReLU(),
-                   nn.MaxPool2d(2)]
-        in_ch = channels
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels, ways))
+    """MAML's Omniglot conv4 for 28x28: batch norm on batch statistics, a linear head."""
+    return conv4_network(channels=channels, ways=ways, track_running_stats=False)
 
 
 def episodes(T: int, K: int, Q: int, device, seed: int = 0):
@@ -290,7 +285,7 @@ def candidates(device, T, K, Q, steps, first_order, log=print) -> list[Candidate
             note = ""
             if name == "vmap[native BN]" and err64 >= TOLERANCE:
                 # the same code with batch norm written from mean/var ops (fastmeta's fix)
-                composite = check64.error(name, _CompositeBatchNorm)
+                composite = check64.error(name, CompositeBatchNorm)
                 note = (f"; with batch norm from mean/var ops the same code is {composite:.1e} "
                         f"off" + (": torch.func's double backward of the native batch_norm "
                                   "is what is wrong" if composite < TOLERANCE else ""))

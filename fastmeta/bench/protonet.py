@@ -19,7 +19,7 @@ import torch.nn.functional as TF
 import fastmeta
 from fastmeta import backend
 from fastmeta.bench.harness import Candidate, run_config
-from fastmeta.cli.models import conv4
+from fastmeta.models import conv4
 from fastmeta.fused_blocks import fuse_conv_blocks
 
 CASE = "protonet"

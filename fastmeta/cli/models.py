@@ -4,15 +4,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-
-def conv4(in_channels: int = 1, channels: int = 64) -> nn.Sequential:
-    """The ProtoNets / MAML Omniglot encoder: 4 x (conv3x3-`channels`, BN, ReLU,
-    maxpool2), flattened: [N, C, H, W] -> [N, channels * (H // 16) * (W // 16)]."""
-    layers: list[nn.Module] = []
-    for i in range(4):
-        layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1),
-                   nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2)]
-    return nn.Sequential(*layers, nn.Flatten())
+from fastmeta.models import conv4
 
 
 def mlp(dim: int, hidden: int = 64, layers: int = 2) -> nn.Sequential:

@@ -64,7 +64,7 @@ def _batch_norm_composite(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     return y + bias.view(shape) if bias is not None else y
 
 
-class _CompositeBatchNorm(TorchFunctionMode):
+class CompositeBatchNorm(TorchFunctionMode):
     """Under torch.func.vmap(torch.func.grad(...)), differentiating the native
     batch_norm a second time gives wrong numbers (torch 2.14: the second-order
     meta-gradient of a Linear-BatchNorm1d-Tanh-Linear MAML step was off by 1e-3
@@ -132,13 +132,13 @@ class TaskModel:
 
         in_dims = (0 if weights.dim() == 2 else None, 0, 0)
         grad = torch.func.vmap(torch.func.grad(task_loss), in_dims=in_dims)
-        with _CompositeBatchNorm(), torch.set_grad_enabled(create_graph):
+        with CompositeBatchNorm(), torch.set_grad_enabled(create_graph):
             return grad(weights, x, y)
 
     def forward(self, weights: Tensor, x: Tensor, strategy: str):
         """Per-task outputs: weights [T, P], x [T, ...] -> [T, ...]."""
         if strategy == "vmap":
-            with _CompositeBatchNorm():
+            with CompositeBatchNorm():
                 return torch.func.vmap(
                     lambda row, xt: self.call(self.layout.unflatten(row), xt))(weights, x)
         return torch.stack([self.call(self.layout.unflatten(row), xt, fused=True)

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from torch import nn
 
 from fastmeta.metanet.layers import AugmentedConv2d, AugmentedLinear
+from fastmeta.models import conv_bn_relu_pool
 
 
 def _conv_block(in_channels: int, channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1),
-                         nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2))
+    return nn.Sequential(*conv_bn_relu_pool(in_channels, channels))
 
 
 def conv4_network(in_channels: int = 1, channels: int = 64, ways: int | None = None,
