@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: demo test build clean
+.PHONY: demo test lint build clean
 
 # make demo [OMNIGLOT=DIR]: short training runs of every algorithm on synthetic tasks
 # (fastmeta's backend against the reference one), ProtoNet on Omniglot when given a
@@ -19,11 +19,16 @@ demo: $(VENV)/.built
 test: $(VENV)/.built
 	$(PY) -m pytest -q tests
 
+# ruff's lint rules (pyproject.toml [tool.ruff]) over the whole tree.
+lint: $(VENV)/.deps
+	@$(PY) -m ruff --version > /dev/null 2>&1 || $(PY) -m pip install -q ruff
+	$(PY) -m ruff check .
+
 build: $(VENV)/.built
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "torch>=2.6" numpy pytest ninja pillow matplotlib "setuptools>=64" wheel
+	$(PY) -m pip install -q "torch>=2.6" numpy pytest ninja pillow matplotlib ruff "setuptools>=64" wheel
 	touch $@
 
 # The build log keeps every compiler line; the summary shows each source compiled.

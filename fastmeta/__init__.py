@@ -11,14 +11,14 @@
         ...
 """
 
+from fastmeta import functional
 from fastmeta.backend import BACKENDS, BackendUnavailableError, last_backend, use_backend
 from fastmeta.cpu_pool import empty_cpu_cache
-from fastmeta.report import backends
-from fastmeta import functional
 from fastmeta.maml import MAML, MetaSGD
 from fastmeta.metanet import MetaNetwork
 from fastmeta.ops import inner_update
 from fastmeta.protonet import ProtoNet
+from fastmeta.report import backends
 
 __version__ = "0.1.0"
 

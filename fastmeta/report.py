@@ -40,12 +40,14 @@ class BackendReport:
         lines = [
             f"torch {self.torch_version}; triton {self.triton_version or 'not installed'}"
             + (" (interpreter)" if self.triton_interpreter else ""),
-            f"fastmeta._C: {built}" + (f" ({self.extension_error})" if self.extension_error else ""),
+            f"fastmeta._C: {built}"
+            + (f" ({self.extension_error})" if self.extension_error else ""),
             f"GPU: {self.gpu or 'none visible'}",
             f"forced backend: {self.forced or 'none'}",
             "backends usable here:",
         ]
-        lines += [f"  {b:<10} {'yes' if why is None else 'no: ' + why}" for b, why in self.usable.items()]
+        lines += [f"  {b:<10} {'yes' if why is None else 'no: ' + why}"
+                  for b, why in self.usable.items()]
         lines.append("default backend per op:")
         for op, per_device in self.ops.items():
             choice = ", ".join(f"{d}: {b or '-'}" for d, b in per_device.items())
@@ -74,7 +76,8 @@ class BackendReport:
     def race_lines(self) -> list[str]:
         """The per-shape races run so far: op, shape bucket, winner, times, dropped
         contenders and why."""
-        raced = ", ".join(f"{device}: {' vs '.join(names)}" for device, names in racing.RACED.items())
+        raced = ", ".join(f"{device}: {' vs '.join(names)}"
+                          for device, names in racing.RACED.items())
         lines = [f"per-shape races ({raced}; none under {racing.ENV_VAR}=0 or deterministic "
                  "algorithms):" + ("" if self.races else " none run yet")]
         for (op, device, dtype, bucket), outcome in self.races.items():
@@ -94,7 +97,8 @@ def backends() -> BackendReport:
     fallbacks: dict[str, dict[str, dict[torch.dtype, str]]] = {}
     for op in backend.ops():
         for d in devices:
-            per_dtype = {dtype: why for dtype in DTYPES if (why := backend.fallback_reason(op, d, dtype))}
+            per_dtype = {dtype: why for dtype in DTYPES
+                         if (why := backend.fallback_reason(op, d, dtype))}
             if per_dtype:
                 fallbacks.setdefault(op, {})[d] = per_dtype
     forced = backend.forced_backend()

@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import COMPILED, CPU_KERNEL
 from torch import nn
 
 import fastmeta
 from fastmeta.fused_blocks import FusedBnReluPool, FusedConvBlock, fuse_conv_blocks
 from fastmeta.ops.bn_relu_pool import bn_relu_pool
 from fastmeta.ops.conv_block import conv_block
-from conftest import COMPILED, CPU_KERNEL
 
 OP = "bn_relu_pool"
 

@@ -15,8 +15,14 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import fastmeta
-from fastmeta.data import (EpisodeSampler, SinusoidTasks, gaussian_clusters, load_omniglot,
-                           rotate_classes, split_classes)
+from fastmeta.data import (
+    EpisodeSampler,
+    SinusoidTasks,
+    gaussian_clusters,
+    load_omniglot,
+    rotate_classes,
+    split_classes,
+)
 
 OMNIGLOT = Path(os.environ.get("FASTMETA_OMNIGLOT")
                 or Path(__file__).resolve().parents[2] / "shared/data/omniglot")
@@ -90,8 +96,10 @@ def test_uneven_classes_reach_every_class_and_example():
 
 def test_reproducible_from_seed():
     x, y = labelled([5] * 20)
-    batches = lambda seed: [b for _, b in zip(range(3), EpisodeSampler(
-        x, y, ways=5, shots=2, queries=3, tasks=4, seed=seed))]
+    def batches(seed):
+        sampler = EpisodeSampler(x, y, ways=5, shots=2, queries=3, tasks=4, seed=seed)
+        return [b for _, b in zip(range(3), sampler)]
+
     first = batches(7)
     assert all(torch.equal(a, b) for ab, cd in zip(first, batches(7)) for a, b in zip(ab, cd))
     assert not torch.equal(first[0].support_x, batches(8)[0].support_x)
@@ -212,7 +220,9 @@ def test_split_classes_bad_input():
 # --- synthetic tasks -------------------------------------------------------------------
 
 def test_sinusoid_tasks():
-    tasks = lambda seed: SinusoidTasks(shots=5, queries=7, tasks=64, seed=seed)
+    def tasks(seed):
+        return SinusoidTasks(shots=5, queries=7, tasks=64, seed=seed)
+
     support_x, support_y, query_x, query_y = tasks(0).sample()
     assert support_x.shape == support_y.shape == (64, 5, 1)
     assert query_x.shape == query_y.shape == (64, 7, 1)

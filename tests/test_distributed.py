@@ -134,7 +134,7 @@ def test_two_ranks_take_the_steps_of_one_process(tmp_path, algorithm):
     assert two["model"].keys() == one["model"].keys()
     for name in one["model"].keys() - NOISE_ONLY.get(algorithm, set()):
         torch.testing.assert_close(two["model"][name], one["model"][name], rtol=1e-5,
-                                   atol=1e-6, msg=lambda m: f"{name}: {m}")
+                                   atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     torch.testing.assert_close(two["run"]["history"]["loss"], one["run"]["history"]["loss"],
                                rtol=1e-5, atol=0)
     summaries = [json.loads((tmp_path / run / "summary.json").read_text())

@@ -26,16 +26,15 @@ Every test is skipped without a CUDA GPU. The > 2**31 tests need about 20 GiB
 
 import pytest
 import torch
+from conftest import rel_err
+from test_metanet_ops import LARGE_READ, attention_read_float64, mlp_parameters, random_gradients
+from test_triton_launch import wrapper_calls
 from torch.nn.functional import cross_entropy, one_hot
 
 import fastmeta
-from conftest import rel_err
-from fastmeta import backend
+from fastmeta import backend, race
 from fastmeta import functional as F
-from fastmeta import race
 from fastmeta.ops import attention_read, gradient_mlp
-from test_metanet_ops import LARGE_READ, attention_read_float64, mlp_parameters, random_gradients
-from test_triton_launch import wrapper_calls
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU checks: no CUDA GPU is visible")

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import rel_err
 
 import fastmeta
-from conftest import rel_err
 
 OP = "inner_update"
 ALPHA_KINDS = ("scalar", "per_element", "per_task")
@@ -157,11 +157,10 @@ def test_opcheck(backend_device):
                                   (go, alpha, g, True, True))
         # transposed (non-contiguous) g and grad_out: outputs stay contiguous, as the fake says
         g_t = torch.randn(P, T, device=device).t()
-        torch.library.opcheck(torch.ops.fastmeta.inner_update.default,
-                              (torch.randn(P, device=device), torch.tensor(0.1, device=device), g_t))
+        theta, alpha = torch.randn(P, device=device), torch.tensor(0.1, device=device)
+        torch.library.opcheck(torch.ops.fastmeta.inner_update.default, (theta, alpha, g_t))
         torch.library.opcheck(torch.ops.fastmeta.inner_update_backward.default,
-                              (torch.randn(P, T, device=device).t(),
-                               torch.tensor(0.1, device=device), g_t, True, True))
+                              (torch.randn(P, T, device=device).t(), alpha, g_t, True, True))
 
 
 def test_torch_compile_fullgraph(backend_device):
@@ -202,14 +201,16 @@ BAD_INPUTS = [
 def test_bad_shapes_name_the_argument(case):
     _, theta_shape, alpha_shape, g_shape, error, words = case
     with pytest.raises(error) as info:
-        fastmeta.inner_update(torch.randn(theta_shape), torch.rand(alpha_shape), torch.randn(g_shape))
+        fastmeta.inner_update(torch.randn(theta_shape), torch.rand(alpha_shape),
+                              torch.randn(g_shape))
     for word in words:
         assert word in str(info.value), str(info.value)
 
 
 def test_bad_dtypes_and_devices_name_the_argument():
     theta, g = torch.randn(5), torch.randn(3, 5)
-    with pytest.raises(TypeError, match="theta must be a floating-point tensor, got dtype torch.int64"):
+    with pytest.raises(TypeError,
+                       match="theta must be a floating-point tensor, got dtype torch.int64"):
         fastmeta.inner_update(torch.arange(5), 0.1, g)
     with pytest.raises(TypeError, match="theta has dtype torch.float64 but g has torch.float32"):
         fastmeta.inner_update(theta.double(), torch.tensor(0.1), g)

@@ -4,10 +4,10 @@ independent float64 unrolled MAML, the learn2learn-style API, bad input, learnin
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import COMPILED
 from torch import nn
 
 import fastmeta
-from conftest import COMPILED
 from fastmeta.data import SinusoidTasks
 
 STRATEGIES = ("loop", "vmap")

@@ -4,10 +4,10 @@ checks, and learning on synthetic tasks."""
 
 import pytest
 import torch
+from conftest import CPU_KERNEL, rel_err
 from torch import nn
 
 import fastmeta
-from conftest import CPU_KERNEL, rel_err
 from fastmeta.data import EpisodeSampler, gaussian_clusters
 from fastmeta.metanet import AugmentedLinear, MetaNetwork, mlp_network
 

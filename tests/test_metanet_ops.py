@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from conftest import rel_err
 
 import fastmeta
-from conftest import rel_err
 from fastmeta.ops import attention_read, gradient_mlp
 
 P = 10.0

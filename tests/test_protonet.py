@@ -3,9 +3,9 @@ on every usable backend against independent float64 computations."""
 
 import pytest
 import torch
+from conftest import COMPILED, rel_err
 
 import fastmeta
-from conftest import COMPILED, rel_err
 from fastmeta import functional as F
 
 # (episodes B, ways C, embedding size D): ways 1, 5, 20, 60 and >= 1000; D in {1, 63, 1600}
@@ -63,7 +63,8 @@ def test_class_prototypes_matches_float64(backend_device, B, C, D):
         assert fastmeta.last_backend("class_prototypes") == name
     assert rel_err(protos, prototypes_float64(support.cpu(), labels, C)) < TOL
     counts = torch.zeros(B, C).scatter_add_(1, labels, torch.ones(B, labels.shape[1]))
-    expected = grad.cpu().gather(1, labels[..., None].expand(-1, -1, D)) / counts.gather(1, labels)[..., None]
+    expected = (grad.cpu().gather(1, labels[..., None].expand(-1, -1, D))
+                / counts.gather(1, labels)[..., None])
     assert rel_err(support.grad, expected) < TOL
 
 
@@ -401,7 +402,8 @@ BAD = [
      ["support", "floating", "int64"]),
     ("float labels", dict(support_labels=torch.tensor([[0.0, 1.0, 2.0, 0.0]])), TypeError,
      ["support_labels", "integer", "float32"]),
-    ("label shape", dict(query_labels=[[0, 1, 2]]), ValueError, ["query_labels", "[1, 2]", "[1, 3]"]),
+    ("label shape", dict(query_labels=[[0, 1, 2]]), ValueError,
+     ["query_labels", "[1, 2]", "[1, 3]"]),
     ("dtype mismatch", dict(queries=torch.randn(1, 2, 6, dtype=torch.float64)), TypeError,
      ["queries", "float64", "support", "float32"]),
 ]
@@ -444,7 +446,8 @@ def test_ops_give_the_same_clear_error_on_every_backend(backend_device):
     support, ys = torch.randn(1, 4, 3, device=device), torch.tensor([[0, 1, 1, 0]], device=device)
     q, c = torch.randn(1, 2, 3, device=device), torch.randn(1, 3, 3, device=device)
     with fastmeta.use_backend(name):
-        with pytest.raises(ValueError, match=r"class 2 of episode 0 has no support example.*shape \[1, 4\]"):
+        with pytest.raises(ValueError, match=r"class 2 of episode 0 has no support example"
+                                             r".*shape \[1, 4\]"):
             F.class_prototypes(support, ys, 3)
         with pytest.raises(ValueError, match=r"query_labels holds 7 at index \[0, 1\]"):
             F.prototype_cross_entropy(c, q, torch.tensor([[0, 7]], device=device))

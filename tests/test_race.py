@@ -6,9 +6,9 @@ import time
 
 import pytest
 import torch
+from conftest import rel_err
 
 import fastmeta
-from conftest import rel_err
 from fastmeta import functional as F
 from fastmeta import race
 from fastmeta.ops import attention_read

@@ -13,7 +13,8 @@ cross-entropy and calls .backward():
                            generators' [.., hidden] activations and every query's mixed
                            weights [M, O, K] built (the oracle of tests/test_metanet.py)
 Before timing, the rows' loss and gradients (all parameters concatenated) are compared
-with plain PyTorch's (relative errors printed). Peak memory: one extra call each (CPU: the process's high-water mark).
+with plain PyTorch's (relative errors printed). Peak memory: one extra call each (CPU:
+the process's high-water mark).
 """
 
 import torch

@@ -19,8 +19,8 @@ import torch.nn.functional as TF
 import fastmeta
 from fastmeta import backend
 from fastmeta.bench.harness import Candidate, run_config
-from fastmeta.models import conv4
 from fastmeta.fused_blocks import fuse_conv_blocks
+from fastmeta.models import conv4
 
 CASE = "protonet"
 CONFIGS = {  # name: (episodes B, ways C, shots K, queries per class, D)
@@ -66,7 +66,8 @@ def _fastmeta_backends(device):
     op = "prototypical_cross_entropy"
     names = [b for b in backend.DEFAULT_PREFERENCE[device]
              if backend.op_unavailable_reason(op, b, device, torch.float32) is None]
-    if device == "cuda" and backend.op_unavailable_reason(op, "triton", device, torch.float32) is None:
+    triton_runs = backend.op_unavailable_reason(op, "triton", device, torch.float32) is None
+    if device == "cuda" and triton_runs:
         names += [] if "triton" in names else ["triton"]
     return names
 

@@ -15,7 +15,8 @@ import torch
 
 import fastmeta
 from fastmeta import distributed
-from fastmeta.cli import algorithms, checkpoint, data as task_data, report
+from fastmeta.cli import algorithms, checkpoint, report
+from fastmeta.cli import data as task_data
 from fastmeta.cli.evaluate import evaluate, format_accuracy
 from fastmeta.cli.train import TEST_SEED, train
 

@@ -25,7 +25,8 @@ class Progress:
     def update(self, step: int, loss: float, accuracy: float, episodes_per_second: float) -> None:
         s = self.smoothing
         self.loss = loss if self.loss is None else s * self.loss + (1 - s) * loss
-        self.accuracy = accuracy if self.accuracy is None else s * self.accuracy + (1 - s) * accuracy
+        self.accuracy = (accuracy if self.accuracy is None
+                         else s * self.accuracy + (1 - s) * accuracy)
         now = time.monotonic()
         if now - self._shown < self.interval and step != self.total:
             return

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 import fastmeta
-from fastmeta.cli import algorithms, checkpoint, data as task_data
+from fastmeta.cli import algorithms, checkpoint
+from fastmeta.cli import data as task_data
 from fastmeta.cli.evaluate import evaluate
 from fastmeta.cli.progress import Progress
 from fastmeta.distributed import GradientReducer, Ranks

@@ -14,7 +14,7 @@
 """
 
 from fastmeta.data.omniglot import Omniglot, load_omniglot, rotate_classes
-from fastmeta.data.sampler import EpisodeSampler, Episodes, split_classes
+from fastmeta.data.sampler import Episodes, EpisodeSampler, split_classes
 from fastmeta.data.synthetic import SinusoidTasks, gaussian_clusters
 
 __all__ = [

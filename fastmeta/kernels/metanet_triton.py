@@ -192,7 +192,7 @@ def _read_d_attention_kernel(go_ptr, w_ptr, x_ptr, partials_ptr, M, N, O, K, L,
     w_ptr += query // M * N * O * K
     step = tl.cast(O, tl.int64) * K
     out_ptr = partials_ptr + query * N * tiles_o * tiles_k + o_tile * tiles_k + k_tile
-    for i in range(N):
+    for _ in range(N):  # i = 0 .. N - 1: w_ptr at W_i, out_ptr at partials[b, j, i, tile]
         tl.store(out_ptr, tl.sum(tl.sum(load_tile(w_ptr, os, ks, O, K) * g, axis=1), axis=0))
         w_ptr += step
         out_ptr += tiles_o * tiles_k

@@ -15,8 +15,14 @@ import torch
 from torch import Tensor
 
 from fastmeta import backend
-from fastmeta.ops._checks import (check_every_class_present, check_floating, check_labels,
-                                  check_num_classes, check_tensor, shape_str)
+from fastmeta.ops._checks import (
+    check_every_class_present,
+    check_floating,
+    check_labels,
+    check_num_classes,
+    check_tensor,
+    shape_str,
+)
 from fastmeta.ops._opmath import opmath
 
 OP = "class_prototypes"

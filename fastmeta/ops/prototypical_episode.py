@@ -22,14 +22,25 @@ prototypical_cross_entropy.
 import torch
 from torch import Tensor
 
-from fastmeta.ops._checks import (check_episode_pair, check_labels, check_same_dtype_device,
-                                  shape_str)
-from fastmeta.ops.class_prototypes import (check_class_prototypes_args, class_prototypes_backward,
-                                           class_prototypes_backward_op, class_prototypes_forward,
-                                           class_prototypes_op)
-from fastmeta.ops.prototypical_loss import (check_query_args, prototypical_ce_backward,
-                                            prototypical_ce_backward_differentiable,
-                                            prototypical_ce_forward)
+from fastmeta.ops._checks import (
+    check_episode_pair,
+    check_labels,
+    check_same_dtype_device,
+    shape_str,
+)
+from fastmeta.ops.class_prototypes import (
+    check_class_prototypes_args,
+    class_prototypes_backward,
+    class_prototypes_backward_op,
+    class_prototypes_forward,
+    class_prototypes_op,
+)
+from fastmeta.ops.prototypical_loss import (
+    check_query_args,
+    prototypical_ce_backward,
+    prototypical_ce_backward_differentiable,
+    prototypical_ce_forward,
+)
 
 NAME = "fastmeta.prototypical_loss"
 

@@ -22,8 +22,14 @@ import torch
 from torch import Tensor
 
 from fastmeta import backend
-from fastmeta.ops._checks import (check_episode_pair, check_floating, check_labels,
-                                  check_same_dtype_device, check_tensor, shape_str)
+from fastmeta.ops._checks import (
+    check_episode_pair,
+    check_floating,
+    check_labels,
+    check_same_dtype_device,
+    check_tensor,
+    shape_str,
+)
 from fastmeta.ops._opmath import opmath
 
 OP = "prototypical_cross_entropy"
@@ -158,7 +164,8 @@ def prototypical_ce_backward_op(grad_losses: Tensor, queries: Tensor, prototypes
 
 @prototypical_ce_backward_op.register_fake
 def _(grad_losses, queries, prototypes, labels, tau, softmax):
-    return queries.new_empty(queries.shape), prototypes.new_empty(prototypes.shape), tau.new_empty(())
+    return (queries.new_empty(queries.shape), prototypes.new_empty(prototypes.shape),
+            tau.new_empty(()))
 
 
 def _setup(ctx, inputs, output):
