@@ -18,10 +18,10 @@ TORCH_LIBRARY(fastmeta_C, m) {
   m.def("class_prototypes_backward(Tensor grad, Tensor labels) -> Tensor");
   m.def("squared_distances_forward(Tensor queries, Tensor prototypes) -> Tensor");
   m.def(
-      "prototypical_ce_forward(Tensor queries, Tensor prototypes, Tensor labels, Tensor tau) "
-      "-> (Tensor, Tensor, Tensor)");
+      "prototypical_cross_entropy_forward(Tensor queries, Tensor prototypes, Tensor labels, "
+      "Tensor tau) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "prototypical_ce_backward(Tensor grad_losses, Tensor queries, Tensor prototypes, "
+      "prototypical_cross_entropy_backward(Tensor grad_losses, Tensor queries, Tensor prototypes, "
       "Tensor labels, Tensor tau, Tensor softmax) -> (Tensor, Tensor, Tensor)");
   m.def(
       "conv_block_forward(Tensor x, Tensor weight, Tensor bias, Tensor gamma, Tensor beta, "

@@ -37,17 +37,17 @@ at::Tensor squared_distances_forward_cuda(const at::Tensor& queries,
 
 // Cross-entropy of the logits z = -tau ||q - c||^2 over the classes:
 // returns (losses [B, M], predictions [B, M] int64, softmax [B, M, C]).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_forward_cpu(
     const at::Tensor& queries, const at::Tensor& prototypes, const at::Tensor& labels,
     const at::Tensor& tau);
 // Given grad_losses [B, M] and the forward's softmax: (d_queries, d_prototypes, d_tau).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backward_cpu(
     const at::Tensor& grad_losses, const at::Tensor& queries, const at::Tensor& prototypes,
     const at::Tensor& labels, const at::Tensor& tau, const at::Tensor& softmax);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_forward_cuda(
     const at::Tensor& queries, const at::Tensor& prototypes, const at::Tensor& labels,
     const at::Tensor& tau);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backward_cuda(
     const at::Tensor& grad_losses, const at::Tensor& queries, const at::Tensor& prototypes,
     const at::Tensor& labels, const at::Tensor& tau, const at::Tensor& softmax);
 

@@ -4,8 +4,8 @@
     squared_distances(queries [B,M,D], prototypes [B,C,D])              -> [B, M, C]
     prototypical_loss(support, support_labels, queries, query_labels,
                       num_classes, tau=1.0, reduction="mean")           -> (loss, accuracy)
-    prototype_cross_entropy(prototypes, queries, query_labels, tau=1.0,
-                            reduction="mean")                           -> loss
+    prototypical_cross_entropy(prototypes, queries, query_labels, tau=1.0,
+                               reduction="mean")                        -> loss
     get_prototypes = class_prototypes (torchmeta's name and argument order)
     inner_update(theta [P], alpha, g [T,P])                             -> [T, P]
 """
@@ -16,8 +16,8 @@ from torch import Tensor
 from fastmeta.ops._checks import check_num_classes, check_tensor
 from fastmeta.ops.class_prototypes import class_prototypes_op
 from fastmeta.ops.inner_update import inner_update
-from fastmeta.ops.prototypical_episode import prototypical_loss_op
-from fastmeta.ops.prototypical_loss import prototypical_ce_op
+from fastmeta.ops.prototypical_cross_entropy import prototypical_cross_entropy_op
+from fastmeta.ops.prototypical_loss import prototypical_loss_op
 from fastmeta.ops.squared_distances import squared_distances_op
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -68,18 +68,18 @@ def _check_reduction(op: str, reduction: str) -> None:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def prototype_cross_entropy(prototypes: Tensor, queries: Tensor, query_labels: Tensor,
-                            tau=1.0, reduction: str = "mean") -> Tensor:
+def prototypical_cross_entropy(prototypes: Tensor, queries: Tensor, query_labels: Tensor,
+                               tau=1.0, reduction: str = "mean") -> Tensor:
     """Cross-entropy of logits -tau ||q - c||^2, fused: prototypes [B, C, D],
     queries [B, M, D], query_labels [B, M] -> loss (reduction "mean", "sum" or
     "none" -> [B, M]). Same arguments as torchmeta's prototypical_loss."""
-    op = "fastmeta.prototype_cross_entropy"
+    op = "fastmeta.prototypical_cross_entropy"
     _check_reduction(op, reduction)
     batched = queries.dim() == 3
     q = _batched(op, "queries", queries, 2)
-    losses, _, _ = prototypical_ce_op(q, _batched(op, "prototypes", prototypes, 2),
-                                      _batched(op, "query_labels", query_labels, 1),
-                                      _tau_tensor(tau, q))
+    losses, _, _ = prototypical_cross_entropy_op(q, _batched(op, "prototypes", prototypes, 2),
+                                                 _batched(op, "query_labels", query_labels, 1),
+                                                 _tau_tensor(tau, q))
     return _reduce(losses, reduction, batched)
 
 
@@ -103,5 +103,5 @@ def prototypical_loss(support: Tensor, support_labels: Tensor, queries: Tensor,
     return _reduce(losses, reduction, batched), accuracy
 
 
-__all__ = ["class_prototypes", "get_prototypes", "inner_update", "prototype_cross_entropy",
+__all__ = ["class_prototypes", "get_prototypes", "inner_update", "prototypical_cross_entropy",
            "prototypical_loss", "squared_distances"]

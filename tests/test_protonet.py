@@ -210,7 +210,7 @@ def test_reductions_and_unbatched_input(backend_device):
         total, _ = F.prototypical_loss(support, ys, queries, yq, 5, reduction="sum")
         mean, _ = F.prototypical_loss(support, ys, queries, yq, 5)
         protos = F.get_prototypes(support, ys, 5)
-        torchmeta_style = F.prototype_cross_entropy(protos, queries, yq)
+        torchmeta_style = F.prototypical_cross_entropy(protos, queries, yq)
     assert none.shape == yq.shape and protos.shape == (5, 16)
     assert torch.allclose(total, none.sum()) and torch.allclose(mean, none.mean())
     assert torch.allclose(torchmeta_style, mean)
@@ -432,12 +432,13 @@ def test_kernels_refuse_bad_labels_even_when_called_directly():
     with pytest.raises(RuntimeError, match="class 2 of episode 0 has no support example"):
         kernels.class_prototypes_forward(support, ys, 3)
     with pytest.raises(RuntimeError, match="query label 7 is outside"):
-        kernels.prototypical_ce_forward(q, c, torch.tensor([[0, 7]]), tau)
-    losses, _, softmax = kernels.prototypical_ce_forward(q, c, torch.tensor([[0, 1]]), tau)
+        kernels.prototypical_cross_entropy_forward(q, c, torch.tensor([[0, 7]]), tau)
+    losses, _, softmax = kernels.prototypical_cross_entropy_forward(q, c, torch.tensor([[0, 1]]),
+                                                                    tau)
     for bad in (5, -3, 10**11):
         with pytest.raises(RuntimeError, match="is outside"):
-            kernels.prototypical_ce_backward(torch.ones_like(losses), q, c,
-                                             torch.tensor([[0, bad]]), tau, softmax)
+            kernels.prototypical_cross_entropy_backward(torch.ones_like(losses), q, c,
+                                                        torch.tensor([[0, bad]]), tau, softmax)
 
 
 @pytest.mark.op("prototypical_cross_entropy")
@@ -450,7 +451,7 @@ def test_ops_give_the_same_clear_error_on_every_backend(backend_device):
                                              r".*shape \[1, 4\]"):
             F.class_prototypes(support, ys, 3)
         with pytest.raises(ValueError, match=r"query_labels holds 7 at index \[0, 1\]"):
-            F.prototype_cross_entropy(c, q, torch.tensor([[0, 7]], device=device))
+            F.prototypical_cross_entropy(c, q, torch.tensor([[0, 7]], device=device))
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])

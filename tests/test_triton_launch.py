@@ -47,9 +47,10 @@ def wrapper_calls(device: str) -> dict:
         protonet_triton.class_prototypes_forward: (support, support_labels, 2),
         protonet_triton.class_prototypes_backward: (prototypes, support_labels),
         protonet_triton.squared_distances_forward: (queries, prototypes),
-        protonet_triton.prototypical_ce_forward: (queries, prototypes, query_labels, tau),
-        protonet_triton.prototypical_ce_backward: (randn(1, 3), queries, prototypes,
-                                                   query_labels, tau, softmax),
+        protonet_triton.prototypical_cross_entropy_forward: (queries, prototypes, query_labels,
+                                                             tau),
+        protonet_triton.prototypical_cross_entropy_backward: (randn(1, 3), queries, prototypes,
+                                                              query_labels, tau, softmax),
         inner_update_triton.inner_update_forward: (theta, alpha, g),
         inner_update_triton.inner_update_backward: (randn(2, 6), alpha, g, True, True),
     }

@@ -5,7 +5,7 @@
 // std::exp on [-87.3, 88.7] (checked on a dense grid); 0 below, inf above, NaN for
 // NaN. Branch-free: no input-dependent clamp before the polynomial, whose constant
 // path the compiler would split off into a branch. Vectorizing it in GCC's
-// target_clones needs no-trapping-math in the calling file (prototypical_loss_cpu.cpp
+// target_clones needs no-trapping-math in the calling file (prototypical_cross_entropy_cpu.cpp
 // sets it with a pragma), else GCC will not if-convert the selects.
 // double uses std::exp.
 #pragma once

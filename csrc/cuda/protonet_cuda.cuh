@@ -1,5 +1,5 @@
 // Helpers shared by the Prototypical-Networks CUDA kernels (class_prototypes_cuda.cu,
-// squared_distances_cuda.cu, prototypical_loss_cuda.cu).
+// squared_distances_cuda.cu, prototypical_cross_entropy_cuda.cu).
 //
 // Everything here sits in an anonymous namespace: each .cu gets its own copy of the
 // kernels (internal linkage), so no two translation units register one kernel stub.

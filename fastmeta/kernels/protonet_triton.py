@@ -1,5 +1,5 @@
 """Prototypical Networks, Triton kernels (math and reference semantics: fastmeta/ops/
-class_prototypes.py, squared_distances.py, prototypical_loss.py).
+class_prototypes.py, squared_distances.py, prototypical_cross_entropy.py).
 
 Shapes: support [B, S, D] with labels y [B, S]; queries Q [B, M, D] with labels [B, M];
 prototypes C [B, C, D]; tau []. float32 in, float32 accumulation. Every grid is 1-D: a
@@ -15,12 +15,13 @@ squared_distances: program (b, M tile, C tile); over D tiles: q . c (tl.dot), ||
     ||c||^2; d = ||q||^2 + ||c||^2 - 2 q . c. A tile holding an entry with
     d <= 1e-2 (||q||^2 + ||c||^2) (cancellation: nearly identical points) recomputes those
     entries as sum_d (q - c)^2, so identical points give exactly 0 and none is negative.
-prototypical_ce forward: program (b, M tile). Sweep 1 over C tiles: logits
+prototypical_cross_entropy forward: program (b, M tile). Sweep 1 over C tiles: logits
     z' = tau (2 q . c - ||c||^2) (tl.dot over D tiles), running max and rescaled sum of
     exp (online log-sum-exp: lse = max + log sum), argmax (first index of the maximum,
     like torch.argmax), z'_y; loss = (max - z'_y) + log sum. Sweep 2 recomputes each z'
     tile and writes softmax = exp((z' - max) - log sum).
-prototypical_ce backward, with G = (softmax - onehot(y)) * grad_losses formed tile by tile:
+prototypical_cross_entropy backward, with G = (softmax - onehot(y)) * grad_losses formed
+    tile by tile:
     queries kernel, program (b, M tile, D tile), over C tiles: GC = G C (tl.dot);
         d_q = 2 tau GC; d_tau partial 2 sum q . GC.
     prototypes kernel, program (b, C tile, D tile), over M tiles: G^T Q (tl.dot) and
@@ -129,9 +130,9 @@ def _logits_tile(q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _prototypical_ce_forward_kernel(q_ptr, c_ptr, y_ptr, tau_ptr, loss_ptr, pred_ptr, sm_ptr,
-                                    M, C, D, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                                    BLOCK_D: tl.constexpr):
+def _prototypical_cross_entropy_forward_kernel(
+        q_ptr, c_ptr, y_ptr, tau_ptr, loss_ptr, pred_ptr, sm_ptr, M, C, D,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     b, i, _ = program_coords(tl.cdiv(M, BLOCK_M), 1)
     q_ptr += b * M * D
     c_ptr += b * C * D
@@ -182,10 +183,9 @@ def _g_tile(sm_ptr, grad, y, rows, cls, M, C):
 
 
 @triton.jit
-def _prototypical_ce_backward_queries_kernel(gl_ptr, q_ptr, c_ptr, y_ptr, tau_ptr, sm_ptr,
-                                             dq_ptr, partials_ptr, M, C, D,
-                                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                                             BLOCK_D: tl.constexpr):
+def _prototypical_cross_entropy_backward_queries_kernel(
+        gl_ptr, q_ptr, c_ptr, y_ptr, tau_ptr, sm_ptr, dq_ptr, partials_ptr, M, C, D,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     b, i, j = program_coords(tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_D))
     c_ptr += b * C * D
     sm_ptr += b * M * C
@@ -203,10 +203,9 @@ def _prototypical_ce_backward_queries_kernel(gl_ptr, q_ptr, c_ptr, y_ptr, tau_pt
 
 
 @triton.jit
-def _prototypical_ce_backward_prototypes_kernel(gl_ptr, q_ptr, c_ptr, y_ptr, tau_ptr, sm_ptr,
-                                                dc_ptr, partials_ptr, M, C, D,
-                                                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                                                BLOCK_D: tl.constexpr):
+def _prototypical_cross_entropy_backward_prototypes_kernel(
+        gl_ptr, q_ptr, c_ptr, y_ptr, tau_ptr, sm_ptr, dc_ptr, partials_ptr, M, C, D,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     b, k, j = program_coords(tl.cdiv(C, BLOCK_C), tl.cdiv(D, BLOCK_D))
     q_ptr += b * M * D
     sm_ptr += b * M * C
@@ -281,8 +280,8 @@ def squared_distances_forward(queries: torch.Tensor, prototypes: torch.Tensor) -
 
 
 @launches_on_input_device
-def prototypical_ce_forward(queries: torch.Tensor, prototypes: torch.Tensor,
-                            labels: torch.Tensor, tau: torch.Tensor):
+def prototypical_cross_entropy_forward(queries: torch.Tensor, prototypes: torch.Tensor,
+                                       labels: torch.Tensor, tau: torch.Tensor):
     """queries [B, M, D], prototypes [B, C, D], labels [B, M] int64, tau []
     -> (losses [B, M], predictions [B, M] int64, softmax [B, M, C])."""
     queries, prototypes, labels = queries.contiguous(), prototypes.contiguous(), labels.contiguous()
@@ -295,16 +294,16 @@ def prototypical_ce_forward(queries: torch.Tensor, prototypes: torch.Tensor,
         return losses, predictions, softmax
     block_m, block_c, block_d = tile_size(M, 64, 512), tile_size(C, 64, 512), tile_size(D, 32, 128)
     grid = (B * triton.cdiv(M, block_m),)
-    _prototypical_ce_forward_kernel[grid](queries, prototypes, labels, tau, losses, predictions,
-                                          softmax, M, C, D, BLOCK_M=block_m, BLOCK_C=block_c,
-                                          BLOCK_D=block_d)
+    _prototypical_cross_entropy_forward_kernel[grid](
+        queries, prototypes, labels, tau, losses, predictions, softmax, M, C, D, BLOCK_M=block_m,
+        BLOCK_C=block_c, BLOCK_D=block_d)
     return losses, predictions, softmax
 
 
 @launches_on_input_device
-def prototypical_ce_backward(grad_losses: torch.Tensor, queries: torch.Tensor,
-                             prototypes: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor,
-                             softmax: torch.Tensor):
+def prototypical_cross_entropy_backward(grad_losses: torch.Tensor, queries: torch.Tensor,
+                                        prototypes: torch.Tensor, labels: torch.Tensor,
+                                        tau: torch.Tensor, softmax: torch.Tensor):
     """grad_losses [B, M], queries [B, M, D], prototypes [B, C, D], labels [B, M] int64,
     tau [], softmax [B, M, C] (from the forward) -> (d_queries [B, M, D],
     d_prototypes [B, C, D], d_tau []). With G = (softmax - onehot(y)) * grad_losses:
@@ -324,9 +323,9 @@ def prototypical_ce_backward(grad_losses: torch.Tensor, queries: torch.Tensor,
     c_programs = B * triton.cdiv(C, c_blocks["BLOCK_C"]) * triton.cdiv(D, block_d)
     partials = torch.empty(q_programs + c_programs, dtype=torch.float32, device=queries.device)
     args = (grad_losses, queries, prototypes, labels, tau, softmax)
-    _prototypical_ce_backward_queries_kernel[(q_programs,)](
+    _prototypical_cross_entropy_backward_queries_kernel[(q_programs,)](
         *args, d_queries, partials, M, C, D, **q_blocks)
-    _prototypical_ce_backward_prototypes_kernel[(c_programs,)](
+    _prototypical_cross_entropy_backward_prototypes_kernel[(c_programs,)](
         *args, d_prototypes, partials[q_programs:], M, C, D, **c_blocks)
     d_tau = partials.double().sum().to(tau.dtype)
     return d_queries, d_prototypes, d_tau

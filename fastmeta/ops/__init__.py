@@ -8,9 +8,9 @@ from fastmeta.ops.attention_read import attention_read
 from fastmeta.ops.class_prototypes import class_prototypes_op
 from fastmeta.ops.gradient_mlp import gradient_mlp
 from fastmeta.ops.inner_update import inner_update
-from fastmeta.ops.prototypical_episode import prototypical_loss_op
-from fastmeta.ops.prototypical_loss import prototypical_ce_op
+from fastmeta.ops.prototypical_cross_entropy import prototypical_cross_entropy_op
+from fastmeta.ops.prototypical_loss import prototypical_loss_op
 from fastmeta.ops.squared_distances import squared_distances_op
 
 __all__ = ["attention_read", "class_prototypes_op", "gradient_mlp", "inner_update",
-           "prototypical_ce_op", "prototypical_loss_op", "squared_distances_op"]
+           "prototypical_cross_entropy_op", "prototypical_loss_op", "squared_distances_op"]

@@ -1,189 +1,132 @@
-"""Prototypical cross-entropy: distances, log-softmax and cross-entropy, fused.
+"""The ProtoNet loss of whole episodes as one op: class prototypes, then the
+prototypical cross-entropy (the math and the kernels are in class_prototypes.py and
+prototypical_cross_entropy.py). One op instead of two halves the Python dispatch, autograd
+nodes and argument checks of a training step, which is most of the time of small
+episodes: support [B, S, D], support_labels [B, S], queries [B, M, D],
+query_labels [B, M], num_classes C, tau a 0-d tensor.
 
-Logits z[b, m, k] = -tau ||q_bm - c_bk||^2. Since tau ||q_bm||^2 is the same for
-every class it cancels in the softmax, so the kernels use
-    z'[b, m, k] = tau (2 q_bm . c_bk - ||c_bk||^2)       (one GEMM + epilogue)
-    loss[b, m]  = logsumexp_k z'[b, m, :] - z'[b, m, y_bm]
-Never builds [B, M, C, D]; holds [B, M, C] (the softmax) for the backward.
-Backward, with G = (softmax - onehot(y)) * dL/dloss [B, M, C]:
-    d_q   = 2 tau G C
-    d_c   = 2 tau (G^T Q - colsum(G) c)
-    d_tau = sum(G * (2 Q C^T - ||c||^2)) = 2 sum_m q_m . (G C)_m - colsum(G) . ||c||^2
-Under create_graph (second-order meta-learning through a ProtoNet head) the
-backward recomputes the softmax from the inputs with differentiable torch ops, so
-grad-of-grad is exact; otherwise it runs the fused backward op.
+    forward : prototypes = class_prototypes(support, support_labels, C)       [B, C, D]
+              losses, predictions, softmax = prototypical_cross_entropy(queries, prototypes,
+                                                                        query_labels, tau)
+    backward: d_queries, d_prototypes, d_tau = prototypical_cross_entropy_backward(...)
+              d_support[b, i] = d_prototypes[b, y_bi] / n_{b, y_bi}
+Under create_graph the backward recomputes prototypes and softmax with differentiable
+ops instead, so grad of grad is exact.
 
-Ops: torch.ops.fastmeta.prototypical_cross_entropy (-> losses [B, M], predictions
-[B, M], softmax [B, M, C]) and ..._backward. Backends: reference (here), cpu and
-cuda (csrc/{cpu,cuda}/prototypical_loss_*), triton (fastmeta/kernels/protonet_triton.py).
+Ops: torch.ops.fastmeta.prototypical_loss (-> losses [B, M], predictions [B, M],
+prototypes [B, C, D], softmax [B, M, C]) and ..._backward. Each half runs on the
+backend its own op selects (and records): class_prototypes and
+prototypical_cross_entropy.
 """
 
 import torch
 from torch import Tensor
 
-from fastmeta import backend
 from fastmeta.ops._checks import (
     check_episode_pair,
-    check_floating,
     check_labels,
     check_same_dtype_device,
-    check_tensor,
     shape_str,
 )
-from fastmeta.ops._opmath import opmath
+from fastmeta.ops.class_prototypes import (
+    check_class_prototypes_args,
+    class_prototypes_backward,
+    class_prototypes_backward_op,
+    class_prototypes_forward,
+    class_prototypes_op,
+)
+from fastmeta.ops.prototypical_cross_entropy import (
+    check_query_args,
+    prototypical_cross_entropy_backward,
+    prototypical_cross_entropy_backward_differentiable,
+    prototypical_cross_entropy_forward,
+)
 
-OP = "prototypical_cross_entropy"
-backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
-    "cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64),
-    "triton": (torch.float32,)})
-
-
-def check_query_args(name: str, queries: Tensor, labels: Tensor, num_classes: int,
-                     tau: Tensor) -> None:
-    """queries [B, M, D] (checked by the caller), query_labels [B, M] in [0, num_classes)
-    on the queries' device, tau a floating 0-d tensor of the queries' dtype and device."""
-    check_tensor(name, "tau", tau)
-    check_floating(name, "tau", tau)
-    if tau.dim() != 0:
-        raise ValueError(f"{name}: tau must be a scalar, got shape {shape_str(tau)}")
-    check_same_dtype_device(name, "queries", queries, tau=tau)
-    check_labels(name, "query_labels", labels, queries.shape[:2], num_classes)
-    if labels.device != queries.device:
-        raise ValueError(f"{name}: query_labels is on {labels.device} but queries is on "
-                         f"{queries.device}")
+NAME = "fastmeta.prototypical_loss"
 
 
-def check_prototypical_ce_args(queries: Tensor, prototypes: Tensor, labels: Tensor,
-                               tau: Tensor) -> None:
-    name = "fastmeta.prototypical_cross_entropy"
-    check_episode_pair(name, "queries", queries, "prototypes", prototypes)
-    check_same_dtype_device(name, "queries", queries, prototypes=prototypes)
-    check_query_args(name, queries, labels, prototypes.shape[1], tau)
+def check_prototypical_loss_args(support: Tensor, support_labels: Tensor, queries: Tensor,
+                                 query_labels: Tensor, num_classes: int, tau: Tensor) -> None:
+    check_class_prototypes_args(support, support_labels, num_classes, NAME, "support_labels")
+    check_episode_pair(NAME, "support", support, "queries", queries)
+    check_same_dtype_device(NAME, "support", support, queries=queries)
+    check_query_args(NAME, queries, query_labels, num_classes, tau)
 
 
-def _logits(queries: Tensor, prototypes: Tensor, tau: Tensor) -> Tensor:
-    """z' = tau (2 Q C^T - ||c||^2) [B, M, C] (logits up to a per-row constant)."""
-    products = torch.bmm(queries, prototypes.transpose(1, 2))
-    return tau * (2 * products - prototypes.pow(2).sum(-1)[:, None, :])
+@torch.library.custom_op("fastmeta::prototypical_loss", mutates_args=())
+def prototypical_loss_op(support: Tensor, support_labels: Tensor, queries: Tensor,
+                         query_labels: Tensor, num_classes: int,
+                         tau: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_prototypical_loss_args(support, support_labels, queries, query_labels, num_classes,
+                                 tau)
+    prototypes = class_prototypes_forward(support.contiguous(),
+                                          support_labels.long().contiguous(), num_classes)
+    losses, predictions, softmax = prototypical_cross_entropy_forward(
+        queries, prototypes, query_labels.long().contiguous(), tau)
+    return losses, predictions, prototypes, softmax
 
 
-def prototypical_ce_forward_reference(queries, prototypes, labels, tau):
-    q, c, t = opmath(queries, prototypes, tau)
-    logits = _logits(q, c, t)
-    log_probs = torch.log_softmax(logits, dim=-1)
-    losses = -log_probs.gather(-1, labels[..., None]).squeeze(-1)
-    return losses.to(queries.dtype), logits.argmax(-1), log_probs.exp().to(queries.dtype)
-
-
-def prototypical_ce_backward_reference(grad_losses, queries, prototypes, labels, tau, softmax):
-    """The backward formulas in torch ops (differentiable when softmax is)."""
-    go, q, c, t, p = opmath(grad_losses, queries, prototypes, tau, softmax)
-    onehot = torch.nn.functional.one_hot(labels, c.shape[1]).to(p.dtype)
-    G = (p - onehot) * go[..., None]
-    GC = torch.bmm(G, c)
-    colsum = G.sum(1)  # [B, C]
-    d_queries = 2 * t * GC
-    d_prototypes = 2 * t * (torch.bmm(G.transpose(1, 2), q) - colsum[..., None] * c)
-    d_tau = 2 * (q * GC).sum() - (colsum * c.pow(2).sum(-1)).sum()
-    return d_queries.to(queries.dtype), d_prototypes.to(prototypes.dtype), d_tau.to(tau.dtype)
-
-
-def _forward_compiled(queries, prototypes, labels, tau):  # cpu and cuda: the dispatcher picks
-    return torch.ops.fastmeta_C.prototypical_ce_forward(queries.contiguous(),
-                                                        prototypes.contiguous(), labels, tau)
-
-
-def _backward_compiled(grad_losses, queries, prototypes, labels, tau, softmax):
-    return torch.ops.fastmeta_C.prototypical_ce_backward(
-        grad_losses.contiguous(), queries.contiguous(), prototypes.contiguous(), labels, tau,
-        softmax.contiguous())
-
-
-def _forward_triton(queries, prototypes, labels, tau):
-    from fastmeta.kernels import protonet_triton
-
-    return protonet_triton.prototypical_ce_forward(queries, prototypes, labels, tau)
-
-
-def _backward_triton(grad_losses, queries, prototypes, labels, tau, softmax):
-    from fastmeta.kernels import protonet_triton
-
-    return protonet_triton.prototypical_ce_backward(grad_losses, queries, prototypes, labels,
-                                                    tau, softmax)
-
-
-_FORWARD = {"reference": prototypical_ce_forward_reference, "cpu": _forward_compiled,
-            "cuda": _forward_compiled, "triton": _forward_triton}
-_BACKWARD = {"reference": prototypical_ce_backward_reference, "cpu": _backward_compiled,
-             "cuda": _backward_compiled, "triton": _backward_triton}
-
-
-def prototypical_ce_forward(queries, prototypes, labels, tau):
-    """The forward on the selected backend; arguments checked, labels int64 contiguous."""
-    return backend.run_selected(OP, _FORWARD, (queries, prototypes, labels, tau),
-                                (queries, prototypes), tag=("forward",))
-
-
-def prototypical_ce_backward(grad_losses, queries, prototypes, labels, tau, softmax):
-    """The fused backward on the selected backend; labels int64 contiguous."""
-    return backend.run_selected(OP, _BACKWARD,
-                                (grad_losses, queries, prototypes, labels, tau, softmax),
-                                (queries, prototypes), tag=("backward",))
-
-
-def prototypical_ce_backward_differentiable(grad_losses, queries, prototypes, labels, tau):
-    """The backward for create_graph: the softmax recomputed from the inputs and the
-    formulas in differentiable torch ops, so grad of grad is exact."""
-    softmax = torch.softmax(_logits(*opmath(queries, prototypes, tau)), dim=-1)
-    return prototypical_ce_backward_reference(grad_losses, queries, prototypes, labels.long(),
-                                              tau, softmax)
-
-
-@torch.library.custom_op("fastmeta::prototypical_cross_entropy", mutates_args=())
-def prototypical_ce_op(queries: Tensor, prototypes: Tensor, labels: Tensor,
-                       tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    check_prototypical_ce_args(queries, prototypes, labels, tau)
-    return prototypical_ce_forward(queries, prototypes, labels.long().contiguous(), tau)
-
-
-@prototypical_ce_op.register_fake
-def _(queries, prototypes, labels, tau):
+@prototypical_loss_op.register_fake
+def _(support, support_labels, queries, query_labels, num_classes, tau):
     B, M = queries.shape[:2]
     return (queries.new_empty(B, M), queries.new_empty(B, M, dtype=torch.int64),
-            queries.new_empty(B, M, prototypes.shape[1]))
+            support.new_empty(B, num_classes, support.shape[2]),
+            queries.new_empty(B, M, num_classes))
 
 
-@torch.library.custom_op("fastmeta::prototypical_cross_entropy_backward", mutates_args=())
-def prototypical_ce_backward_op(grad_losses: Tensor, queries: Tensor, prototypes: Tensor,
-                                labels: Tensor, tau: Tensor,
-                                softmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    check_prototypical_ce_args(queries, prototypes, labels, tau)
-    return prototypical_ce_backward(grad_losses, queries, prototypes, labels.long().contiguous(),
-                                    tau, softmax)
+@torch.library.custom_op("fastmeta::prototypical_loss_backward", mutates_args=())
+def prototypical_loss_backward_op(grad_losses: Tensor, support_labels: Tensor, queries: Tensor,
+                                  query_labels: Tensor, tau: Tensor, prototypes: Tensor,
+                                  softmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_support [B, S, D], d_queries [B, M, D], d_tau []) from the forward's
+    prototypes [B, C, D] and softmax [B, M, C]."""
+    check_episode_pair(NAME, "queries", queries, "prototypes", prototypes)
+    check_same_dtype_device(NAME, "queries", queries, prototypes=prototypes, softmax=softmax,
+                            grad_losses=grad_losses)
+    B, M = queries.shape[:2]
+    C = prototypes.shape[1]
+    check_labels(NAME, "support_labels", support_labels, (B, support_labels.shape[-1]), C)
+    check_query_args(NAME, queries, query_labels, C, tau)
+    for name, t, shape in (("grad_losses", grad_losses, (B, M)), ("softmax", softmax, (B, M, C))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{NAME}: {name} must be [{', '.join(map(str, shape))}], got "
+                             f"{shape_str(t)}")
+    d_queries, d_prototypes, d_tau = prototypical_cross_entropy_backward(
+        grad_losses.contiguous(), queries, prototypes, query_labels.long().contiguous(), tau,
+        softmax.contiguous())
+    d_support = class_prototypes_backward(d_prototypes.contiguous(),
+                                          support_labels.long().contiguous())
+    return d_support, d_queries, d_tau
 
 
-@prototypical_ce_backward_op.register_fake
-def _(grad_losses, queries, prototypes, labels, tau, softmax):
-    return (queries.new_empty(queries.shape), prototypes.new_empty(prototypes.shape),
+@prototypical_loss_backward_op.register_fake
+def _(grad_losses, support_labels, queries, query_labels, tau, prototypes, softmax):
+    B, S = support_labels.shape
+    return (queries.new_empty(B, S, queries.shape[2]), queries.new_empty(queries.shape),
             tau.new_empty(()))
 
 
 def _setup(ctx, inputs, output):
-    queries, prototypes, labels, tau = inputs
-    _, predictions, softmax = output
-    ctx.mark_non_differentiable(predictions, softmax)
-    ctx.save_for_backward(queries, prototypes, labels, tau, softmax)
+    support, support_labels, queries, query_labels, num_classes, tau = inputs
+    _, predictions, prototypes, softmax = output
+    ctx.mark_non_differentiable(predictions, prototypes, softmax)
+    ctx.num_classes = num_classes
+    ctx.save_for_backward(support, support_labels, queries, query_labels, tau, prototypes,
+                          softmax)
 
 
-def _backward(ctx, grad_losses, _grad_predictions, _grad_softmax):
-    queries, prototypes, labels, tau, softmax = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph: recompute differentiably
-        grads = prototypical_ce_backward_differentiable(grad_losses, queries, prototypes,
-                                                        labels, tau)
+def _backward(ctx, grad_losses, _grad_predictions, _grad_prototypes, _grad_softmax):
+    support, support_labels, queries, query_labels, tau, prototypes, softmax = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: every step differentiable
+        prototypes = class_prototypes_op(support, support_labels, ctx.num_classes)
+        d_queries, d_prototypes, d_tau = prototypical_cross_entropy_backward_differentiable(
+            grad_losses, queries, prototypes, query_labels, tau)
+        d_support = class_prototypes_backward_op(d_prototypes, support_labels)
     else:
-        grads = prototypical_ce_backward_op(grad_losses, queries, prototypes, labels, tau, softmax)
-    d_queries, d_prototypes, d_tau = grads
-    return d_queries, d_prototypes, None, d_tau if ctx.needs_input_grad[3] else None
+        d_support, d_queries, d_tau = prototypical_loss_backward_op(
+            grad_losses, support_labels, queries, query_labels, tau, prototypes, softmax)
+    return (d_support, None, d_queries, None, None,
+            d_tau if ctx.needs_input_grad[5] else None)
 
 
-prototypical_ce_op.register_autograd(_backward, setup_context=_setup)
+prototypical_loss_op.register_autograd(_backward, setup_context=_setup)

@@ -53,13 +53,14 @@ constexpr int64_t kChunkBytes = int64_t(8) << 20;  // the most of G the backward
 
 void check_shapes(const at::Tensor& queries, const at::Tensor& prototypes,
                   const at::Tensor& labels, const at::Tensor& tau) {
-  check_queries_prototypes("prototypical_ce", queries, prototypes);
+  check_queries_prototypes("prototypical_cross_entropy", queries, prototypes);
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() &&
                   labels.dim() == 2 && labels.size(0) == queries.size(0) &&
                   labels.size(1) == queries.size(1),
-              "prototypical_ce: labels must be contiguous int64 [B, M], got ", labels.sizes());
+              "prototypical_cross_entropy: labels must be contiguous int64 [B, M], got ",
+              labels.sizes());
   TORCH_CHECK(tau.dim() == 0 && tau.scalar_type() == queries.scalar_type(),
-              "prototypical_ce: tau must be a 0-d tensor of the queries' dtype");
+              "prototypical_cross_entropy: tau must be a 0-d tensor of the queries' dtype");
 }
 
 // Rows [begin, end) of Z = Q C^T [rows, C] (episode of row r: r / M) into the softmax
@@ -208,19 +209,19 @@ void check_label_range(const char* op, const at::Tensor& labels, int64_t C) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_forward_cpu(
     const at::Tensor& queries, const at::Tensor& prototypes, const at::Tensor& labels,
     const at::Tensor& tau) {
   check_shapes(queries, prototypes, labels, tau);
   const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
-  check_label_range("prototypical_ce", labels, C);
+  check_label_range("prototypical_cross_entropy", labels, C);
   // Q C^T into a pooled buffer (a fresh 40 MB output costs more in page faults than
   // the epilogue), then turned into the softmax in place.
   at::Tensor softmax = empty_cpu_large({B, M, C}, queries.options());
   at::bmm_out(softmax, queries, prototypes.transpose(1, 2));
   at::Tensor losses = at::empty({B, M}, queries.options());
   at::Tensor predictions = at::empty({B, M}, labels.options());
-  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "prototypical_ce_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "prototypical_cross_entropy_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto cn = row_squared_norms<scalar_t>(prototypes);
     const acc_t t = tau.item<acc_t>();
@@ -239,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cpu(
   return {losses, predictions, softmax};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backward_cpu(
     const at::Tensor& grad_losses, const at::Tensor& queries, const at::Tensor& prototypes,
     const at::Tensor& labels, const at::Tensor& tau, const at::Tensor& softmax) {
   check_shapes(queries, prototypes, labels, tau);
@@ -247,8 +248,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cpu(
   const int64_t D = queries.size(2);
   TORCH_CHECK(softmax.sizes() == at::IntArrayRef({B, M, C}) && softmax.is_contiguous() &&
                   grad_losses.sizes() == labels.sizes() && grad_losses.is_contiguous(),
-              "prototypical_ce_backward: softmax [B, M, C] and grad_losses [B, M] expected");
-  check_label_range("prototypical_ce_backward", labels, C);
+              "prototypical_cross_entropy_backward: softmax [B, M, C] and grad_losses [B, M] "
+              "expected");
+  check_label_range("prototypical_cross_entropy_backward", labels, C);
   // G [B, M, C] whole when small (one batched GEMM pair), else a chunk of rows of one
   // episode at a time (a multiple of kRowsPerTask, so the column-sum partials are the
   // same), so that the backward never holds more than kChunkBytes of G.
@@ -262,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cpu(
   at::Tensor d_queries = empty_cpu_large({B, M, D}, queries.options());
   at::Tensor d_prototypes = empty_cpu_large({B, C, D}, queries.options());
   at::Tensor d_tau;
-  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "prototypical_ce_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "prototypical_cross_entropy_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t* y = labels.const_data_ptr<int64_t>();
     const scalar_t* p = softmax.const_data_ptr<scalar_t>();
@@ -333,8 +335,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cpu(
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {
-  m.impl("prototypical_ce_forward", &prototypical_ce_forward_cpu);
-  m.impl("prototypical_ce_backward", &prototypical_ce_backward_cpu);
+  m.impl("prototypical_cross_entropy_forward", &prototypical_cross_entropy_forward_cpu);
+  m.impl("prototypical_cross_entropy_backward", &prototypical_cross_entropy_backward_cpu);
 }
 
 }  // namespace fastmeta

@@ -54,15 +54,16 @@ constexpr int64_t kRowsPerChunk = 64;  // rows per column-sum partial (fixed: de
 
 void check_ce_args(const at::Tensor& queries, const at::Tensor& prototypes,
                    const at::Tensor& labels, const at::Tensor& tau) {
-  check_queries_prototypes("prototypical_ce", queries, prototypes);
+  check_queries_prototypes("prototypical_cross_entropy", queries, prototypes);
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() &&
                   labels.dim() == 2 && labels.size(0) == queries.size(0) &&
                   labels.size(1) == queries.size(1) && labels.device() == queries.device(),
-              "prototypical_ce: labels must be contiguous int64 [B, M] on ", queries.device(),
-              ", got ", labels.sizes(), " on ", labels.device());
+              "prototypical_cross_entropy: labels must be contiguous int64 [B, M] on ",
+              queries.device(), ", got ", labels.sizes(), " on ", labels.device());
   TORCH_CHECK(tau.dim() == 0 && tau.scalar_type() == queries.scalar_type() &&
                   tau.device() == queries.device(),
-              "prototypical_ce: tau must be a 0-d tensor of the queries' dtype and device");
+              "prototypical_cross_entropy: tau must be a 0-d tensor of the queries' dtype and "
+              "device");
 }
 
 // z [B * M, C] holds Q C^T on entry and the softmax on exit; cn [B * C] = ||c||^2.
@@ -206,7 +207,7 @@ __global__ void backward_epilogue_kernel(const scalar_t* __restrict__ q,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_forward_cuda(
     const at::Tensor& queries, const at::Tensor& prototypes, const at::Tensor& labels,
     const at::Tensor& tau) {
   check_ce_args(queries, prototypes, labels, tau);
@@ -217,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cuda(
   at::Tensor predictions = at::empty({B, M}, labels.options());
   const int64_t rows = B * M;
   if (rows == 0) return {losses, predictions, softmax};
-  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "prototypical_ce_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "prototypical_cross_entropy_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor cn = row_squared_norms<scalar_t>(prototypes);
     ce_forward_kernel<scalar_t>
@@ -231,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_forward_cuda(
   return {losses, predictions, softmax};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backward_cuda(
     const at::Tensor& grad_losses, const at::Tensor& queries, const at::Tensor& prototypes,
     const at::Tensor& labels, const at::Tensor& tau, const at::Tensor& softmax) {
   check_ce_args(queries, prototypes, labels, tau);
@@ -243,14 +244,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cuda(
                   grad_losses.sizes() == labels.sizes() && grad_losses.is_contiguous() &&
                   grad_losses.scalar_type() == queries.scalar_type() &&
                   grad_losses.device() == queries.device(),
-              "prototypical_ce_backward: softmax [B, M, C] and grad_losses [B, M] expected, "
-              "contiguous, of the queries' dtype and device");
+              "prototypical_cross_entropy_backward: softmax [B, M, C] and grad_losses [B, M] "
+              "expected, contiguous, of the queries' dtype and device");
   const c10::cuda::CUDAGuard guard(queries.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t chunks = (M + kRowsPerChunk - 1) / kRowsPerChunk;
   at::Tensor d_queries, d_prototypes;
   at::Tensor d_tau = at::empty({}, queries.options());
-  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "prototypical_ce_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(
+      queries.scalar_type(), "prototypical_cross_entropy_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor G = at::empty({B, M, C}, queries.options());
     at::Tensor partials =
@@ -284,8 +286,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_ce_backward_cuda(
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_C, CUDA, m) {
-  m.impl("prototypical_ce_forward", &prototypical_ce_forward_cuda);
-  m.impl("prototypical_ce_backward", &prototypical_ce_backward_cuda);
+  m.impl("prototypical_cross_entropy_forward", &prototypical_cross_entropy_forward_cuda);
+  m.impl("prototypical_cross_entropy_backward", &prototypical_cross_entropy_backward_cuda);
 }
 
 }  // namespace fastmeta
