@@ -54,10 +54,11 @@ class _FusedRun(nn.Module):
     op = ""  # the fastmeta op's backend-registry name
 
     def _use_fused(self, x: Tensor, params, input_grad_ok: bool) -> bool:
-        """The op applies: CPU, batch norm in training mode, the op's backend usable for
-        x's dtype; under autograd, x needing a gradient only if input_grad_ok, and
+        """The op applies: CPU, a non-empty batch (on an empty one nn.BatchNorm2d leaves
+        the running statistics alone), batch norm in training mode, the op's backend usable
+        for x's dtype; under autograd, x needing a gradient only if input_grad_ok, and
         parameter gradients only with with_gradients."""
-        if not (self.bn.training and x.device.type == "cpu"):
+        if not (self.bn.training and x.device.type == "cpu" and x.shape[0] > 0):
             return False
         if torch.is_grad_enabled():
             wants_gradients = any(p is not None and p.requires_grad for p in params)

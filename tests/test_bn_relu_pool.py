@@ -12,7 +12,8 @@ from torch import nn
 
 import fastmeta
 from fastmeta.fused_blocks import FusedBnReluPool, FusedConvBlock, fuse_conv_blocks
-from fastmeta.ops.bn_relu_pool import bn_relu_pool
+from fastmeta.models import conv_bn_relu_pool
+from fastmeta.ops.bn_relu_pool import bn_relu_pool, bn_relu_pool_with_statistics
 from fastmeta.ops.conv_block import conv_block
 
 OP = "bn_relu_pool"
@@ -175,3 +176,34 @@ def test_half_precision_runs_the_reference_and_says_so(dtype):
     report = fastmeta.backends()
     for op in (OP, "conv_block"):  # a fallback only where the cpu backend exists
         assert (dtype in report.fallbacks.get(op, {}).get("cpu", {})) == COMPILED, op
+
+
+def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(backend_device):
+    """N = 0 (it crashed the cpu kernel): empty output, NaN statistics (var_mean of
+    nothing), zero gamma/beta gradients, on every backend."""
+    name, device = backend_device
+    c = torch.randn(0, 4, 6, 6, device=device, requires_grad=True)
+    gamma = torch.rand(4, device=device, requires_grad=True)
+    beta = torch.randn(4, device=device, requires_grad=True)
+    with fastmeta.use_backend(name):
+        out, mean, rstd = bn_relu_pool_with_statistics(c, gamma, beta)
+        grads = torch.autograd.grad(out.sum(), (c, gamma, beta), allow_unused=True)
+    assert fastmeta.last_backend(OP) == name
+    assert out.shape == (0, 4, 3, 3) and mean.isnan().all() and rstd.isnan().all()
+    assert grads[0].shape == c.shape
+    for g in grads[1:]:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_the_fused_view_of_an_empty_batch_is_the_model():
+    """ProtoNet(fuse=True) and MAML reach the fused blocks with whatever batch they get:
+    an empty one gives what the plain modules give, running statistics unchanged."""
+    model = nn.Sequential(*conv_bn_relu_pool(1, 4), *conv_bn_relu_pool(4, 4))
+    plain = copy.deepcopy(model)
+    view = fuse_conv_blocks(model, bn_relu_pool=True)
+    x = torch.randn(0, 1, 12, 12)
+    got, want = view(x), plain(x)
+    assert got.shape == want.shape == (0, 4, 3, 3)
+    for fused_bn, plain_bn in zip(model[1::4], plain[1::4]):
+        torch.testing.assert_close(fused_bn.running_mean, plain_bn.running_mean)
+        torch.testing.assert_close(fused_bn.running_var, plain_bn.running_var)

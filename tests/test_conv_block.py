@@ -12,7 +12,7 @@ from torch import nn
 import fastmeta
 from fastmeta.fused_blocks import FusedConvBlock, fuse_conv_blocks
 from fastmeta.models import conv_bn_relu_pool
-from fastmeta.ops.conv_block import conv_block
+from fastmeta.ops.conv_block import conv_block, conv_block_with_statistics
 
 OP = "conv_block"
 
@@ -196,3 +196,23 @@ def test_maml_fuses_training_passes_only_with_fuse_true():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="fuse must be True, False or 'eval'"):
         fastmeta.MAML(model, lr=0.4, fuse="always").adapt_batch(xs, ys, F.cross_entropy)
+
+
+@pytest.mark.parametrize("need_x", [True, False], ids=["with_dx", "parameters_only"])
+def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(backend_device, need_x):
+    """N = 0: empty output, NaN statistics (var_mean of nothing), every parameter
+    gradient 0 (the cpu kernel gave NaN weight gradients), on every backend."""
+    name, device = backend_device
+    x = torch.randn(0, 2, 8, 8, device=device, requires_grad=need_x)
+    params = [t.to(device).requires_grad_() for t in
+              (torch.randn(3, 2, 3, 3), torch.randn(3), torch.rand(3), torch.randn(3))]
+    with fastmeta.use_backend(name):
+        out, mean, rstd = conv_block_with_statistics(x, *params)
+        inputs = [x, *params] if need_x else params
+        grads = torch.autograd.grad(out.sum(), inputs)
+    assert fastmeta.last_backend(OP) == name
+    assert out.shape == (0, 3, 4, 4) and mean.isnan().all() and rstd.isnan().all()
+    if need_x:
+        assert grads[0].shape == x.shape
+    for g in grads[-4:]:
+        assert torch.equal(g, torch.zeros_like(g))

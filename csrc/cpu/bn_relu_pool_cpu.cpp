@@ -145,6 +145,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_forward_
   at::Tensor window = at::empty({s.N, s.C, s.Ho, s.Wo}, c.options().dtype(at::kByte));
   at::Tensor mean = at::empty({s.C}, c.options());
   at::Tensor rstd = at::empty({s.C}, c.options());
+  if (s.N == 0) {  // an empty batch has no statistics: NaN, as var_mean of nothing
+    mean.fill_(NAN);
+    rstd.fill_(NAN);
+    return {out, mean, rstd, window};
+  }
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "bn_relu_pool_forward_cpu", [&] {
     const scalar_t* cp = c.const_data_ptr<scalar_t>();
     const scalar_t* gp = gamma.const_data_ptr<scalar_t>();
@@ -187,6 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
   at::Tensor d_c = at::empty_like(c);
   at::Tensor d_gamma = at::empty_like(gamma);
   at::Tensor d_beta = at::empty_like(beta);
+  if (s.N == 0) return {d_c, d_gamma.zero_(), d_beta.zero_()};  // sums over no example
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "bn_relu_pool_backward_cpu", [&] {
     const scalar_t* gp = gamma.const_data_ptr<scalar_t>();
     const scalar_t* bp = beta.const_data_ptr<scalar_t>();

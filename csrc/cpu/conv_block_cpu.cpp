@@ -427,6 +427,11 @@ ConvBlockForward conv_block_forward_cpu(const at::Tensor& x, const at::Tensor& w
   at::Tensor rstd = at::empty({g.C}, x.options());
   at::Tensor window = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options().dtype(at::kByte));
   at::Tensor c_max = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options());
+  if (g.N == 0) {  // an empty batch has no statistics: NaN, as var_mean of nothing
+    mean.fill_(NAN);
+    rstd.fill_(NAN);
+    return {out, mean, rstd, window, c_max};
+  }
   const int64_t taps = g.Cin * g.KH * g.KW, pooled = g.Ho * g.Wo;
   const Phases ph = make_phases(g);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_forward_cpu", [&] {
@@ -476,6 +481,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
   at::Tensor d_bias = at::empty_like(bias);
   at::Tensor d_gamma = at::empty_like(gamma);
   at::Tensor d_beta = at::empty_like(beta);
+  if (g.N == 0) {  // sums over no example
+    return {need_x ? at::empty_like(x) : at::empty({0}, x.options()), d_weight.zero_(),
+            d_bias.zero_(), d_gamma.zero_(), d_beta.zero_()};
+  }
   if (!need_x) {
     TORCH_CHECK(window.scalar_type() == at::kByte && window.sizes() == grad_out.sizes() &&
                     c_max.sizes() == grad_out.sizes() && window.is_contiguous() &&
