@@ -55,6 +55,19 @@ def poison_uninitialized_memory():
     torch.use_deterministic_algorithms(previous)
 
 
+@pytest.fixture
+def racing(monkeypatch):
+    """Backend races allowed: deterministic algorithms off (the fixture above turns them
+    on, and they stop races), FASTMETA_RACE unset, no race remembered before or after."""
+    from fastmeta import race
+
+    monkeypatch.delenv(race.ENV_VAR, raising=False)
+    torch.use_deterministic_algorithms(False)
+    race.clear()
+    yield
+    race.clear()
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64 (NaN never passes)."""
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()

@@ -284,26 +284,12 @@ def test_inner_update_past_2_31_parameters(name):
 
 # ---------------------------------------------------------------- the race
 
-@pytest.fixture
-def racing():
-    """Deterministic algorithms off (conftest turns them on, and they stop races), no
-    race remembered before or after."""
-    previous = (torch.are_deterministic_algorithms_enabled(),
-                torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(False)
-    race.clear()
-    yield
-    race.clear()
-    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-
-
 def test_the_race_on_a_gpu_times_both_backends_and_keeps_the_numbers(racing, monkeypatch):
     """A default ProtoNet loss and attention_read step on CUDA race cuda against triton
     for each op and direction; each race reports both times (or a dropped backend and
     its error), and the results match float64 whichever backend won."""
     require(PROTONET_OPS + ("attention_read",), "cuda")
     require(PROTONET_OPS + ("attention_read",), "triton")
-    monkeypatch.delenv(race.ENV_VAR, raising=False)
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
     B, C, M, D = EPISODES[2]
     support, support_labels, queries, query_labels = episode(B, C, M, D)

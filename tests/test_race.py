@@ -19,18 +19,9 @@ pytestmark = pytest.mark.skipif(not fastmeta.backends().extension_built,
 
 
 @pytest.fixture
-def racing_on_cpu(monkeypatch):
-    """cpu and reference race on CPU tensors, deterministic algorithms off (conftest
-    turns them on, and they stop races)."""
+def racing_on_cpu(racing, monkeypatch):
+    """cpu and reference race on CPU tensors (conftest's `racing`: races allowed)."""
     monkeypatch.setattr(race, "RACED", {"cpu": ("cpu", "reference")})
-    monkeypatch.delenv(race.ENV_VAR, raising=False)
-    previous = (torch.are_deterministic_algorithms_enabled(),
-                torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(False)
-    race.clear()
-    yield
-    race.clear()
-    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 @pytest.fixture
