@@ -7,16 +7,15 @@ decorated with `launches_on_input_device`, which makes its first argument's devi
 current (and so its current stream) for the whole wrapper.
 """
 
-import contextlib
 import functools
 
 import torch
 
 
-def on_device(tensor: torch.Tensor):
-    """A context making `tensor`'s CUDA device current; a null context off CUDA
-    (CPU tensors under the Triton interpreter)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+def on_device(tensor: torch.Tensor) -> torch.cuda.device:
+    """A context making `tensor`'s CUDA device current (torch.cuda.device_of); it does
+    nothing for CPU tensors (the Triton interpreter) and never initializes CUDA there."""
+    return torch.cuda.device_of(tensor)
 
 
 def launches_on_input_device(wrapper):
