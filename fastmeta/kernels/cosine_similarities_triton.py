@@ -1,0 +1,82 @@
+"""Cosine similarities between queries and class prototypes, Triton kernel (the forward
+only; the backward is plain differentiable torch ops in the Python layer).
+
+Shapes: queries Q [B, M, D], prototypes C [B, C, D] -> s [B, M, C], with
+    s[b, m, k] = (q_bm . c_bk) / (max(||q_bm||, eps) max(||c_bk||, eps)).
+float32 in, float32 accumulation.
+
+One fused kernel, program (episode b, M tile, C tile) in a 1-D grid decoded by
+tiles.program_coords (b as int64, so every per-episode offset b * rows * cols is int64).
+One loop over D tiles accumulates q . c (tl.dot, ieee), ||q||^2 and ||c||^2 from the
+same loaded tiles; then s = (q . c) / max(||q||, eps) / max(||c||, eps) for the tile:
+one reciprocal per row and per class, one multiply per entry. Each norm is clamped,
+not its square, so a row of norm below eps is divided by eps and a zero row gives
+exactly 0 (0 * 1/eps), never NaN; a NaN norm stays NaN (as torch's clamp_min).
+Every entry has one writer and a fixed summation order: deterministic.
+
+Tiles are powers of two, at least 16 (tl.dot's minimum; masks pad small M, C, D). On a
+GPU BLOCK_M = BLOCK_C = 64 and BLOCK_D = 32 (untuned, as squared_distances); under the
+interpreter, which runs one program at a time in numpy, up to 128 wide, so
+M=129, C=65, D=257 takes 2 programs per episode and 3 D steps.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmeta.kernels.launch import launches_on_input_device
+from fastmeta.kernels.tiles import dot, load_tile, program_coords, store_tile, tile_size
+
+
+@triton.jit
+def _dots_and_squared_norms(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
+    """q . c [rows, cls], ||q||^2 [rows], ||c||^2 [cls] in one pass over D
+    (q [M, D], c [C, D]; 0 outside)."""
+    qc = tl.zeros((rows.shape[0], cls.shape[0]), dtype=tl.float32)
+    qn = tl.zeros((rows.shape[0],), dtype=tl.float32)
+    cn = tl.zeros((cls.shape[0],), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        q = load_tile(q_ptr, rows, ds, M, D)
+        c = load_tile(c_ptr, cls, ds, C, D)
+        qc = dot(q, tl.trans(c), qc)
+        qn += tl.sum(q * q, axis=1)
+        cn += tl.sum(c * c, axis=1)
+    return qc, qn, cn
+
+
+@triton.jit
+def _inverse_clamped_norm(squared, eps):
+    """1 / max(sqrt(squared), eps), elementwise; NaN stays NaN (tl.maximum may drop it)."""
+    norm = tl.sqrt(squared)
+    return 1.0 / tl.where(norm < eps, eps, norm)
+
+
+@triton.jit
+def _cosine_similarities_kernel(q_ptr, c_ptr, out_ptr, eps, M, C, D, BLOCK_M: tl.constexpr,
+                                BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    b, i, j = program_coords(tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_C))
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    cls = j * BLOCK_C + tl.arange(0, BLOCK_C)
+    qc, qn, cn = _dots_and_squared_norms(q_ptr + b * M * D, c_ptr + b * C * D, rows, cls,
+                                         M, C, D, BLOCK_D)
+    sim = (qc * _inverse_clamped_norm(qn, eps)[:, None]) * _inverse_clamped_norm(cn, eps)[None, :]
+    store_tile(out_ptr + b * M * C, sim, rows, cls, M, C)
+
+
+@launches_on_input_device
+def cosine_similarities_forward(queries: torch.Tensor, prototypes: torch.Tensor,
+                                eps: float) -> torch.Tensor:
+    """queries [B, M, D], prototypes [B, C, D] (float32, one device), eps > 0
+    -> s [B, M, C], s = q . c / (max(||q||, eps) max(||c||, eps))."""
+    queries, prototypes = queries.contiguous(), prototypes.contiguous()
+    B, M, D = queries.shape
+    C = prototypes.shape[1]
+    out = queries.new_empty(B, M, C)
+    if out.numel() == 0:
+        return out
+    block_m, block_c, block_d = tile_size(M, 64, 128), tile_size(C, 64, 128), tile_size(D, 32, 128)
+    grid = (B * triton.cdiv(M, block_m) * triton.cdiv(C, block_c),)
+    _cosine_similarities_kernel[grid](queries, prototypes, out, float(eps), M, C, D,
+                                      BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d)
+    return out
