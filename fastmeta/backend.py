@@ -55,7 +55,7 @@ _fallbacks_seen: dict[tuple[str, str, torch.dtype], str] = {}  # (op, device typ
 def register_op(name: str, backends: tuple[str, ...],
                 dtypes: dict[str, tuple[torch.dtype, ...]] | None = None) -> None:
     """Declares an op, the backends that implement it and, where a backend takes
-    only some dtypes, which (called by fastmeta.ops)."""
+    only some dtypes, which (called by fastmeta.ops.declaration.OpDeclaration)."""
     _OPS[name] = tuple(backends)
     for backend_name, allowed in (dtypes or {}).items():
         _OP_DTYPES[(name, backend_name)] = tuple(allowed)
@@ -196,15 +196,6 @@ def select(op: str, device: torch.device, dtype: torch.dtype,
     return chosen
 
 
-def run_selected(op: str, impls: dict, args: tuple, keys: tuple, tag: tuple = ()):
-    """impls[backend](*args) with the backend select picks for keys[0]'s device and
-    dtype, raced per shape bucket of `keys` (plus `tag`) where backends race."""
-    def run(name):
-        return impls[name](*args)
-
-    return run(select(op, keys[0].device, keys[0].dtype, racing.Race(run, *keys, tag=tag)))
-
-
 def last_backend(op: str) -> str | None:
     """The backend that ran the most recent call of `op` (forward or backward)."""
     return _last_used.get(op)
@@ -230,3 +221,8 @@ def default_backend(op: str, device_type: str, dtype) -> str:
 def ops() -> tuple[str, ...]:
     """The registered ops."""
     return tuple(_OPS)
+
+
+def op_backends(op: str) -> tuple[str, ...]:
+    """The backends that implement `op`, the reference first."""
+    return _OPS[op]

@@ -2,6 +2,7 @@
 
     class_prototypes(support [B,S,D], labels [B,S], num_classes)        -> [B, C, D]
     squared_distances(queries [B,M,D], prototypes [B,C,D])              -> [B, M, C]
+    cosine_similarities(queries [B,M,D], prototypes [B,C,D], eps=1e-8)  -> [B, M, C]
     prototypical_loss(support, support_labels, queries, query_labels,
                       num_classes, tau=1.0, reduction="mean")           -> (loss, accuracy)
     prototypical_cross_entropy(prototypes, queries, query_labels, tau=1.0,
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from fastmeta.ops._checks import check_num_classes, check_tensor
 from fastmeta.ops.class_prototypes import class_prototypes_op
+from fastmeta.ops.cosine_similarities import cosine_similarities_op
 from fastmeta.ops.inner_update import inner_update
 from fastmeta.ops.prototypical_cross_entropy import prototypical_cross_entropy_op
 from fastmeta.ops.prototypical_loss import prototypical_loss_op
@@ -46,6 +48,15 @@ def squared_distances(queries: Tensor, prototypes: Tensor) -> Tensor:
     op = "fastmeta.squared_distances"
     out = squared_distances_op(_batched(op, "queries", queries, 2),
                                _batched(op, "prototypes", prototypes, 2))
+    return out if queries.dim() == 3 else out[0]
+
+
+def cosine_similarities(queries: Tensor, prototypes: Tensor, eps: float = 1e-8) -> Tensor:
+    """q . c / (max(||q||, eps) max(||c||, eps)) for every query and prototype:
+    [B, M, D], [B, C, D] -> [B, M, C] (or 2-D -> [M, C]). A zero row gives 0."""
+    op = "fastmeta.cosine_similarities"
+    out = cosine_similarities_op(_batched(op, "queries", queries, 2),
+                                 _batched(op, "prototypes", prototypes, 2), float(eps))
     return out if queries.dim() == 3 else out[0]
 
 
@@ -103,5 +114,5 @@ def prototypical_loss(support: Tensor, support_labels: Tensor, queries: Tensor,
     return _reduce(losses, reduction, batched), accuracy
 
 
-__all__ = ["class_prototypes", "get_prototypes", "inner_update", "prototypical_cross_entropy",
-           "prototypical_loss", "squared_distances"]
+__all__ = ["class_prototypes", "cosine_similarities", "get_prototypes", "inner_update",
+           "prototypical_cross_entropy", "prototypical_loss", "squared_distances"]

@@ -20,10 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta import backend
-from fastmeta.ops.bn_relu_pool import OP as BN_RELU_POOL
-from fastmeta.ops.bn_relu_pool import bn_relu_pool_with_statistics
-from fastmeta.ops.conv_block import OP as CONV_BLOCK
-from fastmeta.ops.conv_block import conv_block_with_statistics, conv_size
+from fastmeta.ops.bn_relu_pool import BN_RELU_POOL, bn_relu_pool_with_statistics
+from fastmeta.ops.conv_block import CONV_BLOCK, conv_block_with_statistics, conv_size
 
 MAX_TAPS = 27
 
@@ -88,7 +86,7 @@ class FusedConvBlock(_FusedRun):
     maxima the forward recorded instead of recomputing the convolution (a d_x would
     need the dense path, slower than ATen's)."""
 
-    op = CONV_BLOCK
+    op = CONV_BLOCK.name
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: nn.ReLU, pool: nn.MaxPool2d,
                  with_gradients: bool = True):
@@ -113,7 +111,7 @@ class FusedBnReluPool(_FusedRun):
     _FusedRun._use_fused), else through the three modules; running statistics as
     nn.BatchNorm2d. The op is differentiable once, like FusedConvBlock's."""
 
-    op = BN_RELU_POOL
+    op = BN_RELU_POOL.name
 
     def __init__(self, bn: nn.BatchNorm2d, relu: nn.ReLU, pool: nn.MaxPool2d,
                  with_gradients: bool = True):

@@ -2,7 +2,8 @@
 
 On a GPU an op may have two fused implementations, CUDA C++ and Triton, and which is
 faster depends on the shape (tile sizes, occupancy, the GEMM library's kernels). An op
-that opts in (it runs through `fastmeta.backend.run_selected`) races its contenders
+that opts in (its declaration names the arguments to race on:
+`fastmeta.ops.declaration.Kernels.race_on`) races its contenders
 on the first call of each shape bucket; the winner is used for that bucket from then
 on. A race:
 
@@ -109,9 +110,9 @@ def _sync(device: torch.device) -> None:
 def _time_ms(run: Callable[[str], object], name: str, device: torch.device) -> float:
     """Milliseconds that one call run(name) takes on `device` (see the module docstring)."""
     if device.type != "cuda":
-        start = time.perf_counter()
+        began = time.perf_counter()
         run(name)
-        return (time.perf_counter() - start) * 1e3
+        return (time.perf_counter() - began) * 1e3
     stream = torch.cuda.current_stream(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     stream.synchronize()
@@ -162,7 +163,8 @@ def _race(run: Callable[[str], object], names: list[str], device: torch.device) 
             break
         play(r, timed)
     times = {name: statistics.median(samples[name]) for name in alive} if len(alive) > 1 else {}
-    return Outcome(min(times, key=times.get) if times else alive[0], times, dropped)
+    fastest = min(times, key=lambda name: times[name]) if times else alive[0]
+    return Outcome(fastest, times, dropped)
 
 
 def winner(op: str, device: torch.device, dtype: torch.dtype, names: list[str],

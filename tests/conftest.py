@@ -27,7 +27,7 @@ def usable_backend_devices(op: str):
     """(backend, device) pairs that can run `op` here (float32)."""
     pairs = []
     for device in DEVICES:
-        for name in backend._OPS[op]:
+        for name in backend.op_backends(op):
             if backend.op_unavailable_reason(op, name, device, torch.float32) is None:
                 pairs.append((name, device))
     return pairs

@@ -68,24 +68,15 @@ def test_matches_float64_oracle(backend_device, shape, binary, need_x):
         assert err < 2e-5, (arg, err)
 
 
-def test_gradcheck_and_opcheck():
+def test_gradcheck_without_an_input_gradient():
+    """The backward from the recorded window maxima (x needs no gradient; gradcheck with
+    d_x, opcheck and the second-derivative error are in the conformance suite)."""
     inputs = make_inputs((2, 2, 6, 5, 3, 3, 1), torch.float64, "cpu", seed=1)
-    x, w, b, g, beta = inputs
-    data = x.detach()  # no d_x: the backward from the recorded window maxima
+    data = inputs[0].detach()
     for name in ("reference", "cpu"):
         with fastmeta.use_backend(name):
-            assert torch.autograd.gradcheck(lambda *t: conv_block(*t, padding=(1, 1)), inputs)
             assert torch.autograd.gradcheck(lambda *t: conv_block(data, *t, padding=(1, 1)),
                                             inputs[1:])
-    torch.library.opcheck(torch.ops.fastmeta.conv_block.default, (x, w, b, g, beta, [1, 1], 1e-5))
-
-
-def test_no_second_derivative():
-    x, w, b, g, beta = make_inputs((2, 1, 6, 6, 3, 3, 1), torch.float32, "cpu", seed=2)
-    out = conv_block(x, w, b, g, beta)
-    (dw,) = torch.autograd.grad(out.square().sum(), w, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiable once"):
-        dw.sum().backward()
 
 
 def test_bad_input_names_the_argument():

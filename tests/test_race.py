@@ -12,7 +12,7 @@ import fastmeta
 from fastmeta import functional as F
 from fastmeta import race
 from fastmeta.ops import attention_read
-from fastmeta.ops import squared_distances as squared_distances_module
+from fastmeta.ops.squared_distances import SQUARED_DISTANCES
 
 pytestmark = pytest.mark.skipif(not fastmeta.backends().extension_built,
                                 reason="needs fastmeta._C (the cpu backend)")
@@ -61,7 +61,7 @@ def test_the_faster_backend_wins_per_shape_bucket_and_is_reported(cpu_races):
     assert sorted(o.times["cpu"] for o in outcomes.values()) == [1.0, 3.0]
     assert all(key[0] == "squared_distances" for key in outcomes)
     report = str(fastmeta.backends())
-    assert ("squared_distances cpu float32 ((1, 16, 8), (1, 8, 8)): reference "
+    assert ("squared_distances cpu float32 ('forward', (1, 16, 8), (1, 8, 8)): reference "
             "(cpu 3.000 ms; reference 1.000 ms)") in report, report
 
 
@@ -79,7 +79,7 @@ def test_a_contender_that_raises_is_dropped_with_its_reason(cpu_races, monkeypat
     def no_kernel(*args):
         raise RuntimeError("no kernel image is available for execution on the device")
 
-    monkeypatch.setitem(squared_distances_module._FORWARD, "cpu", no_kernel)
+    monkeypatch.setitem(SQUARED_DISTANCES.forward.impls, "cpu", no_kernel)
     cpu_races["ms"] = {"cpu": 1.0, "reference": 3.0}
     queries, prototypes = torch.randn(1, 10, 8), torch.randn(1, 5, 8)
     out = F.squared_distances(queries, prototypes)
@@ -90,8 +90,8 @@ def test_a_contender_that_raises_is_dropped_with_its_reason(cpu_races, monkeypat
     assert outcome.dropped == {
         "cpu": "RuntimeError: no kernel image is available for execution on the device"}
     report = str(fastmeta.backends())
-    assert ("squared_distances cpu float32 ((1, 16, 8), (1, 8, 8)): reference (cpu dropped: "
-            "RuntimeError: no kernel image is available") in report, report
+    assert ("squared_distances cpu float32 ('forward', (1, 16, 8), (1, 8, 8)): reference "
+            "(cpu dropped: RuntimeError: no kernel image is available") in report, report
 
 
 def test_when_every_contender_raises_the_first_error_is_raised(cpu_races, monkeypatch):
@@ -104,7 +104,7 @@ def test_when_every_contender_raises_the_first_error_is_raised(cpu_races, monkey
         return impl
 
     for name in ("cpu", "reference"):
-        monkeypatch.setitem(squared_distances_module._FORWARD, name, failing(name))
+        monkeypatch.setitem(SQUARED_DISTANCES.forward.impls, name, failing(name))
     with pytest.raises(ValueError, match="cpu failed") as raised:
         distances(10, 5)
     assert tried == ["cpu", "reference"]

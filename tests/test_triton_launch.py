@@ -11,10 +11,16 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastmeta import backend
-from fastmeta.kernels import inner_update_triton, launch, metanet_triton, protonet_triton
+from fastmeta.kernels import (
+    cosine_similarities_triton,
+    inner_update_triton,
+    launch,
+    metanet_triton,
+    protonet_triton,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-MODULES = (inner_update_triton, metanet_triton, protonet_triton)
+MODULES = (cosine_similarities_triton, inner_update_triton, metanet_triton, protonet_triton)
 
 
 def public_wrappers() -> set[str]:
@@ -46,6 +52,7 @@ def wrapper_calls(device: str) -> dict:
         protonet_triton.class_prototypes_forward: (support, support_labels, 2),
         protonet_triton.class_prototypes_backward: (prototypes, support_labels),
         protonet_triton.squared_distances_forward: (queries, prototypes),
+        cosine_similarities_triton.cosine_similarities_forward: (queries, prototypes, 1e-8),
         protonet_triton.prototypical_cross_entropy_forward: (queries, prototypes, query_labels,
                                                              tau),
         protonet_triton.prototypical_cross_entropy_backward: (randn(1, 3), queries, prototypes,

@@ -12,7 +12,8 @@ Backward, with G[b, j] = dout[b, j]^T x[b, j]  [O, K]:
     d_attention[b, j, i] = <W[b, i], G[b, j]>
     d_fast_weights[b, i] = sum_j a[b, j, i] G[b, j]
     d_x[b, j]            = dout[b, j] W*_j
-Differentiable once (the backward op has no autograd formula of its own).
+Differentiable once: a second derivative raises (the backward op has no formula of
+its own).
 
 Ops: torch.ops.fastmeta.attention_read, torch.ops.fastmeta.attention_read_backward.
 Backends: reference (here), cpu and cuda (csrc/attention_read.cpp: query
@@ -24,12 +25,8 @@ forward and the backward each race cuda against triton per shape bucket
 import torch
 from torch import Tensor
 
-from fastmeta import backend
 from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
-
-OP = "attention_read"
-backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
-    "triton": (torch.float32,)})
+from fastmeta.ops.declaration import FLOAT32, ONCE, Kernels, OpDeclaration, compiled, triton
 
 
 def check_attention_read_args(attention: Tensor, fast_weights: Tensor, x: Tensor) -> None:
@@ -67,38 +64,30 @@ def attention_read_backward_reference(grad_out, attention, fast_weights, x, need
     return d_attention, d_weights, d_x
 
 
-def _forward_compiled(attention, fast_weights, x):  # cpu and cuda: the dispatcher picks
-    return torch.ops.fastmeta_C.attention_read_forward(attention, fast_weights, x)
-
-
-def _backward_compiled(grad_out, attention, fast_weights, x, *need):
-    return torch.ops.fastmeta_C.attention_read_backward(grad_out, attention, fast_weights, x,
-                                                        *need)
-
-
-def _forward_triton(attention, fast_weights, x):
-    from fastmeta.kernels import metanet_triton
-
-    return metanet_triton.attention_read_forward(attention, fast_weights, x)
-
-
-def _backward_triton(grad_out, attention, fast_weights, x, *need):
-    from fastmeta.kernels import metanet_triton
-
-    return metanet_triton.attention_read_backward(grad_out, attention, fast_weights, x, *need)
-
-
-_FORWARD = {"reference": attention_read_forward_reference, "cpu": _forward_compiled,
-            "cuda": _forward_compiled, "triton": _forward_triton}
-_BACKWARD = {"reference": attention_read_backward_reference, "cpu": _backward_compiled,
-             "cuda": _backward_compiled, "triton": _backward_triton}
+ATTENTION_READ = OpDeclaration(
+    name="attention_read",
+    forward=Kernels({
+        "reference": attention_read_forward_reference,
+        "cpu": compiled("attention_read_forward"),
+        "cuda": compiled("attention_read_forward"),
+        "triton": triton("metanet_triton", "attention_read_forward"),
+    }, race_on=(0, 1, 2)),
+    backward=Kernels({
+        "reference": attention_read_backward_reference,
+        "cpu": compiled("attention_read_backward"),
+        "cuda": compiled("attention_read_backward"),
+        "triton": triton("metanet_triton", "attention_read_backward"),
+    }, race_on=(1, 2, 3, 4, 5, 6)),
+    dtypes={"triton": FLOAT32},
+    differentiable=ONCE,
+)
 
 
 @torch.library.custom_op("fastmeta::attention_read", mutates_args=())
 def attention_read_op(attention: Tensor, fast_weights: Tensor, x: Tensor) -> Tensor:
     check_attention_read_args(attention, fast_weights, x)
-    inputs = (attention.contiguous(), fast_weights.contiguous(), x.contiguous())
-    return backend.run_selected(OP, _FORWARD, inputs, inputs, tag=("forward",))
+    return ATTENTION_READ.run_forward(attention.contiguous(), fast_weights.contiguous(),
+                                      x.contiguous())
 
 
 @attention_read_op.register_fake
@@ -110,10 +99,9 @@ def _(attention, fast_weights, x):
 def attention_read_backward_op(grad_out: Tensor, attention: Tensor, fast_weights: Tensor,
                                x: Tensor, need_attention: bool, need_weights: bool,
                                need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
-    inputs = (attention.contiguous(), fast_weights.contiguous(), x.contiguous())
-    need = (need_attention, need_weights, need_x)
-    return backend.run_selected(OP, _BACKWARD, (grad_out.contiguous(), *inputs, *need), inputs,
-                                tag=("backward", *need))
+    return ATTENTION_READ.run_backward(grad_out.contiguous(), attention.contiguous(),
+                                       fast_weights.contiguous(), x.contiguous(), need_attention,
+                                       need_weights, need_x)
 
 
 @attention_read_backward_op.register_fake
@@ -134,6 +122,7 @@ def _backward(ctx, grad_out):
 
 
 attention_read_op.register_autograd(_backward, setup_context=_setup)
+ATTENTION_READ.apply_second_derivative_policy(attention_read_backward_op)
 
 
 def attention_read(attention: Tensor, fast_weights: Tensor, x: Tensor) -> Tensor:

@@ -20,12 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta import backend
 from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
-from fastmeta.ops._once import forbid_second_derivative
+from fastmeta.ops.declaration import FLOAT32_64, ONCE, Kernels, OpDeclaration, compiled
 
-OP = "bn_relu_pool"
-backend.register_op(OP, ("reference", "cpu"), dtypes={"cpu": (torch.float32, torch.float64)})
 NAME = "fastmeta.bn_relu_pool"
 
 
@@ -78,21 +75,17 @@ def bn_relu_pool_backward_reference(grad_out, c, gamma, beta, mean, rstd, window
     return d_c, d_gamma, d_beta
 
 
-# ---------------------------------------------------------------- backend table
+# ---------------------------------------------------------------- declaration
 
-def _forward_cpu(c, gamma, beta, eps):
-    return torch.ops.fastmeta_C.bn_relu_pool_forward(c.contiguous(), gamma.contiguous(),
-                                                     beta.contiguous(), eps)
-
-
-def _backward_cpu(grad_out, c, gamma, beta, mean, rstd, window):
-    return torch.ops.fastmeta_C.bn_relu_pool_backward(
-        grad_out.contiguous(), c.contiguous(), gamma.contiguous(), beta.contiguous(), mean,
-        rstd, window)
-
-
-_FORWARD = {"reference": bn_relu_pool_forward_reference, "cpu": _forward_cpu}
-_BACKWARD = {"reference": bn_relu_pool_backward_reference, "cpu": _backward_cpu}
+BN_RELU_POOL = OpDeclaration(
+    name="bn_relu_pool",
+    forward=Kernels({"reference": bn_relu_pool_forward_reference,
+                     "cpu": compiled("bn_relu_pool_forward")}),
+    backward=Kernels({"reference": bn_relu_pool_backward_reference,
+                      "cpu": compiled("bn_relu_pool_backward")}, device_from=1),
+    dtypes={"cpu": FLOAT32_64},
+    differentiable=ONCE,
+)
 
 
 # ---------------------------------------------------------------- ops
@@ -101,7 +94,7 @@ _BACKWARD = {"reference": bn_relu_pool_backward_reference, "cpu": _backward_cpu}
 def bn_relu_pool_op(c: Tensor, gamma: Tensor, beta: Tensor, eps: float
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_bn_relu_pool_args(c, gamma, beta)
-    return _FORWARD[backend.select(OP, c.device, c.dtype)](c, gamma, beta, eps)
+    return BN_RELU_POOL.run_forward(c.contiguous(), gamma.contiguous(), beta.contiguous(), eps)
 
 
 @bn_relu_pool_op.register_fake
@@ -118,8 +111,8 @@ def bn_relu_pool_backward_op(grad_out: Tensor, c: Tensor, gamma: Tensor, beta: T
                              mean: Tensor, rstd: Tensor, window: Tensor
                              ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (d_c, d_gamma, d_beta)."""
-    return _BACKWARD[backend.select(OP, c.device, c.dtype)](grad_out, c, gamma, beta, mean,
-                                                            rstd, window)
+    return BN_RELU_POOL.run_backward(grad_out.contiguous(), c.contiguous(), gamma.contiguous(),
+                                     beta.contiguous(), mean, rstd, window)
 
 
 @bn_relu_pool_backward_op.register_fake
@@ -137,7 +130,7 @@ def _backward_forward(ctx, grad_out, *_grad_statistics):
 
 
 bn_relu_pool_op.register_autograd(_backward_forward, setup_context=_setup_forward)
-forbid_second_derivative(bn_relu_pool_backward_op, NAME)
+BN_RELU_POOL.apply_second_derivative_policy(bn_relu_pool_backward_op)
 
 
 def bn_relu_pool_with_statistics(c: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5

@@ -14,7 +14,6 @@ triton (fastmeta/kernels/protonet_triton.py).
 import torch
 from torch import Tensor
 
-from fastmeta import backend
 from fastmeta.ops._checks import (
     check_every_class_present,
     check_floating,
@@ -24,11 +23,15 @@ from fastmeta.ops._checks import (
     shape_str,
 )
 from fastmeta.ops._opmath import opmath
-
-OP = "class_prototypes"
-backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
-    "cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64),
-    "triton": (torch.float32,)})
+from fastmeta.ops.declaration import (
+    ANY_ORDER,
+    FLOAT32,
+    FLOAT32_64,
+    Kernels,
+    OpDeclaration,
+    compiled,
+    triton,
+)
 
 
 def check_class_prototypes_args(support: Tensor, labels: Tensor, num_classes: int,
@@ -70,47 +73,30 @@ def class_prototypes_backward_reference(grad: Tensor, labels: Tensor) -> Tensor:
     return d_support.to(grad.dtype)
 
 
-def _forward_compiled(support, labels, num_classes):  # cpu and cuda: the dispatcher picks
-    return torch.ops.fastmeta_C.class_prototypes_forward(support.contiguous(), labels, num_classes)
-
-
-def _backward_compiled(grad, labels):
-    return torch.ops.fastmeta_C.class_prototypes_backward(grad.contiguous(), labels)
-
-
-def _forward_triton(support, labels, num_classes):
-    from fastmeta.kernels import protonet_triton
-
-    return protonet_triton.class_prototypes_forward(support, labels, num_classes)
-
-
-def _backward_triton(grad, labels):
-    from fastmeta.kernels import protonet_triton
-
-    return protonet_triton.class_prototypes_backward(grad, labels)
-
-
-_FORWARD = {"reference": class_prototypes_forward_reference, "cpu": _forward_compiled,
-            "cuda": _forward_compiled, "triton": _forward_triton}
-_BACKWARD = {"reference": class_prototypes_backward_reference, "cpu": _backward_compiled,
-             "cuda": _backward_compiled, "triton": _backward_triton}
-
-
-def class_prototypes_forward(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """The forward on the selected backend; arguments checked, labels int64 contiguous."""
-    return backend.run_selected(OP, _FORWARD, (support, labels, num_classes), (support,),
-                                tag=("forward", num_classes))
-
-
-def class_prototypes_backward(grad: Tensor, labels: Tensor) -> Tensor:
-    """The backward on the selected backend; labels int64 contiguous."""
-    return backend.run_selected(OP, _BACKWARD, (grad, labels), (grad, labels), tag=("backward",))
+CLASS_PROTOTYPES = OpDeclaration(
+    name="class_prototypes",
+    forward=Kernels({
+        "reference": class_prototypes_forward_reference,
+        "cpu": compiled("class_prototypes_forward"),
+        "cuda": compiled("class_prototypes_forward"),
+        "triton": triton("protonet_triton", "class_prototypes_forward"),
+    }, race_on=(0, 2)),
+    backward=Kernels({
+        "reference": class_prototypes_backward_reference,
+        "cpu": compiled("class_prototypes_backward"),
+        "cuda": compiled("class_prototypes_backward"),
+        "triton": triton("protonet_triton", "class_prototypes_backward"),
+    }, race_on=(0, 1)),
+    dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
+    differentiable=ANY_ORDER,  # the backward op's derivative is the forward op
+)
 
 
 @torch.library.custom_op("fastmeta::class_prototypes", mutates_args=())
 def class_prototypes_op(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     check_class_prototypes_args(support, labels, num_classes)
-    return class_prototypes_forward(support, labels.long().contiguous(), num_classes)
+    return CLASS_PROTOTYPES.run_forward(support.contiguous(), labels.long().contiguous(),
+                                        num_classes)
 
 
 @class_prototypes_op.register_fake
@@ -120,7 +106,7 @@ def _(support, labels, num_classes):
 
 @torch.library.custom_op("fastmeta::class_prototypes_backward", mutates_args=())
 def class_prototypes_backward_op(grad: Tensor, labels: Tensor) -> Tensor:
-    return class_prototypes_backward(grad, labels.long().contiguous())
+    return CLASS_PROTOTYPES.run_backward(grad.contiguous(), labels.long().contiguous())
 
 
 @class_prototypes_backward_op.register_fake

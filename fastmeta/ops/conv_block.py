@@ -23,12 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta import backend
 from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
-from fastmeta.ops._once import forbid_second_derivative
+from fastmeta.ops.declaration import FLOAT32_64, ONCE, Kernels, OpDeclaration, compiled, contiguous
 
-OP = "conv_block"
-backend.register_op(OP, ("reference", "cpu"), dtypes={"cpu": (torch.float32, torch.float64)})
 NAME = "fastmeta.conv_block"
 
 
@@ -64,15 +61,15 @@ def check_conv_block_args(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor
 
 def _conv_bn(x, weight, bias, padding, mean, rstd):
     """(c, xhat) for given statistics: c = conv2d(x), xhat = (c - mean) * rstd."""
-    c = F.conv2d(x, weight, bias, padding=tuple(padding))
+    c = F.conv2d(x, weight, bias, padding=padding)
     return c, (c - mean[:, None, None]) * rstd[:, None, None]
 
 
-def conv_block_forward_reference(x, weight, bias, gamma, beta, padding, eps):
-    c = F.conv2d(x, weight, bias, padding=tuple(padding))
+def conv_block_forward_reference(x, weight, bias, gamma, beta, pad_h, pad_w, eps):
+    c = F.conv2d(x, weight, bias, padding=(pad_h, pad_w))
     var, mean = torch.var_mean(c, dim=(0, 2, 3), unbiased=False)
     rstd = torch.rsqrt(var + eps)
-    _, xhat = _conv_bn(x, weight, bias, padding, mean, rstd)
+    _, xhat = _conv_bn(x, weight, bias, (pad_h, pad_w), mean, rstd)
     y = xhat * gamma[:, None, None] + beta[:, None, None]
     out, where = F.max_pool2d(torch.relu(y), 2, return_indices=True)
     wc = c.shape[3]
@@ -82,9 +79,10 @@ def conv_block_forward_reference(x, weight, bias, gamma, beta, padding, eps):
 
 
 def conv_block_backward_reference(grad_out, x, weight, bias, gamma, beta, mean, rstd, window,
-                                  c_max, padding, eps, need_x):
+                                  c_max, pad_h, pad_w, need_x):
     # The formulas of csrc/conv_block.h written with ATen ops (an op's body runs
     # below autograd, so it cannot differentiate its forward).
+    padding = (pad_h, pad_w)
     c, xhat = _conv_bn(x, weight, bias, padding, mean, rstd)
     y = xhat * gamma[:, None, None] + beta[:, None, None]
     _, where = F.max_pool2d(torch.relu(y), 2, return_indices=True)
@@ -94,30 +92,23 @@ def conv_block_backward_reference(grad_out, x, weight, bias, gamma, beta, mean, 
     count = c.numel() // c.shape[1]
     d_c = (gamma * rstd)[:, None, None] * (
         dy - (d_beta / count)[:, None, None] - xhat * (d_gamma / count)[:, None, None])
-    d_weight = torch.nn.grad.conv2d_weight(x, weight.shape, d_c, padding=tuple(padding))
-    d_x = (torch.nn.grad.conv2d_input(x.shape, weight, d_c, padding=tuple(padding))
+    d_weight = torch.nn.grad.conv2d_weight(x, weight.shape, d_c, padding=padding)
+    d_x = (torch.nn.grad.conv2d_input(x.shape, weight, d_c, padding=padding)
            if need_x else x.new_empty(0))
     return d_x, d_weight, d_c.sum((0, 2, 3)), d_gamma, d_beta
 
 
-# ---------------------------------------------------------------- backend table
+# ---------------------------------------------------------------- declaration
 
-def _forward_cpu(x, weight, bias, gamma, beta, padding, eps):
-    return torch.ops.fastmeta_C.conv_block_forward(
-        x.contiguous(), weight.contiguous(), bias.contiguous(), gamma.contiguous(),
-        beta.contiguous(), padding[0], padding[1], eps)
-
-
-def _backward_cpu(grad_out, x, weight, bias, gamma, beta, mean, rstd, window, c_max, padding,
-                  eps, need_x):
-    return torch.ops.fastmeta_C.conv_block_backward(
-        grad_out.contiguous(), x.contiguous(), weight.contiguous(), bias.contiguous(),
-        gamma.contiguous(), beta.contiguous(), mean, rstd, window, c_max, padding[0],
-        padding[1], need_x)
-
-
-_FORWARD = {"reference": conv_block_forward_reference, "cpu": _forward_cpu}
-_BACKWARD = {"reference": conv_block_backward_reference, "cpu": _backward_cpu}
+CONV_BLOCK = OpDeclaration(
+    name="conv_block",
+    forward=Kernels({"reference": conv_block_forward_reference,
+                     "cpu": compiled("conv_block_forward")}),
+    backward=Kernels({"reference": conv_block_backward_reference,
+                      "cpu": compiled("conv_block_backward")}, device_from=1),
+    dtypes={"cpu": FLOAT32_64},
+    differentiable=ONCE,
+)
 
 
 # ---------------------------------------------------------------- ops
@@ -127,8 +118,7 @@ def conv_block_op(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: 
                   padding: list[int], eps: float
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_conv_block_args(x, weight, bias, gamma, beta, padding)
-    return _FORWARD[backend.select(OP, x.device, x.dtype)](x, weight, bias, gamma, beta,
-                                                             padding, eps)
+    return CONV_BLOCK.run_forward(*contiguous(x, weight, bias, gamma, beta), *padding, eps)
 
 
 @conv_block_op.register_fake
@@ -144,35 +134,34 @@ def _(x, weight, bias, gamma, beta, padding, eps):
 @torch.library.custom_op("fastmeta::conv_block_backward", mutates_args=())
 def conv_block_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
                            gamma: Tensor, beta: Tensor, mean: Tensor, rstd: Tensor,
-                           window: Tensor, c_max: Tensor, padding: list[int], eps: float,
+                           window: Tensor, c_max: Tensor, padding: list[int],
                            need_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (d_x or empty, d_weight, d_bias, d_gamma, d_beta)."""
-    return _BACKWARD[backend.select(OP, x.device, x.dtype)](
-        grad_out, x, weight, bias, gamma, beta, mean, rstd, window, c_max, padding, eps,
-        need_x)
+    return CONV_BLOCK.run_backward(*contiguous(grad_out, x, weight, bias, gamma, beta), mean,
+                                   rstd, window, c_max, *padding, need_x)
 
 
 @conv_block_backward_op.register_fake
-def _(grad_out, x, weight, bias, gamma, beta, mean, rstd, window, c_max, padding, eps, need_x):
+def _(grad_out, x, weight, bias, gamma, beta, mean, rstd, window, c_max, padding, need_x):
     return (x.new_empty(x.shape if need_x else (0,)), torch.empty_like(weight),
             torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(beta))
 
 
 def _setup_forward(ctx, inputs, output):
-    x, weight, bias, gamma, beta, padding, eps = inputs
-    ctx.padding, ctx.eps = padding, eps
+    x, weight, bias, gamma, beta, padding, _eps = inputs
+    ctx.padding = padding
     ctx.save_for_backward(x, weight, bias, gamma, beta, *output[1:])
 
 
 def _backward_forward(ctx, grad_out, *_grad_statistics):
     need_x = ctx.needs_input_grad[0]
-    grads = conv_block_backward_op(grad_out, *ctx.saved_tensors, ctx.padding, ctx.eps, need_x)
+    grads = conv_block_backward_op(grad_out, *ctx.saved_tensors, ctx.padding, need_x)
     d_x = grads[0] if need_x else None
     return (d_x, *grads[1:], None, None)
 
 
 conv_block_op.register_autograd(_backward_forward, setup_context=_setup_forward)
-forbid_second_derivative(conv_block_backward_op, NAME)
+CONV_BLOCK.apply_second_derivative_policy(conv_block_backward_op)
 
 
 def conv_block_with_statistics(x: Tensor, weight: Tensor, bias: Tensor | None,

@@ -13,8 +13,8 @@ Backward, with dy the incoming gradient and m = [s > 0]:
     d_w2 = sum dy h,   d_b2 = sum dy,   dh = dy w2 * m,
     d_W1 = sum dh u^T, d_b1 = sum dh,   du = W1^T dh,
     d_g  = du_0 / (p g)  if |g| >= e^-p  else  du_1 e^p     (sign g has zero slope)
-where the sums run over all coordinates. Differentiable once (the backward op has
-no autograd formula of its own).
+where the sums run over all coordinates. Differentiable once: a second derivative
+raises (the backward op has no formula of its own).
 
 Ops: torch.ops.fastmeta.gradient_mlp, torch.ops.fastmeta.gradient_mlp_backward.
 Backends: reference (here), cpu (csrc/cpu/gradient_mlp_cpu.cpp),
@@ -26,12 +26,17 @@ import math
 import torch
 from torch import Tensor
 
-from fastmeta import backend
 from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
-
-OP = "gradient_mlp"
-backend.register_op(OP, ("reference", "cpu", "triton"), dtypes={
-    "cpu": (torch.float32, torch.float64), "triton": (torch.float32,)})
+from fastmeta.ops.declaration import (
+    FLOAT32,
+    FLOAT32_64,
+    ONCE,
+    Kernels,
+    OpDeclaration,
+    compiled,
+    contiguous,
+    triton,
+)
 
 
 def check_gradient_mlp_args(grads: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
@@ -85,41 +90,28 @@ def gradient_mlp_backward_reference(grad_out, grads, w1, b1, w2, p, need_grads):
     return (d_grads, d_w1, flat(dh).sum(0), flat(dy * torch.relu(s)).sum(0), grad_out.sum())
 
 
-def _forward_compiled(grads, w1, b1, w2, b2, p):
-    return torch.ops.fastmeta_C.gradient_mlp_forward(grads, w1.contiguous(), b1.contiguous(),
-                                                     w2.contiguous(), b2, p)
-
-
-def _backward_compiled(grad_out, grads, w1, b1, w2, p, need_grads):
-    return torch.ops.fastmeta_C.gradient_mlp_backward(grad_out.contiguous(), grads,
-                                                      w1.contiguous(), b1.contiguous(),
-                                                      w2.contiguous(), p, need_grads)
-
-
-def _forward_triton(grads, w1, b1, w2, b2, p):
-    from fastmeta.kernels import metanet_triton
-
-    return metanet_triton.gradient_mlp_forward(grads, w1, b1, w2, b2, p)
-
-
-def _backward_triton(grad_out, grads, w1, b1, w2, p, need_grads):
-    from fastmeta.kernels import metanet_triton
-
-    return metanet_triton.gradient_mlp_backward(grad_out, grads, w1, b1, w2, p, need_grads)
-
-
-_FORWARD = {"reference": gradient_mlp_forward_reference, "cpu": _forward_compiled,
-            "triton": _forward_triton}
-_BACKWARD = {"reference": gradient_mlp_backward_reference, "cpu": _backward_compiled,
-             "triton": _backward_triton}
+GRADIENT_MLP = OpDeclaration(
+    name="gradient_mlp",
+    forward=Kernels({
+        "reference": gradient_mlp_forward_reference,
+        "cpu": compiled("gradient_mlp_forward"),
+        "triton": triton("metanet_triton", "gradient_mlp_forward"),
+    }),
+    backward=Kernels({
+        "reference": gradient_mlp_backward_reference,
+        "cpu": compiled("gradient_mlp_backward"),
+        "triton": triton("metanet_triton", "gradient_mlp_backward"),
+    }, device_from=1),
+    dtypes={"cpu": FLOAT32_64, "triton": FLOAT32},
+    differentiable=ONCE,
+)
 
 
 @torch.library.custom_op("fastmeta::gradient_mlp", mutates_args=())
 def gradient_mlp_op(grads: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                     p: float) -> Tensor:
     check_gradient_mlp_args(grads, w1, b1, w2, b2, p)
-    impl = _FORWARD[backend.select(OP, grads.device, grads.dtype)]
-    return impl(grads.contiguous(), w1, b1, w2, b2, p)
+    return GRADIENT_MLP.run_forward(*contiguous(grads, w1, b1, w2, b2), p)
 
 
 @gradient_mlp_op.register_fake
@@ -131,8 +123,7 @@ def _(grads, w1, b1, w2, b2, p):
 def gradient_mlp_backward_op(grad_out: Tensor, grads: Tensor, w1: Tensor, b1: Tensor,
                              w2: Tensor, p: float, need_grads: bool
                              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = _BACKWARD[backend.select(OP, grads.device, grads.dtype)]
-    return impl(grad_out, grads.contiguous(), w1, b1, w2, p, need_grads)
+    return GRADIENT_MLP.run_backward(*contiguous(grad_out, grads, w1, b1, w2), p, need_grads)
 
 
 @gradient_mlp_backward_op.register_fake
@@ -157,6 +148,7 @@ def _backward(ctx, grad_out):
 
 
 gradient_mlp_op.register_autograd(_backward, setup_context=_setup)
+GRADIENT_MLP.apply_second_derivative_policy(gradient_mlp_backward_op)
 
 
 def gradient_mlp(grads: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,

@@ -21,11 +21,8 @@ Backends: reference (here), cpu and cuda (csrc/), triton (fastmeta/kernels/).
 import torch
 from torch import Tensor
 
-from fastmeta import backend
 from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
-
-OP = "inner_update"
-backend.register_op(OP, ("reference", "cpu", "cuda", "triton"))
+from fastmeta.ops.declaration import ANY_ORDER, Kernels, OpDeclaration, compiled, triton
 
 
 def _check_alpha_and_g(name: str, alpha: Tensor, g: Tensor, **others: Tensor) -> None:
@@ -83,34 +80,24 @@ def inner_update_backward_reference(grad_out: Tensor, alpha: Tensor, g: Tensor,
     return d_theta, d_g, d_alpha
 
 
-# ---------------------------------------------------------------- backend table
+# ---------------------------------------------------------------- declaration
 
-def _forward_compiled(theta, alpha, g):
-    return torch.ops.fastmeta_C.inner_update_forward(
-        theta.contiguous(), alpha.contiguous(), g.contiguous())
-
-
-def _backward_compiled(grad_out, alpha, g, need_g, need_alpha):
-    return torch.ops.fastmeta_C.inner_update_backward(
-        grad_out.contiguous(), alpha.contiguous(), g.contiguous(), need_g, need_alpha)
-
-
-def _forward_triton(theta, alpha, g):
-    from fastmeta.kernels import inner_update_triton
-
-    return inner_update_triton.inner_update_forward(theta, alpha, g)
-
-
-def _backward_triton(grad_out, alpha, g, need_g, need_alpha):
-    from fastmeta.kernels import inner_update_triton
-
-    return inner_update_triton.inner_update_backward(grad_out, alpha, g, need_g, need_alpha)
-
-
-_FORWARD = {"reference": inner_update_forward_reference, "cpu": _forward_compiled,
-            "cuda": _forward_compiled, "triton": _forward_triton}
-_BACKWARD = {"reference": inner_update_backward_reference, "cpu": _backward_compiled,
-             "cuda": _backward_compiled, "triton": _backward_triton}
+INNER_UPDATE = OpDeclaration(
+    name="inner_update",
+    forward=Kernels({
+        "reference": inner_update_forward_reference,
+        "cpu": compiled("inner_update_forward"),
+        "cuda": compiled("inner_update_forward"),
+        "triton": triton("inner_update_triton", "inner_update_forward"),
+    }, device_from=2),
+    backward=Kernels({
+        "reference": inner_update_backward_reference,
+        "cpu": compiled("inner_update_backward"),
+        "cuda": compiled("inner_update_backward"),
+        "triton": triton("inner_update_triton", "inner_update_backward"),
+    }, device_from=2),
+    differentiable=ANY_ORDER,  # the backward op has its own autograd formula
+)
 
 
 # ---------------------------------------------------------------- ops
@@ -118,7 +105,7 @@ _BACKWARD = {"reference": inner_update_backward_reference, "cpu": _backward_comp
 @torch.library.custom_op("fastmeta::inner_update", mutates_args=())
 def inner_update_op(theta: Tensor, alpha: Tensor, g: Tensor) -> Tensor:
     check_inner_update_args(theta, alpha, g)
-    return _FORWARD[backend.select(OP, g.device, g.dtype)](theta, alpha, g)
+    return INNER_UPDATE.run_forward(theta.contiguous(), alpha.contiguous(), g.contiguous())
 
 
 @inner_update_op.register_fake
@@ -132,7 +119,8 @@ def inner_update_backward_op(grad_out: Tensor, alpha: Tensor, g: Tensor, need_g:
                              need_alpha: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (d_theta [P], d_g [T, P] or empty, d_alpha like alpha or empty)."""
     check_inner_update_backward_args(grad_out, alpha, g)
-    return _BACKWARD[backend.select(OP, g.device, g.dtype)](grad_out, alpha, g, need_g, need_alpha)
+    return INNER_UPDATE.run_backward(grad_out.contiguous(), alpha.contiguous(), g.contiguous(),
+                                     need_g, need_alpha)
 
 
 @inner_update_backward_op.register_fake

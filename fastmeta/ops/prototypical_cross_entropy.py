@@ -15,13 +15,12 @@ grad-of-grad is exact; otherwise it runs the fused backward op.
 
 Ops: torch.ops.fastmeta.prototypical_cross_entropy (-> losses [B, M], predictions
 [B, M], softmax [B, M, C]) and ..._backward. Backends: reference (here), cpu and
-cuda (csrc/{cpu,cuda}/prototypical_loss_*), triton (fastmeta/kernels/protonet_triton.py).
+cuda (csrc/{cpu,cuda}/prototypical_cross_entropy_*), triton (fastmeta/kernels/protonet_triton.py).
 """
 
 import torch
 from torch import Tensor
 
-from fastmeta import backend
 from fastmeta.ops._checks import (
     check_episode_pair,
     check_floating,
@@ -31,11 +30,15 @@ from fastmeta.ops._checks import (
     shape_str,
 )
 from fastmeta.ops._opmath import opmath
-
-OP = "prototypical_cross_entropy"
-backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
-    "cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64),
-    "triton": (torch.float32,)})
+from fastmeta.ops.declaration import (
+    ANY_ORDER,
+    FLOAT32,
+    FLOAT32_64,
+    Kernels,
+    OpDeclaration,
+    compiled,
+    triton,
+)
 
 
 def check_query_args(name: str, queries: Tensor, labels: Tensor, num_classes: int,
@@ -89,47 +92,24 @@ def prototypical_cross_entropy_backward_reference(grad_losses, queries, prototyp
     return d_queries.to(queries.dtype), d_prototypes.to(prototypes.dtype), d_tau.to(tau.dtype)
 
 
-def _forward_compiled(queries, prototypes, labels, tau):  # cpu and cuda: the dispatcher picks
-    return torch.ops.fastmeta_C.prototypical_cross_entropy_forward(
-        queries.contiguous(), prototypes.contiguous(), labels, tau)
-
-
-def _backward_compiled(grad_losses, queries, prototypes, labels, tau, softmax):
-    return torch.ops.fastmeta_C.prototypical_cross_entropy_backward(
-        grad_losses.contiguous(), queries.contiguous(), prototypes.contiguous(), labels, tau,
-        softmax.contiguous())
-
-
-def _forward_triton(queries, prototypes, labels, tau):
-    from fastmeta.kernels import protonet_triton
-
-    return protonet_triton.prototypical_cross_entropy_forward(queries, prototypes, labels, tau)
-
-
-def _backward_triton(grad_losses, queries, prototypes, labels, tau, softmax):
-    from fastmeta.kernels import protonet_triton
-
-    return protonet_triton.prototypical_cross_entropy_backward(grad_losses, queries, prototypes,
-                                                               labels, tau, softmax)
-
-
-_FORWARD = {"reference": prototypical_cross_entropy_forward_reference, "cpu": _forward_compiled,
-            "cuda": _forward_compiled, "triton": _forward_triton}
-_BACKWARD = {"reference": prototypical_cross_entropy_backward_reference, "cpu": _backward_compiled,
-             "cuda": _backward_compiled, "triton": _backward_triton}
-
-
-def prototypical_cross_entropy_forward(queries, prototypes, labels, tau):
-    """The forward on the selected backend; arguments checked, labels int64 contiguous."""
-    return backend.run_selected(OP, _FORWARD, (queries, prototypes, labels, tau),
-                                (queries, prototypes), tag=("forward",))
-
-
-def prototypical_cross_entropy_backward(grad_losses, queries, prototypes, labels, tau, softmax):
-    """The fused backward on the selected backend; labels int64 contiguous."""
-    return backend.run_selected(OP, _BACKWARD,
-                                (grad_losses, queries, prototypes, labels, tau, softmax),
-                                (queries, prototypes), tag=("backward",))
+PROTOTYPICAL_CROSS_ENTROPY = OpDeclaration(
+    name="prototypical_cross_entropy",
+    forward=Kernels({
+        "reference": prototypical_cross_entropy_forward_reference,
+        "cpu": compiled("prototypical_cross_entropy_forward"),
+        "cuda": compiled("prototypical_cross_entropy_forward"),
+        "triton": triton("protonet_triton", "prototypical_cross_entropy_forward"),
+    }, race_on=(0, 1)),
+    backward=Kernels({
+        "reference": prototypical_cross_entropy_backward_reference,
+        "cpu": compiled("prototypical_cross_entropy_backward"),
+        "cuda": compiled("prototypical_cross_entropy_backward"),
+        "triton": triton("protonet_triton", "prototypical_cross_entropy_backward"),
+    }, device_from=1, race_on=(1, 2)),
+    dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
+    # under create_graph the backward is recomputed with differentiable torch ops
+    differentiable=ANY_ORDER,
+)
 
 
 def prototypical_cross_entropy_backward_differentiable(grad_losses, queries, prototypes, labels,
@@ -145,7 +125,8 @@ def prototypical_cross_entropy_backward_differentiable(grad_losses, queries, pro
 def prototypical_cross_entropy_op(queries: Tensor, prototypes: Tensor, labels: Tensor,
                                   tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     check_prototypical_cross_entropy_args(queries, prototypes, labels, tau)
-    return prototypical_cross_entropy_forward(queries, prototypes, labels.long().contiguous(), tau)
+    return PROTOTYPICAL_CROSS_ENTROPY.run_forward(queries.contiguous(), prototypes.contiguous(),
+                                                  labels.long().contiguous(), tau)
 
 
 @prototypical_cross_entropy_op.register_fake
@@ -160,8 +141,9 @@ def prototypical_cross_entropy_backward_op(grad_losses: Tensor, queries: Tensor,
                                            labels: Tensor, tau: Tensor,
                                            softmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     check_prototypical_cross_entropy_args(queries, prototypes, labels, tau)
-    return prototypical_cross_entropy_backward(grad_losses, queries, prototypes,
-                                               labels.long().contiguous(), tau, softmax)
+    return PROTOTYPICAL_CROSS_ENTROPY.run_backward(
+        grad_losses.contiguous(), queries.contiguous(), prototypes.contiguous(),
+        labels.long().contiguous(), tau, softmax.contiguous())
 
 
 @prototypical_cross_entropy_backward_op.register_fake

@@ -29,17 +29,15 @@ from fastmeta.ops._checks import (
     shape_str,
 )
 from fastmeta.ops.class_prototypes import (
+    CLASS_PROTOTYPES,
     check_class_prototypes_args,
-    class_prototypes_backward,
     class_prototypes_backward_op,
-    class_prototypes_forward,
     class_prototypes_op,
 )
 from fastmeta.ops.prototypical_cross_entropy import (
+    PROTOTYPICAL_CROSS_ENTROPY,
     check_query_args,
-    prototypical_cross_entropy_backward,
     prototypical_cross_entropy_backward_differentiable,
-    prototypical_cross_entropy_forward,
 )
 
 NAME = "fastmeta.prototypical_loss"
@@ -59,10 +57,10 @@ def prototypical_loss_op(support: Tensor, support_labels: Tensor, queries: Tenso
                          tau: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_prototypical_loss_args(support, support_labels, queries, query_labels, num_classes,
                                  tau)
-    prototypes = class_prototypes_forward(support.contiguous(),
-                                          support_labels.long().contiguous(), num_classes)
-    losses, predictions, softmax = prototypical_cross_entropy_forward(
-        queries, prototypes, query_labels.long().contiguous(), tau)
+    prototypes = CLASS_PROTOTYPES.run_forward(support.contiguous(),
+                                              support_labels.long().contiguous(), num_classes)
+    losses, predictions, softmax = PROTOTYPICAL_CROSS_ENTROPY.run_forward(
+        queries.contiguous(), prototypes, query_labels.long().contiguous(), tau)
     return losses, predictions, prototypes, softmax
 
 
@@ -91,11 +89,11 @@ def prototypical_loss_backward_op(grad_losses: Tensor, support_labels: Tensor, q
         if tuple(t.shape) != shape:
             raise ValueError(f"{NAME}: {name} must be [{', '.join(map(str, shape))}], got "
                              f"{shape_str(t)}")
-    d_queries, d_prototypes, d_tau = prototypical_cross_entropy_backward(
-        grad_losses.contiguous(), queries, prototypes, query_labels.long().contiguous(), tau,
-        softmax.contiguous())
-    d_support = class_prototypes_backward(d_prototypes.contiguous(),
-                                          support_labels.long().contiguous())
+    d_queries, d_prototypes, d_tau = PROTOTYPICAL_CROSS_ENTROPY.run_backward(
+        grad_losses.contiguous(), queries.contiguous(), prototypes.contiguous(),
+        query_labels.long().contiguous(), tau, softmax.contiguous())
+    d_support = CLASS_PROTOTYPES.run_backward(d_prototypes.contiguous(),
+                                              support_labels.long().contiguous())
     return d_support, d_queries, d_tau
 
 

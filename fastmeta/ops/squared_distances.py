@@ -16,14 +16,17 @@ cuda (csrc/{cpu,cuda}/squared_distances_*), triton (fastmeta/kernels/protonet_tr
 import torch
 from torch import Tensor
 
-from fastmeta import backend
 from fastmeta.ops._checks import check_episode_pair, check_same_dtype_device
 from fastmeta.ops._opmath import opmath
-
-OP = "squared_distances"
-backend.register_op(OP, ("reference", "cpu", "cuda", "triton"), dtypes={
-    "cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64),
-    "triton": (torch.float32,)})
+from fastmeta.ops.declaration import (
+    ANY_ORDER,
+    FLOAT32,
+    FLOAT32_64,
+    Kernels,
+    OpDeclaration,
+    compiled,
+    triton,
+)
 
 
 def check_squared_distances_args(queries: Tensor, prototypes: Tensor) -> None:
@@ -52,25 +55,22 @@ def squared_distances_backward(grad: Tensor, queries: Tensor, prototypes: Tensor
     return d_queries.to(queries.dtype), d_prototypes.to(prototypes.dtype)
 
 
-def _forward_compiled(queries, prototypes):  # cpu and cuda: the dispatcher picks
-    return torch.ops.fastmeta_C.squared_distances_forward(queries.contiguous(),
-                                                          prototypes.contiguous())
-
-
-def _forward_triton(queries, prototypes):
-    from fastmeta.kernels import protonet_triton
-
-    return protonet_triton.squared_distances_forward(queries, prototypes)
-
-
-_FORWARD = {"reference": squared_distances_forward_reference, "cpu": _forward_compiled,
-            "cuda": _forward_compiled, "triton": _forward_triton}
-
+SQUARED_DISTANCES = OpDeclaration(
+    name="squared_distances",
+    forward=Kernels({
+        "reference": squared_distances_forward_reference,
+        "cpu": compiled("squared_distances_forward"),
+        "cuda": compiled("squared_distances_forward"),
+        "triton": triton("protonet_triton", "squared_distances_forward"),
+    }, race_on=(0, 1)),
+    dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
+    differentiable=ANY_ORDER,  # the backward is differentiable torch ops (GEMMs)
+)
 
 @torch.library.custom_op("fastmeta::squared_distances", mutates_args=())
 def squared_distances_op(queries: Tensor, prototypes: Tensor) -> Tensor:
     check_squared_distances_args(queries, prototypes)
-    return backend.run_selected(OP, _FORWARD, (queries, prototypes), (queries, prototypes))
+    return SQUARED_DISTANCES.run_forward(queries.contiguous(), prototypes.contiguous())
 
 
 @squared_distances_op.register_fake

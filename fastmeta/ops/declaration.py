@@ -1,0 +1,170 @@
+"""The op declaration: everything about an op's backends in one table.
+
+Each op module declares its op once, for example:
+
+    SQUARED_DISTANCES = OpDeclaration(
+        name="squared_distances",
+        dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
+        forward=Kernels({
+            "reference": squared_distances_forward_reference,
+            "cpu": compiled("squared_distances_forward"),
+            "cuda": compiled("squared_distances_forward"),
+            "triton": triton("protonet_triton", "squared_distances_forward"),
+        }, race_on=(0, 1)),
+        differentiable=ANY_ORDER,
+    )
+
+and then defines its torch.library ops, whose bodies check arguments and call
+`SQUARED_DISTANCES.run_forward(*args)`. From the declaration follow: the backends and
+dtypes the registry knows (fastmeta.backend), what runs for each (op, backend,
+direction), which arguments give the device and dtype that choose the backend,
+which form the shape bucket of the GPU race (fastmeta/race.py), and the
+second-derivative policy:
+
+  ANY_ORDER  the backward is differentiable (its own op with an autograd formula,
+             or differentiable torch ops): grad of grad is exact, to any order.
+  ONCE       the backward op's derivative raises a RuntimeError naming the op, so a
+             second derivative fails loudly instead of silently being zero.
+
+Every kernel of one direction takes the same arguments in the same order as the
+reference, already checked and contiguous: the op body makes them so, once.
+"""
+
+import dataclasses
+import importlib
+from typing import Callable
+
+import torch
+
+from fastmeta import backend
+from fastmeta import race as racing
+
+FLOAT32 = (torch.float32,)
+FLOAT32_64 = (torch.float32, torch.float64)
+ANY_ORDER = "any order"
+ONCE = "once"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelRef:
+    """A kernel found on first use: `torch.ops.fastmeta_C.<name>` (the extension may
+    not be built) or `fastmeta.kernels.<module>.<name>` (Triton may be missing)."""
+
+    module: str | None  # None: a fastmeta_C op
+    name: str
+
+    def resolve(self) -> Callable:
+        if self.module is None:
+            return getattr(torch.ops.fastmeta_C, self.name).default
+        return getattr(importlib.import_module(f"fastmeta.kernels.{self.module}"), self.name)
+
+
+def contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors, each made contiguous (no copy when it already is)."""
+    return tuple(t.contiguous() for t in tensors)
+
+
+def compiled(name: str) -> KernelRef:
+    """The fastmeta._C kernel op `name` (one schema; the dispatcher picks its CPU or
+    CUDA implementation by device: csrc/cpu/<op>_cpu.cpp, csrc/cuda/<op>_cuda.cu)."""
+    return KernelRef(None, name)
+
+
+def triton(module: str, name: str) -> KernelRef:
+    """The Triton launcher `name` of fastmeta/kernels/<module>.py."""
+    return KernelRef(module, name)
+
+
+@dataclasses.dataclass
+class Kernels:
+    """One direction of an op (its forward or its backward) on each backend.
+
+    impls: backend -> the function (or a KernelRef to it) that runs the direction;
+    device_from: the argument whose device and dtype choose the backend;
+    race_on: the arguments whose shapes (tensors) or values (the rest) make the shape
+    bucket in which a device's racing backends are timed against each other (on CUDA:
+    cuda against triton); () for a direction that is never raced.
+    """
+
+    impls: dict[str, Callable | KernelRef]
+    device_from: int = 0
+    race_on: tuple[int, ...] = ()
+
+    def function(self, name: str) -> Callable:
+        """The function backend `name` runs (a KernelRef is resolved on first use and
+        replaced by what it found)."""
+        impl = self.impls[name]
+        if isinstance(impl, KernelRef):
+            impl = self.impls[name] = impl.resolve()
+        return impl
+
+
+@dataclasses.dataclass
+class OpDeclaration:
+    """An op: its name, its kernels per backend and direction, the dtypes each fused
+    backend takes (a backend missing from `dtypes` takes every floating dtype), and
+    its second-derivative policy (ANY_ORDER or ONCE). Registers the op with
+    fastmeta.backend when created."""
+
+    name: str
+    forward: Kernels
+    backward: Kernels | None = None  # None: the backward is differentiable torch ops
+    dtypes: dict[str, tuple[torch.dtype, ...]] = dataclasses.field(default_factory=dict)
+    differentiable: str = ANY_ORDER
+
+    def __post_init__(self):
+        backends = tuple(self.forward.impls)
+        if backends[0] != "reference":
+            raise ValueError(f"{self.name}: the reference must be the first backend")
+        if self.backward is not None and tuple(self.backward.impls) != backends:
+            raise ValueError(f"{self.name}: forward and backward have different backends")
+        if self.differentiable not in (ANY_ORDER, ONCE):
+            raise ValueError(f"{self.name}: differentiable must be ANY_ORDER or ONCE")
+        backend.register_op(self.name, backends, self.dtypes)
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return tuple(self.forward.impls)
+
+    def run_forward(self, *args):
+        """The forward on the backend selected for these (checked, contiguous) args."""
+        return _run(self.name, self.forward, "forward", args)
+
+    def run_backward(self, *args):
+        """The backward on the backend selected for these args."""
+        return _run(self.name, self.backward, "backward", args)
+
+    def apply_second_derivative_policy(self, backward_op) -> None:
+        """Applies the second-derivative policy to the op's backward op (a
+        torch.library custom op): under ONCE its derivative raises."""
+        if self.differentiable == ONCE:
+            _forbid_second_derivative(backward_op, f"fastmeta.{self.name}")
+
+
+def _run(op: str, kernels: Kernels, direction: str, args: tuple):
+    lead = args[kernels.device_from]
+    race = None
+    if kernels.race_on:
+        def run(name):
+            return kernels.function(name)(*args)
+
+        race = racing.Race(run, *_race_tensors(kernels, args), tag=_race_tag(kernels, direction,
+                                                                              args))
+    return kernels.function(backend.select(op, lead.device, lead.dtype, race))(*args)
+
+
+def _race_tensors(kernels: Kernels, args: tuple) -> list[torch.Tensor]:
+    return [args[i] for i in kernels.race_on if isinstance(args[i], torch.Tensor)]
+
+
+def _race_tag(kernels: Kernels, direction: str, args: tuple) -> tuple:
+    return (direction, *(args[i] for i in kernels.race_on if not isinstance(args[i], torch.Tensor)))
+
+
+def _forbid_second_derivative(backward_op, name: str) -> None:
+    def raise_on_derivative(ctx, *grads):
+        raise RuntimeError(f"{name} is differentiable once: its backward has no derivative "
+                           f"(fastmeta uses it only where none is taken)")
+
+    backward_op.register_autograd(raise_on_derivative,
+                                  setup_context=lambda ctx, inputs, output: None)
