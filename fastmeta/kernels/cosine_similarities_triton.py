@@ -7,9 +7,9 @@ float32 in, float32 accumulation.
 
 One fused kernel, program (episode b, M tile, C tile) in a 1-D grid decoded by
 tiles.program_coords (b as int64, so every per-episode offset b * rows * cols is int64).
-One loop over D tiles accumulates q . c (tl.dot, ieee), ||q||^2 and ||c||^2 from the
-same loaded tiles; then s = (q . c) / max(||q||, eps) / max(||c||, eps) for the tile:
-one reciprocal per row and per class, one multiply per entry. Each norm is clamped,
+One loop over D tiles (tiles.gram_tile) accumulates q . c (tl.dot, ieee), ||q||^2 and
+||c||^2 from the same loaded tiles; then s = (q . c) / max(||q||, eps) / max(||c||, eps)
+for the tile: one reciprocal per row and per class, one multiply per entry. Each norm is clamped,
 not its square, so a row of norm below eps is divided by eps and a zero row gives
 exactly 0 (0 * 1/eps), never NaN; a NaN norm stays NaN (as torch's clamp_min).
 Every entry has one writer and a fixed summation order: deterministic.
@@ -25,24 +25,7 @@ import triton
 import triton.language as tl
 
 from fastmeta.kernels.launch import launches_on_input_device
-from fastmeta.kernels.tiles import dot, load_tile, program_coords, store_tile, tile_size
-
-
-@triton.jit
-def _dots_and_squared_norms(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
-    """q . c [rows, cls], ||q||^2 [rows], ||c||^2 [cls] in one pass over D
-    (q [M, D], c [C, D]; 0 outside)."""
-    qc = tl.zeros((rows.shape[0], cls.shape[0]), dtype=tl.float32)
-    qn = tl.zeros((rows.shape[0],), dtype=tl.float32)
-    cn = tl.zeros((cls.shape[0],), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        q = load_tile(q_ptr, rows, ds, M, D)
-        c = load_tile(c_ptr, cls, ds, C, D)
-        qc = dot(q, tl.trans(c), qc)
-        qn += tl.sum(q * q, axis=1)
-        cn += tl.sum(c * c, axis=1)
-    return qc, qn, cn
+from fastmeta.kernels.tiles import gram_tile, program_coords, store_tile, tile_size
 
 
 @triton.jit
@@ -58,8 +41,7 @@ def _cosine_similarities_kernel(q_ptr, c_ptr, out_ptr, eps, M, C, D, BLOCK_M: tl
     b, i, j = program_coords(tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_C))
     rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
     cls = j * BLOCK_C + tl.arange(0, BLOCK_C)
-    qc, qn, cn = _dots_and_squared_norms(q_ptr + b * M * D, c_ptr + b * C * D, rows, cls,
-                                         M, C, D, BLOCK_D)
+    qc, qn, cn = gram_tile(q_ptr + b * M * D, c_ptr + b * C * D, rows, cls, M, C, D, BLOCK_D)
     sim = (qc * _inverse_clamped_norm(qn, eps)[:, None]) * _inverse_clamped_norm(cn, eps)[None, :]
     store_tile(out_ptr + b * M * C, sim, rows, cls, M, C)
 

@@ -38,23 +38,7 @@ import triton
 import triton.language as tl
 
 from fastmeta.kernels.launch import launches_on_input_device
-from fastmeta.kernels.tiles import dot, load_tile, program_coords, store_tile, tile_size
-
-
-@triton.jit
-def _gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
-    """q . c [rows, cls], ||q||^2 [rows], ||c||^2 [cls] (q [M, D], c [C, D]; 0 outside)."""
-    qc = tl.zeros((rows.shape[0], cls.shape[0]), dtype=tl.float32)
-    qn = tl.zeros((rows.shape[0],), dtype=tl.float32)
-    cn = tl.zeros((cls.shape[0],), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        q = load_tile(q_ptr, rows, ds, M, D)
-        c = load_tile(c_ptr, cls, ds, C, D)
-        qc = dot(q, tl.trans(c), qc)
-        qn += tl.sum(q * q, axis=1)
-        cn += tl.sum(c * c, axis=1)
-    return qc, qn, cn
+from fastmeta.kernels.tiles import dot, gram_tile, load_tile, program_coords, store_tile, tile_size
 
 
 @triton.jit
@@ -111,7 +95,7 @@ def _squared_distances_kernel(q_ptr, c_ptr, out_ptr, M, C, D, BLOCK_M: tl.conste
     c_ptr += b * C * D
     rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
     cls = j * BLOCK_C + tl.arange(0, BLOCK_C)
-    qc, qn, cn = _gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D)
+    qc, qn, cn = gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D)
     scale = qn[:, None] + cn[None, :]
     dist = scale - 2 * qc
     cancelled = (dist <= 0.01 * scale) & (rows[:, None] < M) & (cls[None, :] < C)
@@ -124,7 +108,7 @@ def _squared_distances_kernel(q_ptr, c_ptr, out_ptr, M, C, D, BLOCK_M: tl.conste
 @triton.jit
 def _logits_tile(q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
     """z' = tau (2 q . c - ||c||^2) [rows, cls]; -inf for classes >= C."""
-    qc, _, cn = _gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D)
+    qc, _, cn = gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D)
     z = tau * (2 * qc - cn[None, :])
     return tl.where(cls[None, :] < C, z, float("-inf"))
 

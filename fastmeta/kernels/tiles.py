@@ -56,3 +56,19 @@ def load_tile(ptr, rows, cols, n_rows, n_cols):
 def store_tile(ptr, value, rows, cols, n_rows, n_cols):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(ptr + offsets(rows, cols, n_cols), value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
+    """q . c [rows, cls], ||q||^2 [rows], ||c||^2 [cls] (q [M, D], c [C, D]; 0 outside)."""
+    qc = tl.zeros((rows.shape[0], cls.shape[0]), dtype=tl.float32)
+    qn = tl.zeros((rows.shape[0],), dtype=tl.float32)
+    cn = tl.zeros((cls.shape[0],), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        q = load_tile(q_ptr, rows, ds, M, D)
+        c = load_tile(c_ptr, cls, ds, C, D)
+        qc = dot(q, tl.trans(c), qc)
+        qn += tl.sum(q * q, axis=1)
+        cn += tl.sum(c * c, axis=1)
+    return qc, qn, cn

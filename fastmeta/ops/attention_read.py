@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
-from fastmeta.ops.declaration import FLOAT32, ONCE, Kernels, OpDeclaration, compiled, triton
+from fastmeta.ops.declaration import FLOAT32, ONCE, Kernels, OpDeclaration, every_backend
 
 
 def check_attention_read_args(attention: Tensor, fast_weights: Tensor, x: Tensor) -> None:
@@ -66,18 +66,14 @@ def attention_read_backward_reference(grad_out, attention, fast_weights, x, need
 
 ATTENTION_READ = OpDeclaration(
     name="attention_read",
-    forward=Kernels({
-        "reference": attention_read_forward_reference,
-        "cpu": compiled("attention_read_forward"),
-        "cuda": compiled("attention_read_forward"),
-        "triton": triton("metanet_triton", "attention_read_forward"),
-    }, race_on=(0, 1, 2)),
-    backward=Kernels({
-        "reference": attention_read_backward_reference,
-        "cpu": compiled("attention_read_backward"),
-        "cuda": compiled("attention_read_backward"),
-        "triton": triton("metanet_triton", "attention_read_backward"),
-    }, race_on=(1, 2, 3, 4, 5, 6)),
+    forward=Kernels(
+        every_backend(attention_read_forward_reference,
+                      "attention_read_forward", "metanet_triton"),
+        race_on=(0, 1, 2)),
+    backward=Kernels(
+        every_backend(attention_read_backward_reference,
+                      "attention_read_backward", "metanet_triton"),
+        race_on=(1, 2, 3, 4, 5, 6)),
     dtypes={"triton": FLOAT32},
     differentiable=ONCE,
 )

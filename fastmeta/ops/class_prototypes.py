@@ -29,8 +29,7 @@ from fastmeta.ops.declaration import (
     FLOAT32_64,
     Kernels,
     OpDeclaration,
-    compiled,
-    triton,
+    every_backend,
 )
 
 
@@ -75,18 +74,14 @@ def class_prototypes_backward_reference(grad: Tensor, labels: Tensor) -> Tensor:
 
 CLASS_PROTOTYPES = OpDeclaration(
     name="class_prototypes",
-    forward=Kernels({
-        "reference": class_prototypes_forward_reference,
-        "cpu": compiled("class_prototypes_forward"),
-        "cuda": compiled("class_prototypes_forward"),
-        "triton": triton("protonet_triton", "class_prototypes_forward"),
-    }, race_on=(0, 2)),
-    backward=Kernels({
-        "reference": class_prototypes_backward_reference,
-        "cpu": compiled("class_prototypes_backward"),
-        "cuda": compiled("class_prototypes_backward"),
-        "triton": triton("protonet_triton", "class_prototypes_backward"),
-    }, race_on=(0, 1)),
+    forward=Kernels(
+        every_backend(class_prototypes_forward_reference,
+                      "class_prototypes_forward", "protonet_triton"),
+        race_on=(0, 2)),
+    backward=Kernels(
+        every_backend(class_prototypes_backward_reference,
+                      "class_prototypes_backward", "protonet_triton"),
+        race_on=(0, 1)),
     dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
     differentiable=ANY_ORDER,  # the backward op's derivative is the forward op
 )

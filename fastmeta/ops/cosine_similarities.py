@@ -28,8 +28,7 @@ from fastmeta.ops.declaration import (
     FLOAT32_64,
     Kernels,
     OpDeclaration,
-    compiled,
-    triton,
+    every_backend,
 )
 
 NAME = "fastmeta.cosine_similarities"
@@ -73,12 +72,10 @@ def cosine_similarities_backward(grad: Tensor, queries: Tensor, prototypes: Tens
 
 COSINE_SIMILARITIES = OpDeclaration(
     name="cosine_similarities",
-    forward=Kernels({
-        "reference": cosine_similarities_forward_reference,
-        "cpu": compiled("cosine_similarities_forward"),
-        "cuda": compiled("cosine_similarities_forward"),
-        "triton": triton("cosine_similarities_triton", "cosine_similarities_forward"),
-    }, race_on=(0, 1)),
+    forward=Kernels(
+        every_backend(cosine_similarities_forward_reference,
+                      "cosine_similarities_forward", "cosine_similarities_triton"),
+        race_on=(0, 1)),
     dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
     differentiable=ANY_ORDER,  # the backward is differentiable torch ops (GEMMs)
 )

@@ -2,24 +2,27 @@
 
 Each op module declares its op once, for example:
 
-    SQUARED_DISTANCES = OpDeclaration(
-        name="squared_distances",
-        dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
+    GRADIENT_MLP = OpDeclaration(
+        name="gradient_mlp",
         forward=Kernels({
-            "reference": squared_distances_forward_reference,
-            "cpu": compiled("squared_distances_forward"),
-            "cuda": compiled("squared_distances_forward"),
-            "triton": triton("protonet_triton", "squared_distances_forward"),
-        }, race_on=(0, 1)),
-        differentiable=ANY_ORDER,
+            "reference": gradient_mlp_forward_reference,
+            "cpu": compiled("gradient_mlp_forward"),      # torch.ops.fastmeta_C.<name>
+            "triton": triton("metanet_triton", "gradient_mlp_forward"),
+        }),
+        backward=Kernels({...}, device_from=1),
+        dtypes={"cpu": FLOAT32_64, "triton": FLOAT32},
+        differentiable=ONCE,
     )
 
-and then defines its torch.library ops, whose bodies check arguments and call
-`SQUARED_DISTANCES.run_forward(*args)`. From the declaration follow: the backends and
+(`every_backend(reference, kernel, triton_module)` writes the common four-entry table
+of a direction whose cpu, cuda and triton kernels share one name) and then defines its
+torch.library ops, whose bodies check arguments and call
+`GRADIENT_MLP.run_forward(*args)`. From the declaration follow: the backends and
 dtypes the registry knows (fastmeta.backend), what runs for each (op, backend,
-direction), which arguments give the device and dtype that choose the backend,
+direction), which argument gives the device and dtype that choose the backend,
 which form the shape bucket of the GPU race (fastmeta/race.py), and the
 second-derivative policy:
+
 
   ANY_ORDER  the backward is differentiable (its own op with an autograd formula,
              or differentiable torch ops): grad of grad is exact, to any order.
@@ -73,6 +76,14 @@ def compiled(name: str) -> KernelRef:
 def triton(module: str, name: str) -> KernelRef:
     """The Triton launcher `name` of fastmeta/kernels/<module>.py."""
     return KernelRef(module, name)
+
+
+def every_backend(reference: Callable, kernel: str, triton_module: str) -> dict:
+    """The four backends of a direction whose kernels all carry the name `kernel`:
+    reference, cpu and cuda (the fastmeta_C op `kernel`) and triton (the launcher
+    `kernel` of fastmeta/kernels/<triton_module>.py)."""
+    return {"reference": reference, "cpu": compiled(kernel), "cuda": compiled(kernel),
+            "triton": triton(triton_module, kernel)}
 
 
 @dataclasses.dataclass

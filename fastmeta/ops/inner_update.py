@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
-from fastmeta.ops.declaration import ANY_ORDER, Kernels, OpDeclaration, compiled, triton
+from fastmeta.ops.declaration import ANY_ORDER, Kernels, OpDeclaration, every_backend
 
 
 def _check_alpha_and_g(name: str, alpha: Tensor, g: Tensor, **others: Tensor) -> None:
@@ -84,18 +84,14 @@ def inner_update_backward_reference(grad_out: Tensor, alpha: Tensor, g: Tensor,
 
 INNER_UPDATE = OpDeclaration(
     name="inner_update",
-    forward=Kernels({
-        "reference": inner_update_forward_reference,
-        "cpu": compiled("inner_update_forward"),
-        "cuda": compiled("inner_update_forward"),
-        "triton": triton("inner_update_triton", "inner_update_forward"),
-    }, device_from=2),
-    backward=Kernels({
-        "reference": inner_update_backward_reference,
-        "cpu": compiled("inner_update_backward"),
-        "cuda": compiled("inner_update_backward"),
-        "triton": triton("inner_update_triton", "inner_update_backward"),
-    }, device_from=2),
+    forward=Kernels(
+        every_backend(inner_update_forward_reference,
+                      "inner_update_forward", "inner_update_triton"),
+        device_from=2),
+    backward=Kernels(
+        every_backend(inner_update_backward_reference,
+                      "inner_update_backward", "inner_update_triton"),
+        device_from=2),
     differentiable=ANY_ORDER,  # the backward op has its own autograd formula
 )
 

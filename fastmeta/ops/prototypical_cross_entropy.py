@@ -36,8 +36,7 @@ from fastmeta.ops.declaration import (
     FLOAT32_64,
     Kernels,
     OpDeclaration,
-    compiled,
-    triton,
+    every_backend,
 )
 
 
@@ -94,18 +93,14 @@ def prototypical_cross_entropy_backward_reference(grad_losses, queries, prototyp
 
 PROTOTYPICAL_CROSS_ENTROPY = OpDeclaration(
     name="prototypical_cross_entropy",
-    forward=Kernels({
-        "reference": prototypical_cross_entropy_forward_reference,
-        "cpu": compiled("prototypical_cross_entropy_forward"),
-        "cuda": compiled("prototypical_cross_entropy_forward"),
-        "triton": triton("protonet_triton", "prototypical_cross_entropy_forward"),
-    }, race_on=(0, 1)),
-    backward=Kernels({
-        "reference": prototypical_cross_entropy_backward_reference,
-        "cpu": compiled("prototypical_cross_entropy_backward"),
-        "cuda": compiled("prototypical_cross_entropy_backward"),
-        "triton": triton("protonet_triton", "prototypical_cross_entropy_backward"),
-    }, device_from=1, race_on=(1, 2)),
+    forward=Kernels(
+        every_backend(prototypical_cross_entropy_forward_reference,
+                      "prototypical_cross_entropy_forward", "protonet_triton"),
+        race_on=(0, 1)),
+    backward=Kernels(
+        every_backend(prototypical_cross_entropy_backward_reference,
+                      "prototypical_cross_entropy_backward", "protonet_triton"),
+        device_from=1, race_on=(1, 2)),
     dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
     # under create_graph the backward is recomputed with differentiable torch ops
     differentiable=ANY_ORDER,

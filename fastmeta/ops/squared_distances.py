@@ -24,8 +24,7 @@ from fastmeta.ops.declaration import (
     FLOAT32_64,
     Kernels,
     OpDeclaration,
-    compiled,
-    triton,
+    every_backend,
 )
 
 
@@ -57,12 +56,10 @@ def squared_distances_backward(grad: Tensor, queries: Tensor, prototypes: Tensor
 
 SQUARED_DISTANCES = OpDeclaration(
     name="squared_distances",
-    forward=Kernels({
-        "reference": squared_distances_forward_reference,
-        "cpu": compiled("squared_distances_forward"),
-        "cuda": compiled("squared_distances_forward"),
-        "triton": triton("protonet_triton", "squared_distances_forward"),
-    }, race_on=(0, 1)),
+    forward=Kernels(
+        every_backend(squared_distances_forward_reference,
+                      "squared_distances_forward", "protonet_triton"),
+        race_on=(0, 1)),
     dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
     differentiable=ANY_ORDER,  # the backward is differentiable torch ops (GEMMs)
 )
