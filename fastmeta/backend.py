@@ -18,6 +18,7 @@ take) is not an error, but `backends()` lists where it would happen and where it
 import contextlib
 import dataclasses
 import os
+from typing import Callable
 
 import torch
 
@@ -165,11 +166,12 @@ def _default(op: str, device_type: str, dtype) -> _Default:
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype,
-           race: "racing.Race | None" = None) -> str:
+           race: "Callable[[], racing.Race] | None" = None) -> str:
     """The backend that runs `op` for inputs on `device` with `dtype` (and records it).
 
-    With `race` (ops whose GPU backends differ in speed by shape), the default choice
-    on a device with several racing backends is the winner of the shape bucket's race
+    With `race` (ops whose GPU backends differ in speed by shape: a function that
+    builds the call's Race, run only when one may be needed), the default choice on a
+    device with several racing backends is the winner of the shape bucket's race
     (fastmeta/race.py). A default that is the reference while the op has a fused
     backend on that device type is recorded for `backends()`."""
     forced = forced_backend()
@@ -191,7 +193,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype,
         elif race is not None:
             names = racing.contenders(device.type, default.usable)
             if len(names) > 1 and racing.enabled(device):
-                chosen = racing.winner(op, device, dtype, names, race)
+                chosen = racing.winner(op, device, dtype, names, race())
     _last_used[op] = chosen
     return chosen
 

@@ -154,22 +154,20 @@ class OpDeclaration:
 
 def _run(op: str, kernels: Kernels, direction: str, args: tuple):
     lead = args[kernels.device_from]
-    race = None
-    if kernels.race_on:
-        def run(name):
-            return kernels.function(name)(*args)
-
-        race = racing.Race(run, *_race_tensors(kernels, args), tag=_race_tag(kernels, direction,
-                                                                              args))
+    race = (lambda: _race(kernels, direction, args)) if kernels.race_on else None
     return kernels.function(backend.select(op, lead.device, lead.dtype, race))(*args)
 
 
-def _race_tensors(kernels: Kernels, args: tuple) -> list[torch.Tensor]:
-    return [args[i] for i in kernels.race_on if isinstance(args[i], torch.Tensor)]
+def _race(kernels: Kernels, direction: str, args: tuple) -> racing.Race:
+    """The Race of one call: run it on a named backend; the bucket is `direction`, the
+    values of the non-tensor race arguments and the shapes of the tensor ones."""
+    def run(name):
+        return kernels.function(name)(*args)
 
-
-def _race_tag(kernels: Kernels, direction: str, args: tuple) -> tuple:
-    return (direction, *(args[i] for i in kernels.race_on if not isinstance(args[i], torch.Tensor)))
+    chosen = [args[i] for i in kernels.race_on]
+    tensors = [a for a in chosen if isinstance(a, torch.Tensor)]
+    tag = (direction, *(a for a in chosen if not isinstance(a, torch.Tensor)))
+    return racing.Race(run, *tensors, tag=tag)
 
 
 def _forbid_second_derivative(backward_op, name: str) -> None:
