@@ -1,8 +1,19 @@
-// BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2) on a given activation, CPU
-// kernels; the math is in ../bn_relu_pool.h. Each channel is one parallel task: the
-// forward reads its N planes twice (statistics, then the pool over the planes' windows
-// split by position), the backward reads the pooled gradient once for the sums and c
-// once for the dense d_c.
+// The rest of a conv4 block after a convolution ATen computes, as one op:
+// BatchNorm2d with batch statistics -> ReLU -> MaxPool2d(2) on c [N, C, H, W].
+//   mean_c, rstd_c over (N, H, W) (biased variance);  k = gamma rstd
+//   y = (c - mean) k + beta,  out = maxpool2(relu(y)) [N, C, H/2, W/2]
+// The forward records where each 2x2 window's first maximum is (window, uint8
+// row * 2 + column) instead of writing y and relu(y). Backward (M = N H W; dy = the
+// pooled gradient at each window's maximum where y > 0, zero elsewhere):
+//   d_beta = sum dy,  d_gamma = sum dy xhat        (over the pooled positions only)
+//   d_c = k (dy - d_beta / M - xhat d_gamma / M)
+//       = a + b c everywhere, plus k dy at the window maxima,
+//   with b = -k rstd d_gamma / M and a = -k d_beta / M - b mean: one dense pass
+// reading c and writing d_c. Parallel over channels (deterministic).
+//
+// CPU kernels. Each channel is one parallel task: the forward reads its N planes twice
+// (statistics, then the pool over the planes' windows split by position), the
+// backward reads the pooled gradient once for the sums and c once for the dense d_c.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -11,9 +22,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
-#include "../bn_relu_pool.h"
 #include "simd_clones.h"
 #include "window_pool.h"
 
@@ -138,6 +149,7 @@ _Pragma("omp simd")
 
 }  // namespace
 
+// (out [N, C, H/2, W/2], mean [C], rstd [C], window [N, C, H/2, W/2] uint8).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_forward_cpu(
     const at::Tensor& c, const at::Tensor& gamma, const at::Tensor& beta, double eps) {
   const Shape s = check_and_measure(c, gamma, beta);
@@ -172,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_forward_
   return {out, mean, rstd, window};
 }
 
+// (d_c [N, C, H, W], d_gamma [C], d_beta [C]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& c, const at::Tensor& gamma,
     const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd,
@@ -209,6 +222,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     });
   });
   return {d_c, d_gamma, d_beta};
+}
+
+TORCH_LIBRARY_FRAGMENT(fastmeta_C, m) {
+  m.def(
+      "bn_relu_pool_forward(Tensor c, Tensor gamma, Tensor beta, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_relu_pool_backward(Tensor grad_out, Tensor c, Tensor gamma, Tensor beta, "
+      "Tensor mean, Tensor rstd, Tensor window) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {

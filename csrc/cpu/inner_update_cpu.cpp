@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -170,6 +171,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_update_backward_cpu(
     }
   });
   return {d_theta, d_g, d_alpha};
+}
+
+TORCH_LIBRARY_FRAGMENT(fastmeta_C, m) {
+  m.def("inner_update_forward(Tensor theta, Tensor alpha, Tensor g) -> Tensor");
+  m.def(
+      "inner_update_backward(Tensor grad_out, Tensor alpha, Tensor g, bool need_g, "
+      "bool need_alpha) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {

@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "../protonet.h"
@@ -209,6 +210,8 @@ void check_label_range(const char* op, const at::Tensor& labels, int64_t C) {
 
 }  // namespace
 
+// Cross-entropy of the logits z = -tau ||q - c||^2 over the classes:
+// returns (losses [B, M], predictions [B, M] int64, softmax [B, M, C]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_forward_cpu(
     const at::Tensor& queries, const at::Tensor& prototypes, const at::Tensor& labels,
     const at::Tensor& tau) {
@@ -240,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_forwar
   return {losses, predictions, softmax};
 }
 
+// Given grad_losses [B, M] and the forward's softmax: (d_queries, d_prototypes, d_tau).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backward_cpu(
     const at::Tensor& grad_losses, const at::Tensor& queries, const at::Tensor& prototypes,
     const at::Tensor& labels, const at::Tensor& tau, const at::Tensor& softmax) {
@@ -332,6 +336,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backwa
     d_tau = at::empty({}, queries.options()).fill_(dt);
   });
   return {d_queries, d_prototypes, d_tau};
+}
+
+TORCH_LIBRARY_FRAGMENT(fastmeta_C, m) {
+  m.def(
+      "prototypical_cross_entropy_forward(Tensor queries, Tensor prototypes, Tensor labels, "
+      "Tensor tau) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "prototypical_cross_entropy_backward(Tensor grad_losses, Tensor queries, Tensor prototypes, "
+      "Tensor labels, Tensor tau, Tensor softmax) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {

@@ -31,7 +31,6 @@
 #include <algorithm>
 #include <limits>
 
-#include "../protonet.h"
 #include "protonet_cuda.cuh"
 
 namespace fastmeta {

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 
 #include "../inner_update.h"
 #include "sum_to_scalar.cuh"

@@ -40,6 +40,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <tuple>
 
 #include "../protonet.h"
 #include "protonet_cuda.cuh"
