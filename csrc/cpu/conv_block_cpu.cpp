@@ -47,6 +47,7 @@
 #include <cstdint>
 #include <numeric>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "simd_clones.h"
@@ -494,6 +495,279 @@ ConvBlockForward conv_block_forward_cpu(const at::Tensor& x, const at::Tensor& w
   return {out, mean, rstd, window, c_max};
 }
 
+namespace {
+
+// The tensors every step of the backward reads (checked).
+struct BackwardInputs {
+  at::Tensor grad_out, x, weight, bias, gamma, beta, mean, rstd;
+};
+
+// The parameter gradients the backward fills: d_weight, d_bias, d_gamma, d_beta, shaped
+// like the parameters.
+struct ParameterGrads {
+  at::Tensor weight, bias, gamma, beta;
+};
+
+// grad_out [N, C, Ho, Wo] and the forward's mean, rstd [C] (x and the parameters are
+// checked by check_and_measure).
+void check_backward_inputs(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& x,
+                           const at::Tensor& mean, const at::Tensor& rstd) {
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == x.scalar_type() &&
+                  grad_out.sizes() == at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}),
+              "conv_block: grad_out must be contiguous [", g.N, ", ", g.C, ", ", g.Ho, ", ",
+              g.Wo, "], got ", grad_out.sizes());
+  TORCH_CHECK(mean.numel() == g.C && rstd.numel() == g.C && mean.is_contiguous() &&
+                  rstd.is_contiguous(),
+              "conv_block: mean and rstd must be [", g.C, "]");
+}
+
+// Without d_x: d_weight, d_bias, d_gamma, d_beta from the forward's record of each
+// window's maximum (window uint8 and c_max [N, C, Ho, Wo]) and the patch moments, by
+// conv_block_parameter_grads (the sparse sums over the pooled outputs plus the dense
+// terms sum_hw x_tap = M' pbar, sum_hw xhat x_tap = M' rstd (Sigma w)).
+void sparse_parameter_grads(const Geometry& g, const BackwardInputs& in, const at::Tensor& window,
+                            const at::Tensor& c_max, const ParameterGrads& grads) {
+  TORCH_CHECK(window.scalar_type() == at::kByte && window.sizes() == in.grad_out.sizes() &&
+                  c_max.sizes() == in.grad_out.sizes() && window.is_contiguous() &&
+                  c_max.is_contiguous() && c_max.scalar_type() == in.x.scalar_type(),
+              "conv_block: window (uint8) and c_max must be contiguous ", in.grad_out.sizes());
+  const Phases ph = make_phases(g);
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "conv_block_parameter_grads_cpu", [&] {
+    const at::Tensor phases = split_phases<scalar_t>(g, ph, in.x);
+    conv_block_parameter_grads(
+        g, ph, phases.const_data_ptr<scalar_t>(),
+        patch_moments(g, in.x.const_data_ptr<scalar_t>()), in.grad_out.const_data_ptr<scalar_t>(),
+        in.weight.const_data_ptr<scalar_t>(), in.bias.const_data_ptr<scalar_t>(),
+        in.gamma.const_data_ptr<scalar_t>(), in.beta.const_data_ptr<scalar_t>(),
+        in.mean.const_data_ptr<scalar_t>(), in.rstd.const_data_ptr<scalar_t>(),
+        window.const_data_ptr<uint8_t>(), c_max.const_data_ptr<scalar_t>(),
+        grads.weight.mutable_data_ptr<scalar_t>(), grads.bias.mutable_data_ptr<scalar_t>(),
+        grads.gamma.mutable_data_ptr<scalar_t>(), grads.beta.mutable_data_ptr<scalar_t>());
+  });
+}
+
+// What the dense backward reads of one channel: its filter w [taps], its bias, the
+// forward's mean and rstd, gamma, and the forward's affine y = c * scale + shift.
+template <typename scalar_t>
+struct Channel {
+  const scalar_t* w;
+  scalar_t bias, mean, rstd, gamma, scale, shift;
+};
+
+// One image's planes of one channel, [Hc, Wc] each (a thread's scratch).
+template <typename scalar_t>
+struct ChannelPlanes {
+  std::vector<scalar_t> xhat, y, dy;
+  explicit ChannelPlanes(int64_t plane) : xhat(plane), y(plane), dy(plane) {}
+};
+
+// Routes the pooled gradient of one image and channel, go [Ho, Wo], to the conv plane.
+// Recomputes c = conv(x_n, w) + bias [Hc, Wc] (x_n [Cin, H, W]) and from it
+//   y = c * scale + shift,  xhat = (c - mean) * rstd                      [Hc, Wc]
+// then dy [Hc, Wc] = go[oh, ow] at window (oh, ow)'s first maximum of relu(y) when
+// y > 0 there, zero elsewhere.
+template <typename scalar_t>
+void route_pooled_grad(const Geometry& g, const Channel<scalar_t>& ch, const scalar_t* xn,
+                       const scalar_t* go, ChannelPlanes<scalar_t>& p) {
+  const int64_t plane = g.Hc * g.Wc;
+  scalar_t* xhat = p.xhat.data();
+  scalar_t* y = p.y.data();
+  conv_plane(g, xn, ch.w, ch.bias, xhat);
+  for (int64_t k = 0; k < plane; ++k) {
+    y[k] = xhat[k] * ch.scale + ch.shift;
+    xhat[k] = (xhat[k] - ch.mean) * ch.rstd;
+  }
+  std::fill(p.dy.begin(), p.dy.end(), scalar_t(0));
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      scalar_t max_val;
+      const int64_t best = window_argmax(g, y, oh, ow, &max_val);
+      if (y[best] > 0) p.dy[best] += go[oh * g.Wo + ow];
+    }
+  }
+}
+
+// Channel c's batch-norm sums over all images (pass 1 of the dense backward):
+//   (d_beta, d_gamma) = (sum dy, sum dy * xhat)   over (N, Hc, Wc)
+// each image's plane summed in scalar_t (vectorized), the images in double, in order.
+template <typename scalar_t>
+std::pair<double, double> channel_bn_sums(const Geometry& g, int64_t c,
+                                          const Channel<scalar_t>& ch, const scalar_t* xp,
+                                          const scalar_t* gop, ChannelPlanes<scalar_t>& p) {
+  const int64_t plane = g.Hc * g.Wc, in_image = g.Cin * g.H * g.W;
+  const scalar_t* dy = p.dy.data();
+  const scalar_t* xhat = p.xhat.data();
+  double sum_dy = 0, sum_dy_xhat = 0;
+  for (int64_t n = 0; n < g.N; ++n) {
+    route_pooled_grad(g, ch, xp + n * in_image, gop + (n * g.C + c) * g.Ho * g.Wo, p);
+    scalar_t s1 = 0, s2 = 0;
+_Pragma("omp simd reduction(+ : s1, s2)")
+    for (int64_t k = 0; k < plane; ++k) {
+      s1 += dy[k];
+      s2 += dy[k] * xhat[k];
+    }
+    sum_dy += s1;
+    sum_dy_xhat += s2;
+  }
+  return {sum_dy, sum_dy_xhat};
+}
+
+// One image's d_c [Hc, Wc] of a channel, from its dy and xhat [Hc, Wc] and the
+// channel's means over the batch (M = N Hc Wc):
+//   d_c = k_scale * (dy - mean_dy - xhat * mean_dy_xhat),  k_scale = gamma * rstd,
+//   mean_dy = d_beta / M,  mean_dy_xhat = d_gamma / M;
+// returns the image's sum of d_c (its share of d_bias), in scalar_t (vectorized).
+template <typename scalar_t>
+scalar_t image_d_c(int64_t plane, scalar_t k_scale, scalar_t mean_dy, scalar_t mean_dy_xhat,
+                   const ChannelPlanes<scalar_t>& p, scalar_t* dc) {
+  const scalar_t* dy = p.dy.data();
+  const scalar_t* xhat = p.xhat.data();
+  scalar_t s1 = 0;
+_Pragma("omp simd reduction(+ : s1)")
+  for (int64_t k = 0; k < plane; ++k) {
+    dc[k] = k_scale * (dy[k] - mean_dy - xhat[k] * mean_dy_xhat);
+    s1 += dc[k];
+  }
+  return s1;
+}
+
+// Adds one image's share of a channel's d_weight [taps] (in double): for each tap
+// t = (ci, i, j),
+//   dw[t] += sum_oh,ow d_c[oh, ow] x_n[ci, oh + i - ph, ow + j - pw]   (zero padded)
+// with d_c [Hc, Wc] and x_n [Cin, H, W]; each tap's sum in scalar_t (vectorized).
+template <typename scalar_t>
+void add_weight_grad(const Geometry& g, const scalar_t* xn, const scalar_t* dc, double* dw) {
+  for (int64_t ci = 0; ci < g.Cin; ++ci) {
+    for (int64_t i = 0; i < g.KH; ++i) {
+      const int64_t oh_lo = std::max<int64_t>(0, g.ph - i);
+      const int64_t oh_hi = std::min(g.Hc, g.H + g.ph - i);
+      for (int64_t j = 0; j < g.KW; ++j) {
+        const int64_t ow_lo = std::max<int64_t>(0, g.pw - j);
+        const int64_t ow_hi = std::min(g.Wc, g.W + g.pw - j);
+        scalar_t acc = 0;
+        for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
+          const scalar_t* xr = xn + ci * g.H * g.W + (oh + i - g.ph) * g.W + (j - g.pw);
+          const scalar_t* dr = dc + oh * g.Wc;
+_Pragma("omp simd reduction(+ : acc)")
+          for (int64_t ow = ow_lo; ow < ow_hi; ++ow) acc += dr[ow] * xr[ow];
+        }
+        dw[(ci * g.KH + i) * g.KW + j] += acc;
+      }
+    }
+  }
+}
+
+// Channel c's gradients with d_x: d_beta and d_gamma from the batch-norm sums (pass 1),
+// then per image (pass 2) d_c, written to dcp [N, C, Hc, Wc] for the transposed
+// convolution, d_bias = sum d_c and d_weight [taps] (summed in double, in image
+// order). dw [taps] is scratch.
+template <typename scalar_t>
+void channel_dense_grads(const Geometry& g, int64_t c, const Channel<scalar_t>& ch,
+                         const scalar_t* xp, const scalar_t* gop, ChannelPlanes<scalar_t>& p,
+                         std::vector<double>& dw, scalar_t* dcp, scalar_t* d_weight,
+                         scalar_t* d_bias, scalar_t* d_gamma, scalar_t* d_beta) {
+  const int64_t plane = g.Hc * g.Wc, in_image = g.Cin * g.H * g.W;
+  const auto [sum_dy, sum_dy_xhat] = channel_bn_sums(g, c, ch, xp, gop, p);
+  *d_beta = scalar_t(sum_dy);
+  *d_gamma = scalar_t(sum_dy_xhat);
+  const double count = double(g.N * plane);
+  const scalar_t k_scale = ch.gamma * ch.rstd;
+  const scalar_t mean_dy = scalar_t(sum_dy / count);
+  const scalar_t mean_dy_xhat = scalar_t(sum_dy_xhat / count);
+  std::fill(dw.begin(), dw.end(), 0.0);
+  double db = 0;
+  for (int64_t n = 0; n < g.N; ++n) {
+    route_pooled_grad(g, ch, xp + n * in_image, gop + (n * g.C + c) * g.Ho * g.Wo, p);
+    scalar_t* dc = dcp + (n * g.C + c) * plane;
+    db += image_d_c(plane, k_scale, mean_dy, mean_dy_xhat, p, dc);
+    add_weight_grad(g, xp + n * in_image, dc, dw.data());
+  }
+  for (size_t t = 0; t < dw.size(); ++t) d_weight[t] = scalar_t(dw[t]);
+  *d_bias = scalar_t(db);
+}
+
+// With d_x: the parameter gradients, channels in parallel (channel_dense_grads);
+// returns d_c [N, C, Hc, Wc], kept for the transposed convolution.
+at::Tensor dense_parameter_grads(const Geometry& g, const BackwardInputs& in,
+                                 const ParameterGrads& grads) {
+  at::Tensor d_c = at::empty({g.N, g.C, g.Hc, g.Wc}, in.x.options());
+  const int64_t plane = g.Hc * g.Wc, taps = g.Cin * g.KH * g.KW;
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "conv_block_backward_cpu", [&] {
+    const scalar_t* wp = in.weight.const_data_ptr<scalar_t>();
+    const scalar_t* bp = in.bias.const_data_ptr<scalar_t>();
+    const scalar_t* gp = in.gamma.const_data_ptr<scalar_t>();
+    const scalar_t* betap = in.beta.const_data_ptr<scalar_t>();
+    const scalar_t* mp = in.mean.const_data_ptr<scalar_t>();
+    const scalar_t* rp = in.rstd.const_data_ptr<scalar_t>();
+    const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
+    const scalar_t* gop = in.grad_out.const_data_ptr<scalar_t>();
+    scalar_t* dwp = grads.weight.mutable_data_ptr<scalar_t>();
+    scalar_t* dbp = grads.bias.mutable_data_ptr<scalar_t>();
+    scalar_t* dgp = grads.gamma.mutable_data_ptr<scalar_t>();
+    scalar_t* dbetap = grads.beta.mutable_data_ptr<scalar_t>();
+    scalar_t* dcp = d_c.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+      ChannelPlanes<scalar_t> planes(plane);
+      std::vector<double> dw(taps);
+      for (int64_t c = c0; c < c1; ++c) {
+        const auto [scale, shift] = batch_norm_affine(mp[c], rp[c], gp[c], betap[c]);
+        const Channel<scalar_t> ch{wp + c * taps, bp[c], mp[c], rp[c], gp[c], scale, shift};
+        channel_dense_grads(g, c, ch, xp, gop, planes, dw, dcp, dwp + c * taps, dbp + c,
+                            dgp + c, dbetap + c);
+      }
+    });
+  });
+  return d_c;
+}
+
+// One plane of d_x, image n and input channel ci, dx [H, W] (zero on entry): the
+// transposed convolution of d_c[n] (dcn [C, Hc, Wc]) with weight [C, Cin, KH, KW],
+//   dx[oh + i - ph, ow + j - pw] += weight[c, ci, i, j] d_c[n, c, oh, ow]
+// adding c, i, j, oh in order.
+template <typename scalar_t>
+void image_d_x(const Geometry& g, const scalar_t* wp, const scalar_t* dcn, int64_t ci,
+               scalar_t* dx) {
+  for (int64_t c = 0; c < g.C; ++c) {
+    const scalar_t* dc = dcn + c * g.Hc * g.Wc;
+    for (int64_t i = 0; i < g.KH; ++i) {
+      const int64_t oh_lo = std::max<int64_t>(0, g.ph - i);
+      const int64_t oh_hi = std::min(g.Hc, g.H + g.ph - i);
+      for (int64_t j = 0; j < g.KW; ++j) {
+        const scalar_t wv = wp[((c * g.Cin + ci) * g.KH + i) * g.KW + j];
+        const int64_t ow_lo = std::max<int64_t>(0, g.pw - j);
+        const int64_t ow_hi = std::min(g.Wc, g.W + g.pw - j);
+        for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
+          scalar_t* xr = dx + (oh + i - g.ph) * g.W + (j - g.pw);
+          const scalar_t* dr = dc + oh * g.Wc;
+          for (int64_t ow = ow_lo; ow < ow_hi; ++ow) xr[ow] += wv * dr[ow];
+        }
+      }
+    }
+  }
+}
+
+// d_x [N, Cin, H, W] by the transposed convolution of d_c [N, C, Hc, Wc] with weight:
+//   d_x[n, ci, h, w] = sum_c,i,j weight[c, ci, i, j] d_c[n, c, h - i + ph, w - j + pw]
+// parallel over the (n, ci) planes (image_d_x; deterministic).
+at::Tensor transposed_conv(const Geometry& g, const at::Tensor& weight, const at::Tensor& d_c,
+                           const at::Tensor& x) {
+  at::Tensor d_x = at::zeros_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_backward_x_cpu", [&] {
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    const scalar_t* dcp = d_c.const_data_ptr<scalar_t>();
+    scalar_t* dxp = d_x.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.N * g.Cin, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t task = b0; task < b1; ++task) {
+        const int64_t n = task / g.Cin, ci = task % g.Cin;
+        image_d_x(g, wp, dcp + n * g.C * g.Hc * g.Wc, ci, dxp + task * g.H * g.W);
+      }
+    });
+  });
+  return d_x;
+}
+
+}  // namespace
+
 // Returns (d_x [N, Cin, H, W] or empty, d_weight, d_bias, d_gamma, d_beta); window and
 // c_max are the forward's (used when need_x is false).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_backward_cpu(
@@ -502,170 +776,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
     const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& window,
     const at::Tensor& c_max, int64_t pad_h, int64_t pad_w, bool need_x) {
   const Geometry g = check_and_measure(x, weight, bias, gamma, beta, pad_h, pad_w);
-  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == x.scalar_type() &&
-                  grad_out.sizes() == at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}),
-              "conv_block: grad_out must be contiguous [", g.N, ", ", g.C, ", ", g.Ho, ", ",
-              g.Wo, "], got ", grad_out.sizes());
-  TORCH_CHECK(mean.numel() == g.C && rstd.numel() == g.C && mean.is_contiguous() &&
-                  rstd.is_contiguous(),
-              "conv_block: mean and rstd must be [", g.C, "]");
-  at::Tensor d_weight = at::empty_like(weight);
-  at::Tensor d_bias = at::empty_like(bias);
-  at::Tensor d_gamma = at::empty_like(gamma);
-  at::Tensor d_beta = at::empty_like(beta);
+  check_backward_inputs(g, grad_out, x, mean, rstd);
+  const BackwardInputs in{grad_out, x, weight, bias, gamma, beta, mean, rstd};
+  const ParameterGrads grads{at::empty_like(weight), at::empty_like(bias), at::empty_like(gamma),
+                             at::empty_like(beta)};
   if (g.N == 0) {  // sums over no example
-    return {need_x ? at::empty_like(x) : at::empty({0}, x.options()), d_weight.zero_(),
-            d_bias.zero_(), d_gamma.zero_(), d_beta.zero_()};
+    return {need_x ? at::empty_like(x) : at::empty({0}, x.options()), grads.weight.zero_(),
+            grads.bias.zero_(), grads.gamma.zero_(), grads.beta.zero_()};
   }
   if (!need_x) {
-    TORCH_CHECK(window.scalar_type() == at::kByte && window.sizes() == grad_out.sizes() &&
-                    c_max.sizes() == grad_out.sizes() && window.is_contiguous() &&
-                    c_max.is_contiguous() && c_max.scalar_type() == x.scalar_type(),
-                "conv_block: window (uint8) and c_max must be contiguous ", grad_out.sizes());
-    const Phases ph = make_phases(g);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_parameter_grads_cpu", [&] {
-      const at::Tensor phases = split_phases<scalar_t>(g, ph, x);
-      conv_block_parameter_grads(
-          g, ph, phases.const_data_ptr<scalar_t>(),
-          patch_moments(g, x.const_data_ptr<scalar_t>()), grad_out.const_data_ptr<scalar_t>(),
-          weight.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
-          gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
-          mean.const_data_ptr<scalar_t>(), rstd.const_data_ptr<scalar_t>(),
-          window.const_data_ptr<uint8_t>(), c_max.const_data_ptr<scalar_t>(),
-          d_weight.mutable_data_ptr<scalar_t>(), d_bias.mutable_data_ptr<scalar_t>(),
-          d_gamma.mutable_data_ptr<scalar_t>(), d_beta.mutable_data_ptr<scalar_t>());
-    });
-    return {at::empty({0}, x.options()), d_weight, d_bias, d_gamma, d_beta};
+    sparse_parameter_grads(g, in, window, c_max, grads);
+    return {at::empty({0}, x.options()), grads.weight, grads.bias, grads.gamma, grads.beta};
   }
-  // With d_x: the dense path. d_c [N, C, Hc, Wc] is kept for the transposed convolution.
-  at::Tensor d_c = at::empty({g.N, g.C, g.Hc, g.Wc}, x.options());
-  const int64_t plane = g.Hc * g.Wc, in_image = g.Cin * g.H * g.W, taps = g.Cin * g.KH * g.KW;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_backward_cpu", [&] {
-    const scalar_t* gop = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-    const scalar_t* bp = bias.const_data_ptr<scalar_t>();
-    const scalar_t* gp = gamma.const_data_ptr<scalar_t>();
-    const scalar_t* betap = beta.const_data_ptr<scalar_t>();
-    const scalar_t* mp = mean.const_data_ptr<scalar_t>();
-    const scalar_t* rp = rstd.const_data_ptr<scalar_t>();
-    scalar_t* dwp = d_weight.mutable_data_ptr<scalar_t>();
-    scalar_t* dbp = d_bias.mutable_data_ptr<scalar_t>();
-    scalar_t* dgp = d_gamma.mutable_data_ptr<scalar_t>();
-    scalar_t* dbetap = d_beta.mutable_data_ptr<scalar_t>();
-    scalar_t* dcp = d_c.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<scalar_t> cbuf(plane), ybuf(plane), dy(plane);
-      std::vector<double> dw(taps);
-      for (int64_t c = c0; c < c1; ++c) {
-        const scalar_t* w = wp + c * taps;
-        const scalar_t mu = mp[c], r = rp[c], gam = gp[c];
-        const auto [scale, shift] = batch_norm_affine(mu, r, gam, betap[c]);
-        // Image n: xhat into cbuf, and dy (zero but at each window's first maximum
-        // of relu(y), where y > 0) into dy.
-        auto pooled_grad = [&](int64_t n) {
-          conv_plane(g, xp + n * in_image, w, bp[c], cbuf.data());
-          for (int64_t k = 0; k < plane; ++k) {
-            ybuf[k] = cbuf[k] * scale + shift;
-            cbuf[k] = (cbuf[k] - mu) * r;
-          }
-          std::fill(dy.begin(), dy.end(), scalar_t(0));
-          const scalar_t* go = gop + (n * g.C + c) * g.Ho * g.Wo;
-          for (int64_t oh = 0; oh < g.Ho; ++oh) {
-            for (int64_t ow = 0; ow < g.Wo; ++ow) {
-              scalar_t max_val;
-              const int64_t best = window_argmax(g, ybuf.data(), oh, ow, &max_val);
-              if (ybuf[best] > 0) dy[best] += go[oh * g.Wo + ow];
-            }
-          }
-        };
-        double sum_dy = 0, sum_dy_xhat = 0;
-        for (int64_t n = 0; n < g.N; ++n) {
-          pooled_grad(n);
-          scalar_t s1 = 0, s2 = 0;
-_Pragma("omp simd reduction(+ : s1, s2)")
-          for (int64_t k = 0; k < plane; ++k) {
-            s1 += dy[k];
-            s2 += dy[k] * cbuf[k];
-          }
-          sum_dy += s1;
-          sum_dy_xhat += s2;
-        }
-        dbetap[c] = scalar_t(sum_dy);
-        dgp[c] = scalar_t(sum_dy_xhat);
-        const double count = double(g.N * plane);
-        const scalar_t k_scale = gam * r;
-        const scalar_t mean_dy = scalar_t(sum_dy / count);
-        const scalar_t mean_dy_xhat = scalar_t(sum_dy_xhat / count);
-        std::fill(dw.begin(), dw.end(), 0.0);
-        double db = 0;
-        for (int64_t n = 0; n < g.N; ++n) {
-          pooled_grad(n);
-          scalar_t* dc = dcp + (n * g.C + c) * plane;
-          scalar_t s1 = 0;
-_Pragma("omp simd reduction(+ : s1)")
-          for (int64_t k = 0; k < plane; ++k) {
-            dc[k] = k_scale * (dy[k] - mean_dy - cbuf[k] * mean_dy_xhat);
-            s1 += dc[k];
-          }
-          db += s1;
-          const scalar_t* xn = xp + n * in_image;
-          for (int64_t ci = 0; ci < g.Cin; ++ci) {
-            for (int64_t i = 0; i < g.KH; ++i) {
-              const int64_t oh_lo = std::max<int64_t>(0, g.ph - i);
-              const int64_t oh_hi = std::min(g.Hc, g.H + g.ph - i);
-              for (int64_t j = 0; j < g.KW; ++j) {
-                const int64_t ow_lo = std::max<int64_t>(0, g.pw - j);
-                const int64_t ow_hi = std::min(g.Wc, g.W + g.pw - j);
-                scalar_t acc = 0;
-                for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
-                  const scalar_t* xr = xn + ci * g.H * g.W + (oh + i - g.ph) * g.W + (j - g.pw);
-                  const scalar_t* dr = dc + oh * g.Wc;
-_Pragma("omp simd reduction(+ : acc)")
-                  for (int64_t ow = ow_lo; ow < ow_hi; ++ow) acc += dr[ow] * xr[ow];
-                }
-                dw[(ci * g.KH + i) * g.KW + j] += acc;
-              }
-            }
-          }
-        }
-        for (int64_t t = 0; t < taps; ++t) dwp[c * taps + t] = scalar_t(dw[t]);
-        dbp[c] = scalar_t(db);
-      }
-    });
-  });
-  at::Tensor d_x = at::zeros_like(x);
-  {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_backward_x_cpu", [&] {
-      const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-      const scalar_t* dcp = d_c.const_data_ptr<scalar_t>();
-      scalar_t* dxp = d_x.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, g.N * g.Cin, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t task = b0; task < b1; ++task) {
-          const int64_t n = task / g.Cin, ci = task % g.Cin;
-          scalar_t* dx = dxp + task * g.H * g.W;
-          for (int64_t c = 0; c < g.C; ++c) {
-            const scalar_t* dc = dcp + (n * g.C + c) * plane;
-            for (int64_t i = 0; i < g.KH; ++i) {
-              const int64_t oh_lo = std::max<int64_t>(0, g.ph - i);
-              const int64_t oh_hi = std::min(g.Hc, g.H + g.ph - i);
-              for (int64_t j = 0; j < g.KW; ++j) {
-                const scalar_t wv = wp[((c * g.Cin + ci) * g.KH + i) * g.KW + j];
-                const int64_t ow_lo = std::max<int64_t>(0, g.pw - j);
-                const int64_t ow_hi = std::min(g.Wc, g.W + g.pw - j);
-                for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
-                  scalar_t* xr = dx + (oh + i - g.ph) * g.W + (j - g.pw);
-                  const scalar_t* dr = dc + oh * g.Wc;
-                  for (int64_t ow = ow_lo; ow < ow_hi; ++ow) xr[ow] += wv * dr[ow];
-                }
-              }
-            }
-          }
-        }
-      });
-    });
-  }
-  return {d_x, d_weight, d_bias, d_gamma, d_beta};
+  const at::Tensor d_c = dense_parameter_grads(g, in, grads);
+  return {transposed_conv(g, weight, d_c, x), grads.weight, grads.bias, grads.gamma, grads.beta};
 }
 
 TORCH_LIBRARY_FRAGMENT(fastmeta_C, m) {
