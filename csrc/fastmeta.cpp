@@ -14,6 +14,7 @@
 // TORCH_LIBRARY_FRAGMENT of csrc/cpu/<op>_cpu.cpp (csrc/attention_read.cpp for the
 // device-generic attention_read); a CUDA kernel's file only adds TORCH_LIBRARY_IMPL.
 TORCH_LIBRARY(fastmeta_C, m) {
+  // Frees the CPU buffer pool's idle buffers (cpu/large_alloc.h); returns the bytes freed.
   m.def("empty_cpu_pool() -> int", &fastmeta::empty_cpu_pool);
 }
 

@@ -21,7 +21,6 @@ enum class AlphaKind : int { kScalar = 0, kPerElement = 1, kPerTaskElement = 2 }
 
 // Validates g [T, P] and a tensor `other` that must be [P] (theta) or [T, P]
 // (grad_out), all on one device with one dtype; returns how alpha broadcasts.
-AlphaKind check_inner_update(const at::Tensor& other, const at::Tensor& alpha,
-                             const at::Tensor& g);
+AlphaKind check_inner_update(const at::Tensor& other, const at::Tensor& alpha, const at::Tensor& g);
 
 }  // namespace fastmeta

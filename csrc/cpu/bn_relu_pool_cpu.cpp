@@ -57,16 +57,15 @@ FASTMETA_INLINE int64_t window_offset(const Shape& s, int64_t u, int64_t v, int6
 // One channel's mean and rstd over its N planes (sums of c - c[0] in double per plane,
 // so that an offset channel does not cancel).
 template <typename scalar_t>
-FASTMETA_SIMD_CLONES std::pair<double, double> channel_statistics(const Shape& s,
-                                                                  const scalar_t* c, int64_t ch,
-                                                                  double eps) {
+FASTMETA_SIMD_CLONES std::pair<double, double> channel_statistics(const Shape& s, const scalar_t* c,
+                                                                  int64_t ch, double eps) {
   const int64_t plane = s.H * s.W;
   const scalar_t ref = c[ch * plane];
   double sum = 0, sumsq = 0;
   for (int64_t n = 0; n < s.N; ++n) {
     const scalar_t* p = c + (n * s.C + ch) * plane;
     scalar_t s1 = 0, s2 = 0;
-_Pragma("omp simd reduction(+ : s1, s2)")
+    _Pragma("omp simd reduction(+ : s1, s2)")
     for (int64_t i = 0; i < plane; ++i) {
       const scalar_t d = p[i] - ref;
       s1 += d;
@@ -106,9 +105,9 @@ FASTMETA_SIMD_CLONES void channel_pool(const Shape& s, const scalar_t* c, int64_
 // d_c = a + b c everywhere plus k dy at those maxima.
 template <typename scalar_t>
 FASTMETA_SIMD_CLONES void channel_backward(const Shape& s, const scalar_t* go, const scalar_t* c,
-                                           int64_t ch, scalar_t mean, scalar_t rstd,
-                                           scalar_t gamma, scalar_t beta, const uint8_t* window,
-                                           scalar_t* dc, scalar_t* d_gamma, scalar_t* d_beta) {
+                                           int64_t ch, scalar_t mean, scalar_t rstd, scalar_t gamma,
+                                           scalar_t beta, const uint8_t* window, scalar_t* dc,
+                                           scalar_t* d_gamma, scalar_t* d_beta) {
   const int64_t plane = s.H * s.W, pooled = s.Ho * s.Wo;
   const auto [scale, shift] = batch_norm_affine(mean, rstd, gamma, beta);
   double sum_dy = 0, sum_dy_xhat = 0;
@@ -133,7 +132,7 @@ FASTMETA_SIMD_CLONES void channel_backward(const Shape& s, const scalar_t* go, c
   for (int64_t n = 0; n < s.N; ++n) {
     const scalar_t* p = c + (n * s.C + ch) * plane;
     scalar_t* d = dc + (n * s.C + ch) * plane;
-_Pragma("omp simd")
+    _Pragma("omp simd")
     for (int64_t i = 0; i < plane; ++i) d[i] = a_s + b_s * p[i];
     const int64_t first = (n * s.C + ch) * pooled;
     for (int64_t u = 0; u < s.Ho; ++u) {
@@ -213,8 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const scalar_t* rp = rstd.const_data_ptr<scalar_t>();
     at::parallel_for(0, s.C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t ch = c0; ch < c1; ++ch) {
-        channel_backward(s, grad_out.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(),
-                         ch, mp[ch], rp[ch], gp[ch], bp[ch], window.const_data_ptr<uint8_t>(),
+        channel_backward(s, grad_out.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(), ch,
+                         mp[ch], rp[ch], gp[ch], bp[ch], window.const_data_ptr<uint8_t>(),
                          d_c.mutable_data_ptr<scalar_t>(),
                          d_gamma.mutable_data_ptr<scalar_t>() + ch,
                          d_beta.mutable_data_ptr<scalar_t>() + ch);

@@ -101,8 +101,7 @@ at::Tensor class_prototypes_backward_cpu(const at::Tensor& grad, const at::Tenso
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     const int64_t* y = labels.const_data_ptr<int64_t>();
     scalar_t* ds = d_support.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * S, grain_for(D),
-                     [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * S, grain_for(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / S, k = y[r];
         const scalar_t inv = scalar_t(1) / scalar_t(counts[b * C + k]);

@@ -68,15 +68,14 @@ Geometry check_and_measure(const at::Tensor& x, const at::Tensor& weight, const 
               x.sizes(), " and ", weight.sizes());
   const int64_t C = weight.size(0);
   for (const at::Tensor* t : {&bias, &gamma, &beta}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "conv_block: bias, gamma, beta must be [",
-                C, "], got ", t->sizes());
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "conv_block: bias, gamma, beta must be [", C,
+                "], got ", t->sizes());
   }
   for (const at::Tensor* t : {&x, &weight, &bias, &gamma, &beta}) {
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == x.scalar_type() && t->is_cpu(),
                 "conv_block: inputs must be contiguous CPU tensors of one dtype");
   }
-  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), C, weight.size(2), weight.size(3),
-             ph, pw, 0, 0, 0, 0};
+  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), C, weight.size(2), weight.size(3), ph, pw};
   g.Hc = g.H + 2 * ph - g.KH + 1;
   g.Wc = g.W + 2 * pw - g.KW + 1;
   TORCH_CHECK(ph >= 0 && pw >= 0 && g.Hc >= 2 && g.Wc >= 2,
@@ -181,13 +180,13 @@ FASTMETA_SIMD_CLONES void image_patch_moments(const Geometry& g, const scalar_t*
   for (int64_t t = 0; t < taps; ++t) {
     const scalar_t* rt = rows + t * plane;
     scalar_t sum = 0;
-_Pragma("omp simd reduction(+ : sum)")
+    _Pragma("omp simd reduction(+ : sum)")
     for (int64_t k = 0; k < plane; ++k) sum += rt[k];
     moments[t] = sum;
     for (int64_t u = 0; u <= t; ++u) {
       const scalar_t* ru = rows + u * plane;
       scalar_t dot = 0;
-_Pragma("omp simd reduction(+ : dot)")
+      _Pragma("omp simd reduction(+ : dot)")
       for (int64_t k = 0; k < plane; ++k) dot += rt[k] * ru[k];
       moments[taps + t * taps + u] = moments[taps + u * taps + t] = dot;
     }
@@ -295,7 +294,7 @@ FASTMETA_INLINE void window_planes(const Phases& ph, int64_t taps, const scalar_
     for (int64_t t = 0; t < taps; ++t) {
       const scalar_t* src = X + ph.offset[ab * taps + t];
       const scalar_t wv = w[t];
-_Pragma("omp simd")
+      _Pragma("omp simd")
       for (int64_t k = 0; k < ph.runs; ++k) P[k] += wv * src[k];
     }
   }
@@ -306,7 +305,7 @@ _Pragma("omp simd")
 template <typename scalar_t>
 FASTMETA_INLINE void scatter_windows(const scalar_t* d, const uint8_t* window, int64_t runs,
                                      scalar_t* planes) {
-_Pragma("omp simd")
+  _Pragma("omp simd")
   for (int64_t k = 0; k < runs; ++k) {  // selects, not branches, so that it vectorizes
     const int32_t where = window[k];
     const scalar_t dv = d[k], zero = 0;
@@ -322,21 +321,17 @@ _Pragma("omp simd")
 // where_runs [runs], the same in the runs' layout (zero at the thrown-away columns);
 // dy [4 * runs].
 template <typename scalar_t>
-FASTMETA_SIMD_CLONES void channel_sparse_sums(const Geometry& g, const Phases& ph,
-                                              const scalar_t* phases, int64_t c,
-                                              int64_t n0, int64_t n1, scalar_t mu,
-                                              scalar_t r, scalar_t scale, scalar_t shift,
-                                              const scalar_t* gop, const uint8_t* winp,
-                                              const scalar_t* cmp, scalar_t* open,
-                                              scalar_t* open_runs, uint8_t* where_runs,
-                                              scalar_t* dy, scalar_t* partial, double* sparse,
-                                              double* sums) {
+FASTMETA_SIMD_CLONES void channel_sparse_sums(
+    const Geometry& g, const Phases& ph, const scalar_t* phases, int64_t c, int64_t n0, int64_t n1,
+    scalar_t mu, scalar_t r, scalar_t scale, scalar_t shift, const scalar_t* gop,
+    const uint8_t* winp, const scalar_t* cmp, scalar_t* open, scalar_t* open_runs,
+    uint8_t* where_runs, scalar_t* dy, scalar_t* partial, double* sparse, double* sums) {
   const int64_t taps = g.Cin * g.KH * g.KW, pooled = g.Ho * g.Wo;
   double sum_dy = 0, sum_dy_xhat = 0;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t first = (n * g.C + c) * pooled;
     scalar_t s1 = 0, s2 = 0;
-_Pragma("omp simd reduction(+ : s1, s2)")
+    _Pragma("omp simd reduction(+ : s1, s2)")
     for (int64_t o = 0; o < pooled; ++o) {  // dy at the window maxima where relu is open
       const scalar_t cv = cmp[first + o];
       const scalar_t d = cv * scale + shift > 0 ? gop[first + o] : scalar_t(0);
@@ -359,10 +354,10 @@ _Pragma("omp simd reduction(+ : s1, s2)")
                      *x3 = X + off[3 * taps];
       scalar_t* acc = partial + t * ph.runs;
       const int64_t runs = ph.runs;
-_Pragma("omp simd")
+      _Pragma("omp simd")
       for (int64_t k = 0; k < runs; ++k) {
-        acc[k] += d[k] * x0[k] + d[runs + k] * x1[k] + d[2 * runs + k] * x2[k] +
-                  d[3 * runs + k] * x3[k];
+        acc[k] +=
+            d[k] * x0[k] + d[runs + k] * x1[k] + d[2 * runs + k] * x2[k] + d[3 * runs + k] * x3[k];
       }
     }
   }
@@ -397,8 +392,8 @@ void conv_block_parameter_grads(const Geometry& g, const Phases& ph, const scala
       std::vector<uint8_t> where_runs(ph.runs, 0);
       for (int64_t c = c0; c < c1; ++c) {
         const auto [scale, shift] = batch_norm_affine(mp[c], rp[c], gp[c], betap[c]);
-        channel_sparse_sums(g, ph, phases, c, n0, n1, mp[c], rp[c], scale, shift, gop, winp,
-                            cmp, open.data(), open_runs.data(), where_runs.data(), dy.data(),
+        channel_sparse_sums(g, ph, phases, c, n0, n1, mp[c], rp[c], scale, shift, gop, winp, cmp,
+                            open.data(), open_runs.data(), where_runs.data(), dy.data(),
                             partial.data(), sparse.data() + c * taps, sums.data() + c * 2);
       }
     });
@@ -486,10 +481,10 @@ ConvBlockForward conv_block_forward_cpu(const at::Tensor& x, const at::Tensor& w
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
       std::vector<scalar_t> planes(4 * ph.runs), best(ph.runs), best_c(ph.runs);
       std::vector<uint8_t> where(ph.runs);
-      images_forward(g, ph, phases.const_data_ptr<scalar_t>(), wp, bp, scale.data(),
-                     shift.data(), n0, n1, planes.data(), best.data(), where.data(),
-                     best_c.data(), out.mutable_data_ptr<scalar_t>(),
-                     window.mutable_data_ptr<uint8_t>(), c_max.mutable_data_ptr<scalar_t>());
+      images_forward(g, ph, phases.const_data_ptr<scalar_t>(), wp, bp, scale.data(), shift.data(),
+                     n0, n1, planes.data(), best.data(), where.data(), best_c.data(),
+                     out.mutable_data_ptr<scalar_t>(), window.mutable_data_ptr<uint8_t>(),
+                     c_max.mutable_data_ptr<scalar_t>());
     });
   });
   return {out, mean, rstd, window, c_max};
@@ -514,8 +509,8 @@ void check_backward_inputs(const Geometry& g, const at::Tensor& grad_out, const 
                            const at::Tensor& mean, const at::Tensor& rstd) {
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == x.scalar_type() &&
                   grad_out.sizes() == at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}),
-              "conv_block: grad_out must be contiguous [", g.N, ", ", g.C, ", ", g.Ho, ", ",
-              g.Wo, "], got ", grad_out.sizes());
+              "conv_block: grad_out must be contiguous [", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo,
+              "], got ", grad_out.sizes());
   TORCH_CHECK(mean.numel() == g.C && rstd.numel() == g.C && mean.is_contiguous() &&
                   rstd.is_contiguous(),
               "conv_block: mean and rstd must be [", g.C, "]");
@@ -535,14 +530,14 @@ void sparse_parameter_grads(const Geometry& g, const BackwardInputs& in, const a
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "conv_block_parameter_grads_cpu", [&] {
     const at::Tensor phases = split_phases<scalar_t>(g, ph, in.x);
     conv_block_parameter_grads(
-        g, ph, phases.const_data_ptr<scalar_t>(),
-        patch_moments(g, in.x.const_data_ptr<scalar_t>()), in.grad_out.const_data_ptr<scalar_t>(),
-        in.weight.const_data_ptr<scalar_t>(), in.bias.const_data_ptr<scalar_t>(),
-        in.gamma.const_data_ptr<scalar_t>(), in.beta.const_data_ptr<scalar_t>(),
-        in.mean.const_data_ptr<scalar_t>(), in.rstd.const_data_ptr<scalar_t>(),
-        window.const_data_ptr<uint8_t>(), c_max.const_data_ptr<scalar_t>(),
-        grads.weight.mutable_data_ptr<scalar_t>(), grads.bias.mutable_data_ptr<scalar_t>(),
-        grads.gamma.mutable_data_ptr<scalar_t>(), grads.beta.mutable_data_ptr<scalar_t>());
+        g, ph, phases.const_data_ptr<scalar_t>(), patch_moments(g, in.x.const_data_ptr<scalar_t>()),
+        in.grad_out.const_data_ptr<scalar_t>(), in.weight.const_data_ptr<scalar_t>(),
+        in.bias.const_data_ptr<scalar_t>(), in.gamma.const_data_ptr<scalar_t>(),
+        in.beta.const_data_ptr<scalar_t>(), in.mean.const_data_ptr<scalar_t>(),
+        in.rstd.const_data_ptr<scalar_t>(), window.const_data_ptr<uint8_t>(),
+        c_max.const_data_ptr<scalar_t>(), grads.weight.mutable_data_ptr<scalar_t>(),
+        grads.bias.mutable_data_ptr<scalar_t>(), grads.gamma.mutable_data_ptr<scalar_t>(),
+        grads.beta.mutable_data_ptr<scalar_t>());
   });
 }
 
@@ -591,9 +586,9 @@ void route_pooled_grad(const Geometry& g, const Channel<scalar_t>& ch, const sca
 //   (d_beta, d_gamma) = (sum dy, sum dy * xhat)   over (N, Hc, Wc)
 // each image's plane summed in scalar_t (vectorized), the images in double, in order.
 template <typename scalar_t>
-std::pair<double, double> channel_bn_sums(const Geometry& g, int64_t c,
-                                          const Channel<scalar_t>& ch, const scalar_t* xp,
-                                          const scalar_t* gop, ChannelPlanes<scalar_t>& p) {
+std::pair<double, double> channel_bn_sums(const Geometry& g, int64_t c, const Channel<scalar_t>& ch,
+                                          const scalar_t* xp, const scalar_t* gop,
+                                          ChannelPlanes<scalar_t>& p) {
   const int64_t plane = g.Hc * g.Wc, in_image = g.Cin * g.H * g.W;
   const scalar_t* dy = p.dy.data();
   const scalar_t* xhat = p.xhat.data();
@@ -601,7 +596,7 @@ std::pair<double, double> channel_bn_sums(const Geometry& g, int64_t c,
   for (int64_t n = 0; n < g.N; ++n) {
     route_pooled_grad(g, ch, xp + n * in_image, gop + (n * g.C + c) * g.Ho * g.Wo, p);
     scalar_t s1 = 0, s2 = 0;
-_Pragma("omp simd reduction(+ : s1, s2)")
+    _Pragma("omp simd reduction(+ : s1, s2)")
     for (int64_t k = 0; k < plane; ++k) {
       s1 += dy[k];
       s2 += dy[k] * xhat[k];
@@ -623,7 +618,7 @@ scalar_t image_d_c(int64_t plane, scalar_t k_scale, scalar_t mean_dy, scalar_t m
   const scalar_t* dy = p.dy.data();
   const scalar_t* xhat = p.xhat.data();
   scalar_t s1 = 0;
-_Pragma("omp simd reduction(+ : s1)")
+  _Pragma("omp simd reduction(+ : s1)")
   for (int64_t k = 0; k < plane; ++k) {
     dc[k] = k_scale * (dy[k] - mean_dy - xhat[k] * mean_dy_xhat);
     s1 += dc[k];
@@ -648,7 +643,7 @@ void add_weight_grad(const Geometry& g, const scalar_t* xn, const scalar_t* dc, 
         for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
           const scalar_t* xr = xn + ci * g.H * g.W + (oh + i - g.ph) * g.W + (j - g.pw);
           const scalar_t* dr = dc + oh * g.Wc;
-_Pragma("omp simd reduction(+ : acc)")
+          _Pragma("omp simd reduction(+ : acc)")
           for (int64_t ow = ow_lo; ow < ow_hi; ++ow) acc += dr[ow] * xr[ow];
         }
         dw[(ci * g.KH + i) * g.KW + j] += acc;
@@ -712,8 +707,8 @@ at::Tensor dense_parameter_grads(const Geometry& g, const BackwardInputs& in,
       for (int64_t c = c0; c < c1; ++c) {
         const auto [scale, shift] = batch_norm_affine(mp[c], rp[c], gp[c], betap[c]);
         const Channel<scalar_t> ch{wp + c * taps, bp[c], mp[c], rp[c], gp[c], scale, shift};
-        channel_dense_grads(g, c, ch, xp, gop, planes, dw, dcp, dwp + c * taps, dbp + c,
-                            dgp + c, dbetap + c);
+        channel_dense_grads(g, c, ch, xp, gop, planes, dw, dcp, dwp + c * taps, dbp + c, dgp + c,
+                            dbetap + c);
       }
     });
   });
@@ -772,9 +767,9 @@ at::Tensor transposed_conv(const Geometry& g, const at::Tensor& weight, const at
 // c_max are the forward's (used when need_x is false).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta,
-    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& window,
-    const at::Tensor& c_max, int64_t pad_h, int64_t pad_w, bool need_x) {
+    const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+    const at::Tensor& rstd, const at::Tensor& window, const at::Tensor& c_max, int64_t pad_h,
+    int64_t pad_w, bool need_x) {
   const Geometry g = check_and_measure(x, weight, bias, gamma, beta, pad_h, pad_w);
   check_backward_inputs(g, grad_out, x, mean, rstd);
   const BackwardInputs in{grad_out, x, weight, bias, gamma, beta, mean, rstd};

@@ -59,8 +59,8 @@ void check_parameters(const at::Tensor& grads, const at::Tensor& w1, const at::T
                       const at::Tensor& w2) {
   const int64_t H = w1.size(0);
   TORCH_CHECK(w1.dim() == 2 && w1.size(1) == 2 && b1.numel() == H && w2.numel() == H,
-              "gradient_mlp: w1 must be [H, 2] with b1, w2 [H], got ", w1.sizes(), ", ",
-              b1.sizes(), ", ", w2.sizes());
+              "gradient_mlp: w1 must be [H, 2] with b1, w2 [H], got ", w1.sizes(), ", ", b1.sizes(),
+              ", ", w2.sizes());
   TORCH_CHECK(grads.is_contiguous() && w1.is_contiguous() && b1.is_contiguous() &&
                   w2.is_contiguous(),
               "gradient_mlp: kernels take contiguous tensors");
@@ -105,8 +105,8 @@ at::Tensor gradient_mlp_forward_cpu(const at::Tensor& grads, const at::Tensor& w
 // gradients are summed per fixed chunk of coordinates in double, then the chunks in
 // order, so results do not depend on the thread count.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_mlp_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& grads, const at::Tensor& w1,
-    const at::Tensor& b1, const at::Tensor& w2, double p, bool need_grads) {
+    const at::Tensor& grad_out, const at::Tensor& grads, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, double p, bool need_grads) {
   check_parameters(grads, w1, b1, w2);
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.sizes() == grads.sizes() &&
                   grad_out.scalar_type() == grads.scalar_type(),
