@@ -562,22 +562,26 @@ struct ChannelPlanes {
 // then dy [Hc, Wc] = go[oh, ow] at window (oh, ow)'s first maximum of relu(y) when
 // y > 0 there, zero elsewhere.
 template <typename scalar_t>
-void route_pooled_grad(const Geometry& g, const Channel<scalar_t>& ch, const scalar_t* xn,
-                       const scalar_t* go, ChannelPlanes<scalar_t>& p) {
+FASTMETA_INLINE void route_pooled_grad(const Geometry& g, const Channel<scalar_t>& ch,
+                                       const scalar_t* xn, const scalar_t* go,
+                                       ChannelPlanes<scalar_t>& p) {
   const int64_t plane = g.Hc * g.Wc;
+  // Locals, not ch's fields, in the loops: the stores to y and xhat could alias those.
+  const scalar_t scale = ch.scale, shift = ch.shift, mu = ch.mean, r = ch.rstd;
   scalar_t* xhat = p.xhat.data();
   scalar_t* y = p.y.data();
+  scalar_t* dy = p.dy.data();
   conv_plane(g, xn, ch.w, ch.bias, xhat);
   for (int64_t k = 0; k < plane; ++k) {
-    y[k] = xhat[k] * ch.scale + ch.shift;
-    xhat[k] = (xhat[k] - ch.mean) * ch.rstd;
+    y[k] = xhat[k] * scale + shift;
+    xhat[k] = (xhat[k] - mu) * r;
   }
-  std::fill(p.dy.begin(), p.dy.end(), scalar_t(0));
+  std::fill(dy, dy + plane, scalar_t(0));
   for (int64_t oh = 0; oh < g.Ho; ++oh) {
     for (int64_t ow = 0; ow < g.Wo; ++ow) {
       scalar_t max_val;
       const int64_t best = window_argmax(g, y, oh, ow, &max_val);
-      if (y[best] > 0) p.dy[best] += go[oh * g.Wo + ow];
+      if (y[best] > 0) dy[best] += go[oh * g.Wo + ow];
     }
   }
 }
@@ -586,9 +590,10 @@ void route_pooled_grad(const Geometry& g, const Channel<scalar_t>& ch, const sca
 //   (d_beta, d_gamma) = (sum dy, sum dy * xhat)   over (N, Hc, Wc)
 // each image's plane summed in scalar_t (vectorized), the images in double, in order.
 template <typename scalar_t>
-std::pair<double, double> channel_bn_sums(const Geometry& g, int64_t c, const Channel<scalar_t>& ch,
-                                          const scalar_t* xp, const scalar_t* gop,
-                                          ChannelPlanes<scalar_t>& p) {
+FASTMETA_INLINE std::pair<double, double> channel_bn_sums(const Geometry& g, int64_t c,
+                                                          const Channel<scalar_t>& ch,
+                                                          const scalar_t* xp, const scalar_t* gop,
+                                                          ChannelPlanes<scalar_t>& p) {
   const int64_t plane = g.Hc * g.Wc, in_image = g.Cin * g.H * g.W;
   const scalar_t* dy = p.dy.data();
   const scalar_t* xhat = p.xhat.data();
@@ -613,8 +618,9 @@ std::pair<double, double> channel_bn_sums(const Geometry& g, int64_t c, const Ch
 //   mean_dy = d_beta / M,  mean_dy_xhat = d_gamma / M;
 // returns the image's sum of d_c (its share of d_bias), in scalar_t (vectorized).
 template <typename scalar_t>
-scalar_t image_d_c(int64_t plane, scalar_t k_scale, scalar_t mean_dy, scalar_t mean_dy_xhat,
-                   const ChannelPlanes<scalar_t>& p, scalar_t* dc) {
+FASTMETA_INLINE scalar_t image_d_c(int64_t plane, scalar_t k_scale, scalar_t mean_dy,
+                                   scalar_t mean_dy_xhat, const ChannelPlanes<scalar_t>& p,
+                                   scalar_t* dc) {
   const scalar_t* dy = p.dy.data();
   const scalar_t* xhat = p.xhat.data();
   scalar_t s1 = 0;
@@ -631,7 +637,8 @@ scalar_t image_d_c(int64_t plane, scalar_t k_scale, scalar_t mean_dy, scalar_t m
 //   dw[t] += sum_oh,ow d_c[oh, ow] x_n[ci, oh + i - ph, ow + j - pw]   (zero padded)
 // with d_c [Hc, Wc] and x_n [Cin, H, W]; each tap's sum in scalar_t (vectorized).
 template <typename scalar_t>
-void add_weight_grad(const Geometry& g, const scalar_t* xn, const scalar_t* dc, double* dw) {
+FASTMETA_INLINE void add_weight_grad(const Geometry& g, const scalar_t* xn, const scalar_t* dc,
+                                     double* dw) {
   for (int64_t ci = 0; ci < g.Cin; ++ci) {
     for (int64_t i = 0; i < g.KH; ++i) {
       const int64_t oh_lo = std::max<int64_t>(0, g.ph - i);
@@ -657,10 +664,11 @@ void add_weight_grad(const Geometry& g, const scalar_t* xn, const scalar_t* dc, 
 // convolution, d_bias = sum d_c and d_weight [taps] (summed in double, in image
 // order). dw [taps] is scratch.
 template <typename scalar_t>
-void channel_dense_grads(const Geometry& g, int64_t c, const Channel<scalar_t>& ch,
-                         const scalar_t* xp, const scalar_t* gop, ChannelPlanes<scalar_t>& p,
-                         std::vector<double>& dw, scalar_t* dcp, scalar_t* d_weight,
-                         scalar_t* d_bias, scalar_t* d_gamma, scalar_t* d_beta) {
+FASTMETA_INLINE void channel_dense_grads(const Geometry& g, int64_t c, const Channel<scalar_t>& ch,
+                                         const scalar_t* xp, const scalar_t* gop,
+                                         ChannelPlanes<scalar_t>& p, std::vector<double>& dw,
+                                         scalar_t* dcp, scalar_t* d_weight, scalar_t* d_bias,
+                                         scalar_t* d_gamma, scalar_t* d_beta) {
   const int64_t plane = g.Hc * g.Wc, in_image = g.Cin * g.H * g.W;
   const auto [sum_dy, sum_dy_xhat] = channel_bn_sums(g, c, ch, xp, gop, p);
   *d_beta = scalar_t(sum_dy);
@@ -682,7 +690,9 @@ void channel_dense_grads(const Geometry& g, int64_t c, const Channel<scalar_t>& 
 }
 
 // With d_x: the parameter gradients, channels in parallel (channel_dense_grads);
-// returns d_c [N, C, Hc, Wc], kept for the transposed convolution.
+// returns d_c [N, C, Hc, Wc], kept for the transposed convolution. The steps are
+// FASTMETA_INLINE: compiled into this loop as one function, they run as fast as the
+// single function they were split from (called, they cost some 1-2% more).
 at::Tensor dense_parameter_grads(const Geometry& g, const BackwardInputs& in,
                                  const ParameterGrads& grads) {
   at::Tensor d_c = at::empty({g.N, g.C, g.Hc, g.Wc}, in.x.options());
@@ -720,8 +730,8 @@ at::Tensor dense_parameter_grads(const Geometry& g, const BackwardInputs& in,
 //   dx[oh + i - ph, ow + j - pw] += weight[c, ci, i, j] d_c[n, c, oh, ow]
 // adding c, i, j, oh in order.
 template <typename scalar_t>
-void image_d_x(const Geometry& g, const scalar_t* wp, const scalar_t* dcn, int64_t ci,
-               scalar_t* dx) {
+FASTMETA_INLINE void image_d_x(const Geometry& g, const scalar_t* wp, const scalar_t* dcn,
+                               int64_t ci, scalar_t* dx) {
   for (int64_t c = 0; c < g.C; ++c) {
     const scalar_t* dc = dcn + c * g.Hc * g.Wc;
     for (int64_t i = 0; i < g.KH; ++i) {
