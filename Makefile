@@ -19,16 +19,24 @@ demo: $(VENV)/.built
 test: $(VENV)/.built
 	$(PY) -m pytest -q tests
 
-# ruff's lint rules (pyproject.toml [tool.ruff]) over the whole tree.
+# ruff's lint rules (pyproject.toml [tool.ruff]) over the whole tree, then clang-format
+# (.clang-format) over csrc/: it fails on any file it would reformat (fix: `clang-format
+# -i` on the file). clang-format is pinned: its versions format differently.
+CLANG_FORMAT_VERSION := 23.1.5
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 lint: $(VENV)/.deps
 	@$(PY) -m ruff --version > /dev/null 2>&1 || $(PY) -m pip install -q ruff
 	$(PY) -m ruff check .
+	@$(VENV)/bin/clang-format --version 2> /dev/null | grep -q " $(CLANG_FORMAT_VERSION)\b" \
+		|| $(PY) -m pip install -q "clang-format==$(CLANG_FORMAT_VERSION)"
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
 
 build: $(VENV)/.built
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "torch>=2.6" numpy pytest ninja pillow matplotlib ruff "setuptools>=64" wheel
+	$(PY) -m pip install -q "torch>=2.6" numpy pytest ninja pillow matplotlib ruff \
+		"clang-format==$(CLANG_FORMAT_VERSION)" "setuptools>=64" wheel
 	touch $@
 
 # The build log keeps every compiler line; the summary shows each source compiled.

@@ -1,6 +1,9 @@
 // Memory read fused with an augmented layer's fast branch (Meta Networks), for CPU
 // and CUDA tensors alike: the work is GEMMs, so it goes through ATen's (MKL/OpenBLAS
-// on CPU, cuBLAS on GPU).
+// on CPU, cuBLAS on GPU). Math: docs/kernel-math.md section 3 and
+// fastmeta/ops/attention_read.py. The Python op checks arguments and gives users the
+// error messages; these kernels repeat cheap checks with TORCH_CHECK only so that
+// they never index out of bounds.
 //
 // Queries are taken in chunks of J per episode, J chosen so that the chunk's mixed
 // weights W*_j = sum_i a_ji W*_i [J, O, K] stay within kChunkElements: the plain
@@ -16,8 +19,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-
-#include "metanet.h"
+#include <cstdint>
+#include <tuple>
 
 namespace fastmeta {
 namespace {
@@ -54,6 +57,8 @@ int64_t chunk_size(const Shape& s) {
 
 }  // namespace
 
+// out[b, j, l, o] = sum_i attention[b, j, i] sum_k w[b, i, o, k] x[b, j, l, k];
+// attention [B, M, N], w [B, N, O, K], x [B, M, L, K] -> [B, M, L, O]. CPU and CUDA.
 at::Tensor attention_read_forward(const at::Tensor& attention, const at::Tensor& w,
                                   const at::Tensor& x) {
   const Shape s = check_shapes(attention, w, x);
@@ -71,6 +76,7 @@ at::Tensor attention_read_forward(const at::Tensor& attention, const at::Tensor&
   return out;
 }
 
+// (d_attention, d_w, d_x); each is empty unless asked for.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_read_backward(
     const at::Tensor& grad_out, const at::Tensor& attention, const at::Tensor& w,
     const at::Tensor& x, bool need_attention, bool need_w, bool need_x) {
@@ -105,6 +111,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_read_backward(
     }
   }
   return {d_attention, d_w, d_x};
+}
+
+// The schema, then one implementation for both devices.
+TORCH_LIBRARY_FRAGMENT(fastmeta_C, m) {
+  m.def("attention_read_forward(Tensor attention, Tensor w, Tensor x) -> Tensor");
+  m.def(
+      "attention_read_backward(Tensor grad_out, Tensor attention, Tensor w, Tensor x, "
+      "bool need_attention, bool need_w, bool need_x) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {

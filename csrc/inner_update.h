@@ -1,4 +1,5 @@
-// Batched inner-loop update: shared declarations of the CPU and CUDA kernels.
+// Batched inner-loop update: what the CPU and CUDA kernels share (the math, the
+// argument check).
 //
 //   forward : out[t, p] = theta[p] - alpha * g[t, p]
 //   backward: d_theta[p] = sum_t go[t, p]
@@ -13,8 +14,6 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <tuple>
-
 namespace fastmeta {
 
 // How alpha broadcasts against g [T, P].
@@ -22,19 +21,6 @@ enum class AlphaKind : int { kScalar = 0, kPerElement = 1, kPerTaskElement = 2 }
 
 // Validates g [T, P] and a tensor `other` that must be [P] (theta) or [T, P]
 // (grad_out), all on one device with one dtype; returns how alpha broadcasts.
-AlphaKind check_inner_update(const at::Tensor& other, const at::Tensor& alpha,
-                             const at::Tensor& g);
-
-at::Tensor inner_update_forward_cpu(const at::Tensor& theta, const at::Tensor& alpha,
-                                    const at::Tensor& g);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_update_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& alpha, const at::Tensor& g,
-    bool need_g, bool need_alpha);
-
-at::Tensor inner_update_forward_cuda(const at::Tensor& theta, const at::Tensor& alpha,
-                                     const at::Tensor& g);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_update_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& alpha, const at::Tensor& g,
-    bool need_g, bool need_alpha);
+AlphaKind check_inner_update(const at::Tensor& other, const at::Tensor& alpha, const at::Tensor& g);
 
 }  // namespace fastmeta

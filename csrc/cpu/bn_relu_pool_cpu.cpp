@@ -1,8 +1,19 @@
-// BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2) on a given activation, CPU
-// kernels; the math is in ../bn_relu_pool.h. Each channel is one parallel task: the
-// forward reads its N planes twice (statistics, then the pool over the planes' windows
-// split by position), the backward reads the pooled gradient once for the sums and c
-// once for the dense d_c.
+// The rest of a conv4 block after a convolution ATen computes, as one op:
+// BatchNorm2d with batch statistics -> ReLU -> MaxPool2d(2) on c [N, C, H, W].
+//   mean_c, rstd_c over (N, H, W) (biased variance);  k = gamma rstd
+//   y = (c - mean) k + beta,  out = maxpool2(relu(y)) [N, C, H/2, W/2]
+// The forward records where each 2x2 window's first maximum is (window, uint8
+// row * 2 + column) instead of writing y and relu(y). Backward (M = N H W; dy = the
+// pooled gradient at each window's maximum where y > 0, zero elsewhere):
+//   d_beta = sum dy,  d_gamma = sum dy xhat        (over the pooled positions only)
+//   d_c = k (dy - d_beta / M - xhat d_gamma / M)
+//       = a + b c everywhere, plus k dy at the window maxima,
+//   with b = -k rstd d_gamma / M and a = -k d_beta / M - b mean: one dense pass
+// reading c and writing d_c. Parallel over channels (deterministic).
+//
+// CPU kernels. Each channel is one parallel task: the forward reads its N planes twice
+// (statistics, then the pool over the planes' windows split by position), the
+// backward reads the pooled gradient once for the sums and c once for the dense d_c.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -11,9 +22,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
-#include "../bn_relu_pool.h"
 #include "simd_clones.h"
 #include "window_pool.h"
 
@@ -46,16 +57,15 @@ FASTMETA_INLINE int64_t window_offset(const Shape& s, int64_t u, int64_t v, int6
 // One channel's mean and rstd over its N planes (sums of c - c[0] in double per plane,
 // so that an offset channel does not cancel).
 template <typename scalar_t>
-FASTMETA_SIMD_CLONES std::pair<double, double> channel_statistics(const Shape& s,
-                                                                  const scalar_t* c, int64_t ch,
-                                                                  double eps) {
+FASTMETA_SIMD_CLONES std::pair<double, double> channel_statistics(const Shape& s, const scalar_t* c,
+                                                                  int64_t ch, double eps) {
   const int64_t plane = s.H * s.W;
   const scalar_t ref = c[ch * plane];
   double sum = 0, sumsq = 0;
   for (int64_t n = 0; n < s.N; ++n) {
     const scalar_t* p = c + (n * s.C + ch) * plane;
     scalar_t s1 = 0, s2 = 0;
-_Pragma("omp simd reduction(+ : s1, s2)")
+    _Pragma("omp simd reduction(+ : s1, s2)")
     for (int64_t i = 0; i < plane; ++i) {
       const scalar_t d = p[i] - ref;
       s1 += d;
@@ -95,9 +105,9 @@ FASTMETA_SIMD_CLONES void channel_pool(const Shape& s, const scalar_t* c, int64_
 // d_c = a + b c everywhere plus k dy at those maxima.
 template <typename scalar_t>
 FASTMETA_SIMD_CLONES void channel_backward(const Shape& s, const scalar_t* go, const scalar_t* c,
-                                           int64_t ch, scalar_t mean, scalar_t rstd,
-                                           scalar_t gamma, scalar_t beta, const uint8_t* window,
-                                           scalar_t* dc, scalar_t* d_gamma, scalar_t* d_beta) {
+                                           int64_t ch, scalar_t mean, scalar_t rstd, scalar_t gamma,
+                                           scalar_t beta, const uint8_t* window, scalar_t* dc,
+                                           scalar_t* d_gamma, scalar_t* d_beta) {
   const int64_t plane = s.H * s.W, pooled = s.Ho * s.Wo;
   const auto [scale, shift] = batch_norm_affine(mean, rstd, gamma, beta);
   double sum_dy = 0, sum_dy_xhat = 0;
@@ -122,7 +132,7 @@ FASTMETA_SIMD_CLONES void channel_backward(const Shape& s, const scalar_t* go, c
   for (int64_t n = 0; n < s.N; ++n) {
     const scalar_t* p = c + (n * s.C + ch) * plane;
     scalar_t* d = dc + (n * s.C + ch) * plane;
-_Pragma("omp simd")
+    _Pragma("omp simd")
     for (int64_t i = 0; i < plane; ++i) d[i] = a_s + b_s * p[i];
     const int64_t first = (n * s.C + ch) * pooled;
     for (int64_t u = 0; u < s.Ho; ++u) {
@@ -138,6 +148,7 @@ _Pragma("omp simd")
 
 }  // namespace
 
+// (out [N, C, H/2, W/2], mean [C], rstd [C], window [N, C, H/2, W/2] uint8).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_forward_cpu(
     const at::Tensor& c, const at::Tensor& gamma, const at::Tensor& beta, double eps) {
   const Shape s = check_and_measure(c, gamma, beta);
@@ -172,6 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_forward_
   return {out, mean, rstd, window};
 }
 
+// (d_c [N, C, H, W], d_gamma [C], d_beta [C]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& c, const at::Tensor& gamma,
     const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd,
@@ -200,8 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const scalar_t* rp = rstd.const_data_ptr<scalar_t>();
     at::parallel_for(0, s.C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t ch = c0; ch < c1; ++ch) {
-        channel_backward(s, grad_out.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(),
-                         ch, mp[ch], rp[ch], gp[ch], bp[ch], window.const_data_ptr<uint8_t>(),
+        channel_backward(s, grad_out.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(), ch,
+                         mp[ch], rp[ch], gp[ch], bp[ch], window.const_data_ptr<uint8_t>(),
                          d_c.mutable_data_ptr<scalar_t>(),
                          d_gamma.mutable_data_ptr<scalar_t>() + ch,
                          d_beta.mutable_data_ptr<scalar_t>() + ch);
@@ -209,6 +221,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     });
   });
   return {d_c, d_gamma, d_beta};
+}
+
+TORCH_LIBRARY_FRAGMENT(fastmeta_C, m) {
+  m.def(
+      "bn_relu_pool_forward(Tensor c, Tensor gamma, Tensor beta, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_relu_pool_backward(Tensor grad_out, Tensor c, Tensor gamma, Tensor beta, "
+      "Tensor mean, Tensor rstd, Tensor window) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {

@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <vector>
 
-#include "../protonet.h"
 #include "large_alloc.h"
 #include "parallel_grain.h"
 
@@ -52,6 +51,7 @@ void check_labels(const at::Tensor& labels, int64_t B, int64_t S) {
 
 }  // namespace
 
+// prototypes[b, k] = mean of support[b, i] over the i with labels[b, i] == k.
 at::Tensor class_prototypes_forward_cpu(const at::Tensor& support, const at::Tensor& labels,
                                         int64_t num_classes) {
   TORCH_CHECK(support.dim() == 3 && support.is_contiguous(),
@@ -87,6 +87,7 @@ at::Tensor class_prototypes_forward_cpu(const at::Tensor& support, const at::Ten
   return out;
 }
 
+// d_support[b, i] = grad[b, labels[b, i]] / count[b, labels[b, i]].
 at::Tensor class_prototypes_backward_cpu(const at::Tensor& grad, const at::Tensor& labels) {
   TORCH_CHECK(grad.dim() == 3 && grad.is_contiguous(),
               "class_prototypes_backward: grad must be contiguous [B, C, D], got ", grad.sizes());
@@ -100,8 +101,7 @@ at::Tensor class_prototypes_backward_cpu(const at::Tensor& grad, const at::Tenso
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     const int64_t* y = labels.const_data_ptr<int64_t>();
     scalar_t* ds = d_support.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * S, grain_for(D),
-                     [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * S, grain_for(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / S, k = y[r];
         const scalar_t inv = scalar_t(1) / scalar_t(counts[b * C + k]);
@@ -112,6 +112,11 @@ at::Tensor class_prototypes_backward_cpu(const at::Tensor& grad, const at::Tenso
     });
   });
   return d_support;
+}
+
+TORCH_LIBRARY_FRAGMENT(fastmeta_C, m) {
+  m.def("class_prototypes_forward(Tensor support, Tensor labels, int num_classes) -> Tensor");
+  m.def("class_prototypes_backward(Tensor grad, Tensor labels) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {

@@ -1,13 +1,40 @@
-// Conv2d -> BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2), CPU kernels.
-// The math is in ../conv_block.h. The batch statistics come first, from the mean and
-// covariance of the input patches (shared by every channel: mean_c = b + w.pbar,
-// var_c = w^T Sigma w), so the forward is one pass over images: each image's padded
-// input is split into its four 2x2 phases, which turns every (window position, tap)
-// pair into one contiguous run, and each channel's four window-position planes are
-// computed, normalized and pooled in L1 (never [N, C, Hc, Wc]), recording each
-// window's argmax and conv value there. The backward without d_x needs only those and
-// the same patch moments; with d_x it recomputes the planes (the BN sums, then d_c
-// and d_weight) and keeps d_c for the transposed convolution.
+// A conv4 block in one op: Conv2d (stride 1) -> BatchNorm2d with batch statistics
+// -> ReLU -> MaxPool2d(2), for convolutions with few input taps (Cin*KH*KW small,
+// e.g. a network's first layer on 1- or 3-channel images), where ATen's convolution
+// and the three memory-bound passes over the full-resolution activation dominate.
+//
+// Shapes: x [N, Cin, H, W], weight [C, Cin, KH, KW], bias/gamma/beta [C];
+// conv output c [N, C, Hc, Wc] with Hc = H + 2 ph - KH + 1 (never stored: each
+// kernel recomputes the part of c it needs), out [N, C, Hc/2, Wc/2].
+//   mean_c, rstd_c = batch statistics of c over (N, Hc, Wc) (biased variance), from
+//   the mean pbar [taps] and covariance Sigma [taps, taps] of the input patches:
+//   mean_c = bias_c + w_c . pbar,  var_c = w_c^T Sigma w_c
+//   y = (c - mean) * rstd * gamma + beta,   out = maxpool2(relu(y))
+// Backward (M = N*Hc*Wc per channel; dy = the pooled gradient routed to each
+// window's first maximum, times [y > 0]; xhat = (c - mean) * rstd):
+//   d_beta = sum dy,  d_gamma = sum dy * xhat
+//   d_c = gamma * rstd * (dy - d_beta / M - xhat * d_gamma / M)
+//   d_weight[c, ci, i, j] = sum_n,h,w d_c[n, c, h, w] x[n, ci, h + i - ph, w + j - pw]
+//   d_bias = sum d_c,  d_x = the transposed convolution of d_c with weight
+// Without d_x, dy is nonzero only at each window's maximum, so the forward's record
+// of where (window, uint8 offset 0..3 = row * 2 + column) and of c there (c_max)
+// gives d_beta, d_gamma and the sparse part of d_weight in one pass over the pooled
+// outputs; the dense terms of d_weight need only the same patch moments, shared by all
+// channels (M' = N Hc Wc conv positions):
+//   sum_hw x_tap = M' pbar[tap],  sum_hw xhat x_tap = M' rstd (Sigma w)[tap].
+// The forward is parallel over images (statistics first, so nothing is reduced across
+// threads), the parameter gradients over channels within chunks of images, d_x over
+// images: all deterministic.
+//
+// CPU kernels. The batch statistics come first, from the mean and covariance of the
+// input patches (shared by every channel: mean_c = b + w.pbar, var_c = w^T Sigma w),
+// so the forward is one pass over images: each image's padded input is split into
+// its four 2x2 phases, which turns every (window position, tap) pair into one
+// contiguous run, and each channel's four window-position planes are computed,
+// normalized and pooled in L1 (never [N, C, Hc, Wc]), recording each window's argmax
+// and conv value there. The backward without d_x needs only those and the same patch
+// moments; with d_x it recomputes the planes (the BN sums, then d_c and d_weight) and
+// keeps d_c for the transposed convolution.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -17,11 +44,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <numeric>
 #include <tuple>
+#include <utility>
 #include <vector>
 
-#include "../conv_block.h"
 #include "simd_clones.h"
 #include "window_pool.h"
 
@@ -40,15 +68,14 @@ Geometry check_and_measure(const at::Tensor& x, const at::Tensor& weight, const 
               x.sizes(), " and ", weight.sizes());
   const int64_t C = weight.size(0);
   for (const at::Tensor* t : {&bias, &gamma, &beta}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "conv_block: bias, gamma, beta must be [",
-                C, "], got ", t->sizes());
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "conv_block: bias, gamma, beta must be [", C,
+                "], got ", t->sizes());
   }
   for (const at::Tensor* t : {&x, &weight, &bias, &gamma, &beta}) {
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == x.scalar_type() && t->is_cpu(),
                 "conv_block: inputs must be contiguous CPU tensors of one dtype");
   }
-  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), C, weight.size(2), weight.size(3),
-             ph, pw, 0, 0, 0, 0};
+  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), C, weight.size(2), weight.size(3), ph, pw};
   g.Hc = g.H + 2 * ph - g.KH + 1;
   g.Wc = g.W + 2 * pw - g.KW + 1;
   TORCH_CHECK(ph >= 0 && pw >= 0 && g.Hc >= 2 && g.Wc >= 2,
@@ -153,13 +180,13 @@ FASTMETA_SIMD_CLONES void image_patch_moments(const Geometry& g, const scalar_t*
   for (int64_t t = 0; t < taps; ++t) {
     const scalar_t* rt = rows + t * plane;
     scalar_t sum = 0;
-_Pragma("omp simd reduction(+ : sum)")
+    _Pragma("omp simd reduction(+ : sum)")
     for (int64_t k = 0; k < plane; ++k) sum += rt[k];
     moments[t] = sum;
     for (int64_t u = 0; u <= t; ++u) {
       const scalar_t* ru = rows + u * plane;
       scalar_t dot = 0;
-_Pragma("omp simd reduction(+ : dot)")
+      _Pragma("omp simd reduction(+ : dot)")
       for (int64_t k = 0; k < plane; ++k) dot += rt[k] * ru[k];
       moments[taps + t * taps + u] = moments[taps + u * taps + t] = dot;
     }
@@ -267,7 +294,7 @@ FASTMETA_INLINE void window_planes(const Phases& ph, int64_t taps, const scalar_
     for (int64_t t = 0; t < taps; ++t) {
       const scalar_t* src = X + ph.offset[ab * taps + t];
       const scalar_t wv = w[t];
-_Pragma("omp simd")
+      _Pragma("omp simd")
       for (int64_t k = 0; k < ph.runs; ++k) P[k] += wv * src[k];
     }
   }
@@ -278,7 +305,7 @@ _Pragma("omp simd")
 template <typename scalar_t>
 FASTMETA_INLINE void scatter_windows(const scalar_t* d, const uint8_t* window, int64_t runs,
                                      scalar_t* planes) {
-_Pragma("omp simd")
+  _Pragma("omp simd")
   for (int64_t k = 0; k < runs; ++k) {  // selects, not branches, so that it vectorizes
     const int32_t where = window[k];
     const scalar_t dv = d[k], zero = 0;
@@ -294,21 +321,17 @@ _Pragma("omp simd")
 // where_runs [runs], the same in the runs' layout (zero at the thrown-away columns);
 // dy [4 * runs].
 template <typename scalar_t>
-FASTMETA_SIMD_CLONES void channel_sparse_sums(const Geometry& g, const Phases& ph,
-                                              const scalar_t* phases, int64_t c,
-                                              int64_t n0, int64_t n1, scalar_t mu,
-                                              scalar_t r, scalar_t scale, scalar_t shift,
-                                              const scalar_t* gop, const uint8_t* winp,
-                                              const scalar_t* cmp, scalar_t* open,
-                                              scalar_t* open_runs, uint8_t* where_runs,
-                                              scalar_t* dy, scalar_t* partial, double* sparse,
-                                              double* sums) {
+FASTMETA_SIMD_CLONES void channel_sparse_sums(
+    const Geometry& g, const Phases& ph, const scalar_t* phases, int64_t c, int64_t n0, int64_t n1,
+    scalar_t mu, scalar_t r, scalar_t scale, scalar_t shift, const scalar_t* gop,
+    const uint8_t* winp, const scalar_t* cmp, scalar_t* open, scalar_t* open_runs,
+    uint8_t* where_runs, scalar_t* dy, scalar_t* partial, double* sparse, double* sums) {
   const int64_t taps = g.Cin * g.KH * g.KW, pooled = g.Ho * g.Wo;
   double sum_dy = 0, sum_dy_xhat = 0;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t first = (n * g.C + c) * pooled;
     scalar_t s1 = 0, s2 = 0;
-_Pragma("omp simd reduction(+ : s1, s2)")
+    _Pragma("omp simd reduction(+ : s1, s2)")
     for (int64_t o = 0; o < pooled; ++o) {  // dy at the window maxima where relu is open
       const scalar_t cv = cmp[first + o];
       const scalar_t d = cv * scale + shift > 0 ? gop[first + o] : scalar_t(0);
@@ -331,10 +354,10 @@ _Pragma("omp simd reduction(+ : s1, s2)")
                      *x3 = X + off[3 * taps];
       scalar_t* acc = partial + t * ph.runs;
       const int64_t runs = ph.runs;
-_Pragma("omp simd")
+      _Pragma("omp simd")
       for (int64_t k = 0; k < runs; ++k) {
-        acc[k] += d[k] * x0[k] + d[runs + k] * x1[k] + d[2 * runs + k] * x2[k] +
-                  d[3 * runs + k] * x3[k];
+        acc[k] +=
+            d[k] * x0[k] + d[runs + k] * x1[k] + d[2 * runs + k] * x2[k] + d[3 * runs + k] * x3[k];
       }
     }
   }
@@ -369,8 +392,8 @@ void conv_block_parameter_grads(const Geometry& g, const Phases& ph, const scala
       std::vector<uint8_t> where_runs(ph.runs, 0);
       for (int64_t c = c0; c < c1; ++c) {
         const auto [scale, shift] = batch_norm_affine(mp[c], rp[c], gp[c], betap[c]);
-        channel_sparse_sums(g, ph, phases, c, n0, n1, mp[c], rp[c], scale, shift, gop, winp,
-                            cmp, open.data(), open_runs.data(), where_runs.data(), dy.data(),
+        channel_sparse_sums(g, ph, phases, c, n0, n1, mp[c], rp[c], scale, shift, gop, winp, cmp,
+                            open.data(), open_runs.data(), where_runs.data(), dy.data(),
                             partial.data(), sparse.data() + c * taps, sums.data() + c * 2);
       }
     });
@@ -417,6 +440,9 @@ FASTMETA_SIMD_CLONES void images_forward(const Geometry& g, const Phases& ph,
 
 }  // namespace
 
+// (out [N, C, Hc/2, Wc/2], mean [C], rstd [C], window [N, C, Hc/2, Wc/2] uint8,
+//  c_max [N, C, Hc/2, Wc/2]).
+using ConvBlockForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 ConvBlockForward conv_block_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                         const at::Tensor& bias, const at::Tensor& gamma,
                                         const at::Tensor& beta, int64_t pad_h, int64_t pad_w,
@@ -455,185 +481,330 @@ ConvBlockForward conv_block_forward_cpu(const at::Tensor& x, const at::Tensor& w
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
       std::vector<scalar_t> planes(4 * ph.runs), best(ph.runs), best_c(ph.runs);
       std::vector<uint8_t> where(ph.runs);
-      images_forward(g, ph, phases.const_data_ptr<scalar_t>(), wp, bp, scale.data(),
-                     shift.data(), n0, n1, planes.data(), best.data(), where.data(),
-                     best_c.data(), out.mutable_data_ptr<scalar_t>(),
-                     window.mutable_data_ptr<uint8_t>(), c_max.mutable_data_ptr<scalar_t>());
+      images_forward(g, ph, phases.const_data_ptr<scalar_t>(), wp, bp, scale.data(), shift.data(),
+                     n0, n1, planes.data(), best.data(), where.data(), best_c.data(),
+                     out.mutable_data_ptr<scalar_t>(), window.mutable_data_ptr<uint8_t>(),
+                     c_max.mutable_data_ptr<scalar_t>());
     });
   });
   return {out, mean, rstd, window, c_max};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta,
-    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& window,
-    const at::Tensor& c_max, int64_t pad_h, int64_t pad_w, bool need_x) {
-  const Geometry g = check_and_measure(x, weight, bias, gamma, beta, pad_h, pad_w);
+namespace {
+
+// The tensors every step of the backward reads (checked).
+struct BackwardInputs {
+  at::Tensor grad_out, x, weight, bias, gamma, beta, mean, rstd;
+};
+
+// The parameter gradients the backward fills: d_weight, d_bias, d_gamma, d_beta, shaped
+// like the parameters.
+struct ParameterGrads {
+  at::Tensor weight, bias, gamma, beta;
+};
+
+// grad_out [N, C, Ho, Wo] and the forward's mean, rstd [C] (x and the parameters are
+// checked by check_and_measure).
+void check_backward_inputs(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& x,
+                           const at::Tensor& mean, const at::Tensor& rstd) {
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == x.scalar_type() &&
                   grad_out.sizes() == at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}),
-              "conv_block: grad_out must be contiguous [", g.N, ", ", g.C, ", ", g.Ho, ", ",
-              g.Wo, "], got ", grad_out.sizes());
+              "conv_block: grad_out must be contiguous [", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo,
+              "], got ", grad_out.sizes());
   TORCH_CHECK(mean.numel() == g.C && rstd.numel() == g.C && mean.is_contiguous() &&
                   rstd.is_contiguous(),
               "conv_block: mean and rstd must be [", g.C, "]");
-  at::Tensor d_weight = at::empty_like(weight);
-  at::Tensor d_bias = at::empty_like(bias);
-  at::Tensor d_gamma = at::empty_like(gamma);
-  at::Tensor d_beta = at::empty_like(beta);
-  if (g.N == 0) {  // sums over no example
-    return {need_x ? at::empty_like(x) : at::empty({0}, x.options()), d_weight.zero_(),
-            d_bias.zero_(), d_gamma.zero_(), d_beta.zero_()};
+}
+
+// Without d_x: d_weight, d_bias, d_gamma, d_beta from the forward's record of each
+// window's maximum (window uint8 and c_max [N, C, Ho, Wo]) and the patch moments, by
+// conv_block_parameter_grads (the sparse sums over the pooled outputs plus the dense
+// terms sum_hw x_tap = M' pbar, sum_hw xhat x_tap = M' rstd (Sigma w)).
+void sparse_parameter_grads(const Geometry& g, const BackwardInputs& in, const at::Tensor& window,
+                            const at::Tensor& c_max, const ParameterGrads& grads) {
+  TORCH_CHECK(window.scalar_type() == at::kByte && window.sizes() == in.grad_out.sizes() &&
+                  c_max.sizes() == in.grad_out.sizes() && window.is_contiguous() &&
+                  c_max.is_contiguous() && c_max.scalar_type() == in.x.scalar_type(),
+              "conv_block: window (uint8) and c_max must be contiguous ", in.grad_out.sizes());
+  const Phases ph = make_phases(g);
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "conv_block_parameter_grads_cpu", [&] {
+    const at::Tensor phases = split_phases<scalar_t>(g, ph, in.x);
+    conv_block_parameter_grads(
+        g, ph, phases.const_data_ptr<scalar_t>(), patch_moments(g, in.x.const_data_ptr<scalar_t>()),
+        in.grad_out.const_data_ptr<scalar_t>(), in.weight.const_data_ptr<scalar_t>(),
+        in.bias.const_data_ptr<scalar_t>(), in.gamma.const_data_ptr<scalar_t>(),
+        in.beta.const_data_ptr<scalar_t>(), in.mean.const_data_ptr<scalar_t>(),
+        in.rstd.const_data_ptr<scalar_t>(), window.const_data_ptr<uint8_t>(),
+        c_max.const_data_ptr<scalar_t>(), grads.weight.mutable_data_ptr<scalar_t>(),
+        grads.bias.mutable_data_ptr<scalar_t>(), grads.gamma.mutable_data_ptr<scalar_t>(),
+        grads.beta.mutable_data_ptr<scalar_t>());
+  });
+}
+
+// What the dense backward reads of one channel: its filter w [taps], its bias, the
+// forward's mean and rstd, gamma, and the forward's affine y = c * scale + shift.
+template <typename scalar_t>
+struct Channel {
+  const scalar_t* w;
+  scalar_t bias, mean, rstd, gamma, scale, shift;
+};
+
+// One image's planes of one channel, [Hc, Wc] each (a thread's scratch).
+template <typename scalar_t>
+struct ChannelPlanes {
+  std::vector<scalar_t> xhat, y, dy;
+  explicit ChannelPlanes(int64_t plane) : xhat(plane), y(plane), dy(plane) {}
+};
+
+// Routes the pooled gradient of one image and channel, go [Ho, Wo], to the conv plane.
+// Recomputes c = conv(x_n, w) + bias [Hc, Wc] (x_n [Cin, H, W]) and from it
+//   y = c * scale + shift,  xhat = (c - mean) * rstd                      [Hc, Wc]
+// then dy [Hc, Wc] = go[oh, ow] at window (oh, ow)'s first maximum of relu(y) when
+// y > 0 there, zero elsewhere.
+template <typename scalar_t>
+FASTMETA_INLINE void route_pooled_grad(const Geometry& g, const Channel<scalar_t>& ch,
+                                       const scalar_t* xn, const scalar_t* go,
+                                       ChannelPlanes<scalar_t>& p) {
+  const int64_t plane = g.Hc * g.Wc;
+  // Locals, not ch's fields, in the loops: the stores to y and xhat could alias those.
+  const scalar_t scale = ch.scale, shift = ch.shift, mu = ch.mean, r = ch.rstd;
+  scalar_t* xhat = p.xhat.data();
+  scalar_t* y = p.y.data();
+  scalar_t* dy = p.dy.data();
+  conv_plane(g, xn, ch.w, ch.bias, xhat);
+  for (int64_t k = 0; k < plane; ++k) {
+    y[k] = xhat[k] * scale + shift;
+    xhat[k] = (xhat[k] - mu) * r;
   }
-  if (!need_x) {
-    TORCH_CHECK(window.scalar_type() == at::kByte && window.sizes() == grad_out.sizes() &&
-                    c_max.sizes() == grad_out.sizes() && window.is_contiguous() &&
-                    c_max.is_contiguous() && c_max.scalar_type() == x.scalar_type(),
-                "conv_block: window (uint8) and c_max must be contiguous ", grad_out.sizes());
-    const Phases ph = make_phases(g);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_parameter_grads_cpu", [&] {
-      const at::Tensor phases = split_phases<scalar_t>(g, ph, x);
-      conv_block_parameter_grads(
-          g, ph, phases.const_data_ptr<scalar_t>(),
-          patch_moments(g, x.const_data_ptr<scalar_t>()), grad_out.const_data_ptr<scalar_t>(),
-          weight.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
-          gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(),
-          mean.const_data_ptr<scalar_t>(), rstd.const_data_ptr<scalar_t>(),
-          window.const_data_ptr<uint8_t>(), c_max.const_data_ptr<scalar_t>(),
-          d_weight.mutable_data_ptr<scalar_t>(), d_bias.mutable_data_ptr<scalar_t>(),
-          d_gamma.mutable_data_ptr<scalar_t>(), d_beta.mutable_data_ptr<scalar_t>());
-    });
-    return {at::empty({0}, x.options()), d_weight, d_bias, d_gamma, d_beta};
+  std::fill(dy, dy + plane, scalar_t(0));
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      scalar_t max_val;
+      const int64_t best = window_argmax(g, y, oh, ow, &max_val);
+      if (y[best] > 0) dy[best] += go[oh * g.Wo + ow];
+    }
   }
-  // With d_x: the dense path. d_c [N, C, Hc, Wc] is kept for the transposed convolution.
-  at::Tensor d_c = at::empty({g.N, g.C, g.Hc, g.Wc}, x.options());
-  const int64_t plane = g.Hc * g.Wc, in_image = g.Cin * g.H * g.W, taps = g.Cin * g.KH * g.KW;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_backward_cpu", [&] {
-    const scalar_t* gop = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-    const scalar_t* bp = bias.const_data_ptr<scalar_t>();
-    const scalar_t* gp = gamma.const_data_ptr<scalar_t>();
-    const scalar_t* betap = beta.const_data_ptr<scalar_t>();
-    const scalar_t* mp = mean.const_data_ptr<scalar_t>();
-    const scalar_t* rp = rstd.const_data_ptr<scalar_t>();
-    scalar_t* dwp = d_weight.mutable_data_ptr<scalar_t>();
-    scalar_t* dbp = d_bias.mutable_data_ptr<scalar_t>();
-    scalar_t* dgp = d_gamma.mutable_data_ptr<scalar_t>();
-    scalar_t* dbetap = d_beta.mutable_data_ptr<scalar_t>();
+}
+
+// Channel c's batch-norm sums over all images (pass 1 of the dense backward):
+//   (d_beta, d_gamma) = (sum dy, sum dy * xhat)   over (N, Hc, Wc)
+// each image's plane summed in scalar_t (vectorized), the images in double, in order.
+template <typename scalar_t>
+FASTMETA_INLINE std::pair<double, double> channel_bn_sums(const Geometry& g, int64_t c,
+                                                          const Channel<scalar_t>& ch,
+                                                          const scalar_t* xp, const scalar_t* gop,
+                                                          ChannelPlanes<scalar_t>& p) {
+  const int64_t plane = g.Hc * g.Wc, in_image = g.Cin * g.H * g.W;
+  const scalar_t* dy = p.dy.data();
+  const scalar_t* xhat = p.xhat.data();
+  double sum_dy = 0, sum_dy_xhat = 0;
+  for (int64_t n = 0; n < g.N; ++n) {
+    route_pooled_grad(g, ch, xp + n * in_image, gop + (n * g.C + c) * g.Ho * g.Wo, p);
+    scalar_t s1 = 0, s2 = 0;
+    _Pragma("omp simd reduction(+ : s1, s2)")
+    for (int64_t k = 0; k < plane; ++k) {
+      s1 += dy[k];
+      s2 += dy[k] * xhat[k];
+    }
+    sum_dy += s1;
+    sum_dy_xhat += s2;
+  }
+  return {sum_dy, sum_dy_xhat};
+}
+
+// One image's d_c [Hc, Wc] of a channel, from its dy and xhat [Hc, Wc] and the
+// channel's means over the batch (M = N Hc Wc):
+//   d_c = k_scale * (dy - mean_dy - xhat * mean_dy_xhat),  k_scale = gamma * rstd,
+//   mean_dy = d_beta / M,  mean_dy_xhat = d_gamma / M;
+// returns the image's sum of d_c (its share of d_bias), in scalar_t (vectorized).
+template <typename scalar_t>
+FASTMETA_INLINE scalar_t image_d_c(int64_t plane, scalar_t k_scale, scalar_t mean_dy,
+                                   scalar_t mean_dy_xhat, const ChannelPlanes<scalar_t>& p,
+                                   scalar_t* dc) {
+  const scalar_t* dy = p.dy.data();
+  const scalar_t* xhat = p.xhat.data();
+  scalar_t s1 = 0;
+  _Pragma("omp simd reduction(+ : s1)")
+  for (int64_t k = 0; k < plane; ++k) {
+    dc[k] = k_scale * (dy[k] - mean_dy - xhat[k] * mean_dy_xhat);
+    s1 += dc[k];
+  }
+  return s1;
+}
+
+// Adds one image's share of a channel's d_weight [taps] (in double): for each tap
+// t = (ci, i, j),
+//   dw[t] += sum_oh,ow d_c[oh, ow] x_n[ci, oh + i - ph, ow + j - pw]   (zero padded)
+// with d_c [Hc, Wc] and x_n [Cin, H, W]; each tap's sum in scalar_t (vectorized).
+template <typename scalar_t>
+FASTMETA_INLINE void add_weight_grad(const Geometry& g, const scalar_t* xn, const scalar_t* dc,
+                                     double* dw) {
+  for (int64_t ci = 0; ci < g.Cin; ++ci) {
+    for (int64_t i = 0; i < g.KH; ++i) {
+      const int64_t oh_lo = std::max<int64_t>(0, g.ph - i);
+      const int64_t oh_hi = std::min(g.Hc, g.H + g.ph - i);
+      for (int64_t j = 0; j < g.KW; ++j) {
+        const int64_t ow_lo = std::max<int64_t>(0, g.pw - j);
+        const int64_t ow_hi = std::min(g.Wc, g.W + g.pw - j);
+        scalar_t acc = 0;
+        for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
+          const scalar_t* xr = xn + ci * g.H * g.W + (oh + i - g.ph) * g.W + (j - g.pw);
+          const scalar_t* dr = dc + oh * g.Wc;
+          _Pragma("omp simd reduction(+ : acc)")
+          for (int64_t ow = ow_lo; ow < ow_hi; ++ow) acc += dr[ow] * xr[ow];
+        }
+        dw[(ci * g.KH + i) * g.KW + j] += acc;
+      }
+    }
+  }
+}
+
+// Channel c's gradients with d_x: d_beta and d_gamma from the batch-norm sums (pass 1),
+// then per image (pass 2) d_c, written to dcp [N, C, Hc, Wc] for the transposed
+// convolution, d_bias = sum d_c and d_weight [taps] (summed in double, in image
+// order). dw [taps] is scratch.
+template <typename scalar_t>
+FASTMETA_INLINE void channel_dense_grads(const Geometry& g, int64_t c, const Channel<scalar_t>& ch,
+                                         const scalar_t* xp, const scalar_t* gop,
+                                         ChannelPlanes<scalar_t>& p, std::vector<double>& dw,
+                                         scalar_t* dcp, scalar_t* d_weight, scalar_t* d_bias,
+                                         scalar_t* d_gamma, scalar_t* d_beta) {
+  const int64_t plane = g.Hc * g.Wc, in_image = g.Cin * g.H * g.W;
+  const auto [sum_dy, sum_dy_xhat] = channel_bn_sums(g, c, ch, xp, gop, p);
+  *d_beta = scalar_t(sum_dy);
+  *d_gamma = scalar_t(sum_dy_xhat);
+  const double count = double(g.N * plane);
+  const scalar_t k_scale = ch.gamma * ch.rstd;
+  const scalar_t mean_dy = scalar_t(sum_dy / count);
+  const scalar_t mean_dy_xhat = scalar_t(sum_dy_xhat / count);
+  std::fill(dw.begin(), dw.end(), 0.0);
+  double db = 0;
+  for (int64_t n = 0; n < g.N; ++n) {
+    route_pooled_grad(g, ch, xp + n * in_image, gop + (n * g.C + c) * g.Ho * g.Wo, p);
+    scalar_t* dc = dcp + (n * g.C + c) * plane;
+    db += image_d_c(plane, k_scale, mean_dy, mean_dy_xhat, p, dc);
+    add_weight_grad(g, xp + n * in_image, dc, dw.data());
+  }
+  for (size_t t = 0; t < dw.size(); ++t) d_weight[t] = scalar_t(dw[t]);
+  *d_bias = scalar_t(db);
+}
+
+// With d_x: the parameter gradients, channels in parallel (channel_dense_grads);
+// returns d_c [N, C, Hc, Wc], kept for the transposed convolution. The steps are
+// FASTMETA_INLINE: compiled into this loop as one function, they run as fast as the
+// single function they were split from (called, they cost some 1-2% more).
+at::Tensor dense_parameter_grads(const Geometry& g, const BackwardInputs& in,
+                                 const ParameterGrads& grads) {
+  at::Tensor d_c = at::empty({g.N, g.C, g.Hc, g.Wc}, in.x.options());
+  const int64_t plane = g.Hc * g.Wc, taps = g.Cin * g.KH * g.KW;
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "conv_block_backward_cpu", [&] {
+    const scalar_t* wp = in.weight.const_data_ptr<scalar_t>();
+    const scalar_t* bp = in.bias.const_data_ptr<scalar_t>();
+    const scalar_t* gp = in.gamma.const_data_ptr<scalar_t>();
+    const scalar_t* betap = in.beta.const_data_ptr<scalar_t>();
+    const scalar_t* mp = in.mean.const_data_ptr<scalar_t>();
+    const scalar_t* rp = in.rstd.const_data_ptr<scalar_t>();
+    const scalar_t* xp = in.x.const_data_ptr<scalar_t>();
+    const scalar_t* gop = in.grad_out.const_data_ptr<scalar_t>();
+    scalar_t* dwp = grads.weight.mutable_data_ptr<scalar_t>();
+    scalar_t* dbp = grads.bias.mutable_data_ptr<scalar_t>();
+    scalar_t* dgp = grads.gamma.mutable_data_ptr<scalar_t>();
+    scalar_t* dbetap = grads.beta.mutable_data_ptr<scalar_t>();
     scalar_t* dcp = d_c.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<scalar_t> cbuf(plane), ybuf(plane), dy(plane);
+      ChannelPlanes<scalar_t> planes(plane);
       std::vector<double> dw(taps);
       for (int64_t c = c0; c < c1; ++c) {
-        const scalar_t* w = wp + c * taps;
-        const scalar_t mu = mp[c], r = rp[c], gam = gp[c];
-        const auto [scale, shift] = batch_norm_affine(mu, r, gam, betap[c]);
-        // Image n: xhat into cbuf, and dy (zero but at each window's first maximum
-        // of relu(y), where y > 0) into dy.
-        auto pooled_grad = [&](int64_t n) {
-          conv_plane(g, xp + n * in_image, w, bp[c], cbuf.data());
-          for (int64_t k = 0; k < plane; ++k) {
-            ybuf[k] = cbuf[k] * scale + shift;
-            cbuf[k] = (cbuf[k] - mu) * r;
-          }
-          std::fill(dy.begin(), dy.end(), scalar_t(0));
-          const scalar_t* go = gop + (n * g.C + c) * g.Ho * g.Wo;
-          for (int64_t oh = 0; oh < g.Ho; ++oh) {
-            for (int64_t ow = 0; ow < g.Wo; ++ow) {
-              scalar_t max_val;
-              const int64_t best = window_argmax(g, ybuf.data(), oh, ow, &max_val);
-              if (ybuf[best] > 0) dy[best] += go[oh * g.Wo + ow];
-            }
-          }
-        };
-        double sum_dy = 0, sum_dy_xhat = 0;
-        for (int64_t n = 0; n < g.N; ++n) {
-          pooled_grad(n);
-          scalar_t s1 = 0, s2 = 0;
-_Pragma("omp simd reduction(+ : s1, s2)")
-          for (int64_t k = 0; k < plane; ++k) {
-            s1 += dy[k];
-            s2 += dy[k] * cbuf[k];
-          }
-          sum_dy += s1;
-          sum_dy_xhat += s2;
-        }
-        dbetap[c] = scalar_t(sum_dy);
-        dgp[c] = scalar_t(sum_dy_xhat);
-        const double count = double(g.N * plane);
-        const scalar_t k_scale = gam * r;
-        const scalar_t mean_dy = scalar_t(sum_dy / count);
-        const scalar_t mean_dy_xhat = scalar_t(sum_dy_xhat / count);
-        std::fill(dw.begin(), dw.end(), 0.0);
-        double db = 0;
-        for (int64_t n = 0; n < g.N; ++n) {
-          pooled_grad(n);
-          scalar_t* dc = dcp + (n * g.C + c) * plane;
-          scalar_t s1 = 0;
-_Pragma("omp simd reduction(+ : s1)")
-          for (int64_t k = 0; k < plane; ++k) {
-            dc[k] = k_scale * (dy[k] - mean_dy - cbuf[k] * mean_dy_xhat);
-            s1 += dc[k];
-          }
-          db += s1;
-          const scalar_t* xn = xp + n * in_image;
-          for (int64_t ci = 0; ci < g.Cin; ++ci) {
-            for (int64_t i = 0; i < g.KH; ++i) {
-              const int64_t oh_lo = std::max<int64_t>(0, g.ph - i);
-              const int64_t oh_hi = std::min(g.Hc, g.H + g.ph - i);
-              for (int64_t j = 0; j < g.KW; ++j) {
-                const int64_t ow_lo = std::max<int64_t>(0, g.pw - j);
-                const int64_t ow_hi = std::min(g.Wc, g.W + g.pw - j);
-                scalar_t acc = 0;
-                for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
-                  const scalar_t* xr = xn + ci * g.H * g.W + (oh + i - g.ph) * g.W + (j - g.pw);
-                  const scalar_t* dr = dc + oh * g.Wc;
-_Pragma("omp simd reduction(+ : acc)")
-                  for (int64_t ow = ow_lo; ow < ow_hi; ++ow) acc += dr[ow] * xr[ow];
-                }
-                dw[(ci * g.KH + i) * g.KW + j] += acc;
-              }
-            }
-          }
-        }
-        for (int64_t t = 0; t < taps; ++t) dwp[c * taps + t] = scalar_t(dw[t]);
-        dbp[c] = scalar_t(db);
+        const auto [scale, shift] = batch_norm_affine(mp[c], rp[c], gp[c], betap[c]);
+        const Channel<scalar_t> ch{wp + c * taps, bp[c], mp[c], rp[c], gp[c], scale, shift};
+        channel_dense_grads(g, c, ch, xp, gop, planes, dw, dcp, dwp + c * taps, dbp + c, dgp + c,
+                            dbetap + c);
       }
     });
   });
-  at::Tensor d_x = at::zeros_like(x);
-  {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_backward_x_cpu", [&] {
-      const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-      const scalar_t* dcp = d_c.const_data_ptr<scalar_t>();
-      scalar_t* dxp = d_x.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, g.N * g.Cin, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t task = b0; task < b1; ++task) {
-          const int64_t n = task / g.Cin, ci = task % g.Cin;
-          scalar_t* dx = dxp + task * g.H * g.W;
-          for (int64_t c = 0; c < g.C; ++c) {
-            const scalar_t* dc = dcp + (n * g.C + c) * plane;
-            for (int64_t i = 0; i < g.KH; ++i) {
-              const int64_t oh_lo = std::max<int64_t>(0, g.ph - i);
-              const int64_t oh_hi = std::min(g.Hc, g.H + g.ph - i);
-              for (int64_t j = 0; j < g.KW; ++j) {
-                const scalar_t wv = wp[((c * g.Cin + ci) * g.KH + i) * g.KW + j];
-                const int64_t ow_lo = std::max<int64_t>(0, g.pw - j);
-                const int64_t ow_hi = std::min(g.Wc, g.W + g.pw - j);
-                for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
-                  scalar_t* xr = dx + (oh + i - g.ph) * g.W + (j - g.pw);
-                  const scalar_t* dr = dc + oh * g.Wc;
-                  for (int64_t ow = ow_lo; ow < ow_hi; ++ow) xr[ow] += wv * dr[ow];
-                }
-              }
-            }
-          }
+  return d_c;
+}
+
+// One plane of d_x, image n and input channel ci, dx [H, W] (zero on entry): the
+// transposed convolution of d_c[n] (dcn [C, Hc, Wc]) with weight [C, Cin, KH, KW],
+//   dx[oh + i - ph, ow + j - pw] += weight[c, ci, i, j] d_c[n, c, oh, ow]
+// adding c, i, j, oh in order.
+template <typename scalar_t>
+FASTMETA_INLINE void image_d_x(const Geometry& g, const scalar_t* wp, const scalar_t* dcn,
+                               int64_t ci, scalar_t* dx) {
+  for (int64_t c = 0; c < g.C; ++c) {
+    const scalar_t* dc = dcn + c * g.Hc * g.Wc;
+    for (int64_t i = 0; i < g.KH; ++i) {
+      const int64_t oh_lo = std::max<int64_t>(0, g.ph - i);
+      const int64_t oh_hi = std::min(g.Hc, g.H + g.ph - i);
+      for (int64_t j = 0; j < g.KW; ++j) {
+        const scalar_t wv = wp[((c * g.Cin + ci) * g.KH + i) * g.KW + j];
+        const int64_t ow_lo = std::max<int64_t>(0, g.pw - j);
+        const int64_t ow_hi = std::min(g.Wc, g.W + g.pw - j);
+        for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
+          scalar_t* xr = dx + (oh + i - g.ph) * g.W + (j - g.pw);
+          const scalar_t* dr = dc + oh * g.Wc;
+          for (int64_t ow = ow_lo; ow < ow_hi; ++ow) xr[ow] += wv * dr[ow];
         }
-      });
-    });
+      }
+    }
   }
-  return {d_x, d_weight, d_bias, d_gamma, d_beta};
+}
+
+// d_x [N, Cin, H, W] by the transposed convolution of d_c [N, C, Hc, Wc] with weight:
+//   d_x[n, ci, h, w] = sum_c,i,j weight[c, ci, i, j] d_c[n, c, h - i + ph, w - j + pw]
+// parallel over the (n, ci) planes (image_d_x; deterministic).
+at::Tensor transposed_conv(const Geometry& g, const at::Tensor& weight, const at::Tensor& d_c,
+                           const at::Tensor& x) {
+  at::Tensor d_x = at::zeros_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_backward_x_cpu", [&] {
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    const scalar_t* dcp = d_c.const_data_ptr<scalar_t>();
+    scalar_t* dxp = d_x.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.N * g.Cin, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t task = b0; task < b1; ++task) {
+        const int64_t n = task / g.Cin, ci = task % g.Cin;
+        image_d_x(g, wp, dcp + n * g.C * g.Hc * g.Wc, ci, dxp + task * g.H * g.W);
+      }
+    });
+  });
+  return d_x;
+}
+
+}  // namespace
+
+// Returns (d_x [N, Cin, H, W] or empty, d_weight, d_bias, d_gamma, d_beta); window and
+// c_max are the forward's (used when need_x is false).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_block_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+    const at::Tensor& rstd, const at::Tensor& window, const at::Tensor& c_max, int64_t pad_h,
+    int64_t pad_w, bool need_x) {
+  const Geometry g = check_and_measure(x, weight, bias, gamma, beta, pad_h, pad_w);
+  check_backward_inputs(g, grad_out, x, mean, rstd);
+  const BackwardInputs in{grad_out, x, weight, bias, gamma, beta, mean, rstd};
+  const ParameterGrads grads{at::empty_like(weight), at::empty_like(bias), at::empty_like(gamma),
+                             at::empty_like(beta)};
+  if (g.N == 0) {  // sums over no example
+    return {need_x ? at::empty_like(x) : at::empty({0}, x.options()), grads.weight.zero_(),
+            grads.bias.zero_(), grads.gamma.zero_(), grads.beta.zero_()};
+  }
+  if (!need_x) {
+    sparse_parameter_grads(g, in, window, c_max, grads);
+    return {at::empty({0}, x.options()), grads.weight, grads.bias, grads.gamma, grads.beta};
+  }
+  const at::Tensor d_c = dense_parameter_grads(g, in, grads);
+  return {transposed_conv(g, weight, d_c, x), grads.weight, grads.bias, grads.gamma, grads.beta};
+}
+
+TORCH_LIBRARY_FRAGMENT(fastmeta_C, m) {
+  m.def(
+      "conv_block_forward(Tensor x, Tensor weight, Tensor bias, Tensor gamma, Tensor beta, "
+      "int pad_h, int pad_w, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "conv_block_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, "
+      "Tensor gamma, Tensor beta, Tensor mean, Tensor rstd, Tensor window, Tensor c_max, "
+      "int pad_h, int pad_w, bool need_x) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {

@@ -1,10 +1,14 @@
-// Coordinate-wise MLP on preprocessed gradients (Meta Networks' m and d), CPU.
+// Coordinate-wise MLP on preprocessed gradients (Meta Networks' m and d), CPU
+// (docs/kernel-math.md section 3; math in fastmeta/ops/gradient_mlp.py).
 //
 // Every coordinate is independent: u = preprocess(g) (2 values), s = W1 u + b1 (H),
 // y = w2 . relu(s) + b2. The hidden layer lives in registers; the backward
 // recomputes it. Parameter gradients are sums over all coordinates: each fixed
 // chunk of kChunk coordinates sums into its own row of partials (double), then the
 // rows are added in order, so the result is the same on any number of threads.
+//
+// The Python op checks arguments and gives users the error messages; these kernels
+// repeat cheap checks with TORCH_CHECK only so that they never index out of bounds.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -12,9 +16,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
 #include <vector>
-
-#include "../metanet.h"
 
 namespace fastmeta {
 namespace {
@@ -56,8 +59,8 @@ void check_parameters(const at::Tensor& grads, const at::Tensor& w1, const at::T
                       const at::Tensor& w2) {
   const int64_t H = w1.size(0);
   TORCH_CHECK(w1.dim() == 2 && w1.size(1) == 2 && b1.numel() == H && w2.numel() == H,
-              "gradient_mlp: w1 must be [H, 2] with b1, w2 [H], got ", w1.sizes(), ", ",
-              b1.sizes(), ", ", w2.sizes());
+              "gradient_mlp: w1 must be [H, 2] with b1, w2 [H], got ", w1.sizes(), ", ", b1.sizes(),
+              ", ", w2.sizes());
   TORCH_CHECK(grads.is_contiguous() && w1.is_contiguous() && b1.is_contiguous() &&
                   w2.is_contiguous(),
               "gradient_mlp: kernels take contiguous tensors");
@@ -68,6 +71,9 @@ void check_parameters(const at::Tensor& grads, const at::Tensor& w1, const at::T
 
 }  // namespace
 
+// y = w2 . relu(w1 u(g) + b1) + b2 for every element g of grads (any shape), with
+// u(g) the (log|g|/p, sign g) / (-1, e^p g) preprocessing. w1 [H, 2], b1 [H],
+// w2 [H], b2 [].
 at::Tensor gradient_mlp_forward_cpu(const at::Tensor& grads, const at::Tensor& w1,
                                     const at::Tensor& b1, const at::Tensor& w2,
                                     const at::Tensor& b2, double p) {
@@ -95,9 +101,12 @@ at::Tensor gradient_mlp_forward_cpu(const at::Tensor& grads, const at::Tensor& w
   return out;
 }
 
+// (d_grads (empty unless need_grads), d_w1, d_b1, d_w2, d_b2); the parameter
+// gradients are summed per fixed chunk of coordinates in double, then the chunks in
+// order, so results do not depend on the thread count.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_mlp_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& grads, const at::Tensor& w1,
-    const at::Tensor& b1, const at::Tensor& w2, double p, bool need_grads) {
+    const at::Tensor& grad_out, const at::Tensor& grads, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, double p, bool need_grads) {
   check_parameters(grads, w1, b1, w2);
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.sizes() == grads.sizes() &&
                   grad_out.scalar_type() == grads.scalar_type(),
@@ -154,6 +163,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_
   };
   return {d_grads, to_tensor(0, {H, 2}), to_tensor(2 * H, {H}), to_tensor(3 * H, {H}),
           to_tensor(4 * H, {})};
+}
+
+TORCH_LIBRARY_FRAGMENT(fastmeta_C, m) {
+  m.def(
+      "gradient_mlp_forward(Tensor grads, Tensor w1, Tensor b1, Tensor w2, Tensor b2, float p) "
+      "-> Tensor");
+  m.def(
+      "gradient_mlp_backward(Tensor grad_out, Tensor grads, Tensor w1, Tensor b1, Tensor w2, "
+      "float p, bool need_grads) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -30,8 +31,8 @@ constexpr int64_t kForwardGrain = 1 << 15;  // elements per parallel_for task
 constexpr int64_t kColumns = 16384;
 
 template <typename scalar_t>
-void forward_rows(const scalar_t* theta, const scalar_t* alpha, AlphaKind kind,
-                  const scalar_t* g, scalar_t* out, int64_t T, int64_t P) {
+void forward_rows(const scalar_t* theta, const scalar_t* alpha, AlphaKind kind, const scalar_t* g,
+                  scalar_t* out, int64_t T, int64_t P) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t a0 = kind == AlphaKind::kScalar ? acc_t(alpha[0]) : acc_t(0);
   at::parallel_for(0, T * P, kForwardGrain, [&](int64_t begin, int64_t end) {
@@ -71,8 +72,9 @@ double backward_chunk(const scalar_t* go, const scalar_t* alpha, const scalar_t*
     const scalar_t* gor = go + row;
     // Pointers that a variant does not use are never formed (the tensors may be empty).
     const scalar_t* gr = kNeedAlpha ? g + row : nullptr;
-    const scalar_t* a = kKind == AlphaKind::kScalar ? nullptr
-                        : alpha + (kKind == AlphaKind::kPerElement ? p0 : row);
+    const scalar_t* a = kKind == AlphaKind::kScalar
+                            ? nullptr
+                            : alpha + (kKind == AlphaKind::kPerElement ? p0 : row);
     scalar_t* dgr = kNeedG ? d_g + row : nullptr;
     scalar_t* dar = kNeedAlpha && kKind == AlphaKind::kPerTaskElement ? d_alpha + row : nullptr;
     for (int64_t j = 0; j < n; ++j) {
@@ -127,18 +129,20 @@ at::Tensor inner_update_forward_cpu(const at::Tensor& theta, const at::Tensor& a
   at::Tensor out = empty_cpu_large(g.sizes(), g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
                                   "inner_update_forward_cpu", [&] {
-    forward_rows<scalar_t>(theta.const_data_ptr<scalar_t>(), alpha.const_data_ptr<scalar_t>(),
-                           kind, g.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+    forward_rows<scalar_t>(theta.const_data_ptr<scalar_t>(), alpha.const_data_ptr<scalar_t>(), kind,
+                           g.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                            g.size(0), g.size(1));
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_update_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& alpha, const at::Tensor& g, bool need_g,
-    bool need_alpha) {
-  TORCH_CHECK(grad_out.sizes() == g.sizes(), "inner_update_backward: grad_out must be ",
-              g.sizes(), ", got ", grad_out.sizes());
+std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_update_backward_cpu(const at::Tensor& grad_out,
+                                                                         const at::Tensor& alpha,
+                                                                         const at::Tensor& g,
+                                                                         bool need_g,
+                                                                         bool need_alpha) {
+  TORCH_CHECK(grad_out.sizes() == g.sizes(), "inner_update_backward: grad_out must be ", g.sizes(),
+              ", got ", grad_out.sizes());
   const AlphaKind kind = check_inner_update(grad_out, alpha, g);
   const int64_t T = g.size(0), P = g.size(1);
   at::Tensor d_theta = at::empty({P}, g.options());
@@ -170,6 +174,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_update_backward_cpu(
     }
   });
   return {d_theta, d_g, d_alpha};
+}
+
+TORCH_LIBRARY_FRAGMENT(fastmeta_C, m) {
+  m.def("inner_update_forward(Tensor theta, Tensor alpha, Tensor g) -> Tensor");
+  m.def(
+      "inner_update_backward(Tensor grad_out, Tensor alpha, Tensor g, bool need_g, "
+      "bool need_alpha) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {

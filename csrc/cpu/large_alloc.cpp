@@ -85,8 +85,8 @@ at::Tensor empty_cpu_large(at::IntArrayRef sizes, const at::TensorOptions& optio
   const size_t rounded = (static_cast<size_t>(nbytes) + kRound - 1) / kRound * kRound;
   void* ptr = pool().get(rounded);
   if (ptr == nullptr) return at::empty(sizes, options);  // let ATen report the failure
-  at::Tensor out = at::from_blob(
-      ptr, sizes, [rounded](void* p) { pool().put(p, rounded); }, options);
+  at::Tensor out =
+      at::from_blob(ptr, sizes, [rounded](void* p) { pool().put(p, rounded); }, options);
   const auto& ctx = at::globalContext();
   if (ctx.deterministicAlgorithms() && ctx.deterministicFillUninitializedMemory() &&
       out.is_floating_point()) {

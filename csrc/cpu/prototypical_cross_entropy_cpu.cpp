@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "../protonet.h"
@@ -51,12 +52,11 @@ namespace {
 constexpr int64_t kRowsPerTask = 64;  // rows per column-sum partial (fixed: deterministic)
 constexpr int64_t kChunkBytes = int64_t(8) << 20;  // the most of G the backward holds
 
-void check_shapes(const at::Tensor& queries, const at::Tensor& prototypes,
-                  const at::Tensor& labels, const at::Tensor& tau) {
+void check_shapes(const at::Tensor& queries, const at::Tensor& prototypes, const at::Tensor& labels,
+                  const at::Tensor& tau) {
   check_queries_prototypes("prototypical_cross_entropy", queries, prototypes);
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() &&
-                  labels.dim() == 2 && labels.size(0) == queries.size(0) &&
-                  labels.size(1) == queries.size(1),
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.dim() == 2 &&
+                  labels.size(0) == queries.size(0) && labels.size(1) == queries.size(1),
               "prototypical_cross_entropy: labels must be contiguous int64 [B, M], got ",
               labels.sizes());
   TORCH_CHECK(tau.dim() == 0 && tau.scalar_type() == queries.scalar_type(),
@@ -70,9 +70,9 @@ void check_shapes(const at::Tensor& queries, const at::Tensor& prototypes,
 // contiguous vector loop, so that C = 5 vectorizes as well as C = 1000); then per
 // row the sum and the normalization.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-FASTMETA_SIMD_CLONES void softmax_rows(scalar_t* z, const acc_t* norms, const int64_t* y,
-                                       int64_t M, int64_t C, acc_t t, int64_t begin,
-                                       int64_t end, scalar_t* loss, int64_t* pred) {
+FASTMETA_SIMD_CLONES void softmax_rows(scalar_t* z, const acc_t* norms, const int64_t* y, int64_t M,
+                                       int64_t C, acc_t t, int64_t begin, int64_t end,
+                                       scalar_t* loss, int64_t* pred) {
   constexpr int64_t kBlockElements = 4096, kMaxBlockRows = 256;
   const int64_t block_rows = std::clamp<int64_t>(kBlockElements / C, 1, kMaxBlockRows);
   acc_t label_shifted[kMaxBlockRows];  // z'_{y_r} - max_r
@@ -126,9 +126,9 @@ constexpr int64_t kLaneClasses = 16, kLaneRows = 64;
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 FASTMETA_SIMD_CLONES void softmax_rows_few_classes(scalar_t* z, const acc_t* norms,
-                                                   const int64_t* y, int64_t M, int64_t C,
-                                                   acc_t t, int64_t begin, int64_t end,
-                                                   scalar_t* loss, int64_t* pred) {
+                                                   const int64_t* y, int64_t M, int64_t C, acc_t t,
+                                                   int64_t begin, int64_t end, scalar_t* loss,
+                                                   int64_t* pred) {
   acc_t T[kLaneClasses][kLaneRows];  // T[k][i] = z'[r0 + i, k], then its exp
   acc_t best[kLaneRows], sum[kLaneRows], label_shifted[kLaneRows];
   int64_t arg[kLaneRows];
@@ -209,6 +209,8 @@ void check_label_range(const char* op, const at::Tensor& labels, int64_t C) {
 
 }  // namespace
 
+// Cross-entropy of the logits z = -tau ||q - c||^2 over the classes:
+// returns (losses [B, M], predictions [B, M] int64, softmax [B, M, C]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_forward_cpu(
     const at::Tensor& queries, const at::Tensor& prototypes, const at::Tensor& labels,
     const at::Tensor& tau) {
@@ -240,6 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_forwar
   return {losses, predictions, softmax};
 }
 
+// Given grad_losses [B, M] and the forward's softmax: (d_queries, d_prototypes, d_tau).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backward_cpu(
     const at::Tensor& grad_losses, const at::Tensor& queries, const at::Tensor& prototypes,
     const at::Tensor& labels, const at::Tensor& tau, const at::Tensor& softmax) {
@@ -298,9 +301,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backwa
         for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
           const int64_t m1 = std::min(M, m0 + chunk_rows);
           at::parallel_for(m0 / kRowsPerTask, (m1 + kRowsPerTask - 1) / kRowsPerTask,
-                           grain_for(kRowsPerTask * C), [&](int64_t begin, int64_t end) {
-            fill(b, m0, m1, g, begin, end);
-          });
+                           grain_for(kRowsPerTask * C),
+                           [&](int64_t begin, int64_t end) { fill(b, m0, m1, g, begin, end); });
           const at::Tensor g_rows = G.narrow(0, 0, m1 - m0);
           at::Tensor dq = d_queries[b].narrow(0, m0, m1 - m0), gtq = d_prototypes[b];
           at::addmm_out(dq, dq, g_rows, prototypes[b], /*beta=*/0, /*alpha=*/2 * t);
@@ -332,6 +334,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backwa
     d_tau = at::empty({}, queries.options()).fill_(dt);
   });
   return {d_queries, d_prototypes, d_tau};
+}
+
+TORCH_LIBRARY_FRAGMENT(fastmeta_C, m) {
+  m.def(
+      "prototypical_cross_entropy_forward(Tensor queries, Tensor prototypes, Tensor labels, "
+      "Tensor tau) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "prototypical_cross_entropy_backward(Tensor grad_losses, Tensor queries, Tensor prototypes, "
+      "Tensor labels, Tensor tau, Tensor softmax) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {

@@ -25,8 +25,10 @@ constexpr double kRefine = std::is_same_v<scalar_t, double> ? 1e-6 : 1e-2;
 
 }  // namespace
 
-at::Tensor squared_distances_forward_cpu(const at::Tensor& queries,
-                                         const at::Tensor& prototypes) {
+// ||q_m - c_k||^2 [B, M, C]: one GEMM plus a fused pass; entries where the GEMM
+// form cancels (near-identical points) are recomputed directly, so identical
+// points give exactly 0 and no entry is negative.
+at::Tensor squared_distances_forward_cpu(const at::Tensor& queries, const at::Tensor& prototypes) {
   check_queries_prototypes("squared_distances", queries, prototypes);
   const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
   const int64_t D = queries.size(2);
@@ -37,8 +39,7 @@ at::Tensor squared_distances_forward_cpu(const at::Tensor& queries,
     const scalar_t* q = queries.const_data_ptr<scalar_t>();
     const scalar_t* c = prototypes.const_data_ptr<scalar_t>();
     scalar_t* d = dist.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * M, grain_for(C),
-                     [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * M, grain_for(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / M;
         const scalar_t* qr = q + r * D;
@@ -60,6 +61,10 @@ at::Tensor squared_distances_forward_cpu(const at::Tensor& queries,
     });
   });
   return dist;
+}
+
+TORCH_LIBRARY_FRAGMENT(fastmeta_C, m) {
+  m.def("squared_distances_forward(Tensor queries, Tensor prototypes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta_C, CPU, m) {

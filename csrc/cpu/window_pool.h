@@ -24,11 +24,10 @@ std::pair<scalar_t, scalar_t> batch_norm_affine(scalar_t mean, scalar_t rstd, sc
 // max_pool2d does (a NaN wins), into out[k], where it is (ab) into window[k] and the
 // conv value there into c_max[k].
 template <typename scalar_t>
-FASTMETA_INLINE void pool_windows(const scalar_t* P, int64_t runs, scalar_t scale,
-                                  scalar_t shift, scalar_t* out, uint8_t* window,
-                                  scalar_t* c_max) {
+FASTMETA_INLINE void pool_windows(const scalar_t* P, int64_t runs, scalar_t scale, scalar_t shift,
+                                  scalar_t* out, uint8_t* window, scalar_t* c_max) {
   const scalar_t zero = 0;
-_Pragma("omp simd")
+  _Pragma("omp simd")
   for (int64_t k = 0; k < runs; ++k) {
     scalar_t best = 0, best_c = 0;
     int32_t where = 0;

@@ -31,7 +31,6 @@
 #include <algorithm>
 #include <limits>
 
-#include "../protonet.h"
 #include "protonet_cuda.cuh"
 
 namespace fastmeta {
@@ -63,8 +62,8 @@ __global__ void segments_kernel(const int64_t* __restrict__ sorted, int64_t* __r
     const int64_t* y = sorted + b * S;
     const int64_t start = lower_bound(y, S, j);
     offsets[t] = start;
-    const bool bad = j == 0 ? S > 0 && (y[0] < 0 || y[S - 1] >= C)
-                            : start == lower_bound(y, S, j - 1);
+    const bool bad =
+        j == 0 ? S > 0 && (y[0] < 0 || y[S - 1] >= C) : start == lower_bound(y, S, j - 1);
     if (bad) {
       atomicMin(reinterpret_cast<long long*>(first_error), static_cast<long long>(t));
     }
@@ -150,8 +149,8 @@ template <typename scalar_t>
 __global__ void prototypes_backward_kernel(const scalar_t* __restrict__ grad,
                                            const int64_t* __restrict__ labels,
                                            const int64_t* __restrict__ offsets,
-                                           scalar_t* __restrict__ d_support, int64_t S,
-                                           int64_t C, int64_t D, int64_t rows) {
+                                           scalar_t* __restrict__ d_support, int64_t S, int64_t C,
+                                           int64_t D, int64_t rows) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {  // r = b * S + i
     const int64_t b = r / S, k = labels[r];
@@ -188,8 +187,8 @@ at::Tensor class_prototypes_forward_cuda(const at::Tensor& support, const at::Te
     prototypes_forward_kernel<scalar_t>
         <<<launch.grid, launch.threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             support.const_data_ptr<scalar_t>(), segments.perm.const_data_ptr<int64_t>(),
-            segments.offsets.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), S, C,
-            D, B * C);
+            segments.offsets.const_data_ptr<int64_t>(), out.mutable_data_ptr<scalar_t>(), S, C, D,
+            B * C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -211,8 +210,8 @@ at::Tensor class_prototypes_backward_cuda(const at::Tensor& grad, const at::Tens
     prototypes_backward_kernel<scalar_t>
         <<<launch.grid, launch.threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             grad.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(),
-            segments.offsets.const_data_ptr<int64_t>(), d_support.mutable_data_ptr<scalar_t>(),
-            S, C, D, B * S);
+            segments.offsets.const_data_ptr<int64_t>(), d_support.mutable_data_ptr<scalar_t>(), S,
+            C, D, B * S);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return d_support;

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 
 #include "../inner_update.h"
 #include "sum_to_scalar.cuh"
@@ -30,9 +31,8 @@ constexpr int64_t kMaxGridY = 65535;
 
 template <typename scalar_t, AlphaKind kKind>
 __global__ void forward_kernel(const scalar_t* __restrict__ theta,
-                               const scalar_t* __restrict__ alpha,
-                               const scalar_t* __restrict__ g, scalar_t* __restrict__ out,
-                               int64_t T, int64_t P) {
+                               const scalar_t* __restrict__ alpha, const scalar_t* __restrict__ g,
+                               scalar_t* __restrict__ out, int64_t T, int64_t P) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t a0 = kKind == AlphaKind::kScalar ? acc_t(alpha[0]) : acc_t(0);
   const int64_t tile = int64_t(blockDim.x) * kUnroll;
@@ -56,8 +56,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ theta,
 // d_g and d_alpha may be null (not needed). partials[gridDim.x] receives each
 // block's sum of g * go when alpha is a scalar.
 template <typename scalar_t, AlphaKind kKind>
-__global__ void backward_kernel(const scalar_t* __restrict__ go,
-                                const scalar_t* __restrict__ alpha,
+__global__ void backward_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ alpha,
                                 const scalar_t* __restrict__ g, scalar_t* __restrict__ d_theta,
                                 scalar_t* __restrict__ d_g, scalar_t* __restrict__ d_alpha,
                                 double* __restrict__ partials, int64_t T, int64_t P) {
@@ -141,16 +140,16 @@ at::Tensor inner_update_forward_cuda(const at::Tensor& theta, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_update_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& alpha, const at::Tensor& g, bool need_g,
     bool need_alpha) {
-  TORCH_CHECK(grad_out.sizes() == g.sizes(), "inner_update_backward: grad_out must be ",
-              g.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.sizes() == g.sizes(), "inner_update_backward: grad_out must be ", g.sizes(),
+              ", got ", grad_out.sizes());
   const AlphaKind kind = check_inner_update(grad_out, alpha, g);
   const c10::cuda::CUDAGuard guard(g.device());
   const int64_t T = g.size(0), P = g.size(1);
   at::Tensor d_theta = at::empty({P}, g.options());
   at::Tensor d_g = need_g ? at::empty_like(g) : at::empty({0}, g.options());
   at::Tensor d_alpha = need_alpha ? at::empty_like(alpha) : at::empty({0}, g.options());
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((P + kThreads - 1) / kThreads,
-                                                                INT32_MAX));
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>((P + kThreads - 1) / kThreads, INT32_MAX));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
                                   "inner_update_backward_cuda", [&] {

@@ -27,8 +27,8 @@ constexpr int64_t kMaxGridY = 65535;  // also the limit of gridDim.z
 // ceil(work / per_block) blocks, at least 1 and at most max_blocks (kernels that
 // take the result loop grid-stride, so the cap is only a launch limit).
 inline unsigned grid_blocks(int64_t work, int64_t per_block, int64_t max_blocks = kMaxGridX) {
-  return static_cast<unsigned>(std::clamp<int64_t>((work + per_block - 1) / per_block, 1,
-                                                   max_blocks));
+  return static_cast<unsigned>(
+      std::clamp<int64_t>((work + per_block - 1) / per_block, 1, max_blocks));
 }
 
 // Sum over the 32 lanes of a warp (all lanes active). The butterfly has a fixed
@@ -67,8 +67,8 @@ template <typename scalar_t>
 at::Tensor row_squared_norms(const at::Tensor& x) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = x.size(0) * x.size(1);
-  at::Tensor norms = at::empty({x.size(0), x.size(1)},
-                               x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor norms =
+      at::empty({x.size(0), x.size(1)}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   if (rows == 0) return norms;
   row_squared_norms_kernel<scalar_t>
       <<<grid_blocks(rows, kWarpsPerBlock), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(

@@ -40,6 +40,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <tuple>
 
 #include "../protonet.h"
 #include "protonet_cuda.cuh"
@@ -55,9 +56,9 @@ constexpr int64_t kRowsPerChunk = 64;  // rows per column-sum partial (fixed: de
 void check_ce_args(const at::Tensor& queries, const at::Tensor& prototypes,
                    const at::Tensor& labels, const at::Tensor& tau) {
   check_queries_prototypes("prototypical_cross_entropy", queries, prototypes);
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() &&
-                  labels.dim() == 2 && labels.size(0) == queries.size(0) &&
-                  labels.size(1) == queries.size(1) && labels.device() == queries.device(),
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.dim() == 2 &&
+                  labels.size(0) == queries.size(0) && labels.size(1) == queries.size(1) &&
+                  labels.device() == queries.device(),
               "prototypical_cross_entropy: labels must be contiguous int64 [B, M] on ",
               queries.device(), ", got ", labels.sizes(), " on ", labels.device());
   TORCH_CHECK(tau.dim() == 0 && tau.scalar_type() == queries.scalar_type() &&
@@ -71,8 +72,7 @@ template <typename scalar_t>
 __global__ void ce_forward_kernel(scalar_t* __restrict__ z,
                                   const at::opmath_type<scalar_t>* __restrict__ cn,
                                   const int64_t* __restrict__ labels,
-                                  const scalar_t* __restrict__ tau,
-                                  scalar_t* __restrict__ losses,
+                                  const scalar_t* __restrict__ tau, scalar_t* __restrict__ losses,
                                   int64_t* __restrict__ predictions, int64_t rows, int64_t M,
                                   int64_t C) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -105,8 +105,8 @@ __global__ void ce_forward_kernel(scalar_t* __restrict__ z,
     const acc_t lse = best + ::log(warp_sum(sum));
     const bool valid = y >= 0 && y < C;
     if (valid ? y % kWarpSize == lane : lane == 0) {
-      losses[r] = valid ? static_cast<scalar_t>(lse - z_y)
-                        : std::numeric_limits<scalar_t>::quiet_NaN();
+      losses[r] =
+          valid ? static_cast<scalar_t>(lse - z_y) : std::numeric_limits<scalar_t>::quiet_NaN();
     }
     if (lane == 0) predictions[r] = arg;
     for (int64_t k = lane; k < C; k += kWarpSize) {
@@ -121,8 +121,7 @@ __global__ void ce_forward_kernel(scalar_t* __restrict__ z,
 template <typename scalar_t>
 __global__ void grad_logits_kernel(const scalar_t* __restrict__ softmax,
                                    const scalar_t* __restrict__ go,
-                                   const int64_t* __restrict__ labels,
-                                   scalar_t* __restrict__ G,
+                                   const int64_t* __restrict__ labels, scalar_t* __restrict__ G,
                                    at::opmath_type<scalar_t>* __restrict__ partials, int64_t B,
                                    int64_t M, int64_t C, int64_t chunks) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -137,8 +136,8 @@ __global__ void grad_logits_kernel(const scalar_t* __restrict__ softmax,
       if (k < C) {
         for (int64_t m = m0 + threadIdx.y; m < m1; m += kRowGroups) {
           const int64_t r = b * M + m, y = labels[r];
-          const acc_t scale = y >= 0 && y < C ? acc_t(go[r])
-                                              : std::numeric_limits<acc_t>::quiet_NaN();
+          const acc_t scale =
+              y >= 0 && y < C ? acc_t(go[r]) : std::numeric_limits<acc_t>::quiet_NaN();
           const acc_t v = (acc_t(softmax[r * C + k]) - acc_t(k == y)) * scale;
           G[r * C + k] = static_cast<scalar_t>(v);
           sum += v;
@@ -240,8 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backwa
   const int64_t D = queries.size(2);
   TORCH_CHECK(softmax.sizes() == at::IntArrayRef({B, M, C}) && softmax.is_contiguous() &&
                   softmax.scalar_type() == queries.scalar_type() &&
-                  softmax.device() == queries.device() &&
-                  grad_losses.sizes() == labels.sizes() && grad_losses.is_contiguous() &&
+                  softmax.device() == queries.device() && grad_losses.sizes() == labels.sizes() &&
+                  grad_losses.is_contiguous() &&
                   grad_losses.scalar_type() == queries.scalar_type() &&
                   grad_losses.device() == queries.device(),
               "prototypical_cross_entropy_backward: softmax [B, M, C] and grad_losses [B, M] "
@@ -251,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backwa
   const int64_t chunks = (M + kRowsPerChunk - 1) / kRowsPerChunk;
   at::Tensor d_queries, d_prototypes;
   at::Tensor d_tau = at::empty({}, queries.options());
-  AT_DISPATCH_FLOATING_TYPES(
-      queries.scalar_type(), "prototypical_cross_entropy_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "prototypical_cross_entropy_backward_cuda",
+                             [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor G = at::empty({B, M, C}, queries.options());
     at::Tensor partials =
@@ -270,12 +269,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backwa
     const int64_t rows = B * M + B * C;
     at::Tensor terms = at::empty({rows}, queries.options().dtype(at::kDouble));
     if (rows > 0) {
-      backward_epilogue_kernel<scalar_t><<<grid_blocks(rows, kWarpsPerBlock), kThreads, 0,
-                                           stream>>>(
-          queries.const_data_ptr<scalar_t>(), prototypes.const_data_ptr<scalar_t>(),
-          tau.const_data_ptr<scalar_t>(), partials.const_data_ptr<acc_t>(),
-          d_queries.mutable_data_ptr<scalar_t>(), d_prototypes.mutable_data_ptr<scalar_t>(),
-          terms.mutable_data_ptr<double>(), B, M, C, D, chunks);
+      backward_epilogue_kernel<scalar_t>
+          <<<grid_blocks(rows, kWarpsPerBlock), kThreads, 0, stream>>>(
+              queries.const_data_ptr<scalar_t>(), prototypes.const_data_ptr<scalar_t>(),
+              tau.const_data_ptr<scalar_t>(), partials.const_data_ptr<acc_t>(),
+              d_queries.mutable_data_ptr<scalar_t>(), d_prototypes.mutable_data_ptr<scalar_t>(),
+              terms.mutable_data_ptr<double>(), B, M, C, D, chunks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     sum_to_scalar_kernel<scalar_t><<<1, kSumThreads, 0, stream>>>(

@@ -78,8 +78,7 @@ __global__ void distances_epilogue_kernel(scalar_t* __restrict__ dist,
 
 }  // namespace
 
-at::Tensor squared_distances_forward_cuda(const at::Tensor& queries,
-                                          const at::Tensor& prototypes) {
+at::Tensor squared_distances_forward_cuda(const at::Tensor& queries, const at::Tensor& prototypes) {
   check_queries_prototypes("squared_distances", queries, prototypes);
   const c10::cuda::CUDAGuard guard(queries.device());
   const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
