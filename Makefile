@@ -19,24 +19,32 @@ demo: $(VENV)/.built
 test: $(VENV)/.built
 	$(PY) -m pytest -q tests
 
-# ruff's lint rules (pyproject.toml [tool.ruff]) over the whole tree, then clang-format
-# (.clang-format) over csrc/: it fails on any file it would reformat (fix: `clang-format
-# -i` on the file). clang-format is pinned: its versions format differently.
+# ruff's lint rules and its formatter in check mode (pyproject.toml [tool.ruff]) over the
+# whole tree (fix: `ruff format`), clang-format (.clang-format) over csrc/: it fails on any
+# file it would reformat (fix: `clang-format -i` on the file), then mypy on the op layer
+# (pyproject.toml [tool.mypy]). The formatters and mypy are pinned: versions differ.
 CLANG_FORMAT_VERSION := 23.1.5
+MYPY_VERSION := 2.4.1
+RUFF_VERSION := 0.17.6
 CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 lint: $(VENV)/.deps
-	@$(PY) -m ruff --version > /dev/null 2>&1 || $(PY) -m pip install -q ruff
+	@$(PY) -m ruff --version 2> /dev/null | grep -q " $(RUFF_VERSION)$$" \
+		|| $(PY) -m pip install -q "ruff==$(RUFF_VERSION)"
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	@$(VENV)/bin/clang-format --version 2> /dev/null | grep -q " $(CLANG_FORMAT_VERSION)\b" \
 		|| $(PY) -m pip install -q "clang-format==$(CLANG_FORMAT_VERSION)"
 	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+	@$(PY) -m mypy --version 2> /dev/null | grep -q " $(MYPY_VERSION)\b" \
+		|| $(PY) -m pip install -q "mypy==$(MYPY_VERSION)"
+	$(PY) -m mypy
 
 build: $(VENV)/.built
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "torch>=2.6" numpy pytest ninja pillow matplotlib ruff \
-		"clang-format==$(CLANG_FORMAT_VERSION)" "setuptools>=64" wheel
+	$(PY) -m pip install -q "torch>=2.6" numpy pytest ninja pillow matplotlib "ruff==$(RUFF_VERSION)" \
+		"clang-format==$(CLANG_FORMAT_VERSION)" "mypy==$(MYPY_VERSION)" "setuptools>=64" wheel
 	touch $@
 
 # The build log keeps every compiler line; the summary shows each source compiled.

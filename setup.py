@@ -60,8 +60,10 @@ def _extension():
         return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-    print(f"fastmeta: building CPU and CUDA kernels (CUDA_HOME={_cuda_home}, "
-          f"archs={os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPU')})")
+    print(
+        f"fastmeta: building CPU and CUDA kernels (CUDA_HOME={_cuda_home}, "
+        f"archs={os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPU')})"
+    )
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension(
         sources=sources + sorted(glob.glob("csrc/cuda/*.cu")),

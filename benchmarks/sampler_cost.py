@@ -43,8 +43,10 @@ def main() -> None:
     rows = torch.randint(0, len(x), (32 * 5 * 16,), device=device)
     sample = median_us(sampler.sample, args.repeats, device)
     gather = median_us(lambda: x.index_select(0, rows), args.repeats, device)
-    print(f"{device}, {args.threads} threads, median of {args.repeats}: sample() {sample:.0f} us, "
-          f"index_select of the same {len(rows)} rows alone {gather:.0f} us")
+    print(
+        f"{device}, {args.threads} threads, median of {args.repeats}: sample() {sample:.0f} us, "
+        f"index_select of the same {len(rows)} rows alone {gather:.0f} us"
+    )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """fastmeta: fused Triton and C++/CUDA kernels for meta-learning.
 
-    import fastmeta
-    print(fastmeta.backends())          # what was built, what runs here
-    out = fastmeta.inner_update(theta, 0.4, grads)   # [P], lr, [T, P] -> [T, P]
-    loss, acc = fastmeta.functional.prototypical_loss(support, ys, queries, yq, num_classes)
-    model = fastmeta.ProtoNet(encoder)                # logits / loss from raw episodes
-    metanet = fastmeta.MetaNetwork(ways=5)            # Meta Networks, conv4 for 28x28
-    maml = fastmeta.MAML(model, lr=0.4)              # learner = maml.adapt_batch(xs, ys, loss_fn)
-    with fastmeta.use_backend("reference"):          # force a backend
-        ...
+import fastmeta
+print(fastmeta.backends())          # what was built, what runs here
+out = fastmeta.inner_update(theta, 0.4, grads)   # [P], lr, [T, P] -> [T, P]
+loss, acc = fastmeta.functional.prototypical_loss(support, ys, queries, yq, num_classes)
+model = fastmeta.ProtoNet(encoder)                # logits / loss from raw episodes
+metanet = fastmeta.MetaNetwork(ways=5)            # Meta Networks, conv4 for 28x28
+maml = fastmeta.MAML(model, lr=0.4)              # learner = maml.adapt_batch(xs, ys, loss_fn)
+with fastmeta.use_backend("reference"):          # force a backend
+    ...
 """
 
 from fastmeta import functional

@@ -53,8 +53,9 @@ _defaults: dict[tuple, _Default] = {}
 _fallbacks_seen: dict[tuple[str, str, torch.dtype], str] = {}  # (op, device type, dtype) -> why
 
 
-def register_op(name: str, backends: tuple[str, ...],
-                dtypes: dict[str, tuple[torch.dtype, ...]] | None = None) -> None:
+def register_op(
+    name: str, backends: tuple[str, ...], dtypes: dict[str, tuple[torch.dtype, ...]] | None = None
+) -> None:
     """Declares an op, the backends that implement it and, where a backend takes
     only some dtypes, which (called by fastmeta.ops.declaration.OpDeclaration)."""
     _OPS[name] = tuple(backends)
@@ -64,7 +65,7 @@ def register_op(name: str, backends: tuple[str, ...],
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """"float32" for torch.float32."""
+    """ "float32" for torch.float32."""
     return str(dtype).replace("torch.", "")
 
 
@@ -83,8 +84,11 @@ def fallback_reason(op: str, device_type: str, dtype) -> str | None:
     the op has a fused backend usable on that device type here (e.g. "cpu: its
     class_prototypes kernels take float32, float64"); None when a fused backend takes
     the call or none runs on that device type here."""
-    fused = [b for b in DEFAULT_PREFERENCE.get(device_type, ())
-             if b != "reference" and b in _OPS[op] and unavailable_reason(b, device_type) is None]
+    fused = [
+        b
+        for b in DEFAULT_PREFERENCE.get(device_type, ())
+        if b != "reference" and b in _OPS[op] and unavailable_reason(b, device_type) is None
+    ]
     reasons = {b: op_unavailable_reason(op, b, device_type, dtype) for b in fused}
     if not reasons or None in reasons.values():
         return None
@@ -159,14 +163,19 @@ def _default(op: str, device_type: str, dtype) -> _Default:
     found = _defaults.get(key)
     if found is None:
         preference = DEFAULT_PREFERENCE.get(device_type, ("reference",))
-        usable = tuple(b for b in preference
-                       if op_unavailable_reason(op, b, device_type, dtype) is None)
+        usable = tuple(
+            b for b in preference if op_unavailable_reason(op, b, device_type, dtype) is None
+        )
         found = _defaults[key] = _Default(usable, fallback_reason(op, device_type, dtype))
     return found
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype,
-           race: "Callable[[], racing.Race] | None" = None) -> str:
+def select(
+    op: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    race: "Callable[[], racing.Race] | None" = None,
+) -> str:
     """The backend that runs `op` for inputs on `device` with `dtype` (and records it).
 
     With `race` (ops whose GPU backends differ in speed by shape: a function that
@@ -177,8 +186,11 @@ def select(op: str, device: torch.device, dtype: torch.dtype,
     forced = forced_backend()
     if forced is not None:
         name, source = forced
-        reason = (unavailable_reason(name) if name not in BACKENDS
-                  else op_unavailable_reason(op, name, device.type, dtype))
+        reason = (
+            unavailable_reason(name)
+            if name not in BACKENDS
+            else op_unavailable_reason(op, name, device.type, dtype)
+        )
         if reason is not None:
             raise BackendUnavailableError(
                 f"fastmeta backend {name!r} (forced by {source}) cannot run {op} on "

@@ -64,8 +64,9 @@ class Ranks:
     def share(self, tasks: int) -> slice:
         """This rank's contiguous slice of a batch of `tasks` tasks; empty on some ranks
         when tasks < world_size."""
-        return slice(self.rank * tasks // self.world_size,
-                     (self.rank + 1) * tasks // self.world_size)
+        return slice(
+            self.rank * tasks // self.world_size, (self.rank + 1) * tasks // self.world_size
+        )
 
     def weight(self, tasks: int) -> float:
         """T_r / T: the factor of this rank's mean loss in the batch's mean loss."""
@@ -107,12 +108,14 @@ class Ranks:
         except PeerLostError:
             raise
         except RuntimeError as error:
-            raise PeerLostError(f"rank {self.rank} of {self.world_size} lost contact with its "
-                                f"peers during {what} ({_first_sentence(error)})") from None
+            raise PeerLostError(
+                f"rank {self.rank} of {self.world_size} lost contact with its "
+                f"peers during {what} ({_first_sentence(error)})"
+            ) from None
 
 
 def _first_sentence(error: Exception) -> str:
-    """"Connection closed by peer [127.0.0.1]:4242" from gloo's "[.../pair.cc:561]
+    """ "Connection closed by peer [127.0.0.1]:4242" from gloo's "[.../pair.cc:561]
     Connection closed by peer [127.0.0.1]:4242. This is typically caused by ..."."""
     text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip())
     return text.split("\n")[0].split(". ")[0].rstrip(".") or type(error).__name__
@@ -122,8 +125,10 @@ def _env_int(name: str, default: int | None = None) -> int:
     text = os.environ.get(name)
     if text is None:
         if default is None:
-            raise ValueError(f"${name} is not set: launch the ranks with torchrun, or set "
-                             f"RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
+            raise ValueError(
+                f"${name} is not set: launch the ranks with torchrun, or set "
+                f"RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
+            )
         return default
     try:
         return int(text)
@@ -165,12 +170,17 @@ def launch(device: str | torch.device, timeout: float) -> Iterator[Ranks]:
     # and abort the exiting process ("terminate called without an active exception").
     # fastmeta's ops import it on first use anyway.
     importlib.import_module("torch._dynamo")
-    where = f"start-up (rendezvous at {os.environ.get('MASTER_ADDR')}:" \
-            f"{os.environ.get('MASTER_PORT')})"
+    where = (
+        f"start-up (rendezvous at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})"
+    )
     with ranks.collective(where):
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
     try:
         yield ranks
     except PeerLostError:
@@ -213,8 +223,9 @@ class GradientReducer:
     it does nothing. All ranks must build the same parameters in the same order.
     """
 
-    def __init__(self, parameters: Iterable[nn.Parameter], ranks: Ranks,
-                 bucket_mb: float = BUCKET_MB):
+    def __init__(
+        self, parameters: Iterable[nn.Parameter], ranks: Ranks, bucket_mb: float = BUCKET_MB
+    ):
         self.ranks = ranks
         self._buckets: list[_Bucket] = []
         self._started = 0  # buckets started in this backward, a prefix of _buckets
@@ -235,8 +246,9 @@ class GradientReducer:
     def _arrived(self, index: int, param: nn.Parameter) -> None:
         bucket = self._buckets[index]
         if id(param) not in bucket.pending:
-            raise RuntimeError("GradientReducer: a second backward before wait(); call "
-                               "wait() after each backward")
+            raise RuntimeError(
+                "GradientReducer: a second backward before wait(); call wait() after each backward"
+            )
         bucket.pending.remove(id(param))
         while self._started < len(self._buckets) and not self._buckets[self._started].pending:
             self._start(self._buckets[self._started])
@@ -245,8 +257,9 @@ class GradientReducer:
         """Flattens the bucket's gradients (zeros where none) and their presence flags
         into one buffer and starts its all-reduce."""
         first, numels = bucket.params[0], bucket.numels
-        bucket.buffer = torch.zeros(sum(numels) + len(numels), dtype=first.dtype,
-                                    device=first.device)
+        bucket.buffer = torch.zeros(
+            sum(numels) + len(numels), dtype=first.dtype, device=first.device
+        )
         grads, present = bucket.buffer.split((sum(numels), len(numels)))
         for param, flat, flag in zip(bucket.params, grads.split(numels), present):
             if param.grad is not None:

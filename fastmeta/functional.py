@@ -1,14 +1,14 @@
 """Functional API. Episodes are batched [B, ...]; 2-D (unbatched) input works too.
 
-    class_prototypes(support [B,S,D], labels [B,S], num_classes)        -> [B, C, D]
-    squared_distances(queries [B,M,D], prototypes [B,C,D])              -> [B, M, C]
-    cosine_similarities(queries [B,M,D], prototypes [B,C,D], eps=1e-8)  -> [B, M, C]
-    prototypical_loss(support, support_labels, queries, query_labels,
-                      num_classes, tau=1.0, reduction="mean")           -> (loss, accuracy)
-    prototypical_cross_entropy(prototypes, queries, query_labels, tau=1.0,
-                               reduction="mean")                        -> loss
-    get_prototypes = class_prototypes (torchmeta's name and argument order)
-    inner_update(theta [P], alpha, g [T,P])                             -> [T, P]
+class_prototypes(support [B,S,D], labels [B,S], num_classes)        -> [B, C, D]
+squared_distances(queries [B,M,D], prototypes [B,C,D])              -> [B, M, C]
+cosine_similarities(queries [B,M,D], prototypes [B,C,D], eps=1e-8)  -> [B, M, C]
+prototypical_loss(support, support_labels, queries, query_labels,
+                  num_classes, tau=1.0, reduction="mean")           -> (loss, accuracy)
+prototypical_cross_entropy(prototypes, queries, query_labels, tau=1.0,
+                           reduction="mean")                        -> loss
+get_prototypes = class_prototypes (torchmeta's name and argument order)
+inner_update(theta [P], alpha, g [T,P])                             -> [T, P]
 """
 
 import torch
@@ -46,8 +46,9 @@ def squared_distances(queries: Tensor, prototypes: Tensor) -> Tensor:
     """||q - c||^2 for every query and prototype: [B, M, D], [B, C, D] -> [B, M, C]
     (or 2-D -> [M, C]). Exactly 0 for identical points, never negative."""
     op = "fastmeta.squared_distances"
-    out = squared_distances_op(_batched(op, "queries", queries, 2),
-                               _batched(op, "prototypes", prototypes, 2))
+    out = squared_distances_op(
+        _batched(op, "queries", queries, 2), _batched(op, "prototypes", prototypes, 2)
+    )
     return out if queries.dim() == 3 else out[0]
 
 
@@ -55,8 +56,9 @@ def cosine_similarities(queries: Tensor, prototypes: Tensor, eps: float = 1e-8) 
     """q . c / (max(||q||, eps) max(||c||, eps)) for every query and prototype:
     [B, M, D], [B, C, D] -> [B, M, C] (or 2-D -> [M, C]). A zero row gives 0."""
     op = "fastmeta.cosine_similarities"
-    out = cosine_similarities_op(_batched(op, "queries", queries, 2),
-                                 _batched(op, "prototypes", prototypes, 2), float(eps))
+    out = cosine_similarities_op(
+        _batched(op, "queries", queries, 2), _batched(op, "prototypes", prototypes, 2), float(eps)
+    )
     return out if queries.dim() == 3 else out[0]
 
 
@@ -79,8 +81,9 @@ def _check_reduction(op: str, reduction: str) -> None:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def prototypical_cross_entropy(prototypes: Tensor, queries: Tensor, query_labels: Tensor,
-                               tau=1.0, reduction: str = "mean") -> Tensor:
+def prototypical_cross_entropy(
+    prototypes: Tensor, queries: Tensor, query_labels: Tensor, tau=1.0, reduction: str = "mean"
+) -> Tensor:
     """Cross-entropy of logits -tau ||q - c||^2, fused: prototypes [B, C, D],
     queries [B, M, D], query_labels [B, M] -> loss (reduction "mean", "sum" or
     "none" -> [B, M]). Same arguments as torchmeta's prototypical_loss."""
@@ -88,15 +91,24 @@ def prototypical_cross_entropy(prototypes: Tensor, queries: Tensor, query_labels
     _check_reduction(op, reduction)
     batched = queries.dim() == 3
     q = _batched(op, "queries", queries, 2)
-    losses, _, _ = prototypical_cross_entropy_op(q, _batched(op, "prototypes", prototypes, 2),
-                                                 _batched(op, "query_labels", query_labels, 1),
-                                                 _tau_tensor(tau, q))
+    losses, _, _ = prototypical_cross_entropy_op(
+        q,
+        _batched(op, "prototypes", prototypes, 2),
+        _batched(op, "query_labels", query_labels, 1),
+        _tau_tensor(tau, q),
+    )
     return _reduce(losses, reduction, batched)
 
 
-def prototypical_loss(support: Tensor, support_labels: Tensor, queries: Tensor,
-                      query_labels: Tensor, num_classes: int, tau=1.0,
-                      reduction: str = "mean") -> tuple[Tensor, Tensor]:
+def prototypical_loss(
+    support: Tensor,
+    support_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    num_classes: int,
+    tau=1.0,
+    reduction: str = "mean",
+) -> tuple[Tensor, Tensor]:
     """ProtoNet loss of whole episodes, fused: prototypes, distances, log-softmax,
     cross-entropy. support [B, S, D], support_labels [B, S], queries [B, M, D],
     query_labels [B, M] (or all unbatched) -> (loss, accuracy). tau may be a
@@ -108,11 +120,23 @@ def prototypical_loss(support: Tensor, support_labels: Tensor, queries: Tensor,
     q = _batched(op, "queries", queries, 2)
     y_query = _batched(op, "query_labels", query_labels, 1)
     losses, predictions, _, _ = prototypical_loss_op(
-        _batched(op, "support", support, 2), _batched(op, "support_labels", support_labels, 1),
-        q, y_query, num_classes, _tau_tensor(tau, q))
+        _batched(op, "support", support, 2),
+        _batched(op, "support_labels", support_labels, 1),
+        q,
+        y_query,
+        num_classes,
+        _tau_tensor(tau, q),
+    )
     accuracy = (predictions == y_query).to(q.dtype).mean()
     return _reduce(losses, reduction, batched), accuracy
 
 
-__all__ = ["class_prototypes", "cosine_similarities", "get_prototypes", "inner_update",
-           "prototypical_cross_entropy", "prototypical_loss", "squared_distances"]
+__all__ = [
+    "class_prototypes",
+    "cosine_similarities",
+    "get_prototypes",
+    "inner_update",
+    "prototypical_cross_entropy",
+    "prototypical_loss",
+    "squared_distances",
+]

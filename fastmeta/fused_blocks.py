@@ -28,22 +28,35 @@ MAX_TAPS = 27
 
 def _fusable_tail(bn, relu, pool, channels: int) -> bool:
     """BatchNorm2d(channels) -> ReLU -> MaxPool2d(2) (stride 2, no padding)."""
-    if not (isinstance(bn, nn.BatchNorm2d) and isinstance(relu, nn.ReLU)
-            and isinstance(pool, nn.MaxPool2d)):
+    if not (
+        isinstance(bn, nn.BatchNorm2d)
+        and isinstance(relu, nn.ReLU)
+        and isinstance(pool, nn.MaxPool2d)
+    ):
         return False
     as_pair = nn.modules.utils._pair
-    return (bn.num_features == channels
-            and as_pair(pool.kernel_size) == (2, 2) and as_pair(pool.stride) == (2, 2)
-            and as_pair(pool.padding) == (0, 0) and as_pair(pool.dilation) == (1, 1)
-            and not pool.ceil_mode and not pool.return_indices)
+    return (
+        bn.num_features == channels
+        and as_pair(pool.kernel_size) == (2, 2)
+        and as_pair(pool.stride) == (2, 2)
+        and as_pair(pool.padding) == (0, 0)
+        and as_pair(pool.dilation) == (1, 1)
+        and not pool.ceil_mode
+        and not pool.return_indices
+    )
 
 
 def _fusable(conv, bn, relu, pool) -> bool:
-    return (isinstance(conv, nn.Conv2d) and conv.stride == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= MAX_TAPS
-            and _fusable_tail(bn, relu, pool, conv.out_channels))
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= MAX_TAPS
+        and _fusable_tail(bn, relu, pool, conv.out_channels)
+    )
 
 
 class _FusedRun(nn.Module):
@@ -60,12 +73,15 @@ class _FusedRun(nn.Module):
             return False
         if torch.is_grad_enabled():
             wants_gradients = any(p is not None and p.requires_grad for p in params)
-            if ((x.requires_grad and not input_grad_ok)
-                    or ((x.requires_grad or wants_gradients) and not self.with_gradients)):
+            if (x.requires_grad and not input_grad_ok) or (
+                (x.requires_grad or wants_gradients) and not self.with_gradients
+            ):
                 return False
         forced = backend.forced_backend()
-        return backend.op_unavailable_reason(self.op, forced[0] if forced else "cpu", "cpu",
-                                             x.dtype) is None
+        return (
+            backend.op_unavailable_reason(self.op, forced[0] if forced else "cpu", "cpu", x.dtype)
+            is None
+        )
 
     def _record_statistics(self, mean: Tensor, rstd: Tensor, count: int):
         if self.bn.track_running_stats and self.bn.running_mean is not None:
@@ -88,8 +104,14 @@ class FusedConvBlock(_FusedRun):
 
     op = CONV_BLOCK.name
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: nn.ReLU, pool: nn.MaxPool2d,
-                 with_gradients: bool = True):
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d,
+        relu: nn.ReLU,
+        pool: nn.MaxPool2d,
+        with_gradients: bool = True,
+    ):
         super().__init__()
         self.conv, self.bn, self.relu, self.pool = conv, bn, relu, pool
         self.with_gradients = with_gradients
@@ -99,8 +121,9 @@ class FusedConvBlock(_FusedRun):
         params = (conv.weight, conv.bias, bn.weight, bn.bias)
         if not self._use_fused(x, params, input_grad_ok=False):
             return self.pool(self.relu(self.bn(self.conv(x))))
-        out, mean, rstd = conv_block_with_statistics(x, conv.weight, conv.bias, bn.weight,
-                                                     bn.bias, conv.padding, bn.eps)
+        out, mean, rstd = conv_block_with_statistics(
+            x, conv.weight, conv.bias, bn.weight, bn.bias, conv.padding, bn.eps
+        )
         hc, wc = conv_size(x.shape, conv.weight.shape, conv.padding)
         self._record_statistics(mean, rstd, x.shape[0] * hc * wc)
         return out
@@ -113,16 +136,20 @@ class FusedBnReluPool(_FusedRun):
 
     op = BN_RELU_POOL.name
 
-    def __init__(self, bn: nn.BatchNorm2d, relu: nn.ReLU, pool: nn.MaxPool2d,
-                 with_gradients: bool = True):
+    def __init__(
+        self, bn: nn.BatchNorm2d, relu: nn.ReLU, pool: nn.MaxPool2d, with_gradients: bool = True
+    ):
         super().__init__()
         self.bn, self.relu, self.pool = bn, relu, pool
         self.with_gradients = with_gradients
 
     def forward(self, c: Tensor) -> Tensor:
         bn = self.bn
-        if (bn.weight is None or c.dim() != 4
-                or not self._use_fused(c, (bn.weight, bn.bias), input_grad_ok=True)):
+        if (
+            bn.weight is None
+            or c.dim() != 4
+            or not self._use_fused(c, (bn.weight, bn.bias), input_grad_ok=True)
+        ):
             return self.pool(self.relu(self.bn(c)))
         out, mean, rstd = bn_relu_pool_with_statistics(c, bn.weight, bn.bias, bn.eps)
         self._record_statistics(mean, rstd, c.shape[0] * c.shape[2] * c.shape[3])
@@ -143,18 +170,23 @@ def _update_running_statistics(bn: nn.BatchNorm2d, mean: Tensor, rstd: Tensor, c
     bn.running_var.lerp_(var, factor)
 
 
-def _fuse_sequential(seq: nn.Sequential, with_gradients: bool,
-                     bn_relu_pool: bool) -> nn.Sequential | None:
+def _fuse_sequential(
+    seq: nn.Sequential, with_gradients: bool, bn_relu_pool: bool
+) -> nn.Sequential | None:
     children = list(seq.children())
     out, fused_any, i = [], False, 0
     while i < len(children):
-        run = children[i:i + 4]
+        run = children[i : i + 4]
         if len(run) == 4 and _fusable(*run):
             out.append(FusedConvBlock(*run, with_gradients=with_gradients))
             fused_any, i = True, i + 4
             continue
-        if (bn_relu_pool and len(run) == 4 and isinstance(run[0], nn.Conv2d)
-                and _fusable_tail(*run[1:], run[0].out_channels)):
+        if (
+            bn_relu_pool
+            and len(run) == 4
+            and isinstance(run[0], nn.Conv2d)
+            and _fusable_tail(*run[1:], run[0].out_channels)
+        ):
             out += [run[0], FusedBnReluPool(*run[1:], with_gradients=with_gradients)]
             fused_any, i = True, i + 4
             continue
@@ -165,15 +197,18 @@ def _fuse_sequential(seq: nn.Sequential, with_gradients: bool,
     return nn.Sequential(*out) if fused_any else None
 
 
-def fuse_conv_blocks(module: nn.Module, with_gradients: bool = True,
-                     bn_relu_pool: bool = False) -> nn.Module | None:
+def fuse_conv_blocks(
+    module: nn.Module, with_gradients: bool = True, bn_relu_pool: bool = False
+) -> nn.Module | None:
     """A view of `module` with its fusable blocks fused, or None if it has none.
     with_gradients=False: the blocks fuse only calls that want no gradient.
     bn_relu_pool=True: also the batch norm, ReLU and pool after larger convolutions."""
     if isinstance(module, nn.Sequential):
         return _fuse_sequential(module, with_gradients, bn_relu_pool)
-    replaced = {name: fuse_conv_blocks(child, with_gradients, bn_relu_pool)
-                for name, child in module.named_children()}
+    replaced = {
+        name: fuse_conv_blocks(child, with_gradients, bn_relu_pool)
+        for name, child in module.named_children()
+    }
     replaced = {name: view for name, view in replaced.items() if view is not None}
     if not replaced:
         return None
@@ -184,8 +219,15 @@ def fuse_conv_blocks(module: nn.Module, with_gradients: bool = True,
 
 def rename_map(model: nn.Module, view: nn.Module) -> dict[str, str]:
     """Each parameter/buffer name of `model` -> its name in `view` (same tensors)."""
+
     def names(m):
-        return {id(t): n for n, t in (*m.named_parameters(remove_duplicate=False),
-                                      *m.named_buffers(remove_duplicate=False))}
+        return {
+            id(t): n
+            for n, t in (
+                *m.named_parameters(remove_duplicate=False),
+                *m.named_buffers(remove_duplicate=False),
+            )
+        }
+
     in_view = names(view)
     return {n: in_view[i] for i, n in names(model).items() if i in in_view}

@@ -27,8 +27,9 @@ class ProtoNet(nn.Module):
     second-order MAML over a ProtoNet); a second derivative raises a RuntimeError.
     """
 
-    def __init__(self, encoder: nn.Module, tau: float = 1.0, learn_tau: bool = False,
-                 fuse: bool = False):
+    def __init__(
+        self, encoder: nn.Module, tau: float = 1.0, learn_tau: bool = False, fuse: bool = False
+    ):
         super().__init__()
         self.encoder = encoder
         # The fused view (None: nothing fuses, or fuse is off) shares the encoder's
@@ -55,14 +56,29 @@ class ProtoNet(nn.Module):
             num_classes = int(support_y.max()) + 1
         return support, queries, num_classes
 
-    def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                num_classes: int | None = None) -> Tensor:
+    def forward(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, num_classes: int | None = None
+    ) -> Tensor:
         support, queries, num_classes = self._episode(support_x, support_y, query_x, num_classes)
         prototypes = F.class_prototypes(support, support_y, num_classes)
         return -self.tau.to(queries.dtype) * F.squared_distances(queries, prototypes)
 
-    def loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
-             num_classes: int | None = None, reduction: str = "mean"):
+    def loss(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        num_classes: int | None = None,
+        reduction: str = "mean",
+    ):
         support, queries, num_classes = self._episode(support_x, support_y, query_x, num_classes)
-        return F.prototypical_loss(support, support_y, queries, query_y, num_classes,
-                                   tau=self.tau.to(queries.dtype), reduction=reduction)
+        return F.prototypical_loss(
+            support,
+            support_y,
+            queries,
+            query_y,
+            num_classes,
+            tau=self.tau.to(queries.dtype),
+            reduction=reduction,
+        )

@@ -141,8 +141,9 @@ def _race(run: Callable[[str], object], names: list[str], device: torch.device) 
         alive[:] = [name for name in alive if name not in dropped]
         if not alive:
             for other in errors[1:]:
-                errors[0].add_note(f"fastmeta race: another contender failed too: "
-                                   f"{type(other).__name__}: {other}")
+                errors[0].add_note(
+                    f"fastmeta race: another contender failed too: {type(other).__name__}: {other}"
+                )
             raise errors[0]
 
     def untimed(name):
@@ -167,8 +168,7 @@ def _race(run: Callable[[str], object], names: list[str], device: torch.device) 
     return Outcome(fastest, times, dropped)
 
 
-def winner(op: str, device: torch.device, dtype: torch.dtype, names: list[str],
-           race: Race) -> str:
+def winner(op: str, device: torch.device, dtype: torch.dtype, names: list[str], race: Race) -> str:
     """The winner of `names` (at least two, in preference order) for this op, device
     type, dtype and shape bucket: raced on the first call, then cached. A thread that
     reaches a bucket another thread is racing waits for that race's winner."""

@@ -34,9 +34,15 @@ class BackendReport:
     races: dict[tuple, racing.Outcome]  # (op, device, dtype, shape bucket) -> its race
 
     def __str__(self) -> str:
-        built = "not built" if not self.extension_built else (
-            "built with CPU and CUDA kernels" if self.extension_with_cuda
-            else "built with CPU kernels only")
+        built = (
+            "not built"
+            if not self.extension_built
+            else (
+                "built with CPU and CUDA kernels"
+                if self.extension_with_cuda
+                else "built with CPU kernels only"
+            )
+        )
         lines = [
             f"torch {self.torch_version}; triton {self.triton_version or 'not installed'}"
             + (" (interpreter)" if self.triton_interpreter else ""),
@@ -46,8 +52,9 @@ class BackendReport:
             f"forced backend: {self.forced or 'none'}",
             "backends usable here:",
         ]
-        lines += [f"  {b:<10} {'yes' if why is None else 'no: ' + why}"
-                  for b, why in self.usable.items()]
+        lines += [
+            f"  {b:<10} {'yes' if why is None else 'no: ' + why}" for b, why in self.usable.items()
+        ]
         lines.append("default backend per op:")
         for op, per_device in self.ops.items():
             choice = ", ".join(f"{d}: {b or '-'}" for d, b in per_device.items())
@@ -64,27 +71,37 @@ class BackendReport:
                 by_reason: dict[str, list[str]] = {}
                 for dtype, why in per_dtype.items():
                     by_reason.setdefault(why, []).append(backend.dtype_name(dtype))
-                parts += [f"{device} {', '.join(names)} ({why})"
-                          for why, names in by_reason.items()]
+                parts += [
+                    f"{device} {', '.join(names)} ({why})" for why, names in by_reason.items()
+                ]
             lines.append(f"  {op:<24} {'; '.join(parts)}")
-        lines.append("fallbacks to the reference seen in this process:"
-                     + ("" if self.fallbacks_seen else " none"))
-        lines += [f"  {op} {device} {backend.dtype_name(dtype)} ({why})"
-                  for (op, device, dtype), why in self.fallbacks_seen.items()]
+        lines.append(
+            "fallbacks to the reference seen in this process:"
+            + ("" if self.fallbacks_seen else " none")
+        )
+        lines += [
+            f"  {op} {device} {backend.dtype_name(dtype)} ({why})"
+            for (op, device, dtype), why in self.fallbacks_seen.items()
+        ]
         return lines
 
     def race_lines(self) -> list[str]:
         """The per-shape races run so far: op, shape bucket, winner, times, dropped
         contenders and why."""
-        raced = ", ".join(f"{device}: {' vs '.join(names)}"
-                          for device, names in racing.RACED.items())
-        lines = [f"per-shape races ({raced}; none under {racing.ENV_VAR}=0 or deterministic "
-                 "algorithms):" + ("" if self.races else " none run yet")]
+        raced = ", ".join(
+            f"{device}: {' vs '.join(names)}" for device, names in racing.RACED.items()
+        )
+        lines = [
+            f"per-shape races ({raced}; none under {racing.ENV_VAR}=0 or deterministic "
+            "algorithms):" + ("" if self.races else " none run yet")
+        ]
         for (op, device, dtype, bucket), outcome in self.races.items():
             parts = [f"{b} {ms:.3f} ms" for b, ms in outcome.times.items()]
             parts += [f"{b} dropped: {why}" for b, why in outcome.dropped.items()]
-            lines.append(f"  {op} {device} {backend.dtype_name(dtype)} {bucket}: {outcome.winner}"
-                         + (f" ({'; '.join(parts)})" if parts else ""))
+            lines.append(
+                f"  {op} {device} {backend.dtype_name(dtype)} {bucket}: {outcome.winner}"
+                + (f" ({'; '.join(parts)})" if parts else "")
+            )
         return lines
 
 
@@ -92,13 +109,19 @@ def backends() -> BackendReport:
     """Reports what was built, what is usable here and which backend each op uses."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     devices = ("cpu", "cuda") if gpu else ("cpu",)
-    ops = {op: {d: backend.default_backend(op, d, torch.float32) if d in devices else None
-                for d in ("cpu", "cuda")} for op in backend.ops()}
+    ops = {
+        op: {
+            d: backend.default_backend(op, d, torch.float32) if d in devices else None
+            for d in ("cpu", "cuda")
+        }
+        for op in backend.ops()
+    }
     fallbacks: dict[str, dict[str, dict[torch.dtype, str]]] = {}
     for op in backend.ops():
         for d in devices:
-            per_dtype = {dtype: why for dtype in DTYPES
-                         if (why := backend.fallback_reason(op, d, dtype))}
+            per_dtype = {
+                dtype: why for dtype in DTYPES if (why := backend.fallback_reason(op, d, dtype))
+            }
             if per_dtype:
                 fallbacks.setdefault(op, {})[d] = per_dtype
     forced = backend.forced_backend()

@@ -87,15 +87,24 @@ def bench_section(work: Path) -> list[str]:
                 results = list(csv.DictReader(f))
             results.sort(key=lambda r: float(r["ratio_to_fastmeta"]) != 1.0)  # stable
             results.sort(key=lambda r: (r["case"], r["config"]))
-            rows += [[r["case"], r["config"], r["name"], number(r["median_ms"], 3),
-                      number(r["ratio_to_fastmeta"], 2), number(r["gbps"], 1),
-                      number(r["peak_mib"], 1)] for r in results]
+            rows += [
+                [
+                    r["case"],
+                    r["config"],
+                    r["name"],
+                    number(r["median_ms"], 3),
+                    number(r["ratio_to_fastmeta"], 2),
+                    number(r["gbps"], 1),
+                    number(r["peak_mib"], 1),
+                ]
+                for r in results
+            ]
         except (KeyError, ValueError, csv.Error) as error:
-            rows.append([path.stem, f"unreadable CSV ({type(error).__name__}: {error})",
-                         "", "", "", "", ""])
+            rows.append(
+                [path.stem, f"unreadable CSV ({type(error).__name__}: {error})", "", "", "", "", ""]
+            )
     header = ["case", "config", "implementation", "median ms", "x fastmeta", "GB/s", "peak MiB"]
-    return ["## Benchmarks (median; x fastmeta = its time / fastmeta's)", "",
-            *table(header, rows)]
+    return ["## Benchmarks (median; x fastmeta = its time / fastmeta's)", "", *table(header, rows)]
 
 
 def summary(work: Path) -> str:

@@ -46,8 +46,10 @@ class OpSample:
 
 def _labels(B: int, S: int, C: int, device) -> torch.Tensor:
     """[B, S] int64 labels, each class at least once, shuffled per episode."""
-    rows = [torch.cat((torch.arange(C), torch.randint(0, C, (S - C,))))[torch.randperm(S)]
-            for _ in range(B)]
+    rows = [
+        torch.cat((torch.arange(C), torch.randint(0, C, (S - C,))))[torch.randperm(S)]
+        for _ in range(B)
+    ]
     return torch.stack(rows).to(device)
 
 
@@ -56,6 +58,7 @@ def _randn(*shape, device, dtype):
 
 
 # ---------------------------------------------------------------- ProtoNet ops
+
 
 def _squared_distances(q, c):
     return ((q[:, :, None, :] - c[:, None, :, :]) ** 2).sum(-1)
@@ -73,8 +76,10 @@ def _cross_entropy(queries, prototypes, labels, tau):
 
 def make_squared_distances(device, dtype, small):
     B, M, C, D = (2, 3, 2, 4) if small else (3, 13, 5, 33)
-    return [_randn(B, M, D, device=device, dtype=dtype), _randn(B, C, D, device=device,
-                                                                   dtype=dtype)]
+    return [
+        _randn(B, M, D, device=device, dtype=dtype),
+        _randn(B, C, D, device=device, dtype=dtype),
+    ]
 
 
 def _cosine_similarities(q, c, eps):
@@ -94,18 +99,24 @@ def make_class_prototypes(device, dtype, small):
 
 def make_prototypical_cross_entropy(device, dtype, small):
     B, M, C, D = (2, 3, 2, 4) if small else (3, 13, 5, 33)
-    return [_randn(B, M, D, device=device, dtype=dtype), _randn(B, C, D, device=device,
-                                                                   dtype=dtype),
-            torch.randint(0, C, (B, M), device=device),
-            torch.tensor(0.3, device=device, dtype=dtype)]
+    return [
+        _randn(B, M, D, device=device, dtype=dtype),
+        _randn(B, C, D, device=device, dtype=dtype),
+        torch.randint(0, C, (B, M), device=device),
+        torch.tensor(0.3, device=device, dtype=dtype),
+    ]
 
 
 def make_prototypical_loss(device, dtype, small):
     B, S, M, C, D = (2, 5, 3, 3, 4) if small else (3, 17, 13, 5, 33)
-    return [_randn(B, S, D, device=device, dtype=dtype), _labels(B, S, C, device),
-            _randn(B, M, D, device=device, dtype=dtype),
-            torch.randint(0, C, (B, M), device=device), C,
-            torch.tensor(0.3, device=device, dtype=dtype)]
+    return [
+        _randn(B, S, D, device=device, dtype=dtype),
+        _labels(B, S, C, device),
+        _randn(B, M, D, device=device, dtype=dtype),
+        torch.randint(0, C, (B, M), device=device),
+        C,
+        torch.tensor(0.3, device=device, dtype=dtype),
+    ]
 
 
 def _with_labels(args, position, value):
@@ -114,12 +125,21 @@ def _with_labels(args, position, value):
 
 
 EPISODE_PAIR_BAD = [
-    BadInput("different D", lambda a: [a[0], a[1][..., :-1], *a[2:]], ValueError,
-             "embedding sizes D"),
-    BadInput("integer queries", lambda a: [a[0].long(), *a[1:]], TypeError,
-             "queries must be a floating-point tensor"),
-    BadInput("2-D prototypes", lambda a: [a[0], a[1][0], *a[2:]], ValueError,
-             r"prototypes must be \[B, N, D\]"),
+    BadInput(
+        "different D", lambda a: [a[0], a[1][..., :-1], *a[2:]], ValueError, "embedding sizes D"
+    ),
+    BadInput(
+        "integer queries",
+        lambda a: [a[0].long(), *a[1:]],
+        TypeError,
+        "queries must be a floating-point tensor",
+    ),
+    BadInput(
+        "2-D prototypes",
+        lambda a: [a[0], a[1][0], *a[2:]],
+        ValueError,
+        r"prototypes must be \[B, N, D\]",
+    ),
 ]
 
 # ---------------------------------------------------------------- MAML / Meta Networks ops
@@ -127,24 +147,34 @@ EPISODE_PAIR_BAD = [
 
 def make_inner_update(device, dtype, small):
     T, P = (2, 5) if small else (3, 1001)
-    return [_randn(P, device=device, dtype=dtype),
-            torch.rand(P, device=device, dtype=dtype) * 0.5 + 0.05,
-            _randn(T, P, device=device, dtype=dtype)]
+    return [
+        _randn(P, device=device, dtype=dtype),
+        torch.rand(P, device=device, dtype=dtype) * 0.5 + 0.05,
+        _randn(T, P, device=device, dtype=dtype),
+    ]
 
 
 def make_gradient_mlp(device, dtype, small):
     shape, H = ((2, 3), 4) if small else ((3, 101), 7)
     magnitude = 10 ** torch.empty(shape).uniform_(-3, 1)  # away from the e^-p kink
     grads = (torch.randn(shape).sign() * magnitude).to(device=device, dtype=dtype)
-    return [grads, _randn(H, 2, device=device, dtype=dtype), _randn(H, device=device, dtype=dtype),
-            _randn(H, device=device, dtype=dtype), _randn((), device=device, dtype=dtype), 10.0]
+    return [
+        grads,
+        _randn(H, 2, device=device, dtype=dtype),
+        _randn(H, device=device, dtype=dtype),
+        _randn(H, device=device, dtype=dtype),
+        _randn((), device=device, dtype=dtype),
+        10.0,
+    ]
 
 
 def make_attention_read(device, dtype, small):
     B, M, N, O, K, L = (1, 2, 3, 2, 3, 2) if small else (2, 5, 7, 9, 11, 3)
-    return [torch.softmax(_randn(B, M, N, device=device, dtype=dtype), -1),
-            _randn(B, N, O, K, device=device, dtype=dtype),
-            _randn(B, M, L, K, device=device, dtype=dtype)]
+    return [
+        torch.softmax(_randn(B, M, N, device=device, dtype=dtype), -1),
+        _randn(B, N, O, K, device=device, dtype=dtype),
+        _randn(B, M, L, K, device=device, dtype=dtype),
+    ]
 
 
 def _bn_relu_pool(c, gamma, beta, eps):
@@ -154,96 +184,248 @@ def _bn_relu_pool(c, gamma, beta, eps):
 
 def make_conv_block(device, dtype, small):
     N, Cin, H, W, C = (2, 1, 4, 5, 2) if small else (3, 2, 11, 9, 5)
-    return [_randn(N, Cin, H, W, device=device, dtype=dtype),
-            _randn(C, Cin, 3, 3, device=device, dtype=dtype),
-            *(_randn(C, device=device, dtype=dtype) for _ in range(3)), [1, 1], 1e-5]
+    return [
+        _randn(N, Cin, H, W, device=device, dtype=dtype),
+        _randn(C, Cin, 3, 3, device=device, dtype=dtype),
+        *(_randn(C, device=device, dtype=dtype) for _ in range(3)),
+        [1, 1],
+        1e-5,
+    ]
 
 
 def make_bn_relu_pool(device, dtype, small):
     N, C, H, W = (2, 2, 4, 5) if small else (3, 5, 11, 9)
-    return [_randn(N, C, H, W, device=device, dtype=dtype),
-            *(_randn(C, device=device, dtype=dtype) for _ in range(2)), 1e-5]
+    return [
+        _randn(N, C, H, W, device=device, dtype=dtype),
+        *(_randn(C, device=device, dtype=dtype) for _ in range(2)),
+        1e-5,
+    ]
 
 
 SAMPLES = [
-    OpSample("squared_distances", make_squared_distances, _squared_distances, (), (0, 1),
-             declaration.ANY_ORDER, EPISODE_PAIR_BAD),
-    OpSample("cosine_similarities", make_cosine_similarities, _cosine_similarities, (), (0, 1),
-             declaration.ANY_ORDER, EPISODE_PAIR_BAD + [
-                 BadInput("eps", lambda a: [a[0], a[1], 0.0], ValueError,
-                          "eps must be a positive number"),
-             ]),
-    OpSample("class_prototypes", make_class_prototypes,
-             lambda s, y, C: _prototypes(s, y, C), (), (0,), declaration.ANY_ORDER, [
-                 BadInput("label out of range", lambda a: _with_labels(a, 1, a[2]), ValueError,
-                          r"labels holds 5 .* outside \[0, num_classes=5\)"),
-                 BadInput("empty class", lambda a: _with_labels(a, 1, 0), ValueError,
-                          "class 1 of episode 0 has no support example in labels"),
-                 BadInput("float labels", lambda a: [a[0], a[1].double(), a[2]], TypeError,
-                          "labels must be an integer tensor"),
-                 BadInput("labels shape", lambda a: [a[0], a[1][:, :-1], a[2]], ValueError,
-                          r"labels must have shape \[3, 17\]"),
-             ]),
-    OpSample("prototypical_cross_entropy", make_prototypical_cross_entropy,
-             lambda q, c, y, t: _cross_entropy(q, c, y, t), (0,), (0, 1, 3),
-             declaration.ANY_ORDER, EPISODE_PAIR_BAD + [
-                 BadInput("label out of range", lambda a: _with_labels(a, 2, -1), ValueError,
-                          "query_labels holds -1"),
-                 BadInput("tau not a scalar", lambda a: [*a[:3], a[3].expand(2)], ValueError,
-                          "tau must be a scalar"),
-             ]),
-    OpSample("prototypical_loss", make_prototypical_loss,
-             lambda s, ys, q, yq, C, t: _cross_entropy(q, _prototypes(s, ys, C), yq, t),
-             (0,), (0, 2, 5), declaration.ANY_ORDER, [
-                 BadInput("empty class", lambda a: _with_labels(a, 1, 2), ValueError,
-                          "has no support example in support_labels"),
-                 BadInput("query label out of range", lambda a: _with_labels(a, 3, 5),
-                          ValueError, "query_labels holds 5"),
-                 BadInput("different D", lambda a: [a[0], a[1], a[2][..., :-1], *a[3:]],
-                          ValueError, "embedding sizes D"),
-             ], backends_of="prototypical_cross_entropy"),
-    OpSample("inner_update", make_inner_update, lambda th, a, g: th - a * g, (), (0, 1, 2),
-             declaration.ANY_ORDER, [
-                 BadInput("theta shape", lambda a: [a[0][:-1], *a[1:]], ValueError,
-                          r"theta must be \[P\] = \[1001\]"),
-                 BadInput("alpha shape", lambda a: [a[0], a[1][:-1], a[2]], ValueError,
-                          "alpha must be a scalar"),
-                 BadInput("g dtype", lambda a: [*a[:2], a[2].double()], TypeError,
-                          "has dtype torch.float32 but g has torch.float64"),
-             ]),
-    OpSample("gradient_mlp", make_gradient_mlp,
-             lambda g, w1, b1, w2, b2, p: gradient_mlp_forward_reference(g, w1, b1, w2, b2, p),
-             (), (0, 1, 2, 3, 4), declaration.ONCE, [
-                 BadInput("w1 shape", lambda a: [a[0], a[1][:, :1], *a[2:]], ValueError,
-                          r"w1 must be \[H, 2\]"),
-                 BadInput("p", lambda a: [*a[:5], -1.0], ValueError,
-                          "p must be a positive number"),
-             ]),
-    OpSample("attention_read", make_attention_read,
-             lambda a, w, x: x @ torch.einsum("bmn,bnok->bmok", a, w).transpose(-1, -2), (),
-             (0, 1, 2), declaration.ONCE, [
-                 BadInput("K disagrees", lambda a: [a[0], a[1], a[2][..., :-1]], ValueError,
-                          "B, M, N and K disagree"),
-                 BadInput("3-D fast_weights", lambda a: [a[0], a[1][0], a[2]], ValueError,
-                          r"fast_weights \[B, N, O, K\]"),
-             ]),
-    OpSample("conv_block", make_conv_block,
-             lambda x, w, b, g, be, pad, eps: _bn_relu_pool(
-                 F.conv2d(x, w, b, padding=tuple(pad)), g, be, eps),
-             (0,), (0, 1, 2, 3, 4), declaration.ONCE, [
-                 BadInput("Cin disagrees", lambda a: [a[0][:, :1], *a[1:]], ValueError,
-                          "with the same Cin"),
-                 BadInput("gamma shape", lambda a: [*a[:3], a[3][:-1], *a[4:]], ValueError,
-                          r"gamma must be \[C\] = \[5\]"),
-                 BadInput("too small for the pool", lambda a: [a[0][:, :, :2, :2], *a[1:5],
-                                                               [0, 0], a[6]],
-                          ValueError, "the 2x2 pool needs at least 2x2"),
-             ]),
-    OpSample("bn_relu_pool", make_bn_relu_pool, _bn_relu_pool, (0,), (0, 1, 2),
-             declaration.ONCE, [
-                 BadInput("1x1 image", lambda a: [a[0][:, :, :1, :1], *a[1:]], ValueError,
-                          "H, W >= 2 for the 2x2 pool"),
-                 BadInput("beta dtype", lambda a: [a[0], a[1], a[2].double(), a[3]], TypeError,
-                          "beta has dtype torch.float64"),
-             ]),
+    OpSample(
+        "squared_distances",
+        make_squared_distances,
+        _squared_distances,
+        (),
+        (0, 1),
+        declaration.ANY_ORDER,
+        EPISODE_PAIR_BAD,
+    ),
+    OpSample(
+        "cosine_similarities",
+        make_cosine_similarities,
+        _cosine_similarities,
+        (),
+        (0, 1),
+        declaration.ANY_ORDER,
+        EPISODE_PAIR_BAD
+        + [
+            BadInput(
+                "eps", lambda a: [a[0], a[1], 0.0], ValueError, "eps must be a positive number"
+            ),
+        ],
+    ),
+    OpSample(
+        "class_prototypes",
+        make_class_prototypes,
+        lambda s, y, C: _prototypes(s, y, C),
+        (),
+        (0,),
+        declaration.ANY_ORDER,
+        [
+            BadInput(
+                "label out of range",
+                lambda a: _with_labels(a, 1, a[2]),
+                ValueError,
+                r"labels holds 5 .* outside \[0, num_classes=5\)",
+            ),
+            BadInput(
+                "empty class",
+                lambda a: _with_labels(a, 1, 0),
+                ValueError,
+                "class 1 of episode 0 has no support example in labels",
+            ),
+            BadInput(
+                "float labels",
+                lambda a: [a[0], a[1].double(), a[2]],
+                TypeError,
+                "labels must be an integer tensor",
+            ),
+            BadInput(
+                "labels shape",
+                lambda a: [a[0], a[1][:, :-1], a[2]],
+                ValueError,
+                r"labels must have shape \[3, 17\]",
+            ),
+        ],
+    ),
+    OpSample(
+        "prototypical_cross_entropy",
+        make_prototypical_cross_entropy,
+        lambda q, c, y, t: _cross_entropy(q, c, y, t),
+        (0,),
+        (0, 1, 3),
+        declaration.ANY_ORDER,
+        EPISODE_PAIR_BAD
+        + [
+            BadInput(
+                "label out of range",
+                lambda a: _with_labels(a, 2, -1),
+                ValueError,
+                "query_labels holds -1",
+            ),
+            BadInput(
+                "tau not a scalar",
+                lambda a: [*a[:3], a[3].expand(2)],
+                ValueError,
+                "tau must be a scalar",
+            ),
+        ],
+    ),
+    OpSample(
+        "prototypical_loss",
+        make_prototypical_loss,
+        lambda s, ys, q, yq, C, t: _cross_entropy(q, _prototypes(s, ys, C), yq, t),
+        (0,),
+        (0, 2, 5),
+        declaration.ANY_ORDER,
+        [
+            BadInput(
+                "empty class",
+                lambda a: _with_labels(a, 1, 2),
+                ValueError,
+                "has no support example in support_labels",
+            ),
+            BadInput(
+                "query label out of range",
+                lambda a: _with_labels(a, 3, 5),
+                ValueError,
+                "query_labels holds 5",
+            ),
+            BadInput(
+                "different D",
+                lambda a: [a[0], a[1], a[2][..., :-1], *a[3:]],
+                ValueError,
+                "embedding sizes D",
+            ),
+        ],
+        backends_of="prototypical_cross_entropy",
+    ),
+    OpSample(
+        "inner_update",
+        make_inner_update,
+        lambda th, a, g: th - a * g,
+        (),
+        (0, 1, 2),
+        declaration.ANY_ORDER,
+        [
+            BadInput(
+                "theta shape",
+                lambda a: [a[0][:-1], *a[1:]],
+                ValueError,
+                r"theta must be \[P\] = \[1001\]",
+            ),
+            BadInput(
+                "alpha shape",
+                lambda a: [a[0], a[1][:-1], a[2]],
+                ValueError,
+                "alpha must be a scalar",
+            ),
+            BadInput(
+                "g dtype",
+                lambda a: [*a[:2], a[2].double()],
+                TypeError,
+                "has dtype torch.float32 but g has torch.float64",
+            ),
+        ],
+    ),
+    OpSample(
+        "gradient_mlp",
+        make_gradient_mlp,
+        lambda g, w1, b1, w2, b2, p: gradient_mlp_forward_reference(g, w1, b1, w2, b2, p),
+        (),
+        (0, 1, 2, 3, 4),
+        declaration.ONCE,
+        [
+            BadInput(
+                "w1 shape",
+                lambda a: [a[0], a[1][:, :1], *a[2:]],
+                ValueError,
+                r"w1 must be \[H, 2\]",
+            ),
+            BadInput("p", lambda a: [*a[:5], -1.0], ValueError, "p must be a positive number"),
+        ],
+    ),
+    OpSample(
+        "attention_read",
+        make_attention_read,
+        lambda a, w, x: x @ torch.einsum("bmn,bnok->bmok", a, w).transpose(-1, -2),
+        (),
+        (0, 1, 2),
+        declaration.ONCE,
+        [
+            BadInput(
+                "K disagrees",
+                lambda a: [a[0], a[1], a[2][..., :-1]],
+                ValueError,
+                "B, M, N and K disagree",
+            ),
+            BadInput(
+                "3-D fast_weights",
+                lambda a: [a[0], a[1][0], a[2]],
+                ValueError,
+                r"fast_weights \[B, N, O, K\]",
+            ),
+        ],
+    ),
+    OpSample(
+        "conv_block",
+        make_conv_block,
+        lambda x, w, b, g, be, pad, eps: _bn_relu_pool(
+            F.conv2d(x, w, b, padding=tuple(pad)), g, be, eps
+        ),
+        (0,),
+        (0, 1, 2, 3, 4),
+        declaration.ONCE,
+        [
+            BadInput(
+                "Cin disagrees", lambda a: [a[0][:, :1], *a[1:]], ValueError, "with the same Cin"
+            ),
+            BadInput(
+                "gamma shape",
+                lambda a: [*a[:3], a[3][:-1], *a[4:]],
+                ValueError,
+                r"gamma must be \[C\] = \[5\]",
+            ),
+            BadInput(
+                "too small for the pool",
+                lambda a: [a[0][:, :, :2, :2], *a[1:5], [0, 0], a[6]],
+                ValueError,
+                "the 2x2 pool needs at least 2x2",
+            ),
+        ],
+    ),
+    OpSample(
+        "bn_relu_pool",
+        make_bn_relu_pool,
+        _bn_relu_pool,
+        (0,),
+        (0, 1, 2),
+        declaration.ONCE,
+        [
+            BadInput(
+                "1x1 image",
+                lambda a: [a[0][:, :, :1, :1], *a[1:]],
+                ValueError,
+                "H, W >= 2 for the 2x2 pool",
+            ),
+            BadInput(
+                "beta dtype",
+                lambda a: [a[0], a[1], a[2].double(), a[3]],
+                TypeError,
+                "beta has dtype torch.float64",
+            ),
+        ],
+    ),
 ]

@@ -93,8 +93,7 @@ def test_large_cpu_outputs_reuse_pooled_buffers():
 def test_report_lists_the_dtypes_that_fall_back_to_the_reference():
     report = fastmeta.backends()
     why = "cpu: its class_prototypes kernels take float32, float64"
-    assert report.fallbacks["class_prototypes"]["cpu"] == {torch.float16: why,
-                                                           torch.bfloat16: why}
+    assert report.fallbacks["class_prototypes"]["cpu"] == {torch.float16: why, torch.bfloat16: why}
     assert "inner_update" not in report.fallbacks  # its cpu kernels take every dtype
     assert f"  class_prototypes         cpu float16, bfloat16 ({why})" in str(report)
 
@@ -111,5 +110,7 @@ def test_a_call_that_falls_back_to_the_reference_is_recorded(monkeypatch):
     report = fastmeta.backends()
     why = "cpu: its class_prototypes kernels take float32, float64"
     assert report.fallbacks_seen == {("class_prototypes", "cpu", torch.bfloat16): why}
-    assert f"fallbacks to the reference seen in this process:\n  class_prototypes cpu bfloat16 " \
-           f"({why})" in str(report)
+    assert (
+        f"fallbacks to the reference seen in this process:\n  class_prototypes cpu bfloat16 "
+        f"({why})" in str(report)
+    )

@@ -25,8 +25,22 @@ def test_quick_benchmark_writes_table_csv_and_json(tmp_path, capsys):
 
 
 def test_quick_maml_benchmark_checks_meta_gradients(tmp_path, capsys):
-    assert main(["--device", "cpu", "--case", "maml", "--quick", "--repeats", "1",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "--device",
+                "cpu",
+                "--case",
+                "maml",
+                "--quick",
+                "--repeats",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     with open(tmp_path / "bench-cpu-quick.csv") as f:
         rows = list(csv.DictReader(f))
@@ -35,12 +49,14 @@ def test_quick_maml_benchmark_checks_meta_gradients(tmp_path, capsys):
         names = {r["name"]: r for r in rows if r["config"] == config}
         # every contender's meta-gradient matched the loop's, except torch.func's
         # second-order one through native batch norm (marked, not asserted either way)
-        assert {"fastmeta[auto=loop] ok", "fastmeta[vmap] ok",
-                "loop (reference)"} <= set(names)
+        assert {"fastmeta[auto=loop] ok", "fastmeta[vmap] ok", "loop (reference)"} <= set(names)
         assert float(names["fastmeta[auto=loop] ok"]["ratio_to_fastmeta"]) == 1.0
         assert any(n.startswith("vmap[native BN] ") for n in names)
-        assert all(n.endswith((" ok", " ok (f64)")) for n in names
-                   if n.startswith(("higher", "learn2learn")))
+        assert all(
+            n.endswith((" ok", " ok (f64)"))
+            for n in names
+            if n.startswith(("higher", "learn2learn"))
+        )
         for row in names.values():
             assert float(row["median_ms"]) > 0 and row["peak_mib"] != ""
     assert "maml (a) 5w1s T=4" in printed and "loop (reference)" in printed

@@ -20,13 +20,11 @@ OP = "bn_relu_pool"
 
 # (N, C, H, W): odd sizes, rows/columns the pool drops (they still count in the
 # statistics and get a gradient through them), the smallest pool, conv4's layers 2-4.
-SHAPES = [(3, 5, 9, 7), (2, 3, 2, 2), (1, 4, 5, 6), (75, 6, 14, 14), (7, 3, 7, 7),
-          (4, 2, 3, 3)]
+SHAPES = [(3, 5, 9, 7), (2, 3, 2, 2), (1, 4, 5, 6), (75, 6, 14, 14), (7, 3, 7, 7), (4, 2, 3, 3)]
 
 
 def oracle(c, gamma, beta, eps=1e-5):
-    return F.max_pool2d(F.relu(F.batch_norm(c, None, None, gamma, beta, training=True,
-                                            eps=eps)), 2)
+    return F.max_pool2d(F.relu(F.batch_norm(c, None, None, gamma, beta, training=True, eps=eps)), 2)
 
 
 def make_inputs(shape, dtype, seed, tied=False):
@@ -103,8 +101,10 @@ def test_fused_view_matches_the_model_and_updates_running_statistics():
     assert fastmeta.last_backend(OP) == CPU_KERNEL
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     go = torch.randn_like(want)
-    for g_got, g_want in zip(torch.autograd.grad(got, list(model.parameters()), go),
-                             torch.autograd.grad(want, list(plain.parameters()), go)):
+    for g_got, g_want in zip(
+        torch.autograd.grad(got, list(model.parameters()), go),
+        torch.autograd.grad(want, list(plain.parameters()), go),
+    ):
         torch.testing.assert_close(g_got, g_want, rtol=1e-8, atol=1e-10)
     norms = [[m for m in net if isinstance(m, nn.BatchNorm2d)] for net in (model, plain)]
     for fused_bn, plain_bn in zip(*norms):
@@ -119,8 +119,12 @@ def test_fused_block_ops_do_not_depend_on_the_thread_count():
         pytest.skip("the C++ kernels are not built")
     g = torch.Generator().manual_seed(5)
     x = torch.rand(13, 1, 28, 28, generator=g)
-    conv_params = [torch.randn(9, 1, 3, 3, generator=g), torch.randn(9, generator=g),
-                   torch.rand(9, generator=g) + 0.5, torch.randn(9, generator=g)]
+    conv_params = [
+        torch.randn(9, 1, 3, 3, generator=g),
+        torch.randn(9, generator=g),
+        torch.rand(9, generator=g) + 0.5,
+        torch.randn(9, generator=g),
+    ]
     c, gamma, beta = make_inputs((13, 9, 14, 14), torch.float32, seed=6)
 
     def run():
@@ -128,8 +132,12 @@ def test_fused_block_ops_do_not_depend_on_the_thread_count():
         with fastmeta.use_backend("cpu"):
             y = conv_block(x, *params)
             z = bn_relu_pool(c, gamma, beta)
-            return [y, *torch.autograd.grad(y, params, torch.ones_like(y)), z,
-                    *torch.autograd.grad(z, [c, gamma, beta], torch.ones_like(z))]
+            return [
+                y,
+                *torch.autograd.grad(y, params, torch.ones_like(y)),
+                z,
+                *torch.autograd.grad(z, [c, gamma, beta], torch.ones_like(z)),
+            ]
 
     threads = torch.get_num_threads()
     try:

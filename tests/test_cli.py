@@ -16,13 +16,41 @@ from fastmeta.cli import algorithms
 from fastmeta.cli.main import main
 from fastmeta.ops.bn_relu_pool import bn_relu_pool
 
-OMNIGLOT = Path(os.environ.get("FASTMETA_OMNIGLOT")
-                or Path(__file__).resolve().parents[2] / "shared/data/omniglot")
+OMNIGLOT = Path(
+    os.environ.get("FASTMETA_OMNIGLOT")
+    or Path(__file__).resolve().parents[2] / "shared/data/omniglot"
+)
 CPU = ["--device", "cpu"]
-TINY = [*CPU, "--steps", "4", "--val-every", "2", "--val-episodes", "10", "--test-episodes", "20",
-        "--tasks", "2", "--queries", "3"]
-SUMMARY_KEYS = {"algorithm", "data", "args", "backend", "device", "steps", "episodes",
-                "train_seconds", "episodes_per_second", "val", "test", "val_history", "paths"}
+TINY = [
+    *CPU,
+    "--steps",
+    "4",
+    "--val-every",
+    "2",
+    "--val-episodes",
+    "10",
+    "--test-episodes",
+    "20",
+    "--tasks",
+    "2",
+    "--queries",
+    "3",
+]
+SUMMARY_KEYS = {
+    "algorithm",
+    "data",
+    "args",
+    "backend",
+    "device",
+    "steps",
+    "episodes",
+    "train_seconds",
+    "episodes_per_second",
+    "val",
+    "test",
+    "val_history",
+    "paths",
+}
 
 
 def train(out: Path, *options: str, algorithm: str = "protonet") -> dict:
@@ -58,8 +86,9 @@ def test_resume_reaches_the_uninterrupted_result(tmp_path):
     train(tmp_path / "cut", "--steps", "4", *schedule)
     resumed = train(tmp_path / "cut", "--steps", "6", *schedule, "--resume")
     assert resumed["test"] == whole["test"] and resumed["steps"] == 6
-    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)
-            for run in ("whole", "cut"))
+    a, b = (
+        torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("whole", "cut")
+    )
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["run"]["history"]["loss"] == b["run"]["history"]["loss"]
@@ -99,8 +128,9 @@ def test_omniglot_tiny_run(tmp_path, monkeypatch):
         pytest.skip(f"no Omniglot archives at {OMNIGLOT} (set FASTMETA_OMNIGLOT)")
     pytest.importorskip("PIL", reason="Omniglot decoding needs Pillow")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    summary = train(tmp_path / "run", "--data", "omniglot", "--data-dir", str(OMNIGLOT),
-                    "--steps", "2")
+    summary = train(
+        tmp_path / "run", "--data", "omniglot", "--data-dir", str(OMNIGLOT), "--steps", "2"
+    )
     check_accuracy(summary["test"], 20)
 
 
@@ -112,25 +142,27 @@ def run_failing(argv: list[str], capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("options,message", [
-    (["--data", "omniglot", "--data-dir", "/nonexistent/omniglot"], "does not exist"),
-    (["--data", "omniglot", "--data-dir", "{tmp}"], "no Omniglot data in"),
-    (["--data", "omniglot", "--data-dir", "{bad_zip}"], "not a readable zip archive"),
-    (["--data", "omniglot", "--data-dir", ""], "needs --data-dir"),
-    (["--ways", "500"], "exceeds the"),
-    (["--shots", "15", "--queries", "10"], "needs shots + queries = 25 examples"),
-    (["--resume"], "no checkpoint to resume from"),
-    (["--device", "cpu", "--backend", "cuda"], "backend 'cuda'"),
-    (["--steps", "0"], "--steps: must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--data", "omniglot", "--data-dir", "/nonexistent/omniglot"], "does not exist"),
+        (["--data", "omniglot", "--data-dir", "{tmp}"], "no Omniglot data in"),
+        (["--data", "omniglot", "--data-dir", "{bad_zip}"], "not a readable zip archive"),
+        (["--data", "omniglot", "--data-dir", ""], "needs --data-dir"),
+        (["--ways", "500"], "exceeds the"),
+        (["--shots", "15", "--queries", "10"], "needs shots + queries = 25 examples"),
+        (["--resume"], "no checkpoint to resume from"),
+        (["--device", "cpu", "--backend", "cuda"], "backend 'cuda'"),
+        (["--steps", "0"], "--steps: must be an integer >= 1"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, options, message):
     monkeypatch.delenv("FASTMETA_OMNIGLOT", raising=False)
     bad_zip = tmp_path / "bad"
     bad_zip.mkdir()
     (bad_zip / "images_background.zip").write_text("not a zip")
     options = [o.format(tmp=tmp_path, bad_zip=bad_zip) for o in options]
-    err = run_failing(["train", "protonet", *CPU, "--out", str(tmp_path / "run"), *options],
-                      capsys)
+    err = run_failing(["train", "protonet", *CPU, "--out", str(tmp_path / "run"), *options], capsys)
     assert message in err
 
 
@@ -143,12 +175,17 @@ def test_unknown_algorithm_and_unavailable_algorithm(tmp_path, capsys, monkeypat
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     train(tmp_path)
-    err = run_failing(["train", "protonet", *TINY, "--out", str(tmp_path), "--resume",
-                       "--ways", "3"], capsys)
+    err = run_failing(
+        ["train", "protonet", *TINY, "--out", str(tmp_path), "--resume", "--ways", "3"], capsys
+    )
     assert "cannot resume" in err and "--ways 5 (now 3)" in err
 
 
 def test_module_entry_point_help():
-    done = subprocess.run([sys.executable, "-m", "fastmeta", "train", "--help"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "fastmeta", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "--resume" in done.stdout and "protonet" in done.stdout

@@ -34,8 +34,9 @@ def _cases(with_backend: bool):
                 continue
             for name in backend.op_backends(sample.declared):
                 if _usable(sample, name, device):
-                    cases.append(pytest.param(sample, name, device,
-                                              id=f"{sample.name}-{name}-{device}"))
+                    cases.append(
+                        pytest.param(sample, name, device, id=f"{sample.name}-{name}-{device}")
+                    )
     return cases
 
 
@@ -49,13 +50,21 @@ def _selected(sample: OpSample, result) -> list[torch.Tensor]:
 
 
 def _with_grad(sample: OpSample, args: list) -> list:
-    return [a.detach().clone().requires_grad_() if i in sample.grad_args else a
-            for i, a in enumerate(args)]
+    return [
+        a.detach().clone().requires_grad_() if i in sample.grad_args else a
+        for i, a in enumerate(args)
+    ]
 
 
 def _to_float64_cpu(args: list) -> list:
-    return [a.detach().cpu().double() if isinstance(a, torch.Tensor) and a.is_floating_point()
-            else a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    return [
+        a.detach().cpu().double()
+        if isinstance(a, torch.Tensor) and a.is_floating_point()
+        else a.cpu()
+        if isinstance(a, torch.Tensor)
+        else a
+        for a in args
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -70,15 +79,18 @@ def test_forward_and_gradients_match_the_float64_oracle(sample, name, device, dt
         cotangents = [torch.randn_like(o) for o in outputs]
         grads = torch.autograd.grad(outputs, [args[i] for i in sample.grad_args], cotangents)
     assert fastmeta.last_backend(sample.declared) == name
-    for out in (result if isinstance(result, tuple) else (result,)):
+    for out in result if isinstance(result, tuple) else (result,):
         if out.is_floating_point():  # statistics, softmax, ...: every element written
             assert not out.isnan().any(), "an output holds NaN (an unwritten element?)"
 
     expected_args = _with_grad(sample, _to_float64_cpu(args))
     expected = sample.oracle(*expected_args)
     expected = list(expected) if isinstance(expected, tuple) else [expected]
-    expected_grads = torch.autograd.grad(expected, [expected_args[i] for i in sample.grad_args],
-                                         [c.double().cpu() for c in cotangents])
+    expected_grads = torch.autograd.grad(
+        expected,
+        [expected_args[i] for i in sample.grad_args],
+        [c.double().cpu() for c in cotangents],
+    )
     for i, (got, want) in enumerate(zip(outputs, expected)):
         assert got.dtype == dtype and got.shape == want.shape, f"output {i}"
         assert rel_err(got, want) < TOLERANCE[dtype], f"output {i}"
@@ -87,8 +99,9 @@ def test_forward_and_gradients_match_the_float64_oracle(sample, name, device, dt
     scale = max(float(g.norm()) for g in expected_grads)
     for position, got, want in zip(sample.grad_args, grads, expected_grads):
         assert got.dtype == args[position].dtype and got.shape == want.shape, f"d_arg{position}"
-        error = float((got.detach().double().cpu() - want).norm()) / max(float(want.norm()),
-                                                                         1e-2 * scale)
+        error = float((got.detach().double().cpu() - want).norm()) / max(
+            float(want.norm()), 1e-2 * scale
+        )
         assert error < TOLERANCE[dtype], f"gradient of argument {position}: {error}"
 
 
@@ -112,10 +125,12 @@ def test_gradcheck_and_the_second_derivative_policy(sample, name, device):
             assert torch.autograd.gradgradcheck(differentiable_outputs, inputs)
         else:
             outputs = differentiable_outputs(*inputs)
-            grads = torch.autograd.grad(outputs, inputs, [torch.ones_like(o) for o in outputs],
-                                        create_graph=True)
-            with pytest.raises(RuntimeError, match=f"fastmeta.{sample.name} is differentiable "
-                                                   f"once"):
+            grads = torch.autograd.grad(
+                outputs, inputs, [torch.ones_like(o) for o in outputs], create_graph=True
+            )
+            with pytest.raises(
+                RuntimeError, match=f"fastmeta.{sample.name} is differentiable once"
+            ):
                 torch.autograd.grad(sum(g.sum() for g in grads), inputs)
 
 
@@ -141,8 +156,9 @@ def test_compiles_with_fullgraph(sample, device):
         assert rel_err(got, want) < 1e-6
 
 
-@pytest.mark.parametrize("sample,bad", [pytest.param(s, b, id=f"{s.name}-{b.label}")
-                                        for s in SAMPLES for b in s.bad])
+@pytest.mark.parametrize(
+    "sample,bad", [pytest.param(s, b, id=f"{s.name}-{b.label}") for s in SAMPLES for b in s.bad]
+)
 def test_bad_input_names_the_argument(sample, bad):
     args = bad.change(sample.make("cpu", torch.float32, False))
     with pytest.raises(bad.error, match=bad.match):

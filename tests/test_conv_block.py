@@ -18,14 +18,18 @@ OP = "conv_block"
 
 # (N, Cin, H, W, C, K, pad): odd sizes, a conv output with an odd row/column that the
 # pool drops (it still counts in the batch statistics), K = 1 and 5, no and wide padding.
-SHAPES = [(3, 1, 9, 7, 5, 3, 1), (4, 3, 8, 11, 6, 3, 0), (2, 2, 6, 6, 3, 5, 2),
-          (5, 1, 28, 28, 7, 3, 1), (1, 3, 5, 4, 2, 1, 0)]
+SHAPES = [
+    (3, 1, 9, 7, 5, 3, 1),
+    (4, 3, 8, 11, 6, 3, 0),
+    (2, 2, 6, 6, 3, 5, 2),
+    (5, 1, 28, 28, 7, 3, 1),
+    (1, 3, 5, 4, 2, 1, 0),
+]
 
 
 def oracle(x, weight, bias, gamma, beta, pad, eps=1e-5):
     c = F.conv2d(x, weight, bias, padding=pad)
-    return F.max_pool2d(F.relu(F.batch_norm(c, None, None, gamma, beta, training=True,
-                                            eps=eps)), 2)
+    return F.max_pool2d(F.relu(F.batch_norm(c, None, None, gamma, beta, training=True, eps=eps)), 2)
 
 
 def make_inputs(shape, dtype, device, seed, binary=False):
@@ -34,8 +38,9 @@ def make_inputs(shape, dtype, device, seed, binary=False):
     x = torch.randn(N, Cin, H, W, generator=g, dtype=torch.float64)
     if binary:  # strokes on a blank page: many exactly tied windows
         x = (x > 0.8).double()
-    params = [torch.randn(C, Cin, K, K, generator=g, dtype=torch.float64)] + \
-             [torch.randn(C, generator=g, dtype=torch.float64) for _ in range(3)]
+    params = [torch.randn(C, Cin, K, K, generator=g, dtype=torch.float64)] + [
+        torch.randn(C, generator=g, dtype=torch.float64) for _ in range(3)
+    ]
     return [t.to(device=device, dtype=dtype).requires_grad_() for t in (x, *params)]
 
 
@@ -61,7 +66,7 @@ def test_matches_float64_oracle(backend_device, shape, binary, need_x):
     assert fastmeta.last_backend(OP) == name
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     scale = max(float(g.abs().max()) for g in want_grads)
-    names = ("x", "weight", "bias", "gamma", "beta")[0 if need_x else 1:]
+    names = ("x", "weight", "bias", "gamma", "beta")[0 if need_x else 1 :]
     for arg, g_got, g_want in zip(names, got_grads, want_grads):
         # d bias is 0 in exact arithmetic (batch norm removes the mean): compare to the scale
         err = float((g_got.double() - g_want).abs().max()) / scale
@@ -75,8 +80,9 @@ def test_gradcheck_without_an_input_gradient():
     data = inputs[0].detach()
     for name in ("reference", "cpu"):
         with fastmeta.use_backend(name):
-            assert torch.autograd.gradcheck(lambda *t: conv_block(data, *t, padding=(1, 1)),
-                                            inputs[1:])
+            assert torch.autograd.gradcheck(
+                lambda *t: conv_block(data, *t, padding=(1, 1)), inputs[1:]
+            )
 
 
 def test_bad_input_names_the_argument():
@@ -127,8 +133,9 @@ def test_fuse_conv_blocks_fuses_only_small_first_layers():
     torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-5)
     weights = list(wrapped.parameters())
     go = torch.randn_like(plain_out)
-    for got, want in zip(torch.autograd.grad(fused_out, weights, go),
-                         torch.autograd.grad(plain_out, weights, go)):
+    for got, want in zip(
+        torch.autograd.grad(fused_out, weights, go), torch.autograd.grad(plain_out, weights, go)
+    ):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -141,7 +148,8 @@ def test_maml_evaluation_uses_the_fused_block_and_matches_unfused():
     outputs = []
     for fuse in (True, False):
         learner = fastmeta.MAML(model, lr=0.4, fuse=fuse, strategy="loop").adapt_batch(
-            xs, ys, F.cross_entropy)
+            xs, ys, F.cross_entropy
+        )
         fastmeta.backend.forget_last_backends([OP])
         with torch.no_grad():
             outputs.append(learner(xq))
@@ -162,8 +170,9 @@ def test_fused_block_updates_running_statistics_like_batch_norm(momentum):
         torch.testing.assert_close(view(x), plain(x), rtol=1e-5, atol=1e-5)
         assert fastmeta.last_backend(OP) == CPU_KERNEL
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(model[1], name), getattr(plain[1], name),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            getattr(model[1], name), getattr(plain[1], name), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_maml_fuses_training_passes_only_with_fuse_true():
@@ -176,7 +185,8 @@ def test_maml_fuses_training_passes_only_with_fuse_true():
     for fuse in ("eval", True):
         model.zero_grad()
         learner = fastmeta.MAML(model, lr=0.4, fuse=fuse, strategy="loop").adapt_batch(
-            xs, ys, F.cross_entropy)
+            xs, ys, F.cross_entropy
+        )
         fastmeta.backend.forget_last_backends((OP, "bn_relu_pool"))
         F.cross_entropy(learner(xq).flatten(0, 1), yq.flatten()).backward()
         for op in (OP, "bn_relu_pool"):  # layer 1, and layers 2-3 after their convolutions
@@ -195,8 +205,10 @@ def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(backend_device, n
     gradient 0 (the cpu kernel gave NaN weight gradients), on every backend."""
     name, device = backend_device
     x = torch.randn(0, 2, 8, 8, device=device, requires_grad=need_x)
-    params = [t.to(device).requires_grad_() for t in
-              (torch.randn(3, 2, 3, 3), torch.randn(3), torch.rand(3), torch.randn(3))]
+    params = [
+        t.to(device).requires_grad_()
+        for t in (torch.randn(3, 2, 3, 3), torch.randn(3), torch.rand(3), torch.randn(3))
+    ]
     with fastmeta.use_backend(name):
         out, mean, rstd = conv_block_with_statistics(x, *params)
         inputs = [x, *params] if need_x else params

@@ -58,16 +58,22 @@ def kernel_cases():
     """(forward, device, dtype) for every kernel and device, skipped where unusable;
     the Triton kernel takes float32 only."""
     cases = []
-    for kernel, forward, dtypes in (("extension", extension_forward,
-                                     (torch.float32, torch.float64)),
-                                    ("triton", triton_forward, (torch.float32,))):
+    for kernel, forward, dtypes in (
+        ("extension", extension_forward, (torch.float32, torch.float64)),
+        ("triton", triton_forward, (torch.float32,)),
+    ):
         for device in ("cpu", "cuda"):
             reason = unavailable_reason(kernel, device)
-            cases += [pytest.param(forward, device, dtype,
-                                   id=f"{kernel}-{device}-{str(dtype).removeprefix('torch.')}",
-                                   marks=pytest.mark.skipif(reason is not None,
-                                                            reason=reason or ""))
-                      for dtype in dtypes]
+            cases += [
+                pytest.param(
+                    forward,
+                    device,
+                    dtype,
+                    id=f"{kernel}-{device}-{str(dtype).removeprefix('torch.')}",
+                    marks=pytest.mark.skipif(reason is not None, reason=reason or ""),
+                )
+                for dtype in dtypes
+            ]
     return cases
 
 
@@ -142,7 +148,11 @@ def test_empty_extents(forward, device, dtype, B, M, C, D):
 @pytest.mark.skipif(not COMPILED, reason="fastmeta._C is not built")
 def test_extension_rejects_mismatched_arguments():
     q = torch.randn(2, 3, 4)
-    for prototypes in (torch.randn(2, 5, 3), torch.randn(1, 5, 4), torch.randn(2, 4, 5).mT,
-                       torch.randn(2, 5, 4, dtype=torch.float64)):
+    for prototypes in (
+        torch.randn(2, 5, 3),
+        torch.randn(1, 5, 4),
+        torch.randn(2, 4, 5).mT,
+        torch.randn(2, 5, 4, dtype=torch.float64),
+    ):
         with pytest.raises(RuntimeError, match="cosine_similarities"):
             extension_forward(q, prototypes, EPS)

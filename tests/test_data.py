@@ -24,8 +24,10 @@ from fastmeta.data import (
     split_classes,
 )
 
-OMNIGLOT = Path(os.environ.get("FASTMETA_OMNIGLOT")
-                or Path(__file__).resolve().parents[2] / "shared/data/omniglot")
+OMNIGLOT = Path(
+    os.environ.get("FASTMETA_OMNIGLOT")
+    or Path(__file__).resolve().parents[2] / "shared/data/omniglot"
+)
 HELD_OUT = ["Japanese_(katakana)", "Sanskrit", "Tagalog"]
 
 
@@ -47,17 +49,18 @@ def check_episodes(episodes, y, ways, shots, queries, tasks):
     assert torch.equal(query_y, torch.arange(ways).repeat_interleave(queries).expand(tasks, -1))
     support_class = support_x[..., 0].view(tasks, ways, shots)
     query_class = query_x[..., 0].view(tasks, ways, queries)
-    task_classes = support_class[..., 0]                                  # [T, N]
+    task_classes = support_class[..., 0]  # [T, N]
     assert (support_class == task_classes[..., None]).all()
     assert (query_class == task_classes[..., None]).all()
     assert all(len(c.unique()) == ways for c in task_classes)
-    rows = torch.cat((support_x[..., 1], query_x[..., 1]), dim=1)           # [T, N*(K+Q)]
+    rows = torch.cat((support_x[..., 1], query_x[..., 1]), dim=1)  # [T, N*(K+Q)]
     assert all(len(r.unique()) == r.numel() for r in rows)
     assert torch.equal(y[rows], torch.cat((support_x[..., 0], query_x[..., 0]), dim=1))
     return task_classes, rows
 
 
 # --- EpisodeSampler --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("ways,shots,queries,tasks", [(5, 1, 15, 32), (3, 4, 2, 1), (1, 1, 1, 2)])
 def test_episode_labels_and_classes(ways, shots, queries, tasks):
@@ -70,7 +73,8 @@ def test_episode_labels_and_classes(ways, shots, queries, tasks):
 def test_image_shapes():
     x, y = torch.rand(60, 1, 28, 28), torch.arange(12).repeat_interleave(5)
     support_x, support_y, query_x, query_y = EpisodeSampler(
-        x, y, ways=4, shots=2, queries=3, tasks=6, seed=0).sample()
+        x, y, ways=4, shots=2, queries=3, tasks=6, seed=0
+    ).sample()
     assert support_x.shape == (6, 8, 1, 28, 28) and query_x.shape == (6, 12, 1, 28, 28)
     assert support_y.shape == (6, 8) and query_y.shape == (6, 12)
 
@@ -87,15 +91,16 @@ def test_uneven_classes_reach_every_class_and_example():
         seen_rows.append(rows)
     per_class = torch.cat(seen_classes).unique(return_counts=True)[1]
     assert len(per_class) == len(counts)
-    expected = 200 * 8 * 3 / len(counts)                       # classes drawn uniformly
+    expected = 200 * 8 * 3 / len(counts)  # classes drawn uniformly
     assert ((per_class - expected).abs() < 0.2 * expected).all(), per_class
     support_rows, query_rows = torch.cat(seen_rows).split(3, dim=1)
-    assert torch.equal(support_rows.unique(), torch.arange(len(y)))   # every example is
-    assert torch.equal(query_rows.unique(), torch.arange(len(y)))     # support and query
+    assert torch.equal(support_rows.unique(), torch.arange(len(y)))  # every example is
+    assert torch.equal(query_rows.unique(), torch.arange(len(y)))  # support and query
 
 
 def test_reproducible_from_seed():
     x, y = labelled([5] * 20)
+
     def batches(seed):
         sampler = EpisodeSampler(x, y, ways=5, shots=2, queries=3, tasks=4, seed=seed)
         return [b for _, b in zip(range(3), sampler)]
@@ -103,12 +108,13 @@ def test_reproducible_from_seed():
     first = batches(7)
     assert all(torch.equal(a, b) for ab, cd in zip(first, batches(7)) for a, b in zip(ab, cd))
     assert not torch.equal(first[0].support_x, batches(8)[0].support_x)
-    assert not torch.equal(first[0].support_x, first[1].support_x)   # successive batches differ
+    assert not torch.equal(first[0].support_x, first[1].support_x)  # successive batches differ
     torch.manual_seed(0)
     unseeded = EpisodeSampler(x, y, ways=5, shots=2, queries=3, tasks=4).sample()
     torch.manual_seed(0)
-    assert torch.equal(unseeded.query_x,
-                       EpisodeSampler(x, y, ways=5, shots=2, queries=3, tasks=4).sample().query_x)
+    assert torch.equal(
+        unseeded.query_x, EpisodeSampler(x, y, ways=5, shots=2, queries=3, tasks=4).sample().query_x
+    )
 
 
 class PairDataset(Dataset):
@@ -135,21 +141,24 @@ def test_class_subset_samples_only_those_classes():
     x, y = labelled([4] * 30)
     train, val = split_classes(y.unique(), (20, 10), seed=0)
     for classes in (train, val):
-        sampler = EpisodeSampler(x, y, ways=5, shots=1, queries=3, tasks=16, classes=classes,
-                                 seed=0)
+        sampler = EpisodeSampler(
+            x, y, ways=5, shots=1, queries=3, tasks=16, classes=classes, seed=0
+        )
         assert torch.equal(sampler.classes, classes)
-        sampled = torch.cat([check_episodes(sampler.sample(), y, 5, 1, 3, 16)[0].flatten()
-                             for _ in range(10)])
+        sampled = torch.cat(
+            [check_episodes(sampler.sample(), y, 5, 1, 3, 16)[0].flatten() for _ in range(10)]
+        )
         assert torch.isin(sampled, classes).all()
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_batches_on_target_device(device):
     x, y = labelled([5] * 8)
-    episodes = EpisodeSampler(x, y, ways=2, shots=2, queries=3, tasks=3, seed=0,
-                              device=device).sample()
+    episodes = EpisodeSampler(
+        x, y, ways=2, shots=2, queries=3, tasks=3, seed=0, device=device
+    ).sample()
     assert all(t.device.type == device for t in episodes)
-    if device == "cuda":    # data on the GPU: indices drawn and gathered there
+    if device == "cuda":  # data on the GPU: indices drawn and gathered there
         on_gpu = EpisodeSampler(x.cuda(), y.cuda(), ways=2, shots=2, queries=3, tasks=3, seed=0)
         check_episodes([t.cpu() for t in on_gpu.sample()], y, 2, 2, 3, 3)
 
@@ -161,18 +170,23 @@ def test_episodes_feed_protonet():
     assert torch.isfinite(loss) and accuracy > 0.95
 
 
-@pytest.mark.parametrize("args,match", [
-    (dict(ways=9), r"ways=9 exceeds the 8 classes"),
-    (dict(shots=4, queries=2),
-     r"shots \+ queries = 6 .* classes \[-4, 8, 11, 14\] have only \[5, 5, 5, 5\]"),
-    (dict(ways=0), r"ways must be an integer >= 1, got 0"),
-    (dict(shots=0), r"shots must be an integer >= 1, got 0"),
-    (dict(queries=0), r"queries must be an integer >= 1, got 0"),
-    (dict(tasks=-1), r"tasks must be an integer >= 1, got -1"),
-    (dict(y=torch.zeros(7, dtype=torch.int64)), r"same length, got x \[44, 2\] and y \[7\]"),
-    (dict(y=torch.zeros(44)), r"integer labels, got shape \[44\] dtype torch.float32"),
-    (dict(classes=[-7, 100]), r"classes not present in y: \[100\]"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (dict(ways=9), r"ways=9 exceeds the 8 classes"),
+        (
+            dict(shots=4, queries=2),
+            r"shots \+ queries = 6 .* classes \[-4, 8, 11, 14\] have only \[5, 5, 5, 5\]",
+        ),
+        (dict(ways=0), r"ways must be an integer >= 1, got 0"),
+        (dict(shots=0), r"shots must be an integer >= 1, got 0"),
+        (dict(queries=0), r"queries must be an integer >= 1, got 0"),
+        (dict(tasks=-1), r"tasks must be an integer >= 1, got -1"),
+        (dict(y=torch.zeros(7, dtype=torch.int64)), r"same length, got x \[44, 2\] and y \[7\]"),
+        (dict(y=torch.zeros(44)), r"integer labels, got shape \[44\] dtype torch.float32"),
+        (dict(classes=[-7, 100]), r"classes not present in y: \[100\]"),
+    ],
+)
 def test_bad_input(args, match):
     x, y = labelled([6, 5, 6, 6, 6, 5, 5, 5])
     kwargs = dict(x=x, y=y, ways=3, shots=2, queries=2) | args
@@ -187,13 +201,16 @@ def test_bad_dataset_items():
 
 # --- split_classes ---------------------------------------------------------------------
 
+
 def test_split_classes_disjoint_and_seeded():
     classes = torch.arange(100) * 2 + 1
     train, val, test = split_classes(classes, (0.7, 0.15, 0.15), seed=0)
     assert (len(train), len(val), len(test)) == (70, 15, 15)
     assert torch.equal(torch.cat((train, val, test)).sort().values, classes)
-    assert all(torch.equal(a, b) for a, b in zip(split_classes(classes, (0.7, 0.15, 0.15), seed=0),
-                                                 (train, val, test)))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(split_classes(classes, (0.7, 0.15, 0.15), seed=0), (train, val, test))
+    )
     assert not torch.equal(split_classes(classes, (0.7, 0.15, 0.15), seed=1)[0], train)
     a, b = split_classes(10, (3, 4), seed=2)
     assert (len(a), len(b)) == (3, 4) and not torch.isin(a, b).any()
@@ -219,6 +236,7 @@ def test_split_classes_bad_input():
 
 # --- synthetic tasks -------------------------------------------------------------------
 
+
 def test_sinusoid_tasks():
     def tasks(seed):
         return SinusoidTasks(shots=5, queries=7, tasks=64, seed=seed)
@@ -229,8 +247,8 @@ def test_sinusoid_tasks():
     x, y = torch.cat((support_x, query_x), 1).double(), torch.cat((support_y, query_y), 1).double()
     assert x.min() >= -5 and x.max() <= 5
     # A sin(x - p) = a sin x + b cos x with a = A cos p, b = -A sin p, one (a, b) per task.
-    basis = torch.cat((torch.sin(x), torch.cos(x)), dim=2)                # [T, K+Q, 2]
-    ab = torch.linalg.lstsq(basis, y).solution                             # [T, 2, 1]
+    basis = torch.cat((torch.sin(x), torch.cos(x)), dim=2)  # [T, K+Q, 2]
+    ab = torch.linalg.lstsq(basis, y).solution  # [T, 2, 1]
     assert (basis @ ab - y).abs().max() < 1e-4
     amplitude, phase = ab[:, 0, 0].hypot(ab[:, 1, 0]), torch.atan2(-ab[:, 1, 0], ab[:, 0, 0])
     assert amplitude.min() >= 0.1 - 1e-4 and amplitude.max() <= 5 + 1e-4
@@ -251,6 +269,7 @@ def test_gaussian_clusters():
 
 # --- Omniglot: small archives made here (Pillow only) ----------------------------------
 
+
 def write_archive(path: Path, characters: dict[tuple[str, str], int], drawers: int = 3):
     """An Omniglot-layout zip: white 105x105 1-bit PNGs with a black square whose corner
     encodes (character index, drawer)."""
@@ -270,17 +289,20 @@ def write_archive(path: Path, characters: dict[tuple[str, str], int], drawers: i
 def test_zip_folder_and_duplicates(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    write_archive(data / "images_background.zip", {("Latin", "character01"): 0,
-                                                   ("Latin", "character02"): 1,
-                                                   ("Greek", "character01"): 2})
-    write_archive(data / "images_evaluation.zip", {("Latin", "character02"): 1,
-                                                   ("Atlantean", "character01"): 3})
+    write_archive(
+        data / "images_background.zip",
+        {("Latin", "character01"): 0, ("Latin", "character02"): 1, ("Greek", "character01"): 2},
+    )
+    write_archive(
+        data / "images_evaluation.zip",
+        {("Latin", "character02"): 1, ("Atlantean", "character01"): 3},
+    )
     zipped = load_omniglot(data, image_size=14, cache_dir=tmp_path / "cache")
     assert zipped.alphabets == ("Atlantean", "Greek", "Latin", "Latin")
     assert zipped.characters == ("character01", "character01", "character01", "character02")
     assert zipped.images.shape == (12, 1, 14, 14)
     assert torch.equal(zipped.labels, torch.arange(4).repeat_interleave(3))
-    ink = zipped.images[0, 0]      # black square at 12..42 of 105 px -> bright at 2..5 of 14
+    ink = zipped.images[0, 0]  # black square at 12..42 of 105 px -> bright at 2..5 of 14
     assert ink[2:5, 2:5].min() > 0.9 and ink[8:, 8:].max() < 0.1
 
     unpacked = tmp_path / "unpacked"
@@ -305,8 +327,9 @@ def test_omniglot_bad_input(tmp_path):
     nowhere = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=re.escape(f"{nowhere} does not exist")):
         load_omniglot(nowhere, cache_dir=tmp_path)
-    with pytest.raises(FileNotFoundError,
-                       match=r"no Omniglot data in .*expected images_background\*.zip"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no Omniglot data in .*expected images_background\*.zip"
+    ):
         load_omniglot(tmp_path, cache_dir=tmp_path)
     (tmp_path / "images_background.zip").write_bytes(b"not a zip at all")
     with pytest.raises(ValueError, match="images_background.zip is not a readable zip archive"):
@@ -317,8 +340,11 @@ def test_omniglot_bad_png_and_missing_pillow(tmp_path, monkeypatch):
     with zipfile.ZipFile(tmp_path / "images_evaluation.zip", "w") as archive:
         archive.writestr("images_evaluation/Latin/character01/01_01.png", b"not a png")
     if importlib.util.find_spec("PIL"):
-        with pytest.raises(ValueError, match=r"cannot decode .*images_evaluation.zip:"
-                                             r"images_evaluation/Latin/character01/01_01.png"):
+        with pytest.raises(
+            ValueError,
+            match=r"cannot decode .*images_evaluation.zip:"
+            r"images_evaluation/Latin/character01/01_01.png",
+        ):
             load_omniglot(tmp_path, cache_dir=tmp_path / "cache")
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(ImportError, match="needs Pillow: pip install pillow"):
@@ -337,6 +363,7 @@ def test_rotate_classes():
 
 # --- Omniglot: the shared small background archives ----------------------------------
 
+
 @pytest.fixture(scope="module")
 def omniglot(tmp_path_factory):
     if not OMNIGLOT.is_dir():
@@ -354,7 +381,7 @@ def test_omniglot_union(omniglot):
     assert data.images.shape == (4840, 1, 28, 28) and data.images.dtype == torch.float32
     assert torch.equal(data.labels.bincount(), torch.full((242,), 20))
     assert data.images.min() == 0 and data.images.max() <= 1
-    assert data.images.mean() < 0.2             # ink = 1: mostly dark background
+    assert data.images.mean() < 0.2  # ink = 1: mostly dark background
 
 
 def test_omniglot_alphabet_split(omniglot):

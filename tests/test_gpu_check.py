@@ -40,9 +40,11 @@ def rows(text: str, heading: str) -> list[list[str]]:
 
 def test_summary_counts_tests_lists_failures_and_puts_fastmeta_first(tmp_path):
     (tmp_path / "machine.log").write_text("NVIDIA H200, 570.00, 143771 MiB, 9.0\n")
-    (tmp_path / "steps.tsv").write_text("build\tok\t95\t240\n"
-                                        "test_protonet\tFAILED (exit 1)\t40\t150\n"
-                                        "bench-maml\tTIMEOUT\t150\t150\n")
+    (tmp_path / "steps.tsv").write_text(
+        "build\tok\t95\t240\n"
+        "test_protonet\tFAILED (exit 1)\t40\t150\n"
+        "bench-maml\tTIMEOUT\t150\t150\n"
+    )
     (tmp_path / "test_protonet.xml").write_text(JUNIT)
     (tmp_path / "test_race.xml").write_text(JUNIT.split("<testcase", 1)[0] + "<testcase")  # cut off
     (tmp_path / "bench-inner_update.csv").write_text(BENCH)
@@ -50,17 +52,23 @@ def test_summary_counts_tests_lists_failures_and_puts_fastmeta_first(tmp_path):
     text = gpu_summary.summary(tmp_path)
 
     assert "NVIDIA H200, 570.00" in text
-    assert rows(text, "## Steps") == [["build", "ok", "95", "240"],
-                                      ["test_protonet", "FAILED (exit 1)", "40", "150"],
-                                      ["bench-maml", "TIMEOUT", "150", "150"]]
+    assert rows(text, "## Steps") == [
+        ["build", "ok", "95", "240"],
+        ["test_protonet", "FAILED (exit 1)", "40", "150"],
+        ["bench-maml", "TIMEOUT", "150", "150"],
+    ]
     tests = rows(text, "## Tests")
     assert tests[0] == ["test_protonet", "2", "1", "1", "1"]  # passed, failed, errors, skipped
     assert tests[1][0] == "test_race" and tests[1][1].startswith("unreadable JUnit XML")
     assert tests[2] == ["**total**", "**2**", "**1**", "**1**", "**1**"]
-    assert ("- tests.test_protonet::test_backward[triton-cuda]: AssertionError: rel_err 0.5 > 1e-5"
-            in text.splitlines())
-    assert ("- tests.test_protonet::test_big[cuda-cuda]: RuntimeError: CUDA error: an illegal "
-            "memory access" in text.splitlines())
+    assert (
+        "- tests.test_protonet::test_backward[triton-cuda]: AssertionError: rel_err 0.5 > 1e-5"
+        in text.splitlines()
+    )
+    assert (
+        "- tests.test_protonet::test_big[cuda-cuda]: RuntimeError: CUDA error: an illegal "
+        "memory access" in text.splitlines()
+    )
     assert rows(text, "## Benchmarks") == [
         ["inner_update", "T=32 P=12M", "fastmeta[cuda]", "2.000", "1.00", "400.0", "1536.0"],
         ["inner_update", "T=32 P=12M", "per-task loop", "4.000", "2.00", "200.0", "1536.0"],

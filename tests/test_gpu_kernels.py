@@ -36,8 +36,9 @@ from fastmeta import backend, race
 from fastmeta import functional as F
 from fastmeta.ops import attention_read, gradient_mlp
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="GPU checks: no CUDA GPU is visible")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="GPU checks: no CUDA GPU is visible"
+)
 
 GPU_BACKENDS = ("cuda", "triton")
 PROTONET_OPS = ("class_prototypes", "squared_distances", "prototypical_cross_entropy")
@@ -62,8 +63,12 @@ def episode(B, C, M, D):
     shots = torch.randint(1, 3, (C,))
     labels = torch.repeat_interleave(torch.arange(C), shots)
     support_labels = torch.stack([labels[torch.randperm(len(labels))] for _ in range(B)])
-    return (torch.randn(B, len(labels), D, device="cuda"), support_labels.cuda(),
-            torch.randn(B, M, D, device="cuda"), torch.randint(0, C, (B, M), device="cuda"))
+    return (
+        torch.randn(B, len(labels), D, device="cuda"),
+        support_labels.cuda(),
+        torch.randn(B, M, D, device="cuda"),
+        torch.randint(0, C, (B, M), device="cuda"),
+    )
 
 
 def prototypes_float64(support, labels, C):
@@ -128,8 +133,9 @@ def test_prototypical_loss_many_classes(name, B, C, M, D):
     support.requires_grad_(), queries.requires_grad_()
     tau = torch.tensor(0.37, device="cuda", requires_grad=True)
     with fastmeta.use_backend(name):
-        losses, _ = F.prototypical_loss(support, support_labels, queries, query_labels, C,
-                                        tau=tau, reduction="none")
+        losses, _ = F.prototypical_loss(
+            support, support_labels, queries, query_labels, C, tau=tau, reduction="none"
+        )
         grads = torch.autograd.grad(losses.mean(), (support, queries, tau))
     assert fastmeta.last_backend("class_prototypes") == name
     assert fastmeta.last_backend("prototypical_cross_entropy") == name
@@ -146,8 +152,11 @@ def test_prototypical_loss_many_classes(name, B, C, M, D):
 @pytest.mark.parametrize("B,M,N,O,K,L", READS)
 def test_attention_read_many_queries(name, B, M, N, O, K, L):
     require(["attention_read"], name)
-    inputs = [torch.softmax(torch.randn(B, M, N, device="cuda"), -1),
-              torch.randn(B, N, O, K, device="cuda"), torch.randn(B, M, L, K, device="cuda")]
+    inputs = [
+        torch.softmax(torch.randn(B, M, N, device="cuda"), -1),
+        torch.randn(B, N, O, K, device="cuda"),
+        torch.randn(B, M, L, K, device="cuda"),
+    ]
     inputs = [t.requires_grad_() for t in inputs]
     d_out = torch.randn(B, M, L, O, device="cuda")
     with fastmeta.use_backend(name):
@@ -164,6 +173,7 @@ def test_attention_read_many_queries(name, B, M, N, O, K, L):
 
 # ---------------------------------------------------------------- determinism
 
+
 def protonet_step(name):
     """ProtoNet loss and distances forward and backward on `name`: every output."""
     torch.manual_seed(0)
@@ -172,8 +182,9 @@ def protonet_step(name):
     tau = torch.tensor(0.37, device="cuda", requires_grad=True)
     C = EPISODES[1][1]
     with fastmeta.use_backend(name):
-        losses, _ = F.prototypical_loss(support, support_labels, queries, query_labels, C,
-                                        tau=tau, reduction="none")
+        losses, _ = F.prototypical_loss(
+            support, support_labels, queries, query_labels, C, tau=tau, reduction="none"
+        )
         prototypes = F.class_prototypes(support, support_labels, C)
         dist = F.squared_distances(queries, prototypes)
         total = losses.sum() + dist.mean()
@@ -182,8 +193,7 @@ def protonet_step(name):
 
 def gradient_mlp_step(name):
     torch.manual_seed(0)
-    inputs = [t.cuda().requires_grad_() for t in (random_gradients(7, 100003),
-                                                  *mlp_parameters(20))]
+    inputs = [t.cuda().requires_grad_() for t in (random_gradients(7, 100003), *mlp_parameters(20))]
     with fastmeta.use_backend(name):
         out = gradient_mlp(*inputs)
         return (out, *torch.autograd.grad(out, inputs, torch.randn_like(out)))
@@ -192,19 +202,26 @@ def gradient_mlp_step(name):
 def attention_read_step(name):
     torch.manual_seed(0)
     B, M, N, O, K, L = READS[1]
-    inputs = [torch.randn(B, M, N, device="cuda").softmax(-1).requires_grad_(),
-              torch.randn(B, N, O, K, device="cuda", requires_grad=True),
-              torch.randn(B, M, L, K, device="cuda", requires_grad=True)]
+    inputs = [
+        torch.randn(B, M, N, device="cuda").softmax(-1).requires_grad_(),
+        torch.randn(B, N, O, K, device="cuda", requires_grad=True),
+        torch.randn(B, M, L, K, device="cuda", requires_grad=True),
+    ]
     with fastmeta.use_backend(name):
         out = attention_read(*inputs)
         return (out, *torch.autograd.grad(out, inputs, torch.randn_like(out)))
 
 
-@pytest.mark.parametrize("step,ops,name", [
-    (protonet_step, PROTONET_OPS, "cuda"), (protonet_step, PROTONET_OPS, "triton"),
-    (gradient_mlp_step, ["gradient_mlp"], "triton"),
-    (attention_read_step, ["attention_read"], "triton"),
-], ids=["protonet-cuda", "protonet-triton", "gradient_mlp-triton", "attention_read-triton"])
+@pytest.mark.parametrize(
+    "step,ops,name",
+    [
+        (protonet_step, PROTONET_OPS, "cuda"),
+        (protonet_step, PROTONET_OPS, "triton"),
+        (gradient_mlp_step, ["gradient_mlp"], "triton"),
+        (attention_read_step, ["attention_read"], "triton"),
+    ],
+    ids=["protonet-cuda", "protonet-triton", "gradient_mlp-triton", "attention_read-triton"],
+)
 def test_two_runs_are_bitwise_equal(step, ops, name):
     require(ops, name)
     first, second = step(name), step(name)
@@ -213,6 +230,7 @@ def test_two_runs_are_bitwise_equal(step, ops, name):
 
 
 # ---------------------------------------------------------------- > 2**31 elements
+
 
 def cuda_rel_err(got, want) -> float:
     """rel_err on the GPU (no multi-GB copies to the host)."""
@@ -233,7 +251,8 @@ def test_attention_read_past_2_31_weight_elements(name):
     with fastmeta.use_backend(name):
         out = torch.ops.fastmeta.attention_read(attention, weights, x)
         d_attention, d_weights, d_x = torch.ops.fastmeta.attention_read_backward(
-            d_out, attention, weights, x, True, True, True)
+            d_out, attention, weights, x, True, True, True
+        )
     a, x64, dout64 = attention[0].double(), x[0].double(), d_out[0].double()
     g = [dout64[j].T @ x64[j] for j in range(M)]  # G_j = dout_j^T x_j [O, K]
     want_out, want_d_x = torch.zeros_like(out[0], dtype=torch.float64), torch.zeros_like(x64)
@@ -272,8 +291,7 @@ def test_inner_update_past_2_31_parameters(name):
         assert cuda_rel_err(out[0, tail], want) < 1e-6
         del out
         go = g.roll(1, 1)  # an upstream gradient unlike g, in the output's freed memory
-        d_theta, d_g, d_alpha = torch.ops.fastmeta.inner_update_backward(go, alpha, g, True,
-                                                                         True)
+        d_theta, d_g, d_alpha = torch.ops.fastmeta.inner_update_backward(go, alpha, g, True, True)
     assert not d_theta.isnan().any() and not d_g.isnan().any()
     assert torch.equal(d_theta, go[0])  # one task: the sum over tasks is go itself
     assert cuda_rel_err(d_g[0, tail], -0.3 * go[0, tail].double()) < 1e-6
@@ -283,6 +301,7 @@ def test_inner_update_past_2_31_parameters(name):
 
 
 # ---------------------------------------------------------------- the race
+
 
 def test_the_race_on_a_gpu_times_both_backends_and_keeps_the_numbers(racing, monkeypatch):
     """A default ProtoNet loss and attention_read step on CUDA race cuda against triton
@@ -294,12 +313,15 @@ def test_the_race_on_a_gpu_times_both_backends_and_keeps_the_numbers(racing, mon
     B, C, M, D = EPISODES[2]
     support, support_labels, queries, query_labels = episode(B, C, M, D)
     support.requires_grad_(), queries.requires_grad_()
-    losses, _ = F.prototypical_loss(support, support_labels, queries, query_labels, C,
-                                    reduction="none")
+    losses, _ = F.prototypical_loss(
+        support, support_labels, queries, query_labels, C, reduction="none"
+    )
     grads = torch.autograd.grad(losses.mean(), (support, queries))
-    read_inputs = [torch.softmax(torch.randn(1, 9, 5, device="cuda"), -1).requires_grad_(),
-                   torch.randn(1, 5, 33, 40, device="cuda", requires_grad=True),
-                   torch.randn(1, 9, 1, 40, device="cuda", requires_grad=True)]
+    read_inputs = [
+        torch.softmax(torch.randn(1, 9, 5, device="cuda"), -1).requires_grad_(),
+        torch.randn(1, 5, 33, 40, device="cuda", requires_grad=True),
+        torch.randn(1, 9, 1, 40, device="cuda", requires_grad=True),
+    ]
     read = attention_read(*read_inputs)
     read_grads = torch.autograd.grad(read.sum(), read_inputs)
     outcomes = race.results()
@@ -326,10 +348,12 @@ def test_the_race_on_a_gpu_times_both_backends_and_keeps_the_numbers(racing, mon
 
 # ---------------------------------------------------------------- device guard
 
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_triton_wrappers_launch_on_the_inputs_gpu():
     """Every public Triton wrapper on cuda:1 while cuda:0 is current gives what it gives
     on cuda:0 (a launch on the current device would read another GPU's pointers)."""
+
     def outputs(name, calls):
         fn, args = calls[name]
         out = fn(*args)

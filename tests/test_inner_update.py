@@ -12,7 +12,7 @@ ALPHA_KINDS = ("scalar", "per_element", "per_task")
 
 def make_alpha(kind, T, P, dtype, device):
     shape = {"scalar": (), "per_element": (P,), "per_task": (T, P)}[kind]
-    return (torch.rand(shape, dtype=dtype, device=device) * 0.5 + 0.05)
+    return torch.rand(shape, dtype=dtype, device=device) * 0.5 + 0.05
 
 
 def reference_float64(theta, alpha, g, go, sign=-1.0):
@@ -40,8 +40,9 @@ def float32_error(got, want, magnitude) -> float:
     return float("inf") if torch.isnan(err) else float(err)
 
 
-@pytest.mark.parametrize("T,P", [(1, 1), (3, 1000), (32, 1000), (3, 1_000_003), (32, 1_000_003),
-                                 (1, 1_000_003), (32, 1)])
+@pytest.mark.parametrize(
+    "T,P", [(1, 1), (3, 1000), (32, 1000), (3, 1_000_003), (32, 1_000_003), (1, 1_000_003), (32, 1)]
+)
 @pytest.mark.parametrize("alpha_kind", ALPHA_KINDS)
 def test_matches_float64_reference(backend_device, T, P, alpha_kind):
     name, device = backend_device
@@ -55,8 +56,12 @@ def test_matches_float64_reference(backend_device, T, P, alpha_kind):
         out.backward(go)
     expected = reference_float64(theta, alpha, g, go)
     magnitudes = reference_float64(*(x.abs() for x in (theta, alpha, g, go)), sign=1.0)
-    for got, want, mag, label in zip((out, theta.grad, alpha.grad, g.grad), expected,
-                                     magnitudes, ("out", "d_theta", "d_alpha", "d_g")):
+    for got, want, mag, label in zip(
+        (out, theta.grad, alpha.grad, g.grad),
+        expected,
+        magnitudes,
+        ("out", "d_theta", "d_alpha", "d_g"),
+    ):
         assert got.shape == want.shape, label
         assert got.dtype == torch.float32, label
         error = float32_error(got, want, mag)
@@ -144,23 +149,35 @@ def test_second_order_meta_gradient(backend_device):
 def test_opcheck(backend_device):
     name, device = backend_device
     T, P = 3, 17
-    cases = [(torch.randn(P, device=device), make_alpha(kind, T, P, torch.float32, device),
-              torch.randn(T, P, device=device)) for kind in ALPHA_KINDS]
+    cases = [
+        (
+            torch.randn(P, device=device),
+            make_alpha(kind, T, P, torch.float32, device),
+            torch.randn(T, P, device=device),
+        )
+        for kind in ALPHA_KINDS
+    ]
     with fastmeta.use_backend(name):
         for theta, alpha, g in cases:
             for rg in (False, True):
-                args = (theta.clone().requires_grad_(rg), alpha.clone().requires_grad_(rg),
-                        g.clone().requires_grad_(rg))
+                args = (
+                    theta.clone().requires_grad_(rg),
+                    alpha.clone().requires_grad_(rg),
+                    g.clone().requires_grad_(rg),
+                )
                 torch.library.opcheck(torch.ops.fastmeta.inner_update.default, args)
             go = torch.randn(T, P, device=device)
-            torch.library.opcheck(torch.ops.fastmeta.inner_update_backward.default,
-                                  (go, alpha, g, True, True))
+            torch.library.opcheck(
+                torch.ops.fastmeta.inner_update_backward.default, (go, alpha, g, True, True)
+            )
         # transposed (non-contiguous) g and grad_out: outputs stay contiguous, as the fake says
         g_t = torch.randn(P, T, device=device).t()
         theta, alpha = torch.randn(P, device=device), torch.tensor(0.1, device=device)
         torch.library.opcheck(torch.ops.fastmeta.inner_update.default, (theta, alpha, g_t))
-        torch.library.opcheck(torch.ops.fastmeta.inner_update_backward.default,
-                              (torch.randn(P, T, device=device).t(), alpha, g_t, True, True))
+        torch.library.opcheck(
+            torch.ops.fastmeta.inner_update_backward.default,
+            (torch.randn(P, T, device=device).t(), alpha, g_t, True, True),
+        )
 
 
 def test_torch_compile_fullgraph(backend_device):
@@ -201,16 +218,18 @@ BAD_INPUTS = [
 def test_bad_shapes_name_the_argument(case):
     _, theta_shape, alpha_shape, g_shape, error, words = case
     with pytest.raises(error) as info:
-        fastmeta.inner_update(torch.randn(theta_shape), torch.rand(alpha_shape),
-                              torch.randn(g_shape))
+        fastmeta.inner_update(
+            torch.randn(theta_shape), torch.rand(alpha_shape), torch.randn(g_shape)
+        )
     for word in words:
         assert word in str(info.value), str(info.value)
 
 
 def test_bad_dtypes_and_devices_name_the_argument():
     theta, g = torch.randn(5), torch.randn(3, 5)
-    with pytest.raises(TypeError,
-                       match="theta must be a floating-point tensor, got dtype torch.int64"):
+    with pytest.raises(
+        TypeError, match="theta must be a floating-point tensor, got dtype torch.int64"
+    ):
         fastmeta.inner_update(torch.arange(5), 0.1, g)
     with pytest.raises(TypeError, match="theta has dtype torch.float64 but g has torch.float32"):
         fastmeta.inner_update(theta.double(), torch.tensor(0.1), g)
@@ -222,8 +241,9 @@ def test_bad_dtypes_and_devices_name_the_argument():
         fastmeta.inner_update(theta, 0.1, [[1.0]])
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-13), (torch.bfloat16, 1e-2),
-                                             (torch.float16, 2e-3)])
+@pytest.mark.parametrize(
+    "dtype,tolerance", [(torch.float64, 1e-13), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)]
+)
 def test_other_dtypes(backend_device, dtype, tolerance):
     name, device = backend_device
     reason = fastmeta.backend.unavailable_reason(name, device, dtype)

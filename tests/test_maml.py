@@ -15,9 +15,16 @@ STRATEGIES = ("loop", "vmap")
 
 def conv_bn_net(ways=3, dtype=torch.float32):
     """A small conv4-style model: conv, batch norm, ReLU, max-pool, linear head."""
-    return nn.Sequential(nn.Conv2d(1, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Conv2d(5, 4, 3), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 2 * 2, ways)).to(dtype)
+    return nn.Sequential(
+        nn.Conv2d(1, 5, 3, padding=1),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(5, 4, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, ways),
+    ).to(dtype)
 
 
 def episodes(T=3, ways=3, shots=2, queries=3, dtype=torch.float32, size=9):
@@ -68,8 +75,11 @@ def batched(meta, xs, ys, xq, yq, steps, strategy):
 def test_batched_matches_per_task_loop(algorithm, first_order, steps, strategy):
     torch.manual_seed(steps)
     model = conv_bn_net()
-    meta = (fastmeta.MAML(model, lr=0.3, first_order=first_order) if algorithm == "maml"
-            else fastmeta.MetaSGD(model, lr=0.3, first_order=first_order))
+    meta = (
+        fastmeta.MAML(model, lr=0.3, first_order=first_order)
+        if algorithm == "maml"
+        else fastmeta.MetaSGD(model, lr=0.3, first_order=first_order)
+    )
     data = episodes()
     loss_loop, grads_loop = meta_grads(meta, lambda: clone_loop(meta, *data, steps))
     loss_batched, grads_batched = meta_grads(meta, lambda: batched(meta, *data, steps, strategy))
@@ -100,6 +110,7 @@ def test_adapted_parameters_match_per_task_loop(strategy):
 def unrolled_maml_float64(params, xs, ys, xq, yq, lrs):
     """Second-order MAML for a 2-layer tanh MLP written out by hand (no fastmeta, no
     modules): explicit weights, autograd.grad(create_graph=True), w - lr * g."""
+
     def mlp(p, x):
         return torch.tanh(x @ p[0].T + p[1]) @ p[2].T + p[3]
 
@@ -107,8 +118,9 @@ def unrolled_maml_float64(params, xs, ys, xq, yq, lrs):
     for t in range(xs.shape[0]):
         fast = list(params)
         for lr in lrs:
-            grads = torch.autograd.grad(F.cross_entropy(mlp(fast, xs[t]), ys[t]), fast,
-                                        create_graph=True)
+            grads = torch.autograd.grad(
+                F.cross_entropy(mlp(fast, xs[t]), ys[t]), fast, create_graph=True
+            )
             fast = [w - lr * g for w, g in zip(fast, grads)]
         total = total + F.cross_entropy(mlp(fast, xq[t]), yq[t])
     return torch.autograd.grad(total / xs.shape[0], params)
@@ -144,8 +156,9 @@ def test_meta_sgd_per_step_rates():
         fast = dict(params)
         for k in range(2):
             out = torch.func.functional_call(model, fast, (xs[t],))
-            grads = torch.autograd.grad(F.cross_entropy(out, ys[t]), list(fast.values()),
-                                        create_graph=True)
+            grads = torch.autograd.grad(
+                F.cross_entropy(out, ys[t]), list(fast.values()), create_graph=True
+            )
             fast = {n: w - lr[k] * g for (n, w), lr, g in zip(fast.items(), meta.lrs, grads)}
         for name in fast:
             torch.testing.assert_close(learner.params(t)[name], fast[name])
@@ -162,8 +175,8 @@ def test_frozen_and_head_only_parameters():
     learner = meta.adapt_batch(xs, ys, F.cross_entropy)
     assert learner.fast_weights.shape == (3, 4 * 2 * 2 * 3 + 3)
     F.cross_entropy(learner(xq).flatten(0, 1), yq.flatten()).backward()
-    assert model[0].weight.grad is None                   # frozen stays frozen
-    assert model[4].weight.grad.abs().sum() > 0           # shared body gets meta-gradients
+    assert model[0].weight.grad is None  # frozen stays frozen
+    assert model[4].weight.grad.abs().sum() > 0  # shared body gets meta-gradients
 
     everything = fastmeta.MAML(model, lr=0.5)
     assert "0.weight" not in everything.adapted and "0.weight" in everything.frozen
@@ -193,8 +206,9 @@ def test_batch_norm_running_statistics_untouched():
     before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
     xs, ys, xq, yq = episodes()
     for strategy in STRATEGIES:
-        learner = fastmeta.MAML(model, lr=0.1).adapt_batch(xs, ys, F.cross_entropy,
-                                                           strategy=strategy)
+        learner = fastmeta.MAML(model, lr=0.1).adapt_batch(
+            xs, ys, F.cross_entropy, strategy=strategy
+        )
         learner(xq)
     assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
     assert int(bn.num_batches_tracked) == before[2] and bn.track_running_stats
@@ -223,8 +237,9 @@ def test_maml_learns_sinusoid_regression():
     """Finn et al. 2017: after meta-training, one step on 10 support points cuts the
     query MSE well below the pre-adaptation MSE of the same meta-learned model."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
-                          nn.Linear(40, 1))
+    model = nn.Sequential(
+        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+    )
     meta = fastmeta.MAML(model, lr=0.01, steps=1, strategy="vmap")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     tasks = SinusoidTasks(shots=10, queries=10, tasks=16, seed=0)

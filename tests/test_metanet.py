@@ -89,13 +89,20 @@ def test_per_example_gradients_are_each_examples_own():
     assert torch.allclose(model(sx, sy, qx), model(sx[:, order], sy[:, order], qx), atol=1e-10)
 
 
-@pytest.mark.parametrize("case,error,message", [
-    ("query_shape", ValueError, "query_x [B, M, ...] with the same example shape"),
-    ("label_range", ValueError, "support_y holds 3 at index [1, 2], outside [0, num_classes=3)"),
-    ("label_dtype", TypeError, "support_y must be an integer tensor of class indices"),
-    ("query_labels", ValueError, "query_y holds 7 at index [0, 0], outside [0, num_classes=3)"),
-    ("episodes", ValueError, "query_x [3, 4, 5]"),
-])
+@pytest.mark.parametrize(
+    "case,error,message",
+    [
+        ("query_shape", ValueError, "query_x [B, M, ...] with the same example shape"),
+        (
+            "label_range",
+            ValueError,
+            "support_y holds 3 at index [1, 2], outside [0, num_classes=3)",
+        ),
+        ("label_dtype", TypeError, "support_y must be an integer tensor of class indices"),
+        ("query_labels", ValueError, "query_y holds 7 at index [0, 0], outside [0, num_classes=3)"),
+        ("episodes", ValueError, "query_x [3, 4, 5]"),
+    ],
+)
 def test_bad_input_names_the_argument(case, error, message):
     model = MetaNetwork(mlp_network(5, 8, ways=3), mlp_network(5, 8))
     sx, sy, qx, qy = episodes(2, 3, 2, 4, (5,), dtype=torch.float32)
@@ -132,10 +139,10 @@ def test_learns_few_shot_gaussian_clusters():
     """A short CPU run: 5-way 1-shot accuracy on unseen clusters far above chance."""
     torch.manual_seed(0)
     x, y = gaussian_clusters(num_classes=60, per_class=20, dim=16, noise=0.5, seed=0)
-    train = EpisodeSampler(x, y, ways=5, shots=1, queries=5, tasks=8, seed=0,
-                           classes=range(40))
-    test = EpisodeSampler(x, y, ways=5, shots=1, queries=5, tasks=100, seed=1,
-                          classes=range(40, 60))
+    train = EpisodeSampler(x, y, ways=5, shots=1, queries=5, tasks=8, seed=0, classes=range(40))
+    test = EpisodeSampler(
+        x, y, ways=5, shots=1, queries=5, tasks=100, seed=1, classes=range(40, 60)
+    )
     model = MetaNetwork(mlp_network(16, 32, ways=5), mlp_network(16, 32))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(150):

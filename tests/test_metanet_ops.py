@@ -36,13 +36,18 @@ def random_gradients(*shape, dtype=torch.float32):
 
 
 def mlp_parameters(hidden, dtype=torch.float32):
-    return (torch.randn(hidden, 2, dtype=dtype), torch.randn(hidden, dtype=dtype),
-            torch.randn(hidden, dtype=dtype), torch.randn((), dtype=dtype))
+    return (
+        torch.randn(hidden, 2, dtype=dtype),
+        torch.randn(hidden, dtype=dtype),
+        torch.randn(hidden, dtype=dtype),
+        torch.randn((), dtype=dtype),
+    )
 
 
 @pytest.mark.op("gradient_mlp")
-@pytest.mark.parametrize("shape,hidden", [((1,), 1), ((7, 1001), 20), ((3, 5, 37), 33),
-                                          ((2, 20011), 7)])
+@pytest.mark.parametrize(
+    "shape,hidden", [((1,), 1), ((7, 1001), 20), ((3, 5, 37), 33), ((2, 20011), 7)]
+)
 def test_gradient_mlp_matches_float64(backend_device, shape, hidden):
     name, device = backend_device
     grads = random_gradients(*shape).to(device)
@@ -70,8 +75,10 @@ def test_gradient_mlp_gradcheck(backend_device):
     name, device = backend_device
     if name == "triton":
         pytest.skip("Triton kernels run float32 only")
-    inputs = [t.double().to(device).requires_grad_()
-              for t in (random_gradients(3, 11), *mlp_parameters(5))]
+    inputs = [
+        t.double().to(device).requires_grad_()
+        for t in (random_gradients(3, 11), *mlp_parameters(5))
+    ]
     # eps 1e-9: below e^-p gradients enter scaled by e^p = 2.2e4, so the default step
     # 1e-6 moves the hidden pre-activations by ~0.02 and crossed a relu kink (the finite
     # difference then disagrees) in about one run in four
@@ -85,22 +92,33 @@ def test_gradient_mlp_backward_opcheck(backend_device):
     grads = random_gradients(4, 9).to(device)
     params = [t.to(device) for t in mlp_parameters(6)]
     with fastmeta.use_backend(name):
-        torch.library.opcheck(torch.ops.fastmeta.gradient_mlp_backward.default,
-                              (torch.randn_like(grads), grads, *params[:3], P, True))
+        torch.library.opcheck(
+            torch.ops.fastmeta.gradient_mlp_backward.default,
+            (torch.randn_like(grads), grads, *params[:3], P, True),
+        )
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(w1=torch.randn(4, 3)), "w1 must be [H, 2], got [4, 3]"),
-    (dict(b1=torch.randn(5)), "b1 must be [H=4]"),
-    (dict(w2=torch.randn(4, 1)), "w2 must be [H=4]"),
-    (dict(b2=torch.randn(1)), "b2 must be a 0-d tensor, got [1]"),
-    (dict(grads=torch.ones(3, dtype=torch.int64)), "grads must be a floating-point tensor"),
-    (dict(w1=torch.randn(4, 2, dtype=torch.float64)), "w1 has dtype torch.float64"),
-    (dict(p=-1.0), "p must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(w1=torch.randn(4, 3)), "w1 must be [H, 2], got [4, 3]"),
+        (dict(b1=torch.randn(5)), "b1 must be [H=4]"),
+        (dict(w2=torch.randn(4, 1)), "w2 must be [H=4]"),
+        (dict(b2=torch.randn(1)), "b2 must be a 0-d tensor, got [1]"),
+        (dict(grads=torch.ones(3, dtype=torch.int64)), "grads must be a floating-point tensor"),
+        (dict(w1=torch.randn(4, 2, dtype=torch.float64)), "w1 has dtype torch.float64"),
+        (dict(p=-1.0), "p must be a positive number"),
+    ],
+)
 def test_gradient_mlp_bad_input(change, message):
-    args = dict(grads=torch.randn(3), w1=torch.randn(4, 2), b1=torch.randn(4),
-                w2=torch.randn(4), b2=torch.randn(()), p=P)
+    args = dict(
+        grads=torch.randn(3),
+        w1=torch.randn(4, 2),
+        b1=torch.randn(4),
+        w2=torch.randn(4),
+        b2=torch.randn(()),
+        p=P,
+    )
     args.update(change)
     with pytest.raises((ValueError, TypeError)) as error:
         gradient_mlp(**args)
@@ -123,8 +141,13 @@ def attention_read_float64(attention, weights, x):
 # (B, M, N, O, K, L); (1, 5, 2, 130, 129, 27) spans two O, K and M L row tiles of the
 # Triton kernels even at the interpreter's 128-wide tiles; the last has O*K > 2^18, so the
 # cpu and cuda kernels take one query at a time
-READ_SHAPES = [(1, 1, 1, 1, 1, 1), (3, 7, 5, 6, 11, 1), (2, 5, 4, 9, 13, 10),
-               (1, 5, 2, 130, 129, 27), (1, 3, 2, 64, 4201, 2)]
+READ_SHAPES = [
+    (1, 1, 1, 1, 1, 1),
+    (3, 7, 5, 6, 11, 1),
+    (2, 5, 4, 9, 13, 10),
+    (1, 5, 2, 130, 129, 27),
+    (1, 3, 2, 64, 4201, 2),
+]
 
 # fast_weights [1, 65, 4099, 8191]: 2.18e9 elements (8.7 GB in float32); W[0, 64] starts
 # at element 64 * 4099 * 8191 > 2**31, past int32 (tests/test_gpu_kernels.py runs it)
@@ -138,8 +161,10 @@ def test_attention_read_matches_float64(backend_device, B, M, N, O, K, L):
     if name == "triton" and device == "cpu" and O * K > 10**5:
         pytest.skip("too large for the Triton interpreter")
     attention = torch.softmax(torch.randn(B, M, N), -1)
-    inputs = [t.to(device).requires_grad_()
-              for t in (attention, torch.randn(B, N, O, K), torch.randn(B, M, L, K))]
+    inputs = [
+        t.to(device).requires_grad_()
+        for t in (attention, torch.randn(B, N, O, K), torch.randn(B, M, L, K))
+    ]
     expected_inputs = [t.detach().double().cpu().requires_grad_() for t in inputs]
     d_out = torch.randn(B, M, L, O, device=device)
     with fastmeta.use_backend(name):
@@ -173,8 +198,10 @@ def test_attention_read_backward_opcheck(backend_device):
     shapes = ((2, 3, 4), (2, 4, 5, 6), (2, 3, 2, 6))
     with fastmeta.use_backend(name):
         args = [torch.randn(s, device=device) for s in shapes]
-        torch.library.opcheck(torch.ops.fastmeta.attention_read_backward.default,
-                              (torch.randn(2, 3, 2, 5, device=device), *args, True, False, True))
+        torch.library.opcheck(
+            torch.ops.fastmeta.attention_read_backward.default,
+            (torch.randn(2, 3, 2, 5, device=device), *args, True, False, True),
+        )
 
 
 def test_attention_read_fake_path_past_2_31_elements():
@@ -182,8 +209,10 @@ def test_attention_read_fake_path_past_2_31_elements():
     elements, forward and backward, without allocating them."""
     B, M, N, O, K, L = LARGE_READ
     assert (N - 1) * O * K > 2**31
-    inputs = [torch.empty(s, device="meta", requires_grad=True)
-              for s in ((B, M, N), (B, N, O, K), (B, M, L, K))]
+    inputs = [
+        torch.empty(s, device="meta", requires_grad=True)
+        for s in ((B, M, N), (B, N, O, K), (B, M, L, K))
+    ]
     out = attention_read(*inputs)
     assert out.shape == (B, M, L, O) and out.device.type == "meta"
     grads = torch.autograd.grad(out, inputs, torch.empty_like(out))
@@ -191,12 +220,15 @@ def test_attention_read_fake_path_past_2_31_elements():
     assert all(g.device.type == "meta" for g in grads)
 
 
-@pytest.mark.parametrize("shapes,message", [
-    (((2, 3), (2, 4, 5, 6), (2, 3, 2, 6)), "expected attention [B, M, N]"),
-    (((2, 3, 4), (2, 5, 5, 6), (2, 3, 2, 6)), "B, M, N and K disagree"),
-    (((2, 3, 4), (2, 4, 5, 6), (2, 3, 2, 7)), "x [2, 3, 2, 7]"),
-    (((2, 3, 4), (1, 4, 5, 6), (2, 3, 2, 6)), "fast_weights [1, 4, 5, 6]"),
-])
+@pytest.mark.parametrize(
+    "shapes,message",
+    [
+        (((2, 3), (2, 4, 5, 6), (2, 3, 2, 6)), "expected attention [B, M, N]"),
+        (((2, 3, 4), (2, 5, 5, 6), (2, 3, 2, 6)), "B, M, N and K disagree"),
+        (((2, 3, 4), (2, 4, 5, 6), (2, 3, 2, 7)), "x [2, 3, 2, 7]"),
+        (((2, 3, 4), (1, 4, 5, 6), (2, 3, 2, 6)), "fast_weights [1, 4, 5, 6]"),
+    ],
+)
 def test_attention_read_bad_shapes(shapes, message):
     with pytest.raises(ValueError) as error:
         attention_read(*(torch.randn(s) for s in shapes))
@@ -205,8 +237,12 @@ def test_attention_read_bad_shapes(shapes, message):
 
 def test_attention_read_bad_dtype():
     with pytest.raises(TypeError, match="fast_weights has dtype torch.float64"):
-        attention_read(torch.randn(1, 2, 3), torch.randn(1, 3, 4, 5, dtype=torch.float64),
-                       torch.randn(1, 2, 1, 5))
+        attention_read(
+            torch.randn(1, 2, 3),
+            torch.randn(1, 3, 4, 5, dtype=torch.float64),
+            torch.randn(1, 2, 1, 5),
+        )
     with pytest.raises(TypeError, match="attention must be a floating-point tensor"):
-        attention_read(torch.ones(1, 2, 3, dtype=torch.int64), torch.randn(1, 3, 4, 5),
-                       torch.randn(1, 2, 1, 5))
+        attention_read(
+            torch.ones(1, 2, 3, dtype=torch.int64), torch.randn(1, 3, 4, 5), torch.randn(1, 2, 1, 5)
+        )

@@ -17,8 +17,9 @@ def make_episodes(B, C, D, dtype=torch.float32, max_shots=4, max_queries=3):
     """Uneven shots per class, labels shuffled; at least one query per episode."""
     shots = torch.randint(1, max_shots + 1, (C,))
     support_labels = torch.repeat_interleave(torch.arange(C), shots)
-    support_labels = torch.stack([support_labels[torch.randperm(len(support_labels))]
-                                  for _ in range(B)])
+    support_labels = torch.stack(
+        [support_labels[torch.randperm(len(support_labels))] for _ in range(B)]
+    )
     M = max(1, int(torch.randint(0, max_queries + 1, ()).item()) * C)
     query_labels = torch.randint(0, C, (B, M))
     support = torch.randn(B, support_labels.shape[1], D, dtype=dtype)
@@ -42,11 +43,16 @@ def distances_float64(queries, prototypes):
 
 def loss_float64(support, support_labels, queries, query_labels, C, tau):
     """Plain float64 ProtoNet loss, differentiable (for reference gradients)."""
-    protos = torch.stack([torch.stack([support[b][support_labels[b] == k].mean(0)
-                                       for k in range(C)]) for b in range(support.shape[0])])
+    protos = torch.stack(
+        [
+            torch.stack([support[b][support_labels[b] == k].mean(0) for k in range(C)])
+            for b in range(support.shape[0])
+        ]
+    )
     logits = -tau * ((queries[:, :, None, :] - protos[:, None, :, :]) ** 2).sum(-1)
-    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), query_labels.flatten(),
-                                               reduction="none").view(query_labels.shape)
+    losses = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), query_labels.flatten(), reduction="none"
+    ).view(query_labels.shape)
     return losses, logits
 
 
@@ -63,8 +69,10 @@ def test_class_prototypes_matches_float64(backend_device, B, C, D):
         assert fastmeta.last_backend("class_prototypes") == name
     assert rel_err(protos, prototypes_float64(support.cpu(), labels, C)) < TOL
     counts = torch.zeros(B, C).scatter_add_(1, labels, torch.ones(B, labels.shape[1]))
-    expected = (grad.cpu().gather(1, labels[..., None].expand(-1, -1, D))
-                / counts.gather(1, labels)[..., None])
+    expected = (
+        grad.cpu().gather(1, labels[..., None].expand(-1, -1, D))
+        / counts.gather(1, labels)[..., None]
+    )
     assert rel_err(support.grad, expected) < TOL
 
 
@@ -106,8 +114,9 @@ def test_identical_points_are_exactly_zero_with_finite_gradients(backend_device)
     want = distances_float64(queries, prototypes)
     assert rel_err(dist, want) < TOL
     # each near-identical entry to float32 accuracy (~1e-4 of its own size)
-    assert ((close.double().cpu() - want[:, idx + 7, idx]).abs()
-            <= 1e-3 * want[:, idx + 7, idx]).all()
+    assert (
+        (close.double().cpu() - want[:, idx + 7, idx]).abs() <= 1e-3 * want[:, idx + 7, idx]
+    ).all()
     assert torch.isfinite(queries.grad).all() and torch.isfinite(prototypes.grad).all()
 
 
@@ -120,10 +129,18 @@ def test_prototypical_loss_matches_float64(backend_device, B, C, D):
     queries = queries.to(device).requires_grad_()
     tau = torch.tensor(0.37, device=device, requires_grad=True)
     with fastmeta.use_backend(name):
-        losses, _ = F.prototypical_loss(support, support_labels.to(device), queries,
-                                        query_labels.to(device), C, tau=tau, reduction="none")
-        loss, accuracy = F.prototypical_loss(support, support_labels.to(device), queries,
-                                             query_labels.to(device), C, tau=tau)
+        losses, _ = F.prototypical_loss(
+            support,
+            support_labels.to(device),
+            queries,
+            query_labels.to(device),
+            C,
+            tau=tau,
+            reduction="none",
+        )
+        loss, accuracy = F.prototypical_loss(
+            support, support_labels.to(device), queries, query_labels.to(device), C, tau=tau
+        )
         grads = torch.autograd.grad(loss, (support, queries, tau))
         assert fastmeta.last_backend("prototypical_cross_entropy") == name
         assert fastmeta.last_backend("class_prototypes") == name
@@ -152,8 +169,11 @@ def test_predictions_are_the_first_nearest_prototype(backend_device, C):
     labels = (torch.arange(70) % C)[None]
     with fastmeta.use_backend(name):
         losses, predictions, softmax = torch.ops.fastmeta.prototypical_cross_entropy(
-            queries.to(device), prototypes.to(device), labels.to(device),
-            torch.tensor(1.0, device=device))
+            queries.to(device),
+            prototypes.to(device),
+            labels.to(device),
+            torch.tensor(1.0, device=device),
+        )
     logits = -(queries.double()[:, :, None] - prototypes.double()[:, None]).pow(2).sum(-1)
     assert torch.equal(predictions.cpu(), logits.argmax(-1))
     assert (predictions < C // 2 + 1).all()  # never the repeated copy
@@ -173,8 +193,9 @@ def test_cpu_softmax_is_accurate_to_a_few_ulp(C, step):
     queries, labels = torch.zeros(1, 3, 1), torch.tensor([[0, C // 2, C - 1]])
     with fastmeta.use_backend("cpu"):
         losses, _, softmax = torch.ops.fastmeta.prototypical_cross_entropy(
-            queries, prototypes, labels, torch.tensor(1.0))
-    logits = -prototypes.double()[:, None, :, 0] ** 2 + 0 * queries.double()
+            queries, prototypes, labels, torch.tensor(1.0)
+        )
+    logits = -(prototypes.double()[:, None, :, 0] ** 2) + 0 * queries.double()
     want = logits.softmax(-1)
     assert ((softmax.double() - want).abs() / want).max() < 1e-6
     want_losses = -logits.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
@@ -193,8 +214,7 @@ def test_cpu_backward_in_row_chunks_matches_the_reference():
     grads = {}
     for name in ("cpu", "reference"):
         with fastmeta.use_backend(name):
-            loss, _ = F.prototypical_loss(support, ys, queries, yq, 1001, tau=tau,
-                                          reduction="sum")
+            loss, _ = F.prototypical_loss(support, ys, queries, yq, 1001, tau=tau, reduction="sum")
             grads[name] = torch.autograd.grad(loss, (support, queries, tau))
     assert queries.shape[1] * 1001 * 8 > 8 << 20
     for got, want in zip(grads["cpu"], grads["reference"]):
@@ -259,17 +279,22 @@ def test_opcheck_backward_ops(backend_device):
     ops = torch.ops.fastmeta
     with fastmeta.use_backend(name):
         losses, _, softmax = ops.prototypical_cross_entropy(queries, prototypes, yq, tau)
-        torch.library.opcheck(ops.prototypical_cross_entropy_backward.default,
-                              (torch.randn_like(losses), queries, prototypes, yq, tau, softmax))
+        torch.library.opcheck(
+            ops.prototypical_cross_entropy_backward.default,
+            (torch.randn_like(losses), queries, prototypes, yq, tau, softmax),
+        )
         if backend_supports(name, "class_prototypes", device):
-            torch.library.opcheck(ops.class_prototypes_backward.default,
-                                  (torch.randn_like(prototypes), ys))
-            losses, _, fused_prototypes, softmax = ops.prototypical_loss(support, ys, queries,
-                                                                         yq, 4, tau)
+            torch.library.opcheck(
+                ops.class_prototypes_backward.default, (torch.randn_like(prototypes), ys)
+            )
+            losses, _, fused_prototypes, softmax = ops.prototypical_loss(
+                support, ys, queries, yq, 4, tau
+            )
             assert rel_err(fused_prototypes, prototypes) < TOL
-            torch.library.opcheck(ops.prototypical_loss_backward.default,
-                                  (torch.randn_like(losses), ys, queries, yq, tau,
-                                   fused_prototypes, softmax))
+            torch.library.opcheck(
+                ops.prototypical_loss_backward.default,
+                (torch.randn_like(losses), ys, queries, yq, tau, fused_prototypes, softmax),
+            )
 
 
 def backend_supports(name, op, device):
@@ -287,8 +312,11 @@ def test_torch_compile_fullgraph(backend_device):
         return loss * 2, accuracy
 
     compiled = torch.compile(step, fullgraph=True)
-    args = [support.requires_grad_(), queries.requires_grad_(),
-            torch.tensor(0.9, device=device, requires_grad=True)]
+    args = [
+        support.requires_grad_(),
+        queries.requires_grad_(),
+        torch.tensor(0.9, device=device, requires_grad=True),
+    ]
     with fastmeta.use_backend(name):
         loss, accuracy = compiled(*args)
         grads = torch.autograd.grad(loss, args)
@@ -326,8 +354,10 @@ def test_protonet_fused_encoder_equals_plain_and_is_differentiable_once():
 
     torch.manual_seed(0)
     encoder = conv4().double()
-    support_x, ys = torch.rand(2, 10, 1, 28, 28, dtype=torch.float64), \
-        torch.arange(5).repeat(2).expand(2, 10)
+    support_x, ys = (
+        torch.rand(2, 10, 1, 28, 28, dtype=torch.float64),
+        torch.arange(5).repeat(2).expand(2, 10),
+    )
     query_x, yq = torch.rand(2, 7, 1, 28, 28, dtype=torch.float64), torch.randint(0, 5, (2, 7))
     results = []
     for fuse in (True, False):
@@ -342,8 +372,9 @@ def test_protonet_fused_encoder_equals_plain_and_is_differentiable_once():
     assert rel_err(fused_loss, plain_loss) < 1e-12
     for got, want in zip(fused_grads, plain_grads):
         assert float((got - want).abs().max()) <= 1e-9 * float(want.abs().max()) + 1e-12
-    assert len(list(fastmeta.ProtoNet(encoder, fuse=True).parameters())) == \
-        len(list(encoder.parameters()))
+    assert len(list(fastmeta.ProtoNet(encoder, fuse=True).parameters())) == len(
+        list(encoder.parameters())
+    )
     if COMPILED:  # the fused encoder ran: a second derivative through it raises
         model = fastmeta.ProtoNet(encoder, fuse=True)
         loss, _ = model.loss(support_x, ys, query_x, yq)
@@ -353,35 +384,68 @@ def test_protonet_fused_encoder_equals_plain_and_is_differentiable_once():
 
 
 BAD = [
-    ("label >= num_classes", dict(support_labels=[[0, 1, 2, 5]]), ValueError,
-     ["support_labels", "5", "num_classes=3"]),
+    (
+        "label >= num_classes",
+        dict(support_labels=[[0, 1, 2, 5]]),
+        ValueError,
+        ["support_labels", "5", "num_classes=3"],
+    ),
     ("negative label", dict(query_labels=[[0, -1]]), ValueError, ["query_labels", "-1"]),
-    ("class with no support", dict(support_labels=[[0, 1, 1, 0]]), ValueError,
-     ["class 2", "episode 0", "no support example"]),
+    (
+        "class with no support",
+        dict(support_labels=[[0, 1, 1, 0]]),
+        ValueError,
+        ["class 2", "episode 0", "no support example"],
+    ),
     ("D mismatch", dict(queries=torch.randn(1, 2, 7)), ValueError, ["[1, 2, 7]", "[1, 4, 6]", "D"]),
-    ("B mismatch", dict(queries=torch.randn(2, 2, 6), query_labels=[[0, 1], [0, 1]]), ValueError,
-     ["[1, 4, 6]", "[2, 2, 6]", "B"]),
-    ("integer support", dict(support=torch.ones(1, 4, 6, dtype=torch.int64)), TypeError,
-     ["support", "floating", "int64"]),
-    ("float labels", dict(support_labels=torch.tensor([[0.0, 1.0, 2.0, 0.0]])), TypeError,
-     ["support_labels", "integer", "float32"]),
-    ("label shape", dict(query_labels=[[0, 1, 2]]), ValueError,
-     ["query_labels", "[1, 2]", "[1, 3]"]),
-    ("dtype mismatch", dict(queries=torch.randn(1, 2, 6, dtype=torch.float64)), TypeError,
-     ["queries", "float64", "support", "float32"]),
+    (
+        "B mismatch",
+        dict(queries=torch.randn(2, 2, 6), query_labels=[[0, 1], [0, 1]]),
+        ValueError,
+        ["[1, 4, 6]", "[2, 2, 6]", "B"],
+    ),
+    (
+        "integer support",
+        dict(support=torch.ones(1, 4, 6, dtype=torch.int64)),
+        TypeError,
+        ["support", "floating", "int64"],
+    ),
+    (
+        "float labels",
+        dict(support_labels=torch.tensor([[0.0, 1.0, 2.0, 0.0]])),
+        TypeError,
+        ["support_labels", "integer", "float32"],
+    ),
+    (
+        "label shape",
+        dict(query_labels=[[0, 1, 2]]),
+        ValueError,
+        ["query_labels", "[1, 2]", "[1, 3]"],
+    ),
+    (
+        "dtype mismatch",
+        dict(queries=torch.randn(1, 2, 6, dtype=torch.float64)),
+        TypeError,
+        ["queries", "float64", "support", "float32"],
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_names_the_argument_and_shapes(case):
     _, overrides, error, words = case
-    args = dict(support=torch.randn(1, 4, 6), support_labels=[[0, 1, 2, 0]],
-                queries=torch.randn(1, 2, 6), query_labels=[[0, 1]])
+    args = dict(
+        support=torch.randn(1, 4, 6),
+        support_labels=[[0, 1, 2, 0]],
+        queries=torch.randn(1, 2, 6),
+        query_labels=[[0, 1]],
+    )
     args.update(overrides)
     args = {k: torch.tensor(v) if isinstance(v, list) else v for k, v in args.items()}
     with pytest.raises(error) as info:
-        F.prototypical_loss(args["support"], args["support_labels"], args["queries"],
-                            args["query_labels"], 3)
+        F.prototypical_loss(
+            args["support"], args["support_labels"], args["queries"], args["query_labels"], 3
+        )
     for word in words:
         assert word in str(info.value), str(info.value)
 
@@ -396,12 +460,14 @@ def test_kernels_refuse_bad_labels_even_when_called_directly():
         kernels.class_prototypes_forward(support, ys, 3)
     with pytest.raises(RuntimeError, match="query label 7 is outside"):
         kernels.prototypical_cross_entropy_forward(q, c, torch.tensor([[0, 7]]), tau)
-    losses, _, softmax = kernels.prototypical_cross_entropy_forward(q, c, torch.tensor([[0, 1]]),
-                                                                    tau)
+    losses, _, softmax = kernels.prototypical_cross_entropy_forward(
+        q, c, torch.tensor([[0, 1]]), tau
+    )
     for bad in (5, -3, 10**11):
         with pytest.raises(RuntimeError, match="is outside"):
-            kernels.prototypical_cross_entropy_backward(torch.ones_like(losses), q, c,
-                                                        torch.tensor([[0, bad]]), tau, softmax)
+            kernels.prototypical_cross_entropy_backward(
+                torch.ones_like(losses), q, c, torch.tensor([[0, bad]]), tau, softmax
+            )
 
 
 @pytest.mark.op("prototypical_cross_entropy")
@@ -410,8 +476,11 @@ def test_ops_give_the_same_clear_error_on_every_backend(backend_device):
     support, ys = torch.randn(1, 4, 3, device=device), torch.tensor([[0, 1, 1, 0]], device=device)
     q, c = torch.randn(1, 2, 3, device=device), torch.randn(1, 3, 3, device=device)
     with fastmeta.use_backend(name):
-        with pytest.raises(ValueError, match=r"class 2 of episode 0 has no support example"
-                                             r".*shape \[1, 4\]"):
+        with pytest.raises(
+            ValueError,
+            match=r"class 2 of episode 0 has no support example"
+            r".*shape \[1, 4\]",
+        ):
             F.class_prototypes(support, ys, 3)
         with pytest.raises(ValueError, match=r"query_labels holds 7 at index \[0, 1\]"):
             F.prototypical_cross_entropy(c, q, torch.tensor([[0, 7]], device=device))

@@ -14,8 +14,9 @@ from fastmeta import race
 from fastmeta.ops import attention_read
 from fastmeta.ops.squared_distances import SQUARED_DISTANCES
 
-pytestmark = pytest.mark.skipif(not fastmeta.backends().extension_built,
-                                reason="needs fastmeta._C (the cpu backend)")
+pytestmark = pytest.mark.skipif(
+    not fastmeta.backends().extension_built, reason="needs fastmeta._C (the cpu backend)"
+)
 
 
 @pytest.fixture
@@ -61,15 +62,17 @@ def test_the_faster_backend_wins_per_shape_bucket_and_is_reported(cpu_races):
     assert sorted(o.times["cpu"] for o in outcomes.values()) == [1.0, 3.0]
     assert all(key[0] == "squared_distances" for key in outcomes)
     report = str(fastmeta.backends())
-    assert ("squared_distances cpu float32 ('forward', (1, 16, 8), (1, 8, 8)): reference "
-            "(cpu 3.000 ms; reference 1.000 ms)") in report, report
+    assert (
+        "squared_distances cpu float32 ('forward', (1, 16, 8), (1, 8, 8)): reference "
+        "(cpu 3.000 ms; reference 1.000 ms)"
+    ) in report, report
 
 
 def test_timed_calls_are_interleaved(cpu_races):
     distances(10, 5)
     calls = cpu_races["calls"]
     assert calls.count("cpu") == calls.count("reference") == race.SAMPLES
-    rounds = [calls[i:i + 2] for i in range(0, len(calls), 2)]
+    rounds = [calls[i : i + 2] for i in range(0, len(calls), 2)]
     assert all(sorted(r) == ["cpu", "reference"] for r in rounds), calls
     firsts = [r[0] for r in rounds]  # each goes first in about half the rounds
     assert abs(firsts.count("cpu") - firsts.count("reference")) <= 1, calls
@@ -88,10 +91,13 @@ def test_a_contender_that_raises_is_dropped_with_its_reason(cpu_races, monkeypat
     assert not cpu_races["calls"]  # one contender left: it wins untimed
     (outcome,) = race.results().values()
     assert outcome.dropped == {
-        "cpu": "RuntimeError: no kernel image is available for execution on the device"}
+        "cpu": "RuntimeError: no kernel image is available for execution on the device"
+    }
     report = str(fastmeta.backends())
-    assert ("squared_distances cpu float32 ('forward', (1, 16, 8), (1, 8, 8)): reference "
-            "(cpu dropped: RuntimeError: no kernel image is available") in report, report
+    assert (
+        "squared_distances cpu float32 ('forward', (1, 16, 8), (1, 8, 8)): reference "
+        "(cpu dropped: RuntimeError: no kernel image is available"
+    ) in report, report
 
 
 def test_when_every_contender_raises_the_first_error_is_raised(cpu_races, monkeypatch):
@@ -101,6 +107,7 @@ def test_when_every_contender_raises_the_first_error_is_raised(cpu_races, monkey
         def impl(*args):
             tried.append(name)
             raise ValueError(f"{name} failed")
+
         return impl
 
     for name in ("cpu", "reference"):
@@ -156,7 +163,9 @@ def test_a_contender_calling_its_own_bucket_gets_the_first_contender(racing_on_c
         inner.append(race.winner("op", x.device, x.dtype, ["cpu", "reference"], race.Race(run, x)))
 
     assert race.winner("op", x.device, x.dtype, ["cpu", "reference"], race.Race(run, x)) in (
-        "cpu", "reference")
+        "cpu",
+        "reference",
+    )
     assert set(inner) == {"cpu"}
 
 
@@ -169,8 +178,10 @@ def test_attention_read_races(cpu_races):
     assert fastmeta.last_backend("attention_read") == "reference"
     tags = sorted(key[3][0] for key in race.results() if key[0] == "attention_read")
     assert tags == ["backward", "forward"]
-    assert "attention_read cpu float32 ('forward', (2, 4, 4), (2, 4, 8, 8), (2, 4, 1, 8)): " \
-           "reference" in str(fastmeta.backends())
+    assert (
+        "attention_read cpu float32 ('forward', (2, 4, 4), (2, 4, 8, 8), (2, 4, 1, 8)): "
+        "reference" in str(fastmeta.backends())
+    )
 
 
 def test_forced_backends_and_fastmeta_race_0_do_not_race(cpu_races, monkeypatch):
@@ -220,7 +231,8 @@ def test_a_forward_and_a_backward_from_different_backends_agree(forward, backwar
     with fastmeta.use_backend(backward):
         grads = torch.autograd.grad(loss, (support, queries))
     with fastmeta.use_backend("reference"):
-        want = torch.autograd.grad(F.prototypical_loss(support, ys, queries, yq, 5)[0],
-                                   (support, queries))
+        want = torch.autograd.grad(
+            F.prototypical_loss(support, ys, queries, yq, 5)[0], (support, queries)
+        )
     for got, expected in zip(grads, want):
         assert rel_err(got, expected) < 1e-12

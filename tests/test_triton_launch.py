@@ -25,13 +25,17 @@ MODULES = (cosine_similarities_triton, inner_update_triton, metanet_triton, prot
 
 def public_wrappers() -> set[str]:
     """module.name of every public Python function defined in the Triton kernel modules."""
-    return {f"{m.__name__}.{name}" for m in MODULES
-            for name, fn in vars(m).items()
-            if inspect.isfunction(fn) and fn.__module__ == m.__name__ and not name.startswith("_")}
+    return {
+        f"{m.__name__}.{name}"
+        for m in MODULES
+        for name, fn in vars(m).items()
+        if inspect.isfunction(fn) and fn.__module__ == m.__name__ and not name.startswith("_")
+    }
 
 
 def wrapper_calls(device: str) -> dict:
     """Each public wrapper with small float32 arguments on `device`."""
+
     def randn(*shape):
         return torch.randn(*shape, device=device)
 
@@ -47,25 +51,36 @@ def wrapper_calls(device: str) -> dict:
         metanet_triton.gradient_mlp_forward: (grads, w1, b1, w2, b2, 10.0),
         metanet_triton.gradient_mlp_backward: (randn(3, 5), grads, w1, b1, w2, 10.0, True),
         metanet_triton.attention_read_forward: (attention, weights, x),
-        metanet_triton.attention_read_backward: (d_read, attention, weights, x, True, True,
-                                                 True),
+        metanet_triton.attention_read_backward: (d_read, attention, weights, x, True, True, True),
         protonet_triton.class_prototypes_forward: (support, support_labels, 2),
         protonet_triton.class_prototypes_backward: (prototypes, support_labels),
         protonet_triton.squared_distances_forward: (queries, prototypes),
         cosine_similarities_triton.cosine_similarities_forward: (queries, prototypes, 1e-8),
-        protonet_triton.prototypical_cross_entropy_forward: (queries, prototypes, query_labels,
-                                                             tau),
-        protonet_triton.prototypical_cross_entropy_backward: (randn(1, 3), queries, prototypes,
-                                                              query_labels, tau, softmax),
+        protonet_triton.prototypical_cross_entropy_forward: (
+            queries,
+            prototypes,
+            query_labels,
+            tau,
+        ),
+        protonet_triton.prototypical_cross_entropy_backward: (
+            randn(1, 3),
+            queries,
+            prototypes,
+            query_labels,
+            tau,
+            softmax,
+        ),
         inner_update_triton.inner_update_forward: (theta, alpha, g),
         inner_update_triton.inner_update_backward: (randn(2, 6), alpha, g, True, True),
     }
     return {f"{fn.__module__}.{fn.__name__}": (fn, args) for fn, args in calls.items()}
 
 
-@pytest.mark.skipif(backend.unavailable_reason("triton", DEVICE, torch.float32) is not None,
-                    reason=f"triton cannot run on {DEVICE} here: "
-                           f"{backend.unavailable_reason('triton', DEVICE, torch.float32)}")
+@pytest.mark.skipif(
+    backend.unavailable_reason("triton", DEVICE, torch.float32) is not None,
+    reason=f"triton cannot run on {DEVICE} here: "
+    f"{backend.unavailable_reason('triton', DEVICE, torch.float32)}",
+)
 def test_every_triton_wrapper_enters_the_cuda_device_guard_of_its_inputs(monkeypatch):
     seen = []
     guard = launch.on_device

@@ -30,16 +30,15 @@ template <typename scalar_t>
 std::vector<double> inverse_clamped_norms(const at::Tensor& x, double eps) {
   const std::vector<at::opmath_type<scalar_t>> squared = row_squared_norms<scalar_t>(x);
   std::vector<double> inverse(squared.size());
-  std::transform(squared.begin(), squared.end(), inverse.begin(), [eps](auto n) {
-    return 1.0 / std::max(std::sqrt(double(n)), eps);
-  });
+  std::transform(squared.begin(), squared.end(), inverse.begin(),
+                 [eps](auto n) { return 1.0 / std::max(std::sqrt(double(n)), eps); });
   return inverse;
 }
 
 }  // namespace
 
-at::Tensor cosine_similarities_forward_cpu(const at::Tensor& queries,
-                                           const at::Tensor& prototypes, double eps) {
+at::Tensor cosine_similarities_forward_cpu(const at::Tensor& queries, const at::Tensor& prototypes,
+                                           double eps) {
   check_queries_prototypes("cosine_similarities", queries, prototypes);
   const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
   at::Tensor sim = at::bmm(queries, prototypes.transpose(1, 2));  // q . c, [B, M, C]

@@ -54,8 +54,8 @@ __global__ void cosine_epilogue_kernel(scalar_t* __restrict__ sim,
 
 }  // namespace
 
-at::Tensor cosine_similarities_forward_cuda(const at::Tensor& queries,
-                                            const at::Tensor& prototypes, double eps) {
+at::Tensor cosine_similarities_forward_cuda(const at::Tensor& queries, const at::Tensor& prototypes,
+                                            double eps) {
   check_queries_prototypes("cosine_similarities", queries, prototypes);
   const c10::cuda::CUDAGuard guard(queries.device());
   const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);

@@ -12,21 +12,37 @@ import torch
 import fastmeta
 from fastmeta.bench import conv_block, harness, inner_update, maml, metanet, protonet
 
-CASES = {conv_block.CASE: conv_block.run, inner_update.CASE: inner_update.run,
-         maml.CASE: maml.run, metanet.CASE: metanet.run, protonet.CASE: protonet.run}
+CASES = {
+    conv_block.CASE: conv_block.run,
+    inner_update.CASE: inner_update.run,
+    maml.CASE: maml.run,
+    metanet.CASE: metanet.run,
+    protonet.CASE: protonet.run,
+}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastmeta.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", choices=sorted(CASES), action="append",
-                        help="benchmark case (repeatable; default: all)")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastmeta.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--case",
+        choices=sorted(CASES),
+        action="append",
+        help="benchmark case (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke runs)")
     parser.add_argument("--repeats", type=int, default=9, help="CPU timing rounds")
-    parser.add_argument("--out", default="benchmarks/results/local",
-                        help="directory for CSV/JSON (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        default="benchmarks/results/local",
+        help="directory for CSV/JSON (default: %(default)s)",
+    )
     parser.add_argument("--stem", help="file name stem (default: bench-DEVICE[-quick])")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

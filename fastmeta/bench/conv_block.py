@@ -63,10 +63,14 @@ def candidates(device: str, images: int, backward: bool) -> list[Candidate]:
     error = float((g_got - g_want).norm() / g_want.norm())
     assert error < 2e-3, f"{CASE}: gradients differ from ATen's by {error:.1e}"
     if backward:
-        return [Candidate("fastmeta.conv_block", with_grads(fused), is_fastmeta=True),
-                Candidate("ATen modules", with_grads(aten))]
-    return [Candidate("fastmeta.conv_block", lambda: _no_grad(fused), is_fastmeta=True),
-            Candidate("ATen modules", lambda: _no_grad(aten))]
+        return [
+            Candidate("fastmeta.conv_block", with_grads(fused), is_fastmeta=True),
+            Candidate("ATen modules", with_grads(aten)),
+        ]
+    return [
+        Candidate("fastmeta.conv_block", lambda: _no_grad(fused), is_fastmeta=True),
+        Candidate("ATen modules", lambda: _no_grad(aten)),
+    ]
 
 
 def activation_candidates(device: str, shape: tuple) -> list[Candidate]:
@@ -87,8 +91,10 @@ def activation_candidates(device: str, shape: tuple) -> list[Candidate]:
     for g_got, g_want in zip(fused(), aten()):
         error = float((g_got - g_want).norm() / g_want.norm())
         assert error < 1e-4, f"bn_relu_pool: gradients differ from ATen's by {error:.1e}"
-    return [Candidate("fastmeta.bn_relu_pool", fused, is_fastmeta=True),
-            Candidate("ATen batch_norm+relu+max_pool2d", aten)]
+    return [
+        Candidate("fastmeta.bn_relu_pool", fused, is_fastmeta=True),
+        Candidate("ATen batch_norm+relu+max_pool2d", aten),
+    ]
 
 
 def _no_grad(fn):
@@ -108,10 +114,12 @@ def run(device: str, quick: bool = False, **timing):
     for images in QUICK_IMAGES if quick else IMAGES:
         for backward in (False, True):
             config = f"{images} images 1x28x28 -> 64, {'fwd+bwd' if backward else 'fwd'}"
-            results += run_config(CASE, config, device, candidates(device, images, backward),
-                                  memory=True, **timing)
+            results += run_config(
+                CASE, config, device, candidates(device, images, backward), memory=True, **timing
+            )
     for shape in QUICK_ACTIVATIONS if quick else ACTIVATIONS:
         config = "bn_relu_pool " + "x".join(map(str, shape)) + ", fwd+bwd"
-        results += run_config(CASE, config, device, activation_candidates(device, shape),
-                              memory=True, **timing)
+        results += run_config(
+            CASE, config, device, activation_candidates(device, shape), memory=True, **timing
+        )
     return results

@@ -45,22 +45,24 @@ class Result:
     peak_mib: float | None = None
 
 
-def time_candidates(candidates: list[Candidate], device: str, warmup: int = 2,
-                    repeats: int = 9) -> dict[str, float]:
+def time_candidates(
+    candidates: list[Candidate], device: str, warmup: int = 2, repeats: int = 9
+) -> dict[str, float]:
     """Median milliseconds per candidate."""
     if device == "cuda":
         import triton.testing
 
-        return {c.name: float(triton.testing.do_bench(c.fn, warmup=25, rep=200,
-                                                      return_mode="median"))
-                for c in candidates}
+        return {
+            c.name: float(triton.testing.do_bench(c.fn, warmup=25, rep=200, return_mode="median"))
+            for c in candidates
+        }
     for _ in range(warmup):
         for c in candidates:
             c.fn()
     samples = {c.name: [] for c in candidates}
     order = list(candidates)
     shuffle = random.Random(0).shuffle  # a new order each round (seeded): no candidate
-    for _ in range(repeats):            # always runs in the caches another one left
+    for _ in range(repeats):  # always runs in the caches another one left
         shuffle(order)
         for c in order:
             start = time.perf_counter()
@@ -104,37 +106,52 @@ def peak_memory_mib(fn: Callable[[], object], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def run_config(case: str, config: str, device: str, candidates: list[Candidate],
-               memory: bool = False, **timing) -> list[Result]:
+def run_config(
+    case: str, config: str, device: str, candidates: list[Candidate], memory: bool = False, **timing
+) -> list[Result]:
     """Times the candidates side by side; with memory=True also measures each one's
     peak memory (one extra call each)."""
     times = time_candidates(candidates, device, **timing)
     reference = next(times[c.name] for c in candidates if c.is_fastmeta)
     return [
-        Result(case=case, config=config, name=c.name, device=device,
-               median_ms=times[c.name], ratio_to_fastmeta=times[c.name] / reference,
-               gbps=c.bytes_moved / times[c.name] / 1e6 if c.bytes_moved else None,
-               peak_mib=peak_memory_mib(c.fn, device) if memory or device == "cuda" else None)
+        Result(
+            case=case,
+            config=config,
+            name=c.name,
+            device=device,
+            median_ms=times[c.name],
+            ratio_to_fastmeta=times[c.name] / reference,
+            gbps=c.bytes_moved / times[c.name] / 1e6 if c.bytes_moved else None,
+            peak_mib=peak_memory_mib(c.fn, device) if memory or device == "cuda" else None,
+        )
         for c in candidates
     ]
 
 
 def format_table(results: list[Result]) -> str:
-    lines = [f"{'case':<14} {'config':<34} {'implementation':<26} {'median ms':>10} "
-             f"{'x fastmeta':>10} {'GB/s':>8} {'peak MiB':>9}"]
+    lines = [
+        f"{'case':<14} {'config':<34} {'implementation':<26} {'median ms':>10} "
+        f"{'x fastmeta':>10} {'GB/s':>8} {'peak MiB':>9}"
+    ]
     for r in results:
         gbps = f"{r.gbps:8.1f}" if r.gbps is not None else f"{'-':>8}"
         peak = f"{r.peak_mib:9.1f}" if r.peak_mib is not None else f"{'-':>9}"
-        lines.append(f"{r.case:<14} {r.config:<34} {r.name:<26} {r.median_ms:10.3f} "
-                     f"{r.ratio_to_fastmeta:10.2f} {gbps} {peak}")
+        lines.append(
+            f"{r.case:<14} {r.config:<34} {r.name:<26} {r.median_ms:10.3f} "
+            f"{r.ratio_to_fastmeta:10.2f} {gbps} {peak}"
+        )
     return "\n".join(lines)
 
 
 def machine_description(device: str) -> dict:
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count()}
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+    }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -29,8 +29,11 @@ def _grad(outputs, inputs, grad_outputs):
 
 
 def _fastmeta_backends(device: str) -> list[str]:
-    usable = [b for b in backend.DEFAULT_PREFERENCE[device]
-              if backend.unavailable_reason(b, device, torch.float32) is None]
+    usable = [
+        b
+        for b in backend.DEFAULT_PREFERENCE[device]
+        if backend.unavailable_reason(b, device, torch.float32) is None
+    ]
     if device == "cuda" and backend.unavailable_reason("triton", "cuda") is None:
         usable += [] if "triton" in usable else ["triton"]
     return usable  # default (the fastmeta row ratios refer to) first
@@ -43,7 +46,7 @@ def candidates(device: str, T: int, P: int, meta_sgd: bool) -> list[Candidate]:
     g_list = [row.detach().clone().requires_grad_() for row in g]
     go = torch.randn(T, P, device=device)
     go_list = list(go.unbind(0))
-    alpha = (torch.rand(P, device=device, requires_grad=True) if meta_sgd else 0.4)
+    alpha = torch.rand(P, device=device, requires_grad=True) if meta_sgd else 0.4
     extra = [alpha] if meta_sgd else []
     element = theta.element_size()
     bytes_moved = element * ((5 * T * P + 5 * P) if meta_sgd else (4 * T * P + 2 * P))
@@ -52,6 +55,7 @@ def candidates(device: str, T: int, P: int, meta_sgd: bool) -> list[Candidate]:
         def run():
             with fastmeta.use_backend(name):
                 return _grad(fastmeta.inner_update(theta, alpha, g), [theta, *extra, g], go)
+
         return run
 
     def loop():
@@ -69,16 +73,21 @@ def candidates(device: str, T: int, P: int, meta_sgd: bool) -> list[Candidate]:
         return _grad(theta - alpha * g, [theta, *extra, g], go)
 
     names = _fastmeta_backends(device)
-    rows = [Candidate(f"fastmeta[{b}]", fastmeta_fn(b), is_fastmeta=(i == 0),
-                      bytes_moved=bytes_moved) for i, b in enumerate(names)]
-    rows += [Candidate("per-task loop", loop, bytes_moved=bytes_moved),
-             Candidate("torch._foreach", foreach, bytes_moved=bytes_moved),
-             Candidate("broadcast (stacked)", broadcast, bytes_moved=bytes_moved)]
+    rows = [
+        Candidate(f"fastmeta[{b}]", fastmeta_fn(b), is_fastmeta=(i == 0), bytes_moved=bytes_moved)
+        for i, b in enumerate(names)
+    ]
+    rows += [
+        Candidate("per-task loop", loop, bytes_moved=bytes_moved),
+        Candidate("torch._foreach", foreach, bytes_moved=bytes_moved),
+        Candidate("broadcast (stacked)", broadcast, bytes_moved=bytes_moved),
+    ]
     # The floor: one memory copy that reads and writes as many bytes as the update must.
     src = torch.empty(bytes_moved // 2 // element, device=device).normal_()
     dst = torch.empty_like(src)
-    rows.append(Candidate("copy, same bytes (floor)", lambda: dst.copy_(src),
-                          bytes_moved=bytes_moved))
+    rows.append(
+        Candidate("copy, same bytes (floor)", lambda: dst.copy_(src), bytes_moved=bytes_moved)
+    )
     return rows
 
 

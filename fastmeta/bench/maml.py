@@ -90,6 +90,7 @@ def _fastmeta_step(model, strategy, steps, first_order, data):
         learner = maml.adapt_batch(xs, ys, F.cross_entropy, steps=steps)
         run.strategy_used[:] = [learner.strategy]
         F.cross_entropy(learner(xq).flatten(0, 1), yq.flatten()).backward()
+
     run.strategy_used = []
     return run
 
@@ -106,11 +107,11 @@ def _loop_step(model, steps, first_order, data):
             fast = params
             for _ in range(steps):
                 loss = F.cross_entropy(functional_call(model, fast, (xs[t],)), ys[t])
-                grads = torch.autograd.grad(loss, list(fast.values()),
-                                            create_graph=not first_order)
+                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
                 fast = {n: p - LR * g for (n, p), g in zip(fast.items(), grads)}
             total = total + F.cross_entropy(functional_call(model, fast, (xq[t],)), yq[t])
         (total / xs.shape[0]).backward()
+
     return run
 
 
@@ -125,8 +126,9 @@ def _higher_step(model, steps, first_order, data):
     def run():
         model.zero_grad(set_to_none=True)
         for t in range(T):
-            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False,
-                                      track_higher_grads=not first_order) as (fmodel, diffopt):
+            with higher.innerloop_ctx(
+                model, inner_opt, copy_initial_weights=False, track_higher_grads=not first_order
+            ) as (fmodel, diffopt):
                 for _ in range(steps):
                     diffopt.step(F.cross_entropy(fmodel(xs[t]), ys[t]))
                 loss = F.cross_entropy(fmodel(xq[t]), yq[t]) / T
@@ -137,6 +139,7 @@ def _higher_step(model, steps, first_order, data):
                 # meta-gradient is the query gradient at them, added to the model's.
                 for p, g in zip(params, torch.autograd.grad(loss, list(fmodel.parameters()))):
                     p.grad = g if p.grad is None else p.grad + g
+
     return run
 
 
@@ -161,6 +164,7 @@ def _vmap_step(model, steps, first_order, data):
     def run():
         model.zero_grad(set_to_none=True)
         batched(dict(model.named_parameters()), xs, ys, xq, yq).mean().backward()
+
     return run
 
 
@@ -179,6 +183,7 @@ def _learn2learn_step(model, steps, first_order, data):
                 learner.adapt(F.cross_entropy(learner(xs[t]), ys[t]))
             total = total + F.cross_entropy(learner(xq[t]), yq[t])
         (total / xs.shape[0]).backward()
+
     return run
 
 
@@ -204,8 +209,10 @@ def _skip_reason(name: str, e: Exception) -> str:
     if isinstance(e, ModuleNotFoundError):
         reason += f" (optional: pip install {name})"
         if name == "learn2learn" and sys.version_info >= (3, 11):
-            reason += ("; learn2learn 0.2.0 has no wheel for Python >= 3.11 and its sdist "
-                       "does not build there: its Cython-generated C includes longintrepr.h")
+            reason += (
+                "; learn2learn 0.2.0 has no wheel for Python >= 3.11 and its sdist "
+                "does not build there: its Cython-generated C includes longintrepr.h"
+            )
     return reason
 
 
@@ -231,15 +238,19 @@ class _Float64Check:
 
     def __init__(self, model, data, builders, log):
         self.model = copy.deepcopy(model).double()
-        self.data = tuple(x[:CHECK64_TASKS].double() if x.is_floating_point()
-                          else x[:CHECK64_TASKS] for x in data)
+        self.data = tuple(
+            x[:CHECK64_TASKS].double() if x.is_floating_point() else x[:CHECK64_TASKS] for x in data
+        )
         self.builders = builders
-        self.reference = _meta_gradient(self.model, builders["loop (reference)"](
-            self.model, self.data))[0]
+        self.reference = _meta_gradient(
+            self.model, builders["loop (reference)"](self.model, self.data)
+        )[0]
         data32 = tuple(x[:CHECK64_TASKS] for x in data)
         loop32 = _meta_gradient(model, builders["loop (reference)"](model, data32))[0]
-        log(f"    float64 check on {len(self.data[0])} tasks: the float32 loop itself is "
-            f"{_relative_error(self.reference, loop32.double()):.1e} off the float64 loop")
+        log(
+            f"    float64 check on {len(self.data[0])} tasks: the float32 loop itself is "
+            f"{_relative_error(self.reference, loop32.double()):.1e} off the float64 loop"
+        )
 
     def error(self, name: str, mode=contextlib.nullcontext) -> float:
         with mode():
@@ -286,9 +297,15 @@ def candidates(device, T, K, Q, steps, first_order, log=print) -> list[Candidate
             if name == "vmap[native BN]" and err64 >= TOLERANCE:
                 # the same code with batch norm written from mean/var ops (fastmeta's fix)
                 composite = check64.error(name, CompositeBatchNorm)
-                note = (f"; with batch norm from mean/var ops the same code is {composite:.1e} "
-                        f"off" + (": torch.func's double backward of the native batch_norm "
-                                  "is what is wrong" if composite < TOLERANCE else ""))
+                note = (
+                    f"; with batch norm from mean/var ops the same code is {composite:.1e} "
+                    f"off"
+                    + (
+                        ": torch.func's double backward of the native batch_norm is what is wrong"
+                        if composite < TOLERANCE
+                        else ""
+                    )
+                )
             log(f"    {label} in float64: {err64:.1e} off the loop's{note}")
         rows.append((Candidate(f"{label} {check}", fn, is_fastmeta=(name == "fastmeta")), peak))
     rows.sort(key=lambda row: not row[0].is_fastmeta)  # fastmeta's default first
@@ -308,8 +325,10 @@ def run(device: str, quick: bool = False, **timing):
             config_timing["warmup"] = 0 if heavy else 1
             if heavy:
                 config_timing["repeats"] = min(config_timing.get("repeats", 9), HEAVY_REPEATS)
-            print(f"  timing: {config_timing.get('repeats', 9)} interleaved rounds after "
-                  f"{config_timing['warmup'] + 1} warm-up call(s) each")
+            print(
+                f"  timing: {config_timing.get('repeats', 9)} interleaved rounds after "
+                f"{config_timing['warmup'] + 1} warm-up call(s) each"
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             config_results = run_config(CASE, config, device, rows, **config_timing)

@@ -47,25 +47,34 @@ def _relative_error(got, expected) -> tuple[float, float]:
     (loss, grads), (ref_loss, ref_grads) = got, expected
     flat = torch.cat([g.flatten() for g in grads])
     ref_flat = torch.cat([r.flatten() for r in ref_grads])
-    return (float((loss - ref_loss).abs() / ref_loss.abs()),
-            float((flat - ref_flat).norm() / ref_flat.norm()))
+    return (
+        float((loss - ref_loss).abs() / ref_loss.abs()),
+        float((flat - ref_flat).norm() / ref_flat.norm()),
+    )
 
 
 def candidates(device: str, B: int, ways: int, shots: int, queries: int) -> list[Candidate]:
     torch.manual_seed(0)
     model = fastmeta.MetaNetwork(ways=ways).to(device)
     support_y = torch.arange(ways, device=device).repeat_interleave(shots).repeat(B, 1)
-    batch = (torch.randn(B, ways * shots, 1, 28, 28, device=device), support_y,
-             torch.randn(B, ways * queries, 1, 28, 28, device=device),
-             torch.randint(0, ways, (B, ways * queries), device=device))
-    rows = [Candidate("fastmeta", _step(model, batch, True), is_fastmeta=True),
-            Candidate("fastmeta[reference ops]", _step(model, batch, True, "reference")),
-            Candidate("plain PyTorch", _step(model, batch, False))]
+    batch = (
+        torch.randn(B, ways * shots, 1, 28, 28, device=device),
+        support_y,
+        torch.randn(B, ways * queries, 1, 28, 28, device=device),
+        torch.randint(0, ways, (B, ways * queries), device=device),
+    )
+    rows = [
+        Candidate("fastmeta", _step(model, batch, True), is_fastmeta=True),
+        Candidate("fastmeta[reference ops]", _step(model, batch, True, "reference")),
+        Candidate("plain PyTorch", _step(model, batch, False)),
+    ]
     expected = rows[-1].fn()
     for row in rows[:-1]:
         loss_error, grad_error = _relative_error(row.fn(), expected)
-        print(f"  {row.name} vs plain PyTorch: loss {loss_error:.1e}, gradients "
-              f"{grad_error:.1e} (relative errors)")
+        print(
+            f"  {row.name} vs plain PyTorch: loss {loss_error:.1e}, gradients "
+            f"{grad_error:.1e} (relative errors)"
+        )
     return rows
 
 
@@ -73,6 +82,7 @@ def run(device: str, quick: bool = False, **timing):
     results = []
     for config, sizes in (QUICK if quick else CONFIGS).items():
         print(f"{CASE} {config}:")
-        results += run_config(CASE, config, device, candidates(device, *sizes), memory=True,
-                              **timing)
+        results += run_config(
+            CASE, config, device, candidates(device, *sizes), memory=True, **timing
+        )
     return results

@@ -42,8 +42,9 @@ def cdist_sq(q, c):
 
 
 def matmul_dist(q, c):
-    return (q.pow(2).sum(-1, keepdim=True) + c.pow(2).sum(-1).unsqueeze(1)
-            - 2 * q @ c.transpose(1, 2))
+    return (
+        q.pow(2).sum(-1, keepdim=True) + c.pow(2).sum(-1).unsqueeze(1) - 2 * q @ c.transpose(1, 2)
+    )
 
 
 def _plain_loss(distance):
@@ -51,6 +52,7 @@ def _plain_loss(distance):
         prototypes = support.view(B, C, K, -1).mean(2)
         logits = -distance(queries, prototypes)
         return TF.cross_entropy(logits.flatten(0, 1), query_labels.flatten())
+
     return loss_fn
 
 
@@ -64,8 +66,11 @@ def episode(B, C, K, Q, D, device):
 
 def _fastmeta_backends(device):
     op = "prototypical_cross_entropy"
-    names = [b for b in backend.DEFAULT_PREFERENCE[device]
-             if backend.op_unavailable_reason(op, b, device, torch.float32) is None]
+    names = [
+        b
+        for b in backend.DEFAULT_PREFERENCE[device]
+        if backend.op_unavailable_reason(op, b, device, torch.float32) is None
+    ]
     triton_runs = backend.op_unavailable_reason(op, "triton", device, torch.float32) is None
     if device == "cuda" and triton_runs:
         names += [] if "triton" in names else ["triton"]
@@ -84,6 +89,7 @@ def loss_candidates(device, B, C, K, Q, D) -> list[Candidate]:
         def run():
             with fastmeta.use_backend(name):
                 return fastmeta_loss()
+
         return run
 
     def plain_fn(loss_fn):
@@ -93,8 +99,10 @@ def loss_candidates(device, B, C, K, Q, D) -> list[Candidate]:
     # row is what users get; the forced rows show both contenders.
     auto = device == "cuda"
     rows = [Candidate("fastmeta (per-shape race)", fastmeta_loss, is_fastmeta=True)] if auto else []
-    rows += [Candidate(f"fastmeta[{b}]", fastmeta_fn(b), is_fastmeta=(i == 0 and not auto))
-             for i, b in enumerate(_fastmeta_backends(device))]
+    rows += [
+        Candidate(f"fastmeta[{b}]", fastmeta_fn(b), is_fastmeta=(i == 0 and not auto))
+        for i, b in enumerate(_fastmeta_backends(device))
+    ]
     if B * C * Q * C * D * 4 <= EUCLIDEAN_LIMIT_BYTES:
         rows.append(Candidate("euclidean_dist (ProtoNets)", plain_fn(_plain_loss(euclidean_dist))))
     rows.append(Candidate("cdist ** 2", plain_fn(_plain_loss(cdist_sq))))
@@ -127,37 +135,52 @@ def training_step_candidates(device, C, K, Q, best_alternative) -> list[Candidat
 
     def fastmeta_step(net=encoder):
         z = net(torch.cat([support_x, query_x]))
-        loss, _ = fastmeta.functional.prototypical_loss(z[: C * K], ys, z[C * K:], yq, C)
+        loss, _ = fastmeta.functional.prototypical_loss(z[: C * K], ys, z[C * K :], yq, C)
         return torch.autograd.grad(loss, params)
 
     def plain_step():
         z = encoder(torch.cat([support_x, query_x]))
-        loss = loss_fn(z[None, : C * K], z[None, C * K:], yq[None], 1, C, K)
+        loss = loss_fn(z[None, : C * K], z[None, C * K :], yq[None], 1, C, K)
         return torch.autograd.grad(loss, params)
 
     fused = device == "cpu"  # the fused blocks are CPU ops; the ratios refer to this row
-    rows = [Candidate("fastmeta + conv4", fastmeta_step, is_fastmeta=not fused),
-            Candidate(f"{name} + conv4", plain_step)]
+    rows = [
+        Candidate("fastmeta + conv4", fastmeta_step, is_fastmeta=not fused),
+        Candidate(f"{name} + conv4", plain_step),
+    ]
     if fused:
-        rows.insert(0, Candidate("fastmeta + conv4 fused (ProtoNet(fuse=True))",
-                                 lambda: fastmeta_step(fused_encoder), is_fastmeta=True))
+        rows.insert(
+            0,
+            Candidate(
+                "fastmeta + conv4 fused (ProtoNet(fuse=True))",
+                lambda: fastmeta_step(fused_encoder),
+                is_fastmeta=True,
+            ),
+        )
     return rows
 
 
 def run(device: str, quick: bool = False, **timing):
     results = []
     for config, (B, C, K, Q, D) in (QUICK if quick else CONFIGS).items():
-        results += run_config(CASE, config, device, loss_candidates(device, B, C, K, Q, D),
-                              memory=True, **timing)
+        results += run_config(
+            CASE, config, device, loss_candidates(device, B, C, K, Q, D), memory=True, **timing
+        )
     B, C, K, Q, D = (1, 5, 1, 2, 64) if quick else CONFIGS["(b) 60w5s D=1600"]
     step_results = [r for r in results if r.config.startswith("(b)" if not quick else "(a)")]
-    alternatives = {"matmul": _plain_loss(matmul_dist), "cdist ** 2": _plain_loss(cdist_sq),
-                    "euclidean_dist (ProtoNets)": _plain_loss(euclidean_dist),
-                    "torch.compile(matmul)": torch.compile(_plain_loss(matmul_dist), dynamic=False)}
+    alternatives = {
+        "matmul": _plain_loss(matmul_dist),
+        "cdist ** 2": _plain_loss(cdist_sq),
+        "euclidean_dist (ProtoNets)": _plain_loss(euclidean_dist),
+        "torch.compile(matmul)": torch.compile(_plain_loss(matmul_dist), dynamic=False),
+    }
     best = min((r for r in step_results if r.name in alternatives), key=lambda r: r.median_ms)
     config = f"train step conv4 28x28 {C}w{K}s{Q}q"
-    results += run_config(CASE, config, device,
-                          training_step_candidates(device, C, K, Q,
-                                                   (best.name, alternatives[best.name])),
-                          **timing)
+    results += run_config(
+        CASE,
+        config,
+        device,
+        training_step_candidates(device, C, K, Q, (best.name, alternatives[best.name])),
+        **timing,
+    )
     return results

@@ -35,8 +35,7 @@ class ProtoNetAlgorithm:
     """fastmeta.ProtoNet around conv4 (images) or an MLP (vectors); conv4's blocks run
     as the fused conv_block / bn_relu_pool ops in training (fuse=True)."""
 
-    ops = ("class_prototypes", "prototypical_cross_entropy", "squared_distances",
-           *FUSED_BLOCK_OPS)
+    ops = ("class_prototypes", "prototypical_cross_entropy", "squared_distances", *FUSED_BLOCK_OPS)
 
     def build(self, input_shape: Sequence[int], ways: int) -> nn.Module:
         return fastmeta.ProtoNet(encoder(input_shape)[0], fuse=True)
@@ -67,18 +66,27 @@ class MAMLAlgorithm:
     def build(self, input_shape: Sequence[int], ways: int) -> nn.Module:
         body, size = encoder(input_shape)
         meta = fastmeta.MetaSGD if self.meta_sgd else fastmeta.MAML
-        return meta(nn.Sequential(body, nn.Linear(size, ways)), lr=self.inner_lr,
-                    first_order=self.first_order)
+        return meta(
+            nn.Sequential(body, nn.Linear(size, ways)),
+            lr=self.inner_lr,
+            first_order=self.first_order,
+        )
 
-    def _query_logits(self, model: nn.Module, episodes: Episodes, ways: int, steps: int,
-                      first_order: bool) -> Tensor:
+    def _query_logits(
+        self, model: nn.Module, episodes: Episodes, ways: int, steps: int, first_order: bool
+    ) -> Tensor:
         """[T, N*Q, ways] after `steps` inner steps on each task's support set."""
         head = model.module[-1].out_features
         if ways != head:
             raise ValueError(f"this model has a {head}-way head; evaluate it with --ways {head}")
         model.train()
-        learner = model.adapt_batch(episodes.support_x, episodes.support_y, F.cross_entropy,
-                                    steps=steps, first_order=first_order)
+        learner = model.adapt_batch(
+            episodes.support_x,
+            episodes.support_y,
+            F.cross_entropy,
+            steps=steps,
+            first_order=first_order,
+        )
         return learner(episodes.query_x)
 
     def loss(self, model: nn.Module, episodes: Episodes, ways: int) -> tuple[Tensor, Tensor]:
@@ -132,7 +140,9 @@ def available(name: str) -> bool:
 def get(name: str, args: Namespace) -> Algorithm:
     """The algorithm `name`, configured from args; a ValueError if this build lacks it."""
     if not available(name):
-        raise ValueError(f"algorithm {name} is not available in this build of fastmeta yet "
-                         f"(it needs fastmeta.{REGISTRY[name].requires}); available: "
-                         f"{', '.join(n for n in REGISTRY if available(n))}")
+        raise ValueError(
+            f"algorithm {name} is not available in this build of fastmeta yet "
+            f"(it needs fastmeta.{REGISTRY[name].requires}); available: "
+            f"{', '.join(n for n in REGISTRY if available(n))}"
+        )
     return REGISTRY[name].make(args)

@@ -14,18 +14,43 @@ from fastmeta.distributed import Ranks
 
 FILE = "checkpoint.pt"
 # Arguments that define the training trajectory: a resumed run must keep them.
-SAME_ON_RESUME = ("algorithm", "data", "ways", "shots", "queries", "tasks", "lr",
-                  "lr_halve_every", "seed", "held_out", "val_fraction", "augment", "inner_lr",
-                  "inner_steps", "first_order")
+SAME_ON_RESUME = (
+    "algorithm",
+    "data",
+    "ways",
+    "shots",
+    "queries",
+    "tasks",
+    "lr",
+    "lr_halve_every",
+    "seed",
+    "held_out",
+    "val_fraction",
+    "augment",
+    "inner_lr",
+    "inner_steps",
+    "first_order",
+)
 
 
-def save(out: Path, args: Namespace, model: nn.Module, optimizer: torch.optim.Optimizer,
-         sampler: EpisodeSampler, run: dict) -> Path:
+def save(
+    out: Path,
+    args: Namespace,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: EpisodeSampler,
+    run: dict,
+) -> Path:
     """Writes out/checkpoint.pt atomically; run: step, train_seconds, history."""
     path = out / FILE
-    state = {"args": vars(args), "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "sampler_rng": sampler.generator.get_state(),
-             "torch_rng": torch.get_rng_state(), "run": run}
+    state = {
+        "args": vars(args),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "sampler_rng": sampler.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "run": run,
+    }
     partial = path.with_name(f"{FILE}.{os.getpid()}.tmp")
     torch.save(state, partial)
     os.replace(partial, path)
@@ -35,8 +60,9 @@ def save(out: Path, args: Namespace, model: nn.Module, optimizer: torch.optim.Op
 def load(out: Path, device: torch.device) -> dict:
     path = out / FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist "
-                                f"(train without --resume first)")
+        raise FileNotFoundError(
+            f"no checkpoint to resume from: {path} does not exist (train without --resume first)"
+        )
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which, not a traceback
@@ -46,23 +72,33 @@ def load(out: Path, device: torch.device) -> dict:
 def load_on_all_ranks(out: Path, ranks: Ranks) -> dict:
     """load(out) on the CPU by rank 0, sent to the other ranks (no shared file system
     needed). If rank 0 cannot read it, rank 0 says why and the others lose contact."""
-    return ranks.broadcast_object(load(out, torch.device("cpu")) if ranks.is_main else None,
-                                  f"loading {out / FILE}")
+    return ranks.broadcast_object(
+        load(out, torch.device("cpu")) if ranks.is_main else None, f"loading {out / FILE}"
+    )
 
 
-def restore(state: dict, args: Namespace, model: nn.Module,
-            optimizer: torch.optim.Optimizer, sampler: EpisodeSampler) -> dict:
+def restore(
+    state: dict,
+    args: Namespace,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: EpisodeSampler,
+) -> dict:
     """Puts a loaded checkpoint back into model, optimizer and RNGs; returns its run
     dict. A ValueError if args changed what the checkpoint was trained with."""
     saved = state["args"]
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
-               for k in SAME_ON_RESUME if saved.get(k) != getattr(args, k)]
+    changed = [
+        f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
+        for k in SAME_ON_RESUME
+        if saved.get(k) != getattr(args, k)
+    ]
     if changed:
-        raise ValueError(f"cannot resume: the checkpoint was trained with "
-                         f"{', '.join(changed)}")
+        raise ValueError(f"cannot resume: the checkpoint was trained with {', '.join(changed)}")
     if state["run"]["step"] > args.steps:
-        raise ValueError(f"cannot resume: the checkpoint is at step {state['run']['step']}, "
-                         f"beyond --steps {args.steps}")
+        raise ValueError(
+            f"cannot resume: the checkpoint is at step {state['run']['step']}, "
+            f"beyond --steps {args.steps}"
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     sampler.generator.set_state(state["sampler_rng"].cpu())

@@ -29,12 +29,21 @@ class TaskData:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
-    def sampler(self, split: str, *, ways: int, shots: int, queries: int, tasks: int,
-                seed: int) -> EpisodeSampler:
+    def sampler(
+        self, split: str, *, ways: int, shots: int, queries: int, tasks: int, seed: int
+    ) -> EpisodeSampler:
         """Episodes of `split`'s classes; a ValueError names the split."""
         try:
-            return EpisodeSampler(self.x, self.y, ways=ways, shots=shots, queries=queries,
-                                  tasks=tasks, classes=self.classes[split], seed=seed)
+            return EpisodeSampler(
+                self.x,
+                self.y,
+                ways=ways,
+                shots=shots,
+                queries=queries,
+                tasks=tasks,
+                classes=self.classes[split],
+                seed=seed,
+            )
         except ValueError as error:
             raise ValueError(f"{self.name} {split} classes: {error}") from None
 
@@ -47,9 +56,10 @@ def load(args: Namespace, device: torch.device) -> TaskData:
     if args.data == "synthetic":
         x, y = gaussian_clusters(**SYNTHETIC, seed=0)
         kept = 1 - SYNTHETIC_TEST_FRACTION
-        train, val, test = split_classes(SYNTHETIC["num_classes"],
-                                         (kept * (1 - args.val_fraction),
-                                          kept * args.val_fraction, SYNTHETIC_TEST_FRACTION))
+        train, val, test = split_classes(
+            SYNTHETIC["num_classes"],
+            (kept * (1 - args.val_fraction), kept * args.val_fraction, SYNTHETIC_TEST_FRACTION),
+        )
     else:
         omniglot = load_omniglot(args.data_dir)
         kept, test = omniglot.alphabet_split(args.held_out)
@@ -60,5 +70,4 @@ def load(args: Namespace, device: torch.device) -> TaskData:
             x, y = rotated.images, rotated.labels
             train = (4 * train[:, None] + torch.arange(4)).flatten()
             val, test = 4 * val, 4 * test
-    return TaskData(args.data, x.to(device), y.to(device),
-                    dict(zip(SPLITS, (train, val, test))))
+    return TaskData(args.data, x.to(device), y.to(device), dict(zip(SPLITS, (train, val, test))))

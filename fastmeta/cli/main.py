@@ -59,62 +59,108 @@ def _device(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastmeta", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fastmeta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", type=_device,
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    common.add_argument("--backend", choices=("auto", *fastmeta.BACKENDS), default="auto",
-                        help="force a fastmeta backend (default: the fastest usable one)")
-    common.add_argument("--data-dir", help="Omniglot directory (default: $FASTMETA_OMNIGLOT; "
-                        "eval: the run's)")
-    common.add_argument("--dist-timeout", type=_seconds, default=300.0, metavar="SECONDS",
-                        help="under torchrun: a rank waiting longer than this for its peers "
-                             "fails (one that exits fails them at once)")
+    common.add_argument(
+        "--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    common.add_argument(
+        "--backend",
+        choices=("auto", *fastmeta.BACKENDS),
+        default="auto",
+        help="force a fastmeta backend (default: the fastest usable one)",
+    )
+    common.add_argument(
+        "--data-dir", help="Omniglot directory (default: $FASTMETA_OMNIGLOT; eval: the run's)"
+    )
+    common.add_argument(
+        "--dist-timeout",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="under torchrun: a rank waiting longer than this for its peers "
+        "fails (one that exits fails them at once)",
+    )
     formatter = argparse.ArgumentDefaultsHelpFormatter
 
-    run = commands.add_parser("train", parents=[common], formatter_class=formatter,
-                              help="train an algorithm, then test it",
-                              description="Train on episodes of the training classes, "
-                              "validate periodically, checkpoint, test on held-out classes.")
+    run = commands.add_parser(
+        "train",
+        parents=[common],
+        formatter_class=formatter,
+        help="train an algorithm, then test it",
+        description="Train on episodes of the training classes, "
+        "validate periodically, checkpoint, test on held-out classes.",
+    )
     run.add_argument("algorithm", choices=list(algorithms.REGISTRY))
     run.add_argument("--data", choices=("synthetic", "omniglot"), default="synthetic")
-    run.add_argument("--held-out", type=_names, default=_names(HELD_OUT), metavar="A,B,...",
-                     help="omniglot: the test alphabets")
-    run.add_argument("--val-fraction", type=_fraction, default=0.2,
-                     help="share of the non-test classes held out for validation")
-    run.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                     help="omniglot: training characters rotated by 90/180/270 degrees "
-                          "as new classes")
+    run.add_argument(
+        "--held-out",
+        type=_names,
+        default=_names(HELD_OUT),
+        metavar="A,B,...",
+        help="omniglot: the test alphabets",
+    )
+    run.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.2,
+        help="share of the non-test classes held out for validation",
+    )
+    run.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="omniglot: training characters rotated by 90/180/270 degrees as new classes",
+    )
     run.add_argument("--ways", type=_positive_int, default=5)
     run.add_argument("--shots", type=_positive_int, default=1)
     run.add_argument("--queries", type=_positive_int, default=15, help="per class")
-    run.add_argument("--tasks", type=_positive_int, default=4,
-                     help="episodes per batch (under torchrun: of all ranks together)")
+    run.add_argument(
+        "--tasks",
+        type=_positive_int,
+        default=4,
+        help="episodes per batch (under torchrun: of all ranks together)",
+    )
     run.add_argument("--steps", type=_positive_int, default=1000, help="training iterations")
     run.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    run.add_argument("--lr-halve-every", type=_positive_int, metavar="STEPS",
-                     help="halve --lr every STEPS steps (default: constant)")
+    run.add_argument(
+        "--lr-halve-every",
+        type=_positive_int,
+        metavar="STEPS",
+        help="halve --lr every STEPS steps (default: constant)",
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", help="run directory (default: runs/ALGORITHM-DATA-NwKs)")
     run.add_argument("--val-every", type=_positive_int, default=250, metavar="STEPS")
     run.add_argument("--val-episodes", type=_positive_int, default=200)
     run.add_argument("--test-episodes", type=_positive_int, default=600)
-    run.add_argument("--resume", action="store_true",
-                     help="continue from the checkpoint in --out")
+    run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     maml = run.add_argument_group("maml, metasgd")
-    maml.add_argument("--inner-lr", type=float, default=0.4,
-                      help="inner-loop learning rate (metasgd: its initial value)")
+    maml.add_argument(
+        "--inner-lr",
+        type=float,
+        default=0.4,
+        help="inner-loop learning rate (metasgd: its initial value)",
+    )
     maml.add_argument("--inner-steps", type=_positive_int, default=1)
-    maml.add_argument("--eval-inner-steps", type=_positive_int,
-                      help="inner steps at evaluation (default: --inner-steps)")
+    maml.add_argument(
+        "--eval-inner-steps",
+        type=_positive_int,
+        help="inner steps at evaluation (default: --inner-steps)",
+    )
     maml.add_argument("--first-order", action="store_true")
 
-    test = commands.add_parser("eval", parents=[common], formatter_class=formatter,
-                               help="evaluate a trained run",
-                               description="Evaluate the checkpoint of a training run on "
-                               "episodes of its test (or validation) classes.")
+    test = commands.add_parser(
+        "eval",
+        parents=[common],
+        formatter_class=formatter,
+        help="evaluate a trained run",
+        description="Evaluate the checkpoint of a training run on "
+        "episodes of its test (or validation) classes.",
+    )
     test.add_argument("--out", required=True, help="the training run's directory")
     test.add_argument("--split", choices=("test", "val"), default="test")
     for name in ("ways", "shots", "queries"):
@@ -135,19 +181,26 @@ def train_command(args: Namespace, ranks: distributed.Ranks) -> int:
     summary, history = train(args, out, ranks)
     if not ranks.is_main:
         return 0
-    paths = {"summary": out / "summary.json", "checkpoint": out / checkpoint.FILE,
-             "curve": report.plot_curve(out / "curve.png", history)}
+    paths = {
+        "summary": out / "summary.json",
+        "checkpoint": out / checkpoint.FILE,
+        "curve": report.plot_curve(out / "curve.png", history),
+    }
     summary["paths"] = {name: str(path) for name, path in paths.items() if path}
     report.write_json(paths["summary"], summary)
     ran = ", ".join(sorted(set(summary["backend"]["ran"].values()))) or "-"
     on = f" on {ranks.world_size} ranks" if ranks.world_size > 1 else ""
-    print(f"{args.algorithm} on {args.data}, {args.ways}-way {args.shots}-shot: "
-          f"{summary['steps']} steps ({summary['episodes']} episodes){on} in "
-          f"{summary['train_seconds']:.1f} s, {summary['episodes_per_second']:.1f} episodes/s, "
-          f"fastmeta backend {ran}")
+    print(
+        f"{args.algorithm} on {args.data}, {args.ways}-way {args.shots}-shot: "
+        f"{summary['steps']} steps ({summary['episodes']} episodes){on} in "
+        f"{summary['train_seconds']:.1f} s, {summary['episodes_per_second']:.1f} episodes/s, "
+        f"fastmeta backend {ran}"
+    )
     for split in ("val", "test"):
-        print(f"{split} accuracy {format_accuracy(**summary[split])} "
-              f"({summary[split]['episodes']} episodes)")
+        print(
+            f"{split} accuracy {format_accuracy(**summary[split])} "
+            f"({summary[split]['episodes']} episodes)"
+        )
     print(f"written: {', '.join(summary['paths'].values())}")
     return 0
 
@@ -165,17 +218,37 @@ def eval_command(args: Namespace, ranks: distributed.Ranks) -> int:
     algorithm = algorithms.get(run.algorithm, run)
     model = algorithm.build(data.input_shape, trained_ways).to(device)
     model.load_state_dict(state["model"])
-    accuracy = evaluate(algorithm, model, data, args.split, ways=run.ways, shots=run.shots,
-                        queries=run.queries, episodes=args.episodes, seed=run.seed + TEST_SEED,
-                        ranks=ranks)
+    accuracy = evaluate(
+        algorithm,
+        model,
+        data,
+        args.split,
+        ways=run.ways,
+        shots=run.shots,
+        queries=run.queries,
+        episodes=args.episodes,
+        seed=run.seed + TEST_SEED,
+        ranks=ranks,
+    )
     if not ranks.is_main:
         return 0
-    path = report.write_json(out / f"eval-{args.split}-{run.ways}w{run.shots}s.json",
-                             {"algorithm": run.algorithm, "data": run.data, "split": args.split,
-                              "ways": run.ways, "shots": run.shots, "queries": run.queries,
-                              "step": state["run"]["step"], **accuracy.to_dict()})
-    print(f"{run.algorithm} on {run.data} {args.split} classes, {run.ways}-way {run.shots}-shot: "
-          f"accuracy {accuracy} ({accuracy.episodes} episodes); written: {path}")
+    path = report.write_json(
+        out / f"eval-{args.split}-{run.ways}w{run.shots}s.json",
+        {
+            "algorithm": run.algorithm,
+            "data": run.data,
+            "split": args.split,
+            "ways": run.ways,
+            "shots": run.shots,
+            "queries": run.queries,
+            "step": state["run"]["step"],
+            **accuracy.to_dict(),
+        },
+    )
+    print(
+        f"{run.algorithm} on {run.data} {args.split} classes, {run.ways}-way {run.shots}-shot: "
+        f"accuracy {accuracy} ({accuracy.episodes} episodes); written: {path}"
+    )
     return 0
 
 
@@ -189,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit:  # --help (0) or a usage error argparse has printed (2)
         return int(exit.code or 0)
-    forced = (contextlib.nullcontext() if args.backend == "auto"
-              else fastmeta.use_backend(args.backend))
+    forced = (
+        contextlib.nullcontext() if args.backend == "auto" else fastmeta.use_backend(args.backend)
+    )
     try:
         with forced, distributed.launch(args.device, args.dist_timeout) as ranks:
             return COMMANDS[args.command](args, ranks)

@@ -23,5 +23,7 @@ def encoder(input_shape: Sequence[int]) -> tuple[nn.Module, int]:
         return conv4(c), 64 * (h // 16) * (w // 16)
     if len(input_shape) == 1:
         return mlp(input_shape[0]), 64
-    raise ValueError(f"no encoder for examples of shape {list(input_shape)}: expected "
-                     f"vectors [D] or images [C, H, W] of at least 16x16")
+    raise ValueError(
+        f"no encoder for examples of shape {list(input_shape)}: expected "
+        f"vectors [D] or images [C, H, W] of at least 16x16"
+    )

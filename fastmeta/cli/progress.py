@@ -12,8 +12,14 @@ class Progress:
     prints a line of its own; close() ends the in-place line. With enabled=False
     (distributed ranks other than 0) it prints nothing."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, interval: float = 10.0,
-                 smoothing: float = 0.9, enabled: bool = True):
+    def __init__(
+        self,
+        total: int,
+        stream: TextIO | None = None,
+        interval: float = 10.0,
+        smoothing: float = 0.9,
+        enabled: bool = True,
+    ):
         self.total, self.stream, self.enabled = total, stream or sys.stderr, enabled
         self.tty = self.stream.isatty()
         self.interval = 0.2 if self.tty else interval
@@ -25,14 +31,17 @@ class Progress:
     def update(self, step: int, loss: float, accuracy: float, episodes_per_second: float) -> None:
         s = self.smoothing
         self.loss = loss if self.loss is None else s * self.loss + (1 - s) * loss
-        self.accuracy = (accuracy if self.accuracy is None
-                         else s * self.accuracy + (1 - s) * accuracy)
+        self.accuracy = (
+            accuracy if self.accuracy is None else s * self.accuracy + (1 - s) * accuracy
+        )
         now = time.monotonic()
         if now - self._shown < self.interval and step != self.total:
             return
         self._shown = now
-        line = (f"step {step}/{self.total}  loss {self.loss:.4f}  acc {100 * self.accuracy:.2f}%"
-                f"  {episodes_per_second:.1f} episodes/s")
+        line = (
+            f"step {step}/{self.total}  loss {self.loss:.4f}  acc {100 * self.accuracy:.2f}%"
+            f"  {episodes_per_second:.1f} episodes/s"
+        )
         if self.tty:
             self._write("\r" + line.ljust(self._width))
             self._width = len(line)

@@ -26,8 +26,10 @@ def train(args: Namespace, out: Path, ranks: Ranks) -> tuple[dict, dict]:
     the history (per step: step, loss, accuracy; val: one dict per validation), the
     same on every rank. args.tasks is the batch of all ranks together."""
     if args.tasks < ranks.world_size:
-        raise ValueError(f"--tasks {args.tasks} is less than the {ranks.world_size} ranks: "
-                         f"each rank needs at least one task of the batch")
+        raise ValueError(
+            f"--tasks {args.tasks} is less than the {ranks.world_size} ranks: "
+            f"each rank needs at least one task of the batch"
+        )
     device = ranks.device
     data = task_data.load(args, device)
     algorithm = algorithms.get(args.algorithm, args)
@@ -41,11 +43,15 @@ def train(args: Namespace, out: Path, ranks: Ranks) -> tuple[dict, dict]:
     sampler = data.sampler("train", **episode, tasks=args.tasks, seed=args.seed)
     share, weight = ranks.share(args.tasks), ranks.weight(args.tasks)
     reducer = GradientReducer(model.parameters(), ranks)
-    run = {"step": 0, "train_seconds": 0.0,
-           "history": {"step": [], "loss": [], "accuracy": [], "val": []}}
+    run = {
+        "step": 0,
+        "train_seconds": 0.0,
+        "history": {"step": [], "loss": [], "accuracy": [], "val": []},
+    }
     if args.resume:
-        run = checkpoint.restore(checkpoint.load_on_all_ranks(out, ranks), args, model,
-                                 optimizer, sampler)
+        run = checkpoint.restore(
+            checkpoint.load_on_all_ranks(out, ranks), args, model, optimizer, sampler
+        )
     history = run["history"]
 
     progress = Progress(args.steps, enabled=ranks.is_main)
@@ -71,29 +77,49 @@ def train(args: Namespace, out: Path, ranks: Ranks) -> tuple[dict, dict]:
         progress.update(step, loss, accuracy, step * args.tasks / run["train_seconds"])
         if step % args.val_every == 0 or step == args.steps:
             ranks.average_buffers_(model, "the batch-norm statistics all-reduce")
-            val = evaluate(algorithm, model, data, "val", **episode,
-                           episodes=args.val_episodes, seed=args.seed + VAL_SEED, ranks=ranks)
+            val = evaluate(
+                algorithm,
+                model,
+                data,
+                "val",
+                **episode,
+                episodes=args.val_episodes,
+                seed=args.seed + VAL_SEED,
+                ranks=ranks,
+            )
             history["val"].append({"step": step, **val.to_dict()})
             progress.message(f"step {step}: validation accuracy {val}")
             if ranks.is_main:
                 checkpoint.save(out, args, model, optimizer, sampler, run)
     progress.close()
 
-    test = evaluate(algorithm, model, data, "test", **episode, episodes=args.test_episodes,
-                    seed=args.seed + TEST_SEED, ranks=ranks)
+    test = evaluate(
+        algorithm,
+        model,
+        data,
+        "test",
+        **episode,
+        episodes=args.test_episodes,
+        seed=args.seed + TEST_SEED,
+        ranks=ranks,
+    )
     return _summary(args, algorithm, ranks, run, test.to_dict()), history
 
 
-def _summary(args: Namespace, algorithm: algorithms.Algorithm, ranks: Ranks, run: dict,
-             test: dict) -> dict:
+def _summary(
+    args: Namespace, algorithm: algorithms.Algorithm, ranks: Ranks, run: dict, test: dict
+) -> dict:
     episodes = run["step"] * args.tasks  # all ranks' episodes
     return {
         "algorithm": args.algorithm,
         "data": args.data,
         "args": vars(args),
-        "backend": {"requested": args.backend,
-                    "ran": {op: fastmeta.last_backend(op) for op in algorithm.ops
-                            if fastmeta.last_backend(op)}},
+        "backend": {
+            "requested": args.backend,
+            "ran": {
+                op: fastmeta.last_backend(op) for op in algorithm.ops if fastmeta.last_backend(op)
+            },
+        },
         "device": str(ranks.device),
         "world_size": ranks.world_size,
         "steps": run["step"],

@@ -42,16 +42,19 @@ class Omniglot:
         return len(self.characters)
 
     def __repr__(self) -> str:
-        return (f"Omniglot({len(self.images)} images {list(self.images.shape[1:])}, "
-                f"{self.num_characters} characters, {len(set(self.alphabets))} alphabets)")
+        return (
+            f"Omniglot({len(self.images)} images {list(self.images.shape[1:])}, "
+            f"{self.num_characters} characters, {len(set(self.alphabets))} alphabets)"
+        )
 
     def alphabet_split(self, held_out: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Character labels (kept [C1], held out [C2]): whole alphabets held out by name."""
         held_out = [held_out] if isinstance(held_out, str) else list(held_out)
         unknown = sorted(set(held_out) - set(self.alphabets))
         if unknown:
-            raise ValueError(f"unknown alphabets {unknown}; this Omniglot has "
-                             f"{sorted(set(self.alphabets))}")
+            raise ValueError(
+                f"unknown alphabets {unknown}; this Omniglot has {sorted(set(self.alphabets))}"
+            )
         held = torch.tensor([alphabet in held_out for alphabet in self.alphabets])
         characters = torch.arange(self.num_characters)
         return characters[~held], characters[held]
@@ -60,9 +63,12 @@ class Omniglot:
         """4x the characters: each one turned by 0, 90, 180, 270 degrees is a class of
         its own (character 4c + k is character c turned by k * 90, see rotate_classes)."""
         images, labels = rotate_classes(self.images, self.labels)
-        return Omniglot(images, labels,
-                        tuple(a for a in self.alphabets for _ in range(4)),
-                        tuple(f"{c}_rot{90 * k}" for c in self.characters for k in range(4)))
+        return Omniglot(
+            images,
+            labels,
+            tuple(a for a in self.alphabets for _ in range(4)),
+            tuple(f"{c}_rot{90 * k}" for c in self.characters for k in range(4)),
+        )
 
 
 def rotate_classes(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,8 +76,10 @@ def rotate_classes(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     [4S, ..., H, H], [4S]. Image 4i + k is image i turned k * 90 degrees
     counter-clockwise, with label 4 * labels[i] + k."""
     if images.dim() < 2 or images.shape[-1] != images.shape[-2] or len(images) != len(labels):
-        raise ValueError(f"rotate_classes needs square images [S, ..., H, H] and labels [S], "
-                         f"got images {list(images.shape)} and labels {list(labels.shape)}")
+        raise ValueError(
+            f"rotate_classes needs square images [S, ..., H, H] and labels [S], "
+            f"got images {list(images.shape)} and labels {list(labels.shape)}"
+        )
     turned = torch.stack([images.rot90(k, dims=(-2, -1)) for k in range(4)], dim=1)
     labels = 4 * labels[:, None] + torch.arange(4, device=labels.device)
     return turned.flatten(0, 1), labels.flatten()
@@ -81,8 +89,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "fastmeta"
 
 
-def load_omniglot(root: str | Path, image_size: int = 28,
-                  cache_dir: str | Path | None = None) -> Omniglot:
+def load_omniglot(
+    root: str | Path, image_size: int = 28, cache_dir: str | Path | None = None
+) -> Omniglot:
     """Omniglot from `root`, a directory holding any of images_background*.zip,
     images_evaluation*.zip, or unpacked folders of those names
     (<folder>/<alphabet>/<character>/<image>.png). A character found in several
@@ -102,7 +111,8 @@ def load_omniglot(root: str | Path, image_size: int = 28,
     if not sources:
         raise FileNotFoundError(
             f"no Omniglot data in {root}: expected images_background*.zip, "
-            f"images_evaluation*.zip or unpacked folders of those names")
+            f"images_evaluation*.zip or unpacked folders of those names"
+        )
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache = cache_dir / f"omniglot-{image_size}px-{_cache_key(sources, image_size)}.pt"
     if cache.is_file():
@@ -110,21 +120,38 @@ def load_omniglot(root: str | Path, image_size: int = 28,
     else:
         saved = _decode(sources, image_size)
         _save(saved, cache)
-    return Omniglot(saved["ink"].float().div_(255), saved["labels"],
-                    tuple(saved["alphabets"]), tuple(saved["characters"]))
+    return Omniglot(
+        saved["ink"].float().div_(255),
+        saved["labels"],
+        tuple(saved["alphabets"]),
+        tuple(saved["characters"]),
+    )
 
 
 def _sources(root: Path) -> list[Path]:
     """Zip archives, then unpacked folders that have no zip of the same name beside them."""
     zips = sorted({p for pattern in SOURCES for p in root.glob(pattern + ".zip") if p.is_file()})
-    folders = sorted({p for pattern in SOURCES for p in root.glob(pattern)
-                      if p.is_dir() and p.with_name(p.name + ".zip") not in zips})
+    folders = sorted(
+        {
+            p
+            for pattern in SOURCES
+            for p in root.glob(pattern)
+            if p.is_dir() and p.with_name(p.name + ".zip") not in zips
+        }
+    )
     return zips + folders
 
 
 def _cache_key(sources: list[Path], image_size: int) -> str:
-    sizes = [(s.name, s.stat().st_size if s.is_file()
-              else sum(p.stat().st_size for p in s.glob(_IMAGES_IN_FOLDER))) for s in sources]
+    sizes = [
+        (
+            s.name,
+            s.stat().st_size
+            if s.is_file()
+            else sum(p.stat().st_size for p in s.glob(_IMAGES_IN_FOLDER)),
+        )
+        for s in sources
+    ]
     return hashlib.sha1(repr((_DECODING, image_size, sizes)).encode()).hexdigest()[:16]
 
 
@@ -144,8 +171,11 @@ def _listing(source: Path, stack: ExitStack) -> Iterator[tuple[str, str, PngFile
     for info in archive.infolist():
         parts = info.filename.split("/")
         if len(parts) >= 3 and parts[-1].endswith(".png"):
-            yield parts[-3], parts[-2], (parts[-1], f"{source}:{info.filename}",
-                                         partial(archive.read, info))
+            yield (
+                parts[-3],
+                parts[-2],
+                (parts[-1], f"{source}:{info.filename}", partial(archive.read, info)),
+            )
 
 
 def _decode(sources: list[Path], size: int) -> dict:
@@ -158,12 +188,14 @@ def _decode(sources: list[Path], size: int) -> dict:
             for key, images in found.items():
                 characters.setdefault(key, images)  # first source wins: duplicates read once
         if not characters:
-            raise ValueError(f"no <alphabet>/<character>/<image>.png files in "
-                             f"{[str(s) for s in sources]}")
+            raise ValueError(
+                f"no <alphabet>/<character>/<image>.png files in {[str(s) for s in sources]}"
+            )
         pil = _pillow()
         keys = sorted(characters)
-        images = [image for key in keys
-                  for image in sorted(characters[key], key=lambda image: image[0])]
+        images = [
+            image for key in keys for image in sorted(characters[key], key=lambda image: image[0])
+        ]
         pixels = bytearray(len(images) * size * size)
         for i, (_, where, read) in enumerate(images):
             try:
@@ -171,12 +203,14 @@ def _decode(sources: list[Path], size: int) -> dict:
                     small = png.convert("L").resize((size, size), pil.Resampling.LANCZOS)
             except (OSError, zipfile.BadZipFile, zlib.error) as error:
                 raise ValueError(f"cannot decode {where}: {error}") from None
-            pixels[i * size * size:(i + 1) * size * size] = small.tobytes()
+            pixels[i * size * size : (i + 1) * size * size] = small.tobytes()
     counts = torch.tensor([len(characters[key]) for key in keys])
-    return {"ink": 255 - torch.frombuffer(pixels, dtype=torch.uint8).view(-1, 1, size, size),
-            "labels": torch.arange(len(keys)).repeat_interleave(counts),
-            "alphabets": [alphabet for alphabet, _ in keys],
-            "characters": [character for _, character in keys]}
+    return {
+        "ink": 255 - torch.frombuffer(pixels, dtype=torch.uint8).view(-1, 1, size, size),
+        "labels": torch.arange(len(keys)).repeat_interleave(counts),
+        "alphabets": [alphabet for alphabet, _ in keys],
+        "characters": [character for _, character in keys],
+    }
 
 
 def _save(saved: dict, cache: Path) -> None:

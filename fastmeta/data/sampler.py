@@ -48,18 +48,22 @@ def _as_tensors(x: Tensor | Dataset, y: Tensor | None) -> tuple[Tensor, Tensor]:
     items = [x[i] for i in range(len(x))]
     for i, item in enumerate(items):
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise ValueError(f"Dataset items must be (x, y) pairs, got {type(item).__name__} "
-                             f"at index {i}")
-    return (torch.stack([torch.as_tensor(item[0]) for item in items]),
-            torch.as_tensor([item[1] for item in items]))
+            raise ValueError(
+                f"Dataset items must be (x, y) pairs, got {type(item).__name__} at index {i}"
+            )
+    return (
+        torch.stack([torch.as_tensor(item[0]) for item in items]),
+        torch.as_tensor([item[1] for item in items]),
+    )
 
 
 def _check_labels(x: Tensor, y: Tensor) -> None:
     if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise ValueError(f"y must be 1-D integer labels, got shape {list(y.shape)} dtype {y.dtype}")
     if x.dim() < 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must have the same length, got x {list(x.shape)} and "
-                         f"y {list(y.shape)}")
+        raise ValueError(
+            f"x and y must have the same length, got x {list(x.shape)} and y {list(y.shape)}"
+        )
 
 
 class EpisodeSampler:
@@ -83,9 +87,19 @@ class EpisodeSampler:
     Attributes: classes [C] (label values sampled from), counts [C] (examples each).
     """
 
-    def __init__(self, x: Tensor | Dataset, y: Tensor | None = None, *, ways: int, shots: int,
-                 queries: int, tasks: int = 1, classes: Tensor | Sequence[int] | None = None,
-                 seed: int | None = None, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        x: Tensor | Dataset,
+        y: Tensor | None = None,
+        *,
+        ways: int,
+        shots: int,
+        queries: int,
+        tasks: int = 1,
+        classes: Tensor | Sequence[int] | None = None,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+    ):
         check_positive(ways=ways, shots=shots, queries=queries, tasks=tasks)
         x, y = _as_tensors(x, y)
         _check_labels(x, y)
@@ -100,23 +114,27 @@ class EpisodeSampler:
             if len(missing):
                 raise ValueError(f"classes not present in y: {missing[:10].tolist()}")
             rows = rows[torch.isin(y, wanted)]
-        self.classes, inverse, self.counts = torch.unique(y[rows], return_inverse=True,
-                                                          return_counts=True)
+        self.classes, inverse, self.counts = torch.unique(
+            y[rows], return_inverse=True, return_counts=True
+        )
         if ways > len(self.classes):
             raise ValueError(f"ways={ways} exceeds the {len(self.classes)} classes available")
         short = self.counts < shots + queries
         if short.any():
-            raise ValueError(f"each class needs shots + queries = {shots + queries} examples, "
-                             f"but classes {self.classes[short][:10].tolist()} have only "
-                             f"{self.counts[short][:10].tolist()}")
+            raise ValueError(
+                f"each class needs shots + queries = {shots + queries} examples, "
+                f"but classes {self.classes[short][:10].tolist()} have only "
+                f"{self.counts[short][:10].tolist()}"
+            )
 
         # table[c, j]: row of the j-th example of class c; padding marked in _padding.
         order = torch.argsort(inverse, stable=True)
         by_class = inverse[order]
         starts = self.counts.cumsum(0) - self.counts
         position = torch.arange(len(order), device=x.device) - starts[by_class]
-        self._table = torch.zeros(len(self.classes), int(self.counts.max()), dtype=torch.int64,
-                                  device=x.device)
+        self._table = torch.zeros(
+            len(self.classes), int(self.counts.max()), dtype=torch.int64, device=x.device
+        )
         self._table[by_class, position] = rows[order]
         self._padding = torch.arange(self._table.shape[1], device=x.device) >= self.counts[:, None]
         self.generator = make_generator(seed, x.device)
@@ -140,24 +158,32 @@ class EpisodeSampler:
         if part is not None:
             class_keys, keys = class_keys[part], keys[part]
         t = len(keys)
-        ways = class_keys.topk(n, dim=1).indices                                      # [T, N]
-        keys.masked_fill_(self._padding[ways], -1.0)                                  # never picked
-        rows = self._table[ways.unsqueeze(2), keys.topk(k + q, dim=2).indices]       # [T, N, K+Q]
+        ways = class_keys.topk(n, dim=1).indices  # [T, N]
+        keys.masked_fill_(self._padding[ways], -1.0)  # never picked
+        rows = self._table[ways.unsqueeze(2), keys.topk(k + q, dim=2).indices]  # [T, N, K+Q]
         rows = torch.cat((rows[..., :k].reshape(-1), rows[..., k:].reshape(-1)))
         batch = self.x.index_select(0, rows).to(self.device)
         support_x, query_x = batch.split((t * n * k, t * n * q))
         shape = self.x.shape[1:]
-        return Episodes(support_x.view(t, n * k, *shape), self._support_y[:t].clone(),
-                        query_x.view(t, n * q, *shape), self._query_y[:t].clone())
+        return Episodes(
+            support_x.view(t, n * k, *shape),
+            self._support_y[:t].clone(),
+            query_x.view(t, n * q, *shape),
+            self._query_y[:t].clone(),
+        )
 
     def __iter__(self) -> Iterator[Episodes]:
         while True:
             yield self.sample()
 
 
-def split_classes(classes: Tensor | Sequence[int] | int, sizes: Sequence[int | float], *,
-                  groups: Tensor | Sequence[Hashable] | None = None,
-                  seed: int = 0) -> tuple[Tensor, ...]:
+def split_classes(
+    classes: Tensor | Sequence[int] | int,
+    sizes: Sequence[int | float],
+    *,
+    groups: Tensor | Sequence[Hashable] | None = None,
+    seed: int = 0,
+) -> tuple[Tensor, ...]:
     """Splits classes into disjoint random sets (train / val / test), reproducibly.
 
     classes: distinct label values [C] (e.g. y.unique()) or a count C for 0..C-1.
@@ -176,8 +202,9 @@ def split_classes(classes: Tensor | Sequence[int] | int, sizes: Sequence[int | f
     else:
         keys = groups.tolist() if isinstance(groups, Tensor) else list(groups)
         if len(keys) != len(values):
-            raise ValueError(f"groups must have one key per class: {len(keys)} keys for "
-                             f"{len(values)} classes")
+            raise ValueError(
+                f"groups must have one key per class: {len(keys)} keys for {len(values)} classes"
+            )
         index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
         group_of = torch.tensor([index[key] for key in keys], dtype=torch.int64)
     units = int(group_of.max()) + 1 if len(group_of) else 0
@@ -187,15 +214,18 @@ def split_classes(classes: Tensor | Sequence[int] | int, sizes: Sequence[int | f
     if all(isinstance(s, int) for s in sizes):
         counts = list(sizes)
     else:
-        bounds = [round(sum(sizes[:i + 1]) * units) for i in range(len(sizes))]
+        bounds = [round(sum(sizes[: i + 1]) * units) for i in range(len(sizes))]
         counts = [b - a for a, b in zip([0] + bounds, bounds)]
     if sum(counts) > units:
-        raise ValueError(f"sizes {list(sizes)} ask for {sum(counts)} "
-                         f"{'groups' if groups is not None else 'classes'}, only {units} exist")
+        raise ValueError(
+            f"sizes {list(sizes)} ask for {sum(counts)} "
+            f"{'groups' if groups is not None else 'classes'}, only {units} exist"
+        )
 
-    chosen = torch.randperm(units, generator=torch.Generator().manual_seed(seed))[:sum(counts)]
+    chosen = torch.randperm(units, generator=torch.Generator().manual_seed(seed))[: sum(counts)]
     split_of_unit = torch.full((units,), -1, dtype=torch.int64)
     split_of_unit[chosen] = torch.arange(len(counts)).repeat_interleave(
-        torch.tensor(counts, dtype=torch.int64))
+        torch.tensor(counts, dtype=torch.int64)
+    )
     split = split_of_unit[group_of]
     return tuple(values[split == i].sort().values for i in range(len(counts)))

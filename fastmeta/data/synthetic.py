@@ -19,11 +19,18 @@ class SinusoidTasks:
     Iteration is endless. Reproducible from `seed` (None: drawn from torch's global RNG).
     """
 
-    def __init__(self, *, shots: int, queries: int, tasks: int = 1,
-                 amplitude: tuple[float, float] = (0.1, 5.0),
-                 phase: tuple[float, float] = (0.0, math.pi),
-                 x_range: tuple[float, float] = (-5.0, 5.0),
-                 seed: int | None = None, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        *,
+        shots: int,
+        queries: int,
+        tasks: int = 1,
+        amplitude: tuple[float, float] = (0.1, 5.0),
+        phase: tuple[float, float] = (0.0, math.pi),
+        x_range: tuple[float, float] = (-5.0, 5.0),
+        seed: int | None = None,
+        device: torch.device | str = "cpu",
+    ):
         check_positive(shots=shots, queries=queries, tasks=tasks)
         self.shots, self.queries, self.tasks = shots, queries, tasks
         self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
@@ -41,16 +48,21 @@ class SinusoidTasks:
         phase = self._uniform(self.phase, t, 1, 1)
         support_x = self._uniform(self.x_range, t, self.shots, 1)
         query_x = self._uniform(self.x_range, t, self.queries, 1)
-        return Episodes(support_x, amplitude * torch.sin(support_x - phase),
-                        query_x, amplitude * torch.sin(query_x - phase))
+        return Episodes(
+            support_x,
+            amplitude * torch.sin(support_x - phase),
+            query_x,
+            amplitude * torch.sin(query_x - phase),
+        )
 
     def __iter__(self) -> Iterator[Episodes]:
         while True:
             yield self.sample()
 
 
-def gaussian_clusters(num_classes: int, per_class: int, dim: int, *, noise: float = 0.1,
-                      seed: int = 0) -> tuple[Tensor, Tensor]:
+def gaussian_clusters(
+    num_classes: int, per_class: int, dim: int, *, noise: float = 0.1, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """A labelled dataset of Gaussian clusters, for EpisodeSampler.
 
     Class centers ~ N(0, I_dim); examples = center + noise * N(0, I_dim).

@@ -36,8 +36,18 @@ def _inverse_clamped_norm(squared, eps):
 
 
 @triton.jit
-def _cosine_similarities_kernel(q_ptr, c_ptr, out_ptr, eps, M, C, D, BLOCK_M: tl.constexpr,
-                                BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _cosine_similarities_kernel(
+    q_ptr,
+    c_ptr,
+    out_ptr,
+    eps,
+    M,
+    C,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     b, i, j = program_coords(tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_C))
     rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
     cls = j * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -47,8 +57,9 @@ def _cosine_similarities_kernel(q_ptr, c_ptr, out_ptr, eps, M, C, D, BLOCK_M: tl
 
 
 @launches_on_input_device
-def cosine_similarities_forward(queries: torch.Tensor, prototypes: torch.Tensor,
-                                eps: float) -> torch.Tensor:
+def cosine_similarities_forward(
+    queries: torch.Tensor, prototypes: torch.Tensor, eps: float
+) -> torch.Tensor:
     """queries [B, M, D], prototypes [B, C, D] (float32, one device), eps > 0
     -> s [B, M, C], s = q . c / (max(||q||, eps) max(||c||, eps))."""
     queries, prototypes = queries.contiguous(), prototypes.contiguous()
@@ -59,6 +70,16 @@ def cosine_similarities_forward(queries: torch.Tensor, prototypes: torch.Tensor,
         return out
     block_m, block_c, block_d = tile_size(M, 64, 128), tile_size(C, 64, 128), tile_size(D, 32, 128)
     grid = (B * triton.cdiv(M, block_m) * triton.cdiv(C, block_c),)
-    _cosine_similarities_kernel[grid](queries, prototypes, out, float(eps), M, C, D,
-                                      BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d)
+    _cosine_similarities_kernel[grid](
+        queries,
+        prototypes,
+        out,
+        float(eps),
+        M,
+        C,
+        D,
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
+        BLOCK_D=block_d,
+    )
     return out

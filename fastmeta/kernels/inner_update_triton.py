@@ -31,8 +31,17 @@ def _load_alpha(alpha_ptr, offs, row, mask, ALPHA_KIND: tl.constexpr, ACC: tl.co
 
 
 @triton.jit
-def _forward_kernel(theta_ptr, alpha_ptr, g_ptr, out_ptr, T, P,
-                    ALPHA_KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _forward_kernel(
+    theta_ptr,
+    alpha_ptr,
+    g_ptr,
+    out_ptr,
+    T,
+    P,
+    ALPHA_KIND: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # int64 offsets: P and T * P may pass 2**31
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P
@@ -47,9 +56,22 @@ def _forward_kernel(theta_ptr, alpha_ptr, g_ptr, out_ptr, T, P,
 
 
 @triton.jit
-def _backward_kernel(go_ptr, alpha_ptr, g_ptr, d_theta_ptr, d_g_ptr, d_alpha_ptr, partials_ptr,
-                     T, P, ALPHA_KIND: tl.constexpr, NEED_G: tl.constexpr,
-                     NEED_ALPHA: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _backward_kernel(
+    go_ptr,
+    alpha_ptr,
+    g_ptr,
+    d_theta_ptr,
+    d_g_ptr,
+    d_alpha_ptr,
+    partials_ptr,
+    T,
+    P,
+    ALPHA_KIND: tl.constexpr,
+    NEED_G: tl.constexpr,
+    NEED_ALPHA: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P
     sum_go = tl.zeros([BLOCK], dtype=ACC)
@@ -101,8 +123,17 @@ def inner_update_forward(theta: torch.Tensor, alpha: torch.Tensor, g: torch.Tens
         return out
     block = _block(P, 1024)
     grid = (triton.cdiv(P, block), min(T, _MAX_GRID_Y))
-    _forward_kernel[grid](theta, alpha, g, out, T, P, ALPHA_KIND=_alpha_kind(alpha),
-                          ACC=_acc_dtype(g.dtype), BLOCK=block)
+    _forward_kernel[grid](
+        theta,
+        alpha,
+        g,
+        out,
+        T,
+        P,
+        ALPHA_KIND=_alpha_kind(alpha),
+        ACC=_acc_dtype(g.dtype),
+        BLOCK=block,
+    )
     return out
 
 
@@ -118,12 +149,27 @@ def inner_update_backward(grad_out, alpha, g, need_g: bool, need_alpha: bool):
     programs = max(1, triton.cdiv(P, block))
     acc = _acc_dtype(g.dtype)
     reduce_scalar = need_alpha and alpha.dim() == 0
-    partials = torch.zeros(programs if reduce_scalar else 0, device=g.device,
-                           dtype=torch.float64 if acc == tl.float64 else torch.float32)
+    partials = torch.zeros(
+        programs if reduce_scalar else 0,
+        device=g.device,
+        dtype=torch.float64 if acc == tl.float64 else torch.float32,
+    )
     _backward_kernel[(programs,)](
-        grad_out, alpha, g, d_theta, d_g if need_g else g, d_alpha if need_alpha else g,
-        partials if reduce_scalar else g, T, P, ALPHA_KIND=_alpha_kind(alpha),
-        NEED_G=need_g, NEED_ALPHA=need_alpha, ACC=acc, BLOCK=block)
+        grad_out,
+        alpha,
+        g,
+        d_theta,
+        d_g if need_g else g,
+        d_alpha if need_alpha else g,
+        partials if reduce_scalar else g,
+        T,
+        P,
+        ALPHA_KIND=_alpha_kind(alpha),
+        NEED_G=need_g,
+        NEED_ALPHA=need_alpha,
+        ACC=acc,
+        BLOCK=block,
+    )
     if reduce_scalar:
         d_alpha = (-partials.double().sum()).to(alpha.dtype)
     return d_theta, d_g, d_alpha

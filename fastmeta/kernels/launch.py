@@ -20,6 +20,7 @@ def on_device(tensor: torch.Tensor) -> torch.cuda.device:
 
 def launches_on_input_device(wrapper):
     """Decorator: runs `wrapper(first, ...)` inside on_device(first)."""
+
     @functools.wraps(wrapper)
     def guarded(first, *args, **kwargs):
         with on_device(first):

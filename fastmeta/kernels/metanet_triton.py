@@ -60,23 +60,52 @@ def _hidden_tile(g_ptr, w1_ptr, b1_ptr, offs, n, H, p, threshold, e_p, BLOCK_H: 
 
 
 @triton.jit
-def _gradient_mlp_forward_kernel(g_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, n, H, p,
-                                 threshold, e_p, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+def _gradient_mlp_forward_kernel(
+    g_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    b2_ptr,
+    out_ptr,
+    n,
+    H,
+    p,
+    threshold,
+    e_p,
+    BLOCK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    _, _, _, _, s, _, _, hs, hmask = _hidden_tile(g_ptr, w1_ptr, b1_ptr, offs, n, H, p,
-                                                  threshold, e_p, BLOCK_H)
+    _, _, _, _, s, _, _, hs, hmask = _hidden_tile(
+        g_ptr, w1_ptr, b1_ptr, offs, n, H, p, threshold, e_p, BLOCK_H
+    )
     w2 = tl.load(w2_ptr + hs, mask=hmask, other=0.0).to(tl.float32)
     y = tl.sum(tl.maximum(s, 0.0) * w2[None, :], axis=1) + tl.load(b2_ptr).to(tl.float32)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=offs < n)
 
 
 @triton.jit
-def _gradient_mlp_backward_kernel(dy_ptr, g_ptr, w1_ptr, b1_ptr, w2_ptr, dg_ptr, partials_ptr,
-                                  n, H, p, threshold, e_p, NEED_GRADS: tl.constexpr,
-                                  BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+def _gradient_mlp_backward_kernel(
+    dy_ptr,
+    g_ptr,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    dg_ptr,
+    partials_ptr,
+    n,
+    H,
+    p,
+    threshold,
+    e_p,
+    NEED_GRADS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    g, u0, u1, small, s, w10, w11, hs, hmask = _hidden_tile(g_ptr, w1_ptr, b1_ptr, offs, n, H,
-                                                            p, threshold, e_p, BLOCK_H)
+    g, u0, u1, small, s, w10, w11, hs, hmask = _hidden_tile(
+        g_ptr, w1_ptr, b1_ptr, offs, n, H, p, threshold, e_p, BLOCK_H
+    )
     dy = tl.load(dy_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
     w2 = tl.load(w2_ptr + hs, mask=hmask, other=0.0).to(tl.float32)
     active = s > 0
@@ -115,8 +144,18 @@ def gradient_mlp_forward(grads, w1, b1, w2, b2, p):
         return out
     block = _coordinate_block(n)
     _gradient_mlp_forward_kernel[(triton.cdiv(n, block),)](
-        grads, w1.contiguous(), b1.contiguous(), w2.contiguous(), b2, out, n, H, *_scalars(p),
-        BLOCK=block, BLOCK_H=triton.next_power_of_2(H))
+        grads,
+        w1.contiguous(),
+        b1.contiguous(),
+        w2.contiguous(),
+        b2,
+        out,
+        n,
+        H,
+        *_scalars(p),
+        BLOCK=block,
+        BLOCK_H=triton.next_power_of_2(H),
+    )
     return out
 
 
@@ -130,12 +169,22 @@ def gradient_mlp_backward(grad_out, grads, w1, b1, w2, p, need_grads):
     d_grads = torch.empty_like(grads) if need_grads else grads.new_empty(0)
     if n:
         _gradient_mlp_backward_kernel[(programs,)](
-            grad_out, grads, w1.contiguous(), b1.contiguous(), w2.contiguous(),
-            d_grads if need_grads else grads, partials, n, H, *_scalars(p),
-            NEED_GRADS=need_grads, BLOCK=block, BLOCK_H=block_h)
+            grad_out,
+            grads,
+            w1.contiguous(),
+            b1.contiguous(),
+            w2.contiguous(),
+            d_grads if need_grads else grads,
+            partials,
+            n,
+            H,
+            *_scalars(p),
+            NEED_GRADS=need_grads,
+            BLOCK=block,
+            BLOCK_H=block_h,
+        )
     sums = partials.double().sum(0)[:, :H].to(grads.dtype)  # [5, H]
-    return (d_grads, sums[:2].T.contiguous(), sums[2].clone(), sums[3].clone(),
-            sums[4, 0].clone())
+    return (d_grads, sums[:2].T.contiguous(), sums[2].clone(), sums[3].clone(), sums[4, 0].clone())
 
 
 @triton.jit
@@ -151,8 +200,21 @@ def _mixed_tile(a_ptr, w_ptr, os, ks, O, K, N):
 
 
 @triton.jit
-def _apply_mixed_kernel(rows_ptr, a_ptr, w_ptr, out_ptr, M, N, O, K, L, OUT_IS_O: tl.constexpr,
-                        BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+def _apply_mixed_kernel(
+    rows_ptr,
+    a_ptr,
+    w_ptr,
+    out_ptr,
+    M,
+    N,
+    O,
+    K,
+    L,
+    OUT_IS_O: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """out[b, j] = rows[b, j] @ W*_j^T (OUT_IS_O: rows x [L, K] -> [L, O], the forward)
     or rows[b, j] @ W*_j (rows dout [L, O] -> d_x [L, K]); program (b * M + j, L tile,
     output-column tile), reducing over the other dimension in BLOCK_R tiles."""
@@ -175,9 +237,20 @@ def _apply_mixed_kernel(rows_ptr, a_ptr, w_ptr, out_ptr, M, N, O, K, L, OUT_IS_O
 
 
 @triton.jit
-def _read_d_attention_kernel(go_ptr, w_ptr, x_ptr, partials_ptr, M, N, O, K, L,
-                             BLOCK_L: tl.constexpr, BLOCK_O: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+def _read_d_attention_kernel(
+    go_ptr,
+    w_ptr,
+    x_ptr,
+    partials_ptr,
+    M,
+    N,
+    O,
+    K,
+    L,
+    BLOCK_L: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """partials[b, j, i, tile] = sum over this (O, K) tile of W_i * G_j, for every i;
     program (b * M + j, O tile, K tile)."""
     tiles_o, tiles_k = tl.cdiv(O, BLOCK_O), tl.cdiv(K, BLOCK_K)
@@ -187,8 +260,11 @@ def _read_d_attention_kernel(go_ptr, w_ptr, x_ptr, partials_ptr, M, N, O, K, L,
     g = tl.zeros([BLOCK_O, BLOCK_K], dtype=tl.float32)  # G_j = dout_j^T x_j on the tile
     for l0 in range(0, L, BLOCK_L):
         ls = l0 + tl.arange(0, BLOCK_L)
-        g = dot(tl.trans(load_tile(go_ptr + query * L * O, ls, os, L, O)),
-                load_tile(x_ptr + query * L * K, ls, ks, L, K), g)
+        g = dot(
+            tl.trans(load_tile(go_ptr + query * L * O, ls, os, L, O)),
+            load_tile(x_ptr + query * L * K, ls, ks, L, K),
+            g,
+        )
     w_ptr += query // M * N * O * K
     step = tl.cast(O, tl.int64) * K
     out_ptr = partials_ptr + query * N * tiles_o * tiles_k + o_tile * tiles_k + k_tile
@@ -199,8 +275,20 @@ def _read_d_attention_kernel(go_ptr, w_ptr, x_ptr, partials_ptr, M, N, O, K, L,
 
 
 @triton.jit
-def _read_d_weights_kernel(go_ptr, a_ptr, x_ptr, dw_ptr, M, N, O, K, L, BLOCK_R: tl.constexpr,
-                           BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+def _read_d_weights_kernel(
+    go_ptr,
+    a_ptr,
+    x_ptr,
+    dw_ptr,
+    M,
+    N,
+    O,
+    K,
+    L,
+    BLOCK_R: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """d_W[b, i] = (a[b, r // L, i] dout[b, r])^T x[b, r] summed over the rows r < M L of
     dout[b] [M L, O] and x[b] [M L, K], on this (O, K) tile; program (b * N + i, O tile,
     K tile)."""
@@ -237,18 +325,32 @@ def attention_read_forward(attention, fast_weights, x):
         return out
     bl, bo, bk = _tile(L), _tile(O), _tile(K)
     _apply_mixed_kernel[(B * M * triton.cdiv(L, bl) * triton.cdiv(O, bo),)](
-        x, attention, fast_weights, out, M, N, O, K, L, OUT_IS_O=True, BLOCK_L=bl, BLOCK_C=bo,
-        BLOCK_R=bk)
+        x,
+        attention,
+        fast_weights,
+        out,
+        M,
+        N,
+        O,
+        K,
+        L,
+        OUT_IS_O=True,
+        BLOCK_L=bl,
+        BLOCK_C=bo,
+        BLOCK_R=bk,
+    )
     return out
 
 
 @launches_on_input_device
-def attention_read_backward(grad_out, attention, fast_weights, x, need_attention, need_weights,
-                            need_x):
+def attention_read_backward(
+    grad_out, attention, fast_weights, x, need_attention, need_weights, need_x
+):
     """grad_out [B, M, L, O] and the forward's inputs -> (d_attention [B, M, N],
     d_fast_weights [B, N, O, K], d_x [B, M, L, K]); each one empty when not needed."""
-    grad_out, attention, fast_weights, x = (t.contiguous() for t in
-                                            (grad_out, attention, fast_weights, x))
+    grad_out, attention, fast_weights, x = (
+        t.contiguous() for t in (grad_out, attention, fast_weights, x)
+    )
     B, M, N = attention.shape
     O, K, L = fast_weights.shape[2], fast_weights.shape[3], x.shape[2]
     bl, bo, bk = _tile(L), _tile(O), _tile(K)
@@ -258,19 +360,53 @@ def attention_read_backward(grad_out, attention, fast_weights, x, need_attention
         d_x = torch.empty_like(x)
         if d_x.numel():
             _apply_mixed_kernel[(B * M * triton.cdiv(L, bl) * triton.cdiv(K, bk),)](
-                grad_out, attention, fast_weights, d_x, M, N, O, K, L, OUT_IS_O=False,
-                BLOCK_L=bl, BLOCK_C=bk, BLOCK_R=bo)
+                grad_out,
+                attention,
+                fast_weights,
+                d_x,
+                M,
+                N,
+                O,
+                K,
+                L,
+                OUT_IS_O=False,
+                BLOCK_L=bl,
+                BLOCK_C=bk,
+                BLOCK_R=bo,
+            )
     if need_attention:
         partials = torch.empty(B, M, N, tiles, device=x.device, dtype=torch.float32)
         if partials.numel():
             _read_d_attention_kernel[(B * M * tiles,)](
-                grad_out, fast_weights, x, partials, M, N, O, K, L, BLOCK_L=bl, BLOCK_O=bo,
-                BLOCK_K=bk)
+                grad_out,
+                fast_weights,
+                x,
+                partials,
+                M,
+                N,
+                O,
+                K,
+                L,
+                BLOCK_L=bl,
+                BLOCK_O=bo,
+                BLOCK_K=bk,
+            )
         d_attention = partials.sum(-1)  # O K = 0: no tiles, zeros
     if need_weights:
         d_w = torch.empty_like(fast_weights)
         if d_w.numel():
             _read_d_weights_kernel[(B * N * tiles,)](
-                grad_out, attention, x, d_w, M, N, O, K, L, BLOCK_R=_tile(M * L), BLOCK_O=bo,
-                BLOCK_K=bk)
+                grad_out,
+                attention,
+                x,
+                d_w,
+                M,
+                N,
+                O,
+                K,
+                L,
+                BLOCK_R=_tile(M * L),
+                BLOCK_O=bo,
+                BLOCK_K=bk,
+            )
     return d_attention, d_w, d_x

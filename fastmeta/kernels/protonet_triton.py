@@ -47,15 +47,26 @@ def _direct_distances_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_R: tl.constex
     acc = tl.zeros((rows.shape[0], cls.shape[0]), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_R):
         ds = d0 + tl.arange(0, BLOCK_R)
-        diff = (load_tile(q_ptr, rows, ds, M, D)[:, None, :]
-                - load_tile(c_ptr, cls, ds, C, D)[None, :, :])
+        diff = (
+            load_tile(q_ptr, rows, ds, M, D)[:, None, :]
+            - load_tile(c_ptr, cls, ds, C, D)[None, :, :]
+        )
         acc += tl.sum(diff * diff, axis=2)
     return acc
 
 
 @triton.jit
-def _class_prototypes_forward_kernel(s_ptr, y_ptr, out_ptr, S, C, D, BLOCK_C: tl.constexpr,
-                                     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _class_prototypes_forward_kernel(
+    s_ptr,
+    y_ptr,
+    out_ptr,
+    S,
+    C,
+    D,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     b, k, j = program_coords(tl.cdiv(C, BLOCK_C), tl.cdiv(D, BLOCK_D))
     s_ptr += b * S * D
     y_ptr += b * S
@@ -74,8 +85,9 @@ def _class_prototypes_forward_kernel(s_ptr, y_ptr, out_ptr, S, C, D, BLOCK_C: tl
 
 
 @triton.jit
-def _class_prototypes_backward_kernel(g_ptr, y_ptr, n_ptr, out_ptr, S, C, D,
-                                      BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _class_prototypes_backward_kernel(
+    g_ptr, y_ptr, n_ptr, out_ptr, S, C, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
+):
     b, i, j = program_coords(tl.cdiv(S, BLOCK_S), tl.cdiv(D, BLOCK_D))
     idx = i * BLOCK_S + tl.arange(0, BLOCK_S)
     ds = j * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -87,9 +99,18 @@ def _class_prototypes_backward_kernel(g_ptr, y_ptr, n_ptr, out_ptr, S, C, D,
 
 
 @triton.jit
-def _squared_distances_kernel(q_ptr, c_ptr, out_ptr, M, C, D, BLOCK_M: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                              BLOCK_R: tl.constexpr):
+def _squared_distances_kernel(
+    q_ptr,
+    c_ptr,
+    out_ptr,
+    M,
+    C,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     b, i, j = program_coords(tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_C))
     q_ptr += b * M * D
     c_ptr += b * C * D
@@ -115,8 +136,20 @@ def _logits_tile(q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _prototypical_cross_entropy_forward_kernel(
-        q_ptr, c_ptr, y_ptr, tau_ptr, loss_ptr, pred_ptr, sm_ptr, M, C, D,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    q_ptr,
+    c_ptr,
+    y_ptr,
+    tau_ptr,
+    loss_ptr,
+    pred_ptr,
+    sm_ptr,
+    M,
+    C,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     b, i, _ = program_coords(tl.cdiv(M, BLOCK_M), 1)
     q_ptr += b * M * D
     c_ptr += b * C * D
@@ -136,8 +169,7 @@ def _prototypical_cross_entropy_forward_kernel(
         tile_argmax = tl.min(tl.where(z == tile_max[:, None], cls[None, :], C), axis=1)
         argmax = tl.where(tile_max > run_max, tile_argmax, argmax)  # ties: earlier tile
         new_max = tl.maximum(run_max, tile_max)
-        run_sum = (run_sum * tl.exp(run_max - new_max)
-                   + tl.sum(tl.exp(z - new_max[:, None]), axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         run_max = new_max
         z_y += tl.sum(tl.where(cls[None, :] == y[:, None], z, 0.0), axis=1)
     # lse = run_max + log_sum, never formed: subtracting run_max first keeps small losses
@@ -168,8 +200,21 @@ def _g_tile(sm_ptr, grad, y, rows, cls, M, C):
 
 @triton.jit
 def _prototypical_cross_entropy_backward_queries_kernel(
-        gl_ptr, q_ptr, c_ptr, y_ptr, tau_ptr, sm_ptr, dq_ptr, partials_ptr, M, C, D,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    gl_ptr,
+    q_ptr,
+    c_ptr,
+    y_ptr,
+    tau_ptr,
+    sm_ptr,
+    dq_ptr,
+    partials_ptr,
+    M,
+    C,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     b, i, j = program_coords(tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_D))
     c_ptr += b * C * D
     sm_ptr += b * M * C
@@ -188,8 +233,21 @@ def _prototypical_cross_entropy_backward_queries_kernel(
 
 @triton.jit
 def _prototypical_cross_entropy_backward_prototypes_kernel(
-        gl_ptr, q_ptr, c_ptr, y_ptr, tau_ptr, sm_ptr, dc_ptr, partials_ptr, M, C, D,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    gl_ptr,
+    q_ptr,
+    c_ptr,
+    y_ptr,
+    tau_ptr,
+    sm_ptr,
+    dc_ptr,
+    partials_ptr,
+    M,
+    C,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     b, k, j = program_coords(tl.cdiv(C, BLOCK_C), tl.cdiv(D, BLOCK_D))
     q_ptr += b * M * D
     sm_ptr += b * M * C
@@ -210,8 +268,9 @@ def _prototypical_cross_entropy_backward_prototypes_kernel(
 
 
 @launches_on_input_device
-def class_prototypes_forward(support: torch.Tensor, labels: torch.Tensor,
-                             num_classes: int) -> torch.Tensor:
+def class_prototypes_forward(
+    support: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> torch.Tensor:
     """support [B, S, D], labels [B, S] int64 in [0, C), every class present
     -> prototypes [B, C, D] (per-class means)."""
     support, labels = support.contiguous(), labels.contiguous()
@@ -222,8 +281,9 @@ def class_prototypes_forward(support: torch.Tensor, labels: torch.Tensor,
         return out
     block_c, block_s, block_d = tile_size(C, 32, 512), tile_size(S, 32, 512), tile_size(D, 64, 512)
     grid = (B * triton.cdiv(C, block_c) * triton.cdiv(D, block_d),)
-    _class_prototypes_forward_kernel[grid](support, labels, out, S, C, D, BLOCK_C=block_c,
-                                           BLOCK_S=block_s, BLOCK_D=block_d)
+    _class_prototypes_forward_kernel[grid](
+        support, labels, out, S, C, D, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_D=block_d
+    )
     return out
 
 
@@ -241,8 +301,9 @@ def class_prototypes_backward(grad: torch.Tensor, labels: torch.Tensor) -> torch
     counts.scatter_add_(1, labels, torch.ones_like(labels))  # integer sums: deterministic
     block_s, block_d = tile_size(S, 32, 512), tile_size(D, 128, 1024)
     grid = (B * triton.cdiv(S, block_s) * triton.cdiv(D, block_d),)
-    _class_prototypes_backward_kernel[grid](grad, labels, counts, out, S, C, D,
-                                            BLOCK_S=block_s, BLOCK_D=block_d)
+    _class_prototypes_backward_kernel[grid](
+        grad, labels, counts, out, S, C, D, BLOCK_S=block_s, BLOCK_D=block_d
+    )
     return out
 
 
@@ -257,15 +318,25 @@ def squared_distances_forward(queries: torch.Tensor, prototypes: torch.Tensor) -
         return out
     block_m, block_c, block_d = tile_size(M, 64, 512), tile_size(C, 64, 512), tile_size(D, 32, 128)
     grid = (B * triton.cdiv(M, block_m) * triton.cdiv(C, block_c),)
-    _squared_distances_kernel[grid](queries, prototypes, out, M, C, D, BLOCK_M=block_m,
-                                    BLOCK_C=block_c, BLOCK_D=block_d,
-                                    BLOCK_R=tile_size(D, 4, 8, least=1))
+    _squared_distances_kernel[grid](
+        queries,
+        prototypes,
+        out,
+        M,
+        C,
+        D,
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
+        BLOCK_D=block_d,
+        BLOCK_R=tile_size(D, 4, 8, least=1),
+    )
     return out
 
 
 @launches_on_input_device
-def prototypical_cross_entropy_forward(queries: torch.Tensor, prototypes: torch.Tensor,
-                                       labels: torch.Tensor, tau: torch.Tensor):
+def prototypical_cross_entropy_forward(
+    queries: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor
+):
     """queries [B, M, D], prototypes [B, C, D], labels [B, M] int64, tau []
     -> (losses [B, M], predictions [B, M] int64, softmax [B, M, C])."""
     queries, prototypes, labels = queries.contiguous(), prototypes.contiguous(), labels.contiguous()
@@ -279,22 +350,40 @@ def prototypical_cross_entropy_forward(queries: torch.Tensor, prototypes: torch.
     block_m, block_c, block_d = tile_size(M, 64, 512), tile_size(C, 64, 512), tile_size(D, 32, 128)
     grid = (B * triton.cdiv(M, block_m),)
     _prototypical_cross_entropy_forward_kernel[grid](
-        queries, prototypes, labels, tau, losses, predictions, softmax, M, C, D, BLOCK_M=block_m,
-        BLOCK_C=block_c, BLOCK_D=block_d)
+        queries,
+        prototypes,
+        labels,
+        tau,
+        losses,
+        predictions,
+        softmax,
+        M,
+        C,
+        D,
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
+        BLOCK_D=block_d,
+    )
     return losses, predictions, softmax
 
 
 @launches_on_input_device
-def prototypical_cross_entropy_backward(grad_losses: torch.Tensor, queries: torch.Tensor,
-                                        prototypes: torch.Tensor, labels: torch.Tensor,
-                                        tau: torch.Tensor, softmax: torch.Tensor):
+def prototypical_cross_entropy_backward(
+    grad_losses: torch.Tensor,
+    queries: torch.Tensor,
+    prototypes: torch.Tensor,
+    labels: torch.Tensor,
+    tau: torch.Tensor,
+    softmax: torch.Tensor,
+):
     """grad_losses [B, M], queries [B, M, D], prototypes [B, C, D], labels [B, M] int64,
     tau [], softmax [B, M, C] (from the forward) -> (d_queries [B, M, D],
     d_prototypes [B, C, D], d_tau []). With G = (softmax - onehot(y)) * grad_losses:
     d_q = 2 tau G C, d_c = 2 tau (G^T Q - colsum(G) c),
     d_tau = 2 sum_m q_m . (G C)_m - colsum(G) . ||c||^2."""
     grad_losses, queries, prototypes, labels, softmax = (
-        x.contiguous() for x in (grad_losses, queries, prototypes, labels, softmax))
+        x.contiguous() for x in (grad_losses, queries, prototypes, labels, softmax)
+    )
     B, M, D = queries.shape
     C = prototypes.shape[1]
     d_queries, d_prototypes = torch.empty_like(queries), torch.empty_like(prototypes)
@@ -308,8 +397,10 @@ def prototypical_cross_entropy_backward(grad_losses: torch.Tensor, queries: torc
     partials = torch.empty(q_programs + c_programs, dtype=torch.float32, device=queries.device)
     args = (grad_losses, queries, prototypes, labels, tau, softmax)
     _prototypical_cross_entropy_backward_queries_kernel[(q_programs,)](
-        *args, d_queries, partials, M, C, D, **q_blocks)
+        *args, d_queries, partials, M, C, D, **q_blocks
+    )
     _prototypical_cross_entropy_backward_prototypes_kernel[(c_programs,)](
-        *args, d_prototypes, partials[q_programs:], M, C, D, **c_blocks)
+        *args, d_prototypes, partials[q_programs:], M, C, D, **c_blocks
+    )
     d_tau = partials.double().sum().to(tau.dtype)
     return d_queries, d_prototypes, d_tau

@@ -27,5 +27,6 @@ class ParamLayout:
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         chunks = flat.split(self.sizes, dim=-1)
         lead = flat.shape[:-1]
-        return {name: c.view(*lead, *shape)
-                for name, c, shape in zip(self.names, chunks, self.shapes)}
+        return {
+            name: c.view(*lead, *shape) for name, c, shape in zip(self.names, chunks, self.shapes)
+        }

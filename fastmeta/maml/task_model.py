@@ -39,9 +39,11 @@ def batch_statistics_only(module: nn.Module):
     """BatchNorm layers in training mode normalize with the batch statistics of each
     task and leave their running statistics untouched (as in the MAML reference code;
     vmap could not update them per task anyway). Eval mode uses the running ones."""
-    changed = [m for m in module.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-               and m.track_running_stats]
+    changed = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
     for m in changed:
         m.track_running_stats = False
     try:
@@ -51,8 +53,9 @@ def batch_statistics_only(module: nn.Module):
             m.track_running_stats = True
 
 
-def _batch_norm_composite(x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                          eps: float) -> Tensor:
+def _batch_norm_composite(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
     """Training-mode batch norm from mean/var ops: x [N, C, ...] -> [N, C, ...]."""
     dims = [d for d in range(x.dim()) if d != 1]
     shape = [1, -1] + [1] * (x.dim() - 2)
@@ -75,11 +78,26 @@ class CompositeBatchNorm(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.batch_norm:
-            bound = dict(zip(("input", "running_mean", "running_var", "weight", "bias",
-                              "training", "momentum", "eps"), args), **kwargs)
+            bound = dict(
+                zip(
+                    (
+                        "input",
+                        "running_mean",
+                        "running_var",
+                        "weight",
+                        "bias",
+                        "training",
+                        "momentum",
+                        "eps",
+                    ),
+                    args,
+                ),
+                **kwargs,
+            )
             if bound.get("training") and bound.get("running_mean") is None:
-                return _batch_norm_composite(bound["input"], bound.get("weight"),
-                                             bound.get("bias"), bound.get("eps", 1e-5))
+                return _batch_norm_composite(
+                    bound["input"], bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
+                )
         return func(*args, **kwargs)
 
 
@@ -94,24 +112,41 @@ class TaskModel:
     True (the default) wherever that holds, "eval" only where no parameter gradient is
     wanted either, False never."""
 
-    def __init__(self, module: nn.Module, layout: ParamLayout, fixed: dict[str, Tensor],
-                 fuse: bool | str = True):
+    def __init__(
+        self,
+        module: nn.Module,
+        layout: ParamLayout,
+        fixed: dict[str, Tensor],
+        fuse: bool | str = True,
+    ):
         self.module, self.layout, self.fixed = module, layout, fixed
         if fuse not in (True, False, "eval"):
             raise ValueError(f"fuse must be True, False or 'eval', got {fuse!r}")
-        self.fused = (fuse_conv_blocks(module, with_gradients=fuse is True, bn_relu_pool=True)
-                      if fuse else None)
+        self.fused = (
+            fuse_conv_blocks(module, with_gradients=fuse is True, bn_relu_pool=True)
+            if fuse
+            else None
+        )
         self.fused_names = rename_map(module, self.fused) if self.fused is not None else None
 
     def call(self, params: dict[str, Tensor], x, fused: bool = False):
         tensors = {**self.fixed, **params}
         if fused and self.fused is not None:
-            return functional_call(self.fused, {self.fused_names[n]: t
-                                                for n, t in tensors.items()}, (x,))
+            return functional_call(
+                self.fused, {self.fused_names[n]: t for n, t in tensors.items()}, (x,)
+            )
         return functional_call(self.module, tensors, (x,))
 
-    def task_gradients(self, weights: Tensor, x: Tensor, y: Tensor, loss_fn, strategy: str,
-                       create_graph: bool, allow_unused: bool) -> Tensor:
+    def task_gradients(
+        self,
+        weights: Tensor,
+        x: Tensor,
+        y: Tensor,
+        loss_fn,
+        strategy: str,
+        create_graph: bool,
+        allow_unused: bool,
+    ) -> Tensor:
         """Support-loss gradient of every task: weights [P] (shared) or [T, P],
         x [T, ...], y [T, ...] -> g [T, P]; differentiable again if create_graph."""
         if strategy == "vmap":
@@ -121,8 +156,9 @@ class TaskModel:
         for row, xt, yt in zip(rows, x, y):
             params = self.layout.unflatten(row)
             loss = loss_fn(self.call(params, xt, fused=not create_graph), yt)
-            g = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph,
-                                    allow_unused=allow_unused)
+            g = torch.autograd.grad(
+                loss, list(params.values()), create_graph=create_graph, allow_unused=allow_unused
+            )
             grads.append(self.layout.flatten(g, like=row))
         return torch.stack(grads)
 
@@ -139,7 +175,12 @@ class TaskModel:
         """Per-task outputs: weights [T, P], x [T, ...] -> [T, ...]."""
         if strategy == "vmap":
             with CompositeBatchNorm():
-                return torch.func.vmap(
-                    lambda row, xt: self.call(self.layout.unflatten(row), xt))(weights, x)
-        return torch.stack([self.call(self.layout.unflatten(row), xt, fused=True)
-                            for row, xt in zip(weights.unbind(0), x)])
+                return torch.func.vmap(lambda row, xt: self.call(self.layout.unflatten(row), xt))(
+                    weights, x
+                )
+        return torch.stack(
+            [
+                self.call(self.layout.unflatten(row), xt, fused=True)
+                for row, xt in zip(weights.unbind(0), x)
+            ]
+        )

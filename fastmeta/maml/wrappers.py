@@ -37,8 +37,10 @@ def _adapted_names(model: nn.Module, adapt: AdaptSelection) -> list[str]:
     names = list(adapt)
     unknown = [n for n in names if n not in named]
     if unknown:
-        raise ValueError(f"adapt names parameters the model does not have: {unknown}; "
-                         f"its parameters are {list(named)}")
+        raise ValueError(
+            f"adapt names parameters the model does not have: {unknown}; "
+            f"its parameters are {list(named)}"
+        )
     return [n for n in named if n in names]
 
 
@@ -46,9 +48,17 @@ class _MetaLearner(nn.Module):
     """What MAML and MetaSGD share: the adapted-parameter layout, clone() and
     adapt_batch(). Subclasses say what step k's learning rate is."""
 
-    def __init__(self, model: nn.Module, first_order: bool, allow_unused: bool | None,
-                 allow_nograd: bool, steps: int, adapt: AdaptSelection, strategy: str,
-                 fuse: bool | str):
+    def __init__(
+        self,
+        model: nn.Module,
+        first_order: bool,
+        allow_unused: bool | None,
+        allow_nograd: bool,
+        steps: int,
+        adapt: AdaptSelection,
+        strategy: str,
+        fuse: bool | str,
+    ):
         super().__init__()
         self.module = model
         self.first_order, self.allow_nograd, self.steps = first_order, allow_nograd, steps
@@ -76,26 +86,48 @@ class _MetaLearner(nn.Module):
         fixed.update(self.module.named_buffers())
         return fixed
 
-    def clone(self, first_order: bool | None = None, allow_unused: bool | None = None,
-              allow_nograd: bool | None = None) -> "Learner":
+    def clone(
+        self,
+        first_order: bool | None = None,
+        allow_unused: bool | None = None,
+        allow_nograd: bool | None = None,
+    ) -> "Learner":
         """A differentiable copy for one task (learn2learn's clone): adapt() it, call it."""
-        return Learner(self, self.layout.unflatten(self._theta()), 0,
-                       self.first_order if first_order is None else first_order,
-                       self.allow_unused if allow_unused is None else allow_unused,
-                       self.allow_nograd if allow_nograd is None else allow_nograd)
+        return Learner(
+            self,
+            self.layout.unflatten(self._theta()),
+            0,
+            self.first_order if first_order is None else first_order,
+            self.allow_unused if allow_unused is None else allow_unused,
+            self.allow_nograd if allow_nograd is None else allow_nograd,
+        )
 
-    def adapt_batch(self, support_x: Tensor, support_y: Tensor, loss_fn,
-                    steps: int | None = None, first_order: bool | None = None,
-                    strategy: str | None = None) -> BatchedLearner:
+    def adapt_batch(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        loss_fn,
+        steps: int | None = None,
+        first_order: bool | None = None,
+        strategy: str | None = None,
+    ) -> BatchedLearner:
         """Adapts T tasks at once: support_x [T, ...], support_y [T, ...] (task t's
         batch is support_x[t]); loss_fn(outputs, labels) as for one task. Returns a
         BatchedLearner: learner(query_x [T, ...]) -> outputs [T, ...]."""
         strategy = check_strategy(strategy or self.strategy, support_x.device)
         task_model = TaskModel(self.module, self.layout, self._fixed(), fuse=self.fuse)
-        return adapt_batch(task_model, self._theta(), self.step_lr, support_x,
-                           support_y, loss_fn, self.steps if steps is None else steps,
-                           self.first_order if first_order is None else first_order,
-                           strategy, self.allow_unused)
+        return adapt_batch(
+            task_model,
+            self._theta(),
+            self.step_lr,
+            support_x,
+            support_y,
+            loss_fn,
+            self.steps if steps is None else steps,
+            self.first_order if first_order is None else first_order,
+            strategy,
+            self.allow_unused,
+        )
 
 
 class MAML(_MetaLearner):
@@ -109,20 +141,30 @@ class MAML(_MetaLearner):
     1.58x faster with 2.5x less peak memory on a 2-core CPU), 'eval' only where no
     gradient is wanted, False never."""
 
-    def __init__(self, model: nn.Module, lr: float | Sequence[float],
-                 first_order: bool = False, allow_unused: bool | None = None,
-                 allow_nograd: bool = False, steps: int = 1, adapt: AdaptSelection = None,
-                 strategy: str = "auto", fuse: bool | str = True):
-        super().__init__(model, first_order, allow_unused, allow_nograd, steps, adapt, strategy,
-                         fuse)
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float | Sequence[float],
+        first_order: bool = False,
+        allow_unused: bool | None = None,
+        allow_nograd: bool = False,
+        steps: int = 1,
+        adapt: AdaptSelection = None,
+        strategy: str = "auto",
+        fuse: bool | str = True,
+    ):
+        super().__init__(
+            model, first_order, allow_unused, allow_nograd, steps, adapt, strategy, fuse
+        )
         self.lr = lr
 
     def step_lr(self, k: int) -> float:
         if isinstance(self.lr, (int, float)):
             return float(self.lr)
         if k >= len(self.lr):
-            raise ValueError(f"MAML: lr has {len(self.lr)} per-step rates, step {k + 1} "
-                             f"needs one more")
+            raise ValueError(
+                f"MAML: lr has {len(self.lr)} per-step rates, step {k + 1} needs one more"
+            )
         return float(self.lr[k])
 
 
@@ -132,26 +174,46 @@ class MetaSGD(_MetaLearner):
     learns a separate rate per inner step too: lrs[i] has shape [steps, *param]. The
     other arguments as for MAML."""
 
-    def __init__(self, model: nn.Module, lr: float = 1.0, first_order: bool = False,
-                 allow_unused: bool | None = None, allow_nograd: bool = False, steps: int = 1,
-                 adapt: AdaptSelection = None, strategy: str = "auto",
-                 fuse: bool | str = True,
-                 per_step: bool = False):
-        super().__init__(model, first_order, allow_unused, allow_nograd, steps, adapt, strategy,
-                         fuse)
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1.0,
+        first_order: bool = False,
+        allow_unused: bool | None = None,
+        allow_nograd: bool = False,
+        steps: int = 1,
+        adapt: AdaptSelection = None,
+        strategy: str = "auto",
+        fuse: bool | str = True,
+        per_step: bool = False,
+    ):
+        super().__init__(
+            model, first_order, allow_unused, allow_nograd, steps, adapt, strategy, fuse
+        )
         params = dict(model.named_parameters())
         lead = (steps,) if per_step else ()
         self.per_step = per_step
         self.lrs = nn.ParameterList(
-            [nn.Parameter(torch.full((*lead, *params[n].shape), float(lr), dtype=params[n].dtype,
-                                     device=params[n].device)) for n in self.adapted])
+            [
+                nn.Parameter(
+                    torch.full(
+                        (*lead, *params[n].shape),
+                        float(lr),
+                        dtype=params[n].dtype,
+                        device=params[n].device,
+                    )
+                )
+                for n in self.adapted
+            ]
+        )
 
     def step_lr(self, k: int) -> Tensor:
         if not self.per_step:
             return self.layout.flatten(list(self.lrs))
         if k >= self.steps:
-            raise ValueError(f"MetaSGD: per-step rates were made for {self.steps} steps, "
-                             f"step {k + 1} has none")
+            raise ValueError(
+                f"MetaSGD: per-step rates were made for {self.steps} steps, step {k + 1} has none"
+            )
         return self.layout.flatten([lr[k] for lr in self.lrs])
 
 
@@ -159,15 +221,26 @@ class Learner:
     """One task's adapted copy of a module (learn2learn's clone). Call it like the
     module; adapt(loss) takes one inner step; clone() branches it."""
 
-    def __init__(self, owner: _MetaLearner, params: dict[str, Tensor], step: int,
-                 first_order: bool, allow_unused: bool, allow_nograd: bool):
+    def __init__(
+        self,
+        owner: _MetaLearner,
+        params: dict[str, Tensor],
+        step: int,
+        first_order: bool,
+        allow_unused: bool,
+        allow_nograd: bool,
+    ):
         self.owner, self.fast, self.step = owner, params, step
-        self.first_order, self.allow_unused, self.allow_nograd = (first_order, allow_unused,
-                                                                  allow_nograd)
+        self.first_order, self.allow_unused, self.allow_nograd = (
+            first_order,
+            allow_unused,
+            allow_nograd,
+        )
 
     def __call__(self, *args, **kwargs):
-        return torch.func.functional_call(self.owner.module, {**self.owner._fixed(), **self.fast},
-                                          args, kwargs)
+        return torch.func.functional_call(
+            self.owner.module, {**self.owner._fixed(), **self.fast}, args, kwargs
+        )
 
     def named_parameters(self):
         return iter(self.fast.items())
@@ -175,25 +248,45 @@ class Learner:
     def parameters(self):
         return iter(self.fast.values())
 
-    def clone(self, first_order: bool | None = None, allow_unused: bool | None = None,
-              allow_nograd: bool | None = None) -> "Learner":
-        return Learner(self.owner, dict(self.fast), self.step,
-                       self.first_order if first_order is None else first_order,
-                       self.allow_unused if allow_unused is None else allow_unused,
-                       self.allow_nograd if allow_nograd is None else allow_nograd)
+    def clone(
+        self,
+        first_order: bool | None = None,
+        allow_unused: bool | None = None,
+        allow_nograd: bool | None = None,
+    ) -> "Learner":
+        return Learner(
+            self.owner,
+            dict(self.fast),
+            self.step,
+            self.first_order if first_order is None else first_order,
+            self.allow_unused if allow_unused is None else allow_unused,
+            self.allow_nograd if allow_nograd is None else allow_nograd,
+        )
 
-    def adapt(self, loss: Tensor, first_order: bool | None = None,
-              allow_unused: bool | None = None, allow_nograd: bool | None = None) -> None:
+    def adapt(
+        self,
+        loss: Tensor,
+        first_order: bool | None = None,
+        allow_unused: bool | None = None,
+        allow_nograd: bool | None = None,
+    ) -> None:
         """One inner step on this task's loss: fast = fast - lr * grad(loss, fast)."""
         first_order = self.first_order if first_order is None else first_order
         allow_unused = self.allow_unused if allow_unused is None else allow_unused
         allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
         if self.owner.frozen and not allow_nograd:
-            raise ValueError(f"adapt: parameters {self.owner.frozen} do not require grad; "
-                             f"pass allow_nograd=True to leave them unadapted")
+            raise ValueError(
+                f"adapt: parameters {self.owner.frozen} do not require grad; "
+                f"pass allow_nograd=True to leave them unadapted"
+            )
         fast = list(self.fast.values())
-        grads = torch.autograd.grad(loss, fast, retain_graph=not first_order,
-                                    create_graph=not first_order, allow_unused=allow_unused)
+        grads = torch.autograd.grad(
+            loss,
+            fast,
+            retain_graph=not first_order,
+            create_graph=not first_order,
+            allow_unused=allow_unused,
+        )
         layout = self.owner.layout
         theta = layout.flatten(fast)
         g = layout.flatten(grads, like=theta).unsqueeze(0)

@@ -6,5 +6,13 @@ from fastmeta.metanet.layers import AugmentedConv2d, AugmentedLinear
 from fastmeta.metanet.model import MetaNetwork, contrastive_loss
 from fastmeta.metanet.networks import conv4_network, mlp_network, networks
 
-__all__ = ["AugmentedConv2d", "AugmentedLinear", "GradientMLP", "MetaNetwork",
-           "contrastive_loss", "conv4_network", "mlp_network", "networks"]
+__all__ = [
+    "AugmentedConv2d",
+    "AugmentedLinear",
+    "GradientMLP",
+    "MetaNetwork",
+    "contrastive_loss",
+    "conv4_network",
+    "mlp_network",
+    "networks",
+]

@@ -31,4 +31,3 @@ class GradientMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"hidden={self.w1.shape[0]}, p={self.p:g}"
-

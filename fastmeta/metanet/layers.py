@@ -100,12 +100,17 @@ class AugmentedLinear(AugmentedLayer):
 class AugmentedConv2d(AugmentedLayer):
     """[n, C, H, W] -> [n, O, H', W'] (stride 1); fast weights [O, C*kh*kw]."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0,
-                 activation: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        padding: int = 0,
+        activation: bool = True,
+    ):
         super().__init__(activation)
         self.padding = padding
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size,
-                                               kernel_size))
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels))
         self.reset_parameters()
 
@@ -127,8 +132,7 @@ class AugmentedConv2d(AugmentedLayer):
 
     def extra_repr(self) -> str:
         out, c, k, _ = self.weight.shape
-        return (f"{c}, {out}, kernel_size={k}, padding={self.padding}, "
-                f"activation={self.activation}")
+        return f"{c}, {out}, kernel_size={k}, padding={self.padding}, activation={self.activation}"
 
 
 def augmented_layers(net: nn.Module) -> list[AugmentedLayer]:

@@ -69,19 +69,32 @@ class MetaNetwork(nn.Module):
     [B, M, ways]; unbatched [N, ...], [N], [M, ...] -> [M, ways] too.
     """
 
-    def __init__(self, base: nn.Sequential | None = None,
-                 representation: nn.Sequential | None = None, *, ways: int | None = None,
-                 in_channels: int = 1, hidden: int = 20, p: float = 10.0, margin: float = 1.0,
-                 second_order: bool = False, fused: bool = True):
+    def __init__(
+        self,
+        base: nn.Sequential | None = None,
+        representation: nn.Sequential | None = None,
+        *,
+        ways: int | None = None,
+        in_channels: int = 1,
+        hidden: int = 20,
+        p: float = 10.0,
+        margin: float = 1.0,
+        second_order: bool = False,
+        fused: bool = True,
+    ):
         super().__init__()
         if (base is None) != (representation is None):
-            raise ValueError("give both base and representation networks, or neither "
-                             "(for the default conv4 networks)")
+            raise ValueError(
+                "give both base and representation networks, or neither "
+                "(for the default conv4 networks)"
+            )
         if base is None:
             if ways is None:
                 raise ValueError("the default networks need ways (the number of classes)")
-            base, representation = (conv4_network(in_channels, ways=ways),
-                                    conv4_network(in_channels))
+            base, representation = (
+                conv4_network(in_channels, ways=ways),
+                conv4_network(in_channels),
+            )
         self.base, self.representation = base, representation
         # Views into base and representation (slices of the Sequentials, and copies of
         # the prefixes with their conv blocks fused: fastmeta.conv_block for the first,
@@ -91,9 +104,14 @@ class MetaNetwork(nn.Module):
         # registered a second time.
         base_prefix, base_tail = split_at_first_augmented(base)
         rep_prefix, rep_tail = split_at_first_augmented(representation)
-        self._parts = (base_prefix, base_tail, rep_prefix, rep_tail,
-                       fuse_conv_blocks(base_prefix, bn_relu_pool=True) or base_prefix,
-                       fuse_conv_blocks(rep_prefix, bn_relu_pool=True) or rep_prefix)
+        self._parts = (
+            base_prefix,
+            base_tail,
+            rep_prefix,
+            rep_tail,
+            fuse_conv_blocks(base_prefix, bn_relu_pool=True) or base_prefix,
+            fuse_conv_blocks(rep_prefix, bn_relu_pool=True) or rep_prefix,
+        )
         self.m = GradientMLP(hidden, p)  # example-level: base gradients -> W*_i
         self.d = GradientMLP(hidden, p)  # task-level: representation gradients -> Q*
         self.margin, self.second_order, self.fused = margin, second_order, fused
@@ -102,8 +120,9 @@ class MetaNetwork(nn.Module):
     def implementation(self) -> Implementation:
         return FUSED if self.fused else PLAIN
 
-    def _gradients(self, tail: nn.Sequential, h: Tensor, loss_fn: Callable[[Tensor], Tensor]
-                   ) -> list[Tensor]:
+    def _gradients(
+        self, tail: nn.Sequential, h: Tensor, loss_fn: Callable[[Tensor], Tensor]
+    ) -> list[Tensor]:
         """For each augmented layer of tail, every example's gradient [n, O, K] of
         loss_fn(tail(h)) (slow weights only) w.r.t. the layer's weight."""
         recorder = self.implementation.recorder(create_graph=self.second_order)
@@ -128,10 +147,11 @@ class MetaNetwork(nn.Module):
         # 1. Q* = mean_i d(grad of the embedding loss through example i)
         hs, hq = rep_prefix(xs), rep_prefix(xq)
         rep_grads = self._gradients(
-            rep_tail, hs,
-            lambda r: contrastive_loss(r.view(B, N, -1), support_y, self.margin))
-        q_star = [w.view(B, N, *w.shape[1:]).mean(1)
-                  for w in self._fast_weights(self.d, rep_grads)]  # [B, O, K] per layer
+            rep_tail, hs, lambda r: contrastive_loss(r.view(B, N, -1), support_y, self.margin)
+        )
+        q_star = [
+            w.view(B, N, *w.shape[1:]).mean(1) for w in self._fast_weights(self.d, rep_grads)
+        ]  # [B, O, K] per layer
         q_branch = task_branch(dict(zip(augmented_layers(rep_tail), q_star)), B)
         with fast_branches(rep_tail, q_branch):
             keys = F.normalize(rep_tail(hs).view(B, N, -1), dim=-1)
@@ -147,14 +167,16 @@ class MetaNetwork(nn.Module):
         w_star = [w.view(B, N, *w.shape[1:]) for w in self._fast_weights(self.m, base_grads)]
 
         # 3. queries read sum_i a_ji W*_i
-        reader = self.implementation.reader(attention,
-                                            dict(zip(augmented_layers(base_tail), w_star)))
+        reader = self.implementation.reader(
+            attention, dict(zip(augmented_layers(base_tail), w_star))
+        )
         with fast_branches(base_tail, reader):
             logits = base_tail(base_prefix(xq)).view(B, M, -1)
         return logits[0] if unbatched else logits
 
-    def loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
-             ) -> tuple[Tensor, Tensor]:
+    def loss(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """(mean query cross-entropy [], mean query accuracy [])."""
         logits = self(support_x, support_y, query_x)
         check_labels(NAME, "query_y", query_y, logits.shape[:-1], logits.shape[-1])
@@ -162,10 +184,17 @@ class MetaNetwork(nn.Module):
         return loss, (logits.argmax(-1) == query_y).float().mean()
 
     def _check(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> None:
-        shapes = (f"support_x {list(support_x.shape)}, support_y {list(support_y.shape)}, "
-                  f"query_x {list(query_x.shape)}")
-        if support_y.dim() != 2 or support_x.shape[:2] != support_y.shape or \
-                query_x.shape[0] != support_x.shape[0] or \
-                query_x.shape[2:] != support_x.shape[2:]:
-            raise ValueError(f"{NAME}: expected support_x [B, N, ...], support_y [B, N] and "
-                             f"query_x [B, M, ...] with the same example shape, got {shapes}")
+        shapes = (
+            f"support_x {list(support_x.shape)}, support_y {list(support_y.shape)}, "
+            f"query_x {list(query_x.shape)}"
+        )
+        if (
+            support_y.dim() != 2
+            or support_x.shape[:2] != support_y.shape
+            or query_x.shape[0] != support_x.shape[0]
+            or query_x.shape[2:] != support_x.shape[2:]
+        ):
+            raise ValueError(
+                f"{NAME}: expected support_x [B, N, ...], support_y [B, N] and "
+                f"query_x [B, M, ...] with the same example shape, got {shapes}"
+            )

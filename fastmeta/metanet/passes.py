@@ -100,5 +100,4 @@ class Implementation:
 
 
 FUSED = Implementation(_RowRecorder, GradientMLP.__call__, _reader(attention_read))
-PLAIN = Implementation(_CopyRecorder, GradientMLP.plain,
-                       _reader(attention_read_forward_reference))
+PLAIN = Implementation(_CopyRecorder, GradientMLP.plain, _reader(attention_read_forward_reference))

@@ -25,9 +25,25 @@ from fastmeta.ops.prototypical_cross_entropy import (
 from fastmeta.ops.prototypical_loss import prototypical_loss_op
 from fastmeta.ops.squared_distances import SQUARED_DISTANCES, squared_distances_op
 
-DECLARATIONS = (ATTENTION_READ, BN_RELU_POOL, CLASS_PROTOTYPES, CONV_BLOCK, COSINE_SIMILARITIES,
-                GRADIENT_MLP, INNER_UPDATE, PROTOTYPICAL_CROSS_ENTROPY, SQUARED_DISTANCES)
+DECLARATIONS = (
+    ATTENTION_READ,
+    BN_RELU_POOL,
+    CLASS_PROTOTYPES,
+    CONV_BLOCK,
+    COSINE_SIMILARITIES,
+    GRADIENT_MLP,
+    INNER_UPDATE,
+    PROTOTYPICAL_CROSS_ENTROPY,
+    SQUARED_DISTANCES,
+)
 
-__all__ = ["DECLARATIONS", "attention_read", "class_prototypes_op", "gradient_mlp",
-           "inner_update", "prototypical_cross_entropy_op", "prototypical_loss_op",
-           "squared_distances_op"]
+__all__ = [
+    "DECLARATIONS",
+    "attention_read",
+    "class_prototypes_op",
+    "gradient_mlp",
+    "inner_update",
+    "prototypical_cross_entropy_op",
+    "prototypical_loss_op",
+    "squared_distances_op",
+]

@@ -15,8 +15,10 @@ def check_tensor(op: str, name: str, value) -> torch.Tensor:
 
 def check_floating(op: str, name: str, t: torch.Tensor) -> None:
     if not t.is_floating_point():
-        raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype} "
-                        f"(shape {shape_str(t)})")
+        raise TypeError(
+            f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype} "
+            f"(shape {shape_str(t)})"
+        )
 
 
 def check_same_dtype_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor):
@@ -35,19 +37,24 @@ def check_labels(op: str, name: str, labels: torch.Tensor, shape: tuple, num_cla
     (the ops check values again when they run)."""
     check_tensor(op, name, labels)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{op}: {name} must be an integer tensor of class indices, got dtype "
-                        f"{labels.dtype} (shape {shape_str(labels)})")
+        raise TypeError(
+            f"{op}: {name} must be an integer tensor of class indices, got dtype "
+            f"{labels.dtype} (shape {shape_str(labels)})"
+        )
     if tuple(labels.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} must have shape [{', '.join(map(str, shape))}], got "
-                         f"{shape_str(labels)}")
+        raise ValueError(
+            f"{op}: {name} must have shape [{', '.join(map(str, shape))}], got {shape_str(labels)}"
+        )
     if labels.numel() == 0 or torch.compiler.is_compiling():
         return
     low, high = (int(v) for v in torch.aminmax(labels))
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
         where = (labels == bad).nonzero()[0].tolist()
-        raise ValueError(f"{op}: {name} holds {bad} at index {where}, outside "
-                         f"[0, num_classes={num_classes}) (shape {shape_str(labels)})")
+        raise ValueError(
+            f"{op}: {name} holds {bad} at index {where}, outside "
+            f"[0, num_classes={num_classes}) (shape {shape_str(labels)})"
+        )
 
 
 def check_every_class_present(op: str, name: str, labels: torch.Tensor, num_classes: int):
@@ -60,8 +67,10 @@ def check_every_class_present(op: str, name: str, labels: torch.Tensor, num_clas
     empty = (counts == 0).nonzero()
     if len(empty):
         episode, cls = empty[0].tolist()
-        raise ValueError(f"{op}: class {cls} of episode {episode} has no support example in "
-                         f"{name} (shape {shape_str(labels)}, num_classes={num_classes})")
+        raise ValueError(
+            f"{op}: class {cls} of episode {episode} has no support example in "
+            f"{name} (shape {shape_str(labels)}, num_classes={num_classes})"
+        )
 
 
 def check_num_classes(op: str, num_classes) -> int:
@@ -70,16 +79,17 @@ def check_num_classes(op: str, num_classes) -> int:
     return num_classes
 
 
-
 def check_episode_pair(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor):
     """Two floating [B, N, D] tensors of the same episodes: equal B and D."""
     for name, x in ((name_a, a), (name_b, b)):
         check_tensor(op, name, x)
         check_floating(op, name, x)
         if x.dim() != 3:
-            raise ValueError(f"{op}: {name} must be [B, N, D] (or [N, D] unbatched), got "
-                             f"shape {shape_str(x)}")
+            raise ValueError(
+                f"{op}: {name} must be [B, N, D] (or [N, D] unbatched), got shape {shape_str(x)}"
+            )
     for dim, what in ((0, "numbers of episodes B"), (2, "embedding sizes D")):
         if a.shape[dim] != b.shape[dim]:
-            raise ValueError(f"{op}: {name_a} {shape_str(a)} and {name_b} {shape_str(b)} have "
-                             f"different {what}")
+            raise ValueError(
+                f"{op}: {name_a} {shape_str(a)} and {name_b} {shape_str(b)} have different {what}"
+            )

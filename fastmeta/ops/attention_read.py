@@ -36,14 +36,21 @@ def check_attention_read_args(attention: Tensor, fast_weights: Tensor, x: Tensor
         check_tensor(name, arg, value)
         check_floating(name, arg, value)
     check_same_dtype_device(name, "x", x, attention=attention, fast_weights=fast_weights)
-    got = (f"attention {shape_str(attention)}, fast_weights {shape_str(fast_weights)}, "
-           f"x {shape_str(x)}")
+    got = (
+        f"attention {shape_str(attention)}, fast_weights {shape_str(fast_weights)}, "
+        f"x {shape_str(x)}"
+    )
     if attention.dim() != 3 or fast_weights.dim() != 4 or x.dim() != 4:
-        raise ValueError(f"{name}: expected attention [B, M, N], fast_weights [B, N, O, K] and "
-                         f"x [B, M, L, K], got {got}")
+        raise ValueError(
+            f"{name}: expected attention [B, M, N], fast_weights [B, N, O, K] and "
+            f"x [B, M, L, K], got {got}"
+        )
     B, M, N = attention.shape
-    if fast_weights.shape[:2] != (B, N) or x.shape[:2] != (B, M) or \
-            x.shape[3] != fast_weights.shape[3]:
+    if (
+        fast_weights.shape[:2] != (B, N)
+        or x.shape[:2] != (B, M)
+        or x.shape[3] != fast_weights.shape[3]
+    ):
         raise ValueError(f"{name}: B, M, N and K disagree: {got}")
 
 
@@ -53,27 +60,34 @@ def attention_read_forward_reference(attention, fast_weights, x):
     return x @ mixed.transpose(-1, -2)
 
 
-def attention_read_backward_reference(grad_out, attention, fast_weights, x, need_attention,
-                                      need_weights, need_x):
+def attention_read_backward_reference(
+    grad_out, attention, fast_weights, x, need_attention, need_weights, need_x
+):
     g = grad_out.transpose(-1, -2) @ x  # [B, M, O, K]
-    d_attention = (torch.einsum("bmok,bnok->bmn", g, fast_weights) if need_attention
-                   else x.new_empty(0))
+    d_attention = (
+        torch.einsum("bmok,bnok->bmn", g, fast_weights) if need_attention else x.new_empty(0)
+    )
     d_weights = torch.einsum("bmn,bmok->bnok", attention, g) if need_weights else x.new_empty(0)
-    d_x = (grad_out @ torch.einsum("bmn,bnok->bmok", attention, fast_weights) if need_x
-           else x.new_empty(0))
+    d_x = (
+        grad_out @ torch.einsum("bmn,bnok->bmok", attention, fast_weights)
+        if need_x
+        else x.new_empty(0)
+    )
     return d_attention, d_weights, d_x
 
 
 ATTENTION_READ = OpDeclaration(
     name="attention_read",
     forward=Kernels(
-        every_backend(attention_read_forward_reference,
-                      "attention_read_forward", "metanet_triton"),
-        race_on=(0, 1, 2)),
+        every_backend(attention_read_forward_reference, "attention_read_forward", "metanet_triton"),
+        race_on=(0, 1, 2),
+    ),
     backward=Kernels(
-        every_backend(attention_read_backward_reference,
-                      "attention_read_backward", "metanet_triton"),
-        race_on=(1, 2, 3, 4, 5, 6)),
+        every_backend(
+            attention_read_backward_reference, "attention_read_backward", "metanet_triton"
+        ),
+        race_on=(1, 2, 3, 4, 5, 6),
+    ),
     dtypes={"triton": FLOAT32},
     differentiable=ONCE,
 )
@@ -82,8 +96,9 @@ ATTENTION_READ = OpDeclaration(
 @torch.library.custom_op("fastmeta::attention_read", mutates_args=())
 def attention_read_op(attention: Tensor, fast_weights: Tensor, x: Tensor) -> Tensor:
     check_attention_read_args(attention, fast_weights, x)
-    return ATTENTION_READ.run_forward(attention.contiguous(), fast_weights.contiguous(),
-                                      x.contiguous())
+    return ATTENTION_READ.run_forward(
+        attention.contiguous(), fast_weights.contiguous(), x.contiguous()
+    )
 
 
 @attention_read_op.register_fake
@@ -92,19 +107,32 @@ def _(attention, fast_weights, x):
 
 
 @torch.library.custom_op("fastmeta::attention_read_backward", mutates_args=())
-def attention_read_backward_op(grad_out: Tensor, attention: Tensor, fast_weights: Tensor,
-                               x: Tensor, need_attention: bool, need_weights: bool,
-                               need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return ATTENTION_READ.run_backward(grad_out.contiguous(), attention.contiguous(),
-                                       fast_weights.contiguous(), x.contiguous(), need_attention,
-                                       need_weights, need_x)
+def attention_read_backward_op(
+    grad_out: Tensor,
+    attention: Tensor,
+    fast_weights: Tensor,
+    x: Tensor,
+    need_attention: bool,
+    need_weights: bool,
+    need_x: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return ATTENTION_READ.run_backward(
+        grad_out.contiguous(),
+        attention.contiguous(),
+        fast_weights.contiguous(),
+        x.contiguous(),
+        need_attention,
+        need_weights,
+        need_x,
+    )
 
 
 @attention_read_backward_op.register_fake
 def _(grad_out, attention, fast_weights, x, need_attention, need_weights, need_x):
-    return tuple(torch.empty_like(t) if need else x.new_empty(0)
-                 for t, need in ((attention, need_attention), (fast_weights, need_weights),
-                                 (x, need_x)))
+    return tuple(
+        torch.empty_like(t) if need else x.new_empty(0)
+        for t, need in ((attention, need_attention), (fast_weights, need_weights), (x, need_x))
+    )
 
 
 def _setup(ctx, inputs, output):

@@ -33,15 +33,19 @@ def check_bn_relu_pool_args(c: Tensor, gamma: Tensor, beta: Tensor) -> None:
         check_floating(NAME, name, t)
     check_same_dtype_device(NAME, "c", c, gamma=gamma, beta=beta)
     if c.dim() != 4 or c.shape[2] < 2 or c.shape[3] < 2:
-        raise ValueError(f"{NAME}: c must be [N, C, H, W] with H, W >= 2 for the 2x2 pool, "
-                         f"got {shape_str(c)}")
+        raise ValueError(
+            f"{NAME}: c must be [N, C, H, W] with H, W >= 2 for the 2x2 pool, got {shape_str(c)}"
+        )
     for name, t in (("gamma", gamma), ("beta", beta)):
         if tuple(t.shape) != (c.shape[1],):
-            raise ValueError(f"{NAME}: {name} must be [C] = [{c.shape[1]}] for c "
-                             f"{shape_str(c)}, got {shape_str(t)}")
+            raise ValueError(
+                f"{NAME}: {name} must be [C] = [{c.shape[1]}] for c "
+                f"{shape_str(c)}, got {shape_str(t)}"
+            )
 
 
 # ---------------------------------------------------------------- reference
+
 
 def _normalized(c, gamma, beta, mean, rstd):
     """(xhat, y) for given statistics."""
@@ -71,7 +75,8 @@ def bn_relu_pool_backward_reference(grad_out, c, gamma, beta, mean, rstd, window
     d_beta, d_gamma = dy.sum((0, 2, 3)), (dy * xhat).sum((0, 2, 3))
     count = c.numel() // c.shape[1]
     d_c = (gamma * rstd)[:, None, None] * (
-        dy - (d_beta / count)[:, None, None] - xhat * (d_gamma / count)[:, None, None])
+        dy - (d_beta / count)[:, None, None] - xhat * (d_gamma / count)[:, None, None]
+    )
     return d_c, d_gamma, d_beta
 
 
@@ -79,10 +84,13 @@ def bn_relu_pool_backward_reference(grad_out, c, gamma, beta, mean, rstd, window
 
 BN_RELU_POOL = OpDeclaration(
     name="bn_relu_pool",
-    forward=Kernels({"reference": bn_relu_pool_forward_reference,
-                     "cpu": compiled("bn_relu_pool_forward")}),
-    backward=Kernels({"reference": bn_relu_pool_backward_reference,
-                      "cpu": compiled("bn_relu_pool_backward")}, device_from=1),
+    forward=Kernels(
+        {"reference": bn_relu_pool_forward_reference, "cpu": compiled("bn_relu_pool_forward")}
+    ),
+    backward=Kernels(
+        {"reference": bn_relu_pool_backward_reference, "cpu": compiled("bn_relu_pool_backward")},
+        device_from=1,
+    ),
     dtypes={"cpu": FLOAT32_64},
     differentiable=ONCE,
 )
@@ -90,9 +98,11 @@ BN_RELU_POOL = OpDeclaration(
 
 # ---------------------------------------------------------------- ops
 
+
 @torch.library.custom_op("fastmeta::bn_relu_pool", mutates_args=())
-def bn_relu_pool_op(c: Tensor, gamma: Tensor, beta: Tensor, eps: float
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def bn_relu_pool_op(
+    c: Tensor, gamma: Tensor, beta: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_bn_relu_pool_args(c, gamma, beta)
     return BN_RELU_POOL.run_forward(c.contiguous(), gamma.contiguous(), beta.contiguous(), eps)
 
@@ -102,17 +112,34 @@ def _(c, gamma, beta, eps):
     check_bn_relu_pool_args(c, gamma, beta)
     N, C, H, W = c.shape
     pooled = (N, C, H // 2, W // 2)
-    return (c.new_empty(pooled), c.new_empty(C), c.new_empty(C),
-            c.new_empty(pooled, dtype=torch.uint8))
+    return (
+        c.new_empty(pooled),
+        c.new_empty(C),
+        c.new_empty(C),
+        c.new_empty(pooled, dtype=torch.uint8),
+    )
 
 
 @torch.library.custom_op("fastmeta::bn_relu_pool_backward", mutates_args=())
-def bn_relu_pool_backward_op(grad_out: Tensor, c: Tensor, gamma: Tensor, beta: Tensor,
-                             mean: Tensor, rstd: Tensor, window: Tensor
-                             ) -> tuple[Tensor, Tensor, Tensor]:
+def bn_relu_pool_backward_op(
+    grad_out: Tensor,
+    c: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    window: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (d_c, d_gamma, d_beta)."""
-    return BN_RELU_POOL.run_backward(grad_out.contiguous(), c.contiguous(), gamma.contiguous(),
-                                     beta.contiguous(), mean, rstd, window)
+    return BN_RELU_POOL.run_backward(
+        grad_out.contiguous(),
+        c.contiguous(),
+        gamma.contiguous(),
+        beta.contiguous(),
+        mean,
+        rstd,
+        window,
+    )
 
 
 @bn_relu_pool_backward_op.register_fake
@@ -133,8 +160,9 @@ bn_relu_pool_op.register_autograd(_backward_forward, setup_context=_setup_forwar
 BN_RELU_POOL.apply_second_derivative_policy(bn_relu_pool_backward_op)
 
 
-def bn_relu_pool_with_statistics(c: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5
-                                 ) -> tuple[Tensor, Tensor, Tensor]:
+def bn_relu_pool_with_statistics(
+    c: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5
+) -> tuple[Tensor, Tensor, Tensor]:
     """bn_relu_pool's output and the batch statistics of c: (out, mean [C],
     rstd [C] = 1 / sqrt(biased variance + eps))."""
     return bn_relu_pool_op(c, gamma, beta, float(eps))[:3]

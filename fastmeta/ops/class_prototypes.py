@@ -33,9 +33,13 @@ from fastmeta.ops.declaration import (
 )
 
 
-def check_class_prototypes_args(support: Tensor, labels: Tensor, num_classes: int,
-                                name: str = "fastmeta.class_prototypes",
-                                labels_name: str = "labels") -> None:
+def check_class_prototypes_args(
+    support: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    name: str = "fastmeta.class_prototypes",
+    labels_name: str = "labels",
+) -> None:
     """Raises a clear error (naming `name` and the arguments) unless support [B, S, D]
     and labels [B, S] make episodes in which every one of num_classes classes has a
     support example."""
@@ -46,8 +50,9 @@ def check_class_prototypes_args(support: Tensor, labels: Tensor, num_classes: in
     check_num_classes(name, num_classes)
     check_labels(name, labels_name, labels, support.shape[:2], num_classes)
     if labels.device != support.device:
-        raise ValueError(f"{name}: {labels_name} is on {labels.device} but support is on "
-                         f"{support.device}")
+        raise ValueError(
+            f"{name}: {labels_name} is on {labels.device} but support is on {support.device}"
+        )
     check_every_class_present(name, labels_name, labels, num_classes)
 
 
@@ -75,13 +80,17 @@ def class_prototypes_backward_reference(grad: Tensor, labels: Tensor) -> Tensor:
 CLASS_PROTOTYPES = OpDeclaration(
     name="class_prototypes",
     forward=Kernels(
-        every_backend(class_prototypes_forward_reference,
-                      "class_prototypes_forward", "protonet_triton"),
-        race_on=(0, 2)),
+        every_backend(
+            class_prototypes_forward_reference, "class_prototypes_forward", "protonet_triton"
+        ),
+        race_on=(0, 2),
+    ),
     backward=Kernels(
-        every_backend(class_prototypes_backward_reference,
-                      "class_prototypes_backward", "protonet_triton"),
-        race_on=(0, 1)),
+        every_backend(
+            class_prototypes_backward_reference, "class_prototypes_backward", "protonet_triton"
+        ),
+        race_on=(0, 1),
+    ),
     dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
     differentiable=ANY_ORDER,  # the backward op's derivative is the forward op
 )
@@ -90,8 +99,9 @@ CLASS_PROTOTYPES = OpDeclaration(
 @torch.library.custom_op("fastmeta::class_prototypes", mutates_args=())
 def class_prototypes_op(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     check_class_prototypes_args(support, labels, num_classes)
-    return CLASS_PROTOTYPES.run_forward(support.contiguous(), labels.long().contiguous(),
-                                        num_classes)
+    return CLASS_PROTOTYPES.run_forward(
+        support.contiguous(), labels.long().contiguous(), num_classes
+    )
 
 
 @class_prototypes_op.register_fake

@@ -34,30 +34,37 @@ def conv_size(x_shape, weight_shape, padding) -> tuple[int, int]:
     return tuple(x_shape[2 + d] + 2 * padding[d] - weight_shape[2 + d] + 1 for d in (0, 1))
 
 
-def check_conv_block_args(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
-                          beta: Tensor, padding: list[int]) -> None:
+def check_conv_block_args(
+    x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor, padding: list[int]
+) -> None:
     """Raises a clear error unless the shapes fit a stride-1 conv and a 2x2 pool."""
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("gamma", gamma),
-                    ("beta", beta)):
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("gamma", gamma), ("beta", beta)):
         check_tensor(NAME, name, t)
         check_floating(NAME, name, t)
     check_same_dtype_device(NAME, "x", x, weight=weight, bias=bias, gamma=gamma, beta=beta)
     if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"{NAME}: x must be [N, Cin, H, W] and weight [C, Cin, KH, KW] with "
-                         f"the same Cin, got x {shape_str(x)} and weight {shape_str(weight)}")
+        raise ValueError(
+            f"{NAME}: x must be [N, Cin, H, W] and weight [C, Cin, KH, KW] with "
+            f"the same Cin, got x {shape_str(x)} and weight {shape_str(weight)}"
+        )
     C = weight.shape[0]
     for name, t in (("bias", bias), ("gamma", gamma), ("beta", beta)):
         if tuple(t.shape) != (C,):
-            raise ValueError(f"{NAME}: {name} must be [C] = [{C}] for weight "
-                             f"{shape_str(weight)}, got {shape_str(t)}")
+            raise ValueError(
+                f"{NAME}: {name} must be [C] = [{C}] for weight "
+                f"{shape_str(weight)}, got {shape_str(t)}"
+            )
     hc, wc = conv_size(x.shape, weight.shape, padding)
     if len(padding) != 2 or min(padding) < 0 or hc < 2 or wc < 2:
-        raise ValueError(f"{NAME}: padding {padding} with x {shape_str(x)} and weight "
-                         f"{shape_str(weight)} gives a {hc}x{wc} convolution; the 2x2 pool "
-                         f"needs at least 2x2")
+        raise ValueError(
+            f"{NAME}: padding {padding} with x {shape_str(x)} and weight "
+            f"{shape_str(weight)} gives a {hc}x{wc} convolution; the 2x2 pool "
+            f"needs at least 2x2"
+        )
 
 
 # ---------------------------------------------------------------- reference
+
 
 def _conv_bn(x, weight, bias, padding, mean, rstd):
     """(c, xhat) for given statistics: c = conv2d(x), xhat = (c - mean) * rstd."""
@@ -78,8 +85,9 @@ def conv_block_forward_reference(x, weight, bias, gamma, beta, pad_h, pad_w, eps
     return out.contiguous(), mean, rstd, window.contiguous(), c_max.contiguous()
 
 
-def conv_block_backward_reference(grad_out, x, weight, bias, gamma, beta, mean, rstd, window,
-                                  c_max, pad_h, pad_w, need_x):
+def conv_block_backward_reference(
+    grad_out, x, weight, bias, gamma, beta, mean, rstd, window, c_max, pad_h, pad_w, need_x
+):
     # The formulas of csrc/conv_block.h written with ATen ops (an op's body runs
     # below autograd, so it cannot differentiate its forward).
     padding = (pad_h, pad_w)
@@ -91,10 +99,14 @@ def conv_block_backward_reference(grad_out, x, weight, bias, gamma, beta, mean, 
     d_beta, d_gamma = dy.sum((0, 2, 3)), (dy * xhat).sum((0, 2, 3))
     count = c.numel() // c.shape[1]
     d_c = (gamma * rstd)[:, None, None] * (
-        dy - (d_beta / count)[:, None, None] - xhat * (d_gamma / count)[:, None, None])
+        dy - (d_beta / count)[:, None, None] - xhat * (d_gamma / count)[:, None, None]
+    )
     d_weight = torch.nn.grad.conv2d_weight(x, weight.shape, d_c, padding=padding)
-    d_x = (torch.nn.grad.conv2d_input(x.shape, weight, d_c, padding=padding)
-           if need_x else x.new_empty(0))
+    d_x = (
+        torch.nn.grad.conv2d_input(x.shape, weight, d_c, padding=padding)
+        if need_x
+        else x.new_empty(0)
+    )
     return d_x, d_weight, d_c.sum((0, 2, 3)), d_gamma, d_beta
 
 
@@ -102,10 +114,13 @@ def conv_block_backward_reference(grad_out, x, weight, bias, gamma, beta, mean, 
 
 CONV_BLOCK = OpDeclaration(
     name="conv_block",
-    forward=Kernels({"reference": conv_block_forward_reference,
-                     "cpu": compiled("conv_block_forward")}),
-    backward=Kernels({"reference": conv_block_backward_reference,
-                      "cpu": compiled("conv_block_backward")}, device_from=1),
+    forward=Kernels(
+        {"reference": conv_block_forward_reference, "cpu": compiled("conv_block_forward")}
+    ),
+    backward=Kernels(
+        {"reference": conv_block_backward_reference, "cpu": compiled("conv_block_backward")},
+        device_from=1,
+    ),
     dtypes={"cpu": FLOAT32_64},
     differentiable=ONCE,
 )
@@ -113,10 +128,17 @@ CONV_BLOCK = OpDeclaration(
 
 # ---------------------------------------------------------------- ops
 
+
 @torch.library.custom_op("fastmeta::conv_block", mutates_args=())
-def conv_block_op(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor,
-                  padding: list[int], eps: float
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def conv_block_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    padding: list[int],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_conv_block_args(x, weight, bias, gamma, beta, padding)
     return CONV_BLOCK.run_forward(*contiguous(x, weight, bias, gamma, beta), *padding, eps)
 
@@ -127,24 +149,51 @@ def _(x, weight, bias, gamma, beta, padding, eps):
     hc, wc = conv_size(x.shape, weight.shape, padding)
     C = weight.shape[0]
     pooled = (x.shape[0], C, hc // 2, wc // 2)
-    return (x.new_empty(pooled), x.new_empty(C), x.new_empty(C),
-            x.new_empty(pooled, dtype=torch.uint8), x.new_empty(pooled))
+    return (
+        x.new_empty(pooled),
+        x.new_empty(C),
+        x.new_empty(C),
+        x.new_empty(pooled, dtype=torch.uint8),
+        x.new_empty(pooled),
+    )
 
 
 @torch.library.custom_op("fastmeta::conv_block_backward", mutates_args=())
-def conv_block_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
-                           gamma: Tensor, beta: Tensor, mean: Tensor, rstd: Tensor,
-                           window: Tensor, c_max: Tensor, padding: list[int],
-                           need_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def conv_block_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    window: Tensor,
+    c_max: Tensor,
+    padding: list[int],
+    need_x: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (d_x or empty, d_weight, d_bias, d_gamma, d_beta)."""
-    return CONV_BLOCK.run_backward(*contiguous(grad_out, x, weight, bias, gamma, beta), mean,
-                                   rstd, window, c_max, *padding, need_x)
+    return CONV_BLOCK.run_backward(
+        *contiguous(grad_out, x, weight, bias, gamma, beta),
+        mean,
+        rstd,
+        window,
+        c_max,
+        *padding,
+        need_x,
+    )
 
 
 @conv_block_backward_op.register_fake
 def _(grad_out, x, weight, bias, gamma, beta, mean, rstd, window, c_max, padding, need_x):
-    return (x.new_empty(x.shape if need_x else (0,)), torch.empty_like(weight),
-            torch.empty_like(bias), torch.empty_like(gamma), torch.empty_like(beta))
+    return (
+        x.new_empty(x.shape if need_x else (0,)),
+        torch.empty_like(weight),
+        torch.empty_like(bias),
+        torch.empty_like(gamma),
+        torch.empty_like(beta),
+    )
 
 
 def _setup_forward(ctx, inputs, output):
@@ -164,9 +213,15 @@ conv_block_op.register_autograd(_backward_forward, setup_context=_setup_forward)
 CONV_BLOCK.apply_second_derivative_policy(conv_block_backward_op)
 
 
-def conv_block_with_statistics(x: Tensor, weight: Tensor, bias: Tensor | None,
-                               gamma: Tensor | None, beta: Tensor | None, padding=(1, 1),
-                               eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+def conv_block_with_statistics(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    padding=(1, 1),
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
     """conv_block's output and the batch statistics of the convolution: (out, mean [C],
     rstd [C] = 1 / sqrt(biased variance + eps))."""
     check_tensor(NAME, "weight", weight)
@@ -174,12 +229,18 @@ def conv_block_with_statistics(x: Tensor, weight: Tensor, bias: Tensor | None,
     bias = weight.new_zeros(C) if bias is None else bias
     gamma = weight.new_ones(C) if gamma is None else gamma
     beta = weight.new_zeros(C) if beta is None else beta
-    return conv_block_op(x, weight, bias, gamma, beta, [int(p) for p in padding],
-                         float(eps))[:3]
+    return conv_block_op(x, weight, bias, gamma, beta, [int(p) for p in padding], float(eps))[:3]
 
 
-def conv_block(x: Tensor, weight: Tensor, bias: Tensor | None, gamma: Tensor | None,
-               beta: Tensor | None, padding=(1, 1), eps: float = 1e-5) -> Tensor:
+def conv_block(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    padding=(1, 1),
+    eps: float = 1e-5,
+) -> Tensor:
     """maxpool2(relu(batch_norm(conv2d(x, weight, bias, padding)))) with batch
     statistics: x [N, Cin, H, W], weight [C, Cin, KH, KW] -> [N, C, Hc // 2, Wc // 2].
     bias, gamma, beta: [C] or None (zeros, ones, zeros)."""

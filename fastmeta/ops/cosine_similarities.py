@@ -47,8 +47,9 @@ def _unit_rows(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return x / norm, norm
 
 
-def cosine_similarities_forward_reference(queries: Tensor, prototypes: Tensor,
-                                          eps: float) -> Tensor:
+def cosine_similarities_forward_reference(
+    queries: Tensor, prototypes: Tensor, eps: float
+) -> Tensor:
     q, c = opmath(queries, prototypes)
     q_hat, c_hat = _unit_rows(q, eps)[0], _unit_rows(c, eps)[0]
     return torch.bmm(q_hat, c_hat.transpose(1, 2)).to(queries.dtype)
@@ -61,8 +62,9 @@ def _through_normalization(d_hat: Tensor, x: Tensor, eps: float) -> Tensor:
     return torch.where(norm > eps, (d_hat - radial) / norm, d_hat / eps)
 
 
-def cosine_similarities_backward(grad: Tensor, queries: Tensor, prototypes: Tensor,
-                                 eps: float) -> tuple[Tensor, Tensor]:
+def cosine_similarities_backward(
+    grad: Tensor, queries: Tensor, prototypes: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     gs, q, c = opmath(grad, queries, prototypes)
     q_hat, c_hat = _unit_rows(q, eps)[0], _unit_rows(c, eps)[0]
     d_queries = _through_normalization(torch.bmm(gs, c_hat), q, eps)
@@ -73,9 +75,13 @@ def cosine_similarities_backward(grad: Tensor, queries: Tensor, prototypes: Tens
 COSINE_SIMILARITIES = OpDeclaration(
     name="cosine_similarities",
     forward=Kernels(
-        every_backend(cosine_similarities_forward_reference,
-                      "cosine_similarities_forward", "cosine_similarities_triton"),
-        race_on=(0, 1)),
+        every_backend(
+            cosine_similarities_forward_reference,
+            "cosine_similarities_forward",
+            "cosine_similarities_triton",
+        ),
+        race_on=(0, 1),
+    ),
     dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
     differentiable=ANY_ORDER,  # the backward is differentiable torch ops (GEMMs)
 )

@@ -82,8 +82,12 @@ def every_backend(reference: Callable, kernel: str, triton_module: str) -> dict:
     """The four backends of a direction whose kernels all carry the name `kernel`:
     reference, cpu and cuda (the fastmeta_C op `kernel`) and triton (the launcher
     `kernel` of fastmeta/kernels/<triton_module>.py)."""
-    return {"reference": reference, "cpu": compiled(kernel), "cuda": compiled(kernel),
-            "triton": triton(triton_module, kernel)}
+    return {
+        "reference": reference,
+        "cpu": compiled(kernel),
+        "cuda": compiled(kernel),
+        "triton": triton(triton_module, kernel),
+    }
 
 
 @dataclasses.dataclass
@@ -161,6 +165,7 @@ def _run(op: str, kernels: Kernels, direction: str, args: tuple):
 def _race(kernels: Kernels, direction: str, args: tuple) -> racing.Race:
     """The Race of one call: run it on a named backend; the bucket is `direction`, the
     values of the non-tensor race arguments and the shapes of the tensor ones."""
+
     def run(name):
         return kernels.function(name)(*args)
 
@@ -172,8 +177,11 @@ def _race(kernels: Kernels, direction: str, args: tuple) -> racing.Race:
 
 def _forbid_second_derivative(backward_op, name: str) -> None:
     def raise_on_derivative(ctx, *grads):
-        raise RuntimeError(f"{name} is differentiable once: its backward has no derivative "
-                           f"(fastmeta uses it only where none is taken)")
+        raise RuntimeError(
+            f"{name} is differentiable once: its backward has no derivative "
+            f"(fastmeta uses it only where none is taken)"
+        )
 
-    backward_op.register_autograd(raise_on_derivative,
-                                  setup_context=lambda ctx, inputs, output: None)
+    backward_op.register_autograd(
+        raise_on_derivative, setup_context=lambda ctx, inputs, output: None
+    )

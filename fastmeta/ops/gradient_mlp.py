@@ -39,8 +39,9 @@ from fastmeta.ops.declaration import (
 )
 
 
-def check_gradient_mlp_args(grads: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-                            p: float) -> None:
+def check_gradient_mlp_args(
+    grads: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, p: float
+) -> None:
     """grads of any shape; w1 [H, 2], b1 [H], w2 [H], b2 [] of grads' dtype and device."""
     name = "fastmeta.gradient_mlp"
     for arg, value in (("grads", grads), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
@@ -52,8 +53,10 @@ def check_gradient_mlp_args(grads: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b
         raise ValueError(f"{name}: w1 must be [H, 2], got {shape_str(w1)}")
     for arg, value in (("b1", b1), ("w2", w2)):
         if tuple(value.shape) != (hidden,):
-            raise ValueError(f"{name}: {arg} must be [H={hidden}] like w1 {shape_str(w1)}, got "
-                             f"{shape_str(value)}")
+            raise ValueError(
+                f"{name}: {arg} must be [H={hidden}] like w1 {shape_str(w1)}, got "
+                f"{shape_str(value)}"
+            )
     if b2.dim() != 0:
         raise ValueError(f"{name}: b2 must be a 0-d tensor, got {shape_str(b2)}")
     if not (isinstance(p, (int, float)) and p > 0 and math.isfinite(p)):
@@ -92,24 +95,30 @@ def gradient_mlp_backward_reference(grad_out, grads, w1, b1, w2, p, need_grads):
 
 GRADIENT_MLP = OpDeclaration(
     name="gradient_mlp",
-    forward=Kernels({
-        "reference": gradient_mlp_forward_reference,
-        "cpu": compiled("gradient_mlp_forward"),
-        "triton": triton("metanet_triton", "gradient_mlp_forward"),
-    }),
-    backward=Kernels({
-        "reference": gradient_mlp_backward_reference,
-        "cpu": compiled("gradient_mlp_backward"),
-        "triton": triton("metanet_triton", "gradient_mlp_backward"),
-    }, device_from=1),
+    forward=Kernels(
+        {
+            "reference": gradient_mlp_forward_reference,
+            "cpu": compiled("gradient_mlp_forward"),
+            "triton": triton("metanet_triton", "gradient_mlp_forward"),
+        }
+    ),
+    backward=Kernels(
+        {
+            "reference": gradient_mlp_backward_reference,
+            "cpu": compiled("gradient_mlp_backward"),
+            "triton": triton("metanet_triton", "gradient_mlp_backward"),
+        },
+        device_from=1,
+    ),
     dtypes={"cpu": FLOAT32_64, "triton": FLOAT32},
     differentiable=ONCE,
 )
 
 
 @torch.library.custom_op("fastmeta::gradient_mlp", mutates_args=())
-def gradient_mlp_op(grads: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-                    p: float) -> Tensor:
+def gradient_mlp_op(
+    grads: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, p: float
+) -> Tensor:
     check_gradient_mlp_args(grads, w1, b1, w2, b2, p)
     return GRADIENT_MLP.run_forward(*contiguous(grads, w1, b1, w2, b2), p)
 
@@ -120,17 +129,22 @@ def _(grads, w1, b1, w2, b2, p):
 
 
 @torch.library.custom_op("fastmeta::gradient_mlp_backward", mutates_args=())
-def gradient_mlp_backward_op(grad_out: Tensor, grads: Tensor, w1: Tensor, b1: Tensor,
-                             w2: Tensor, p: float, need_grads: bool
-                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def gradient_mlp_backward_op(
+    grad_out: Tensor, grads: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, p: float, need_grads: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return GRADIENT_MLP.run_backward(*contiguous(grad_out, grads, w1, b1, w2), p, need_grads)
 
 
 @gradient_mlp_backward_op.register_fake
 def _(grad_out, grads, w1, b1, w2, p, need_grads):
     d_grads = torch.empty_like(grads) if need_grads else grads.new_empty(0)
-    return (d_grads, torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2),
-            w2.new_empty(()))
+    return (
+        d_grads,
+        torch.empty_like(w1),
+        torch.empty_like(b1),
+        torch.empty_like(w2),
+        w2.new_empty(()),
+    )
 
 
 def _setup(ctx, inputs, output):
@@ -142,8 +156,9 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_out):
     grads, w1, b1, w2 = ctx.saved_tensors
     need_grads = ctx.needs_input_grad[0]
-    d_grads, d_w1, d_b1, d_w2, d_b2 = gradient_mlp_backward_op(grad_out, grads, w1, b1, w2,
-                                                               ctx.p, need_grads)
+    d_grads, d_w1, d_b1, d_w2, d_b2 = gradient_mlp_backward_op(
+        grad_out, grads, w1, b1, w2, ctx.p, need_grads
+    )
     return (d_grads if need_grads else None), d_w1, d_b1, d_w2, d_b2, None
 
 
@@ -151,8 +166,9 @@ gradient_mlp_op.register_autograd(_backward, setup_context=_setup)
 GRADIENT_MLP.apply_second_derivative_policy(gradient_mlp_backward_op)
 
 
-def gradient_mlp(grads: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-                 p: float = 10.0) -> Tensor:
+def gradient_mlp(
+    grads: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, p: float = 10.0
+) -> Tensor:
     """Coordinate-wise MLP on preprocessed gradients: grads [...] -> [...] (same shape);
     w1 [H, 2], b1 [H], w2 [H], b2 []. See the module docstring for the math."""
     return gradient_mlp_op(grads, w1, b1, w2, b2, float(p))

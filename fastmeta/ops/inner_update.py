@@ -30,12 +30,15 @@ def _check_alpha_and_g(name: str, alpha: Tensor, g: Tensor, **others: Tensor) ->
         check_tensor(name, arg, value)
         check_floating(name, arg, value)
     if g.dim() != 2:
-        raise ValueError(f"{name}: g must be [T, P] (one gradient row per task), got shape "
-                         f"{shape_str(g)}")
+        raise ValueError(
+            f"{name}: g must be [T, P] (one gradient row per task), got shape {shape_str(g)}"
+        )
     T, P = g.shape
     if alpha.shape not in ((), (P,), (T, P)):
-        raise ValueError(f"{name}: alpha must be a scalar [], [P] = [{P}] or [T, P] = "
-                         f"[{T}, {P}] for g {shape_str(g)}, got shape {shape_str(alpha)}")
+        raise ValueError(
+            f"{name}: alpha must be a scalar [], [P] = [{P}] or [T, P] = "
+            f"[{T}, {P}] for g {shape_str(g)}, got shape {shape_str(alpha)}"
+        )
     check_same_dtype_device(name, "g", g, **others, alpha=alpha)
 
 
@@ -44,8 +47,10 @@ def check_inner_update_args(theta: Tensor, alpha: Tensor, g: Tensor) -> None:
     name = "fastmeta.inner_update"
     _check_alpha_and_g(name, alpha, g, theta=theta)
     if theta.shape != g.shape[1:]:
-        raise ValueError(f"{name}: theta must be [P] = [{g.shape[1]}] to match g "
-                         f"{shape_str(g)}, got shape {shape_str(theta)}")
+        raise ValueError(
+            f"{name}: theta must be [P] = [{g.shape[1]}] to match g "
+            f"{shape_str(g)}, got shape {shape_str(theta)}"
+        )
 
 
 def check_inner_update_backward_args(grad_out: Tensor, alpha: Tensor, g: Tensor) -> None:
@@ -53,8 +58,9 @@ def check_inner_update_backward_args(grad_out: Tensor, alpha: Tensor, g: Tensor)
     name = "fastmeta.inner_update_backward"
     _check_alpha_and_g(name, alpha, g, grad_out=grad_out)
     if grad_out.shape != g.shape:
-        raise ValueError(f"{name}: grad_out must be {shape_str(g)} like g, got shape "
-                         f"{shape_str(grad_out)}")
+        raise ValueError(
+            f"{name}: grad_out must be {shape_str(g)} like g, got shape {shape_str(grad_out)}"
+        )
 
 
 def reduce_to_alpha(alpha: Tensor, per_element: Tensor) -> Tensor:
@@ -68,12 +74,14 @@ def reduce_to_alpha(alpha: Tensor, per_element: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- reference
 
+
 def inner_update_forward_reference(theta: Tensor, alpha: Tensor, g: Tensor) -> Tensor:
     return (theta - alpha * g).contiguous()  # like the kernels (and the fake), whatever g's strides
 
 
-def inner_update_backward_reference(grad_out: Tensor, alpha: Tensor, g: Tensor,
-                                    need_g: bool, need_alpha: bool):
+def inner_update_backward_reference(
+    grad_out: Tensor, alpha: Tensor, g: Tensor, need_g: bool, need_alpha: bool
+):
     d_theta = grad_out.sum(0)
     d_g = (-alpha * grad_out).contiguous() if need_g else g.new_empty(0)
     d_alpha = -reduce_to_alpha(alpha, g * grad_out) if need_alpha else g.new_empty(0)
@@ -85,18 +93,23 @@ def inner_update_backward_reference(grad_out: Tensor, alpha: Tensor, g: Tensor,
 INNER_UPDATE = OpDeclaration(
     name="inner_update",
     forward=Kernels(
-        every_backend(inner_update_forward_reference,
-                      "inner_update_forward", "inner_update_triton"),
-        device_from=2),
+        every_backend(
+            inner_update_forward_reference, "inner_update_forward", "inner_update_triton"
+        ),
+        device_from=2,
+    ),
     backward=Kernels(
-        every_backend(inner_update_backward_reference,
-                      "inner_update_backward", "inner_update_triton"),
-        device_from=2),
+        every_backend(
+            inner_update_backward_reference, "inner_update_backward", "inner_update_triton"
+        ),
+        device_from=2,
+    ),
     differentiable=ANY_ORDER,  # the backward op has its own autograd formula
 )
 
 
 # ---------------------------------------------------------------- ops
+
 
 @torch.library.custom_op("fastmeta::inner_update", mutates_args=())
 def inner_update_op(theta: Tensor, alpha: Tensor, g: Tensor) -> Tensor:
@@ -111,19 +124,24 @@ def _(theta, alpha, g):
 
 
 @torch.library.custom_op("fastmeta::inner_update_backward", mutates_args=())
-def inner_update_backward_op(grad_out: Tensor, alpha: Tensor, g: Tensor, need_g: bool,
-                             need_alpha: bool) -> tuple[Tensor, Tensor, Tensor]:
+def inner_update_backward_op(
+    grad_out: Tensor, alpha: Tensor, g: Tensor, need_g: bool, need_alpha: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (d_theta [P], d_g [T, P] or empty, d_alpha like alpha or empty)."""
     check_inner_update_backward_args(grad_out, alpha, g)
-    return INNER_UPDATE.run_backward(grad_out.contiguous(), alpha.contiguous(), g.contiguous(),
-                                     need_g, need_alpha)
+    return INNER_UPDATE.run_backward(
+        grad_out.contiguous(), alpha.contiguous(), g.contiguous(), need_g, need_alpha
+    )
 
 
 @inner_update_backward_op.register_fake
 def _(grad_out, alpha, g, need_g, need_alpha):
     check_inner_update_backward_args(grad_out, alpha, g)
-    return (g.new_empty(g.shape[1:]), g.new_empty(g.shape if need_g else (0,)),
-            alpha.new_empty(alpha.shape if need_alpha else (0,)))
+    return (
+        g.new_empty(g.shape[1:]),
+        g.new_empty(g.shape if need_g else (0,)),
+        alpha.new_empty(alpha.shape if need_alpha else (0,)),
+    )
 
 
 def _setup_forward(ctx, inputs, output):
@@ -135,8 +153,11 @@ def _backward_forward(ctx, grad_out):
     alpha, g = ctx.saved_tensors
     need_theta, need_alpha, need_g = ctx.needs_input_grad
     d_theta, d_g, d_alpha = inner_update_backward_op(grad_out, alpha, g, need_g, need_alpha)
-    return (d_theta if need_theta else None, d_alpha if need_alpha else None,
-            d_g if need_g else None)
+    return (
+        d_theta if need_theta else None,
+        d_alpha if need_alpha else None,
+        d_g if need_g else None,
+    )
 
 
 inner_update_op.register_autograd(_backward_forward, setup_context=_setup_forward)
@@ -158,8 +179,11 @@ def _backward_backward(ctx, gd_theta, gd_g, gd_alpha):
     need_go, need_alpha, need_g = ctx.needs_input_grad[:3]
     gg_out = gg_alpha = gg_g = None
     if need_go:
-        gg_out = (inner_update_op(gd_theta, alpha, gd_g) if ctx.need_g
-                  else gd_theta.expand(grad_out.shape).contiguous())
+        gg_out = (
+            inner_update_op(gd_theta, alpha, gd_g)
+            if ctx.need_g
+            else gd_theta.expand(grad_out.shape).contiguous()
+        )
         if ctx.need_alpha:
             gg_out = gg_out - gd_alpha * g
     if need_alpha and ctx.need_g:

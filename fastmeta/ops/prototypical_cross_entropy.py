@@ -40,8 +40,9 @@ from fastmeta.ops.declaration import (
 )
 
 
-def check_query_args(name: str, queries: Tensor, labels: Tensor, num_classes: int,
-                     tau: Tensor) -> None:
+def check_query_args(
+    name: str, queries: Tensor, labels: Tensor, num_classes: int, tau: Tensor
+) -> None:
     """queries [B, M, D] (checked by the caller), query_labels [B, M] in [0, num_classes)
     on the queries' device, tau a floating 0-d tensor of the queries' dtype and device."""
     check_tensor(name, "tau", tau)
@@ -51,12 +52,14 @@ def check_query_args(name: str, queries: Tensor, labels: Tensor, num_classes: in
     check_same_dtype_device(name, "queries", queries, tau=tau)
     check_labels(name, "query_labels", labels, queries.shape[:2], num_classes)
     if labels.device != queries.device:
-        raise ValueError(f"{name}: query_labels is on {labels.device} but queries is on "
-                         f"{queries.device}")
+        raise ValueError(
+            f"{name}: query_labels is on {labels.device} but queries is on {queries.device}"
+        )
 
 
-def check_prototypical_cross_entropy_args(queries: Tensor, prototypes: Tensor, labels: Tensor,
-                                          tau: Tensor) -> None:
+def check_prototypical_cross_entropy_args(
+    queries: Tensor, prototypes: Tensor, labels: Tensor, tau: Tensor
+) -> None:
     name = "fastmeta.prototypical_cross_entropy"
     check_episode_pair(name, "queries", queries, "prototypes", prototypes)
     check_same_dtype_device(name, "queries", queries, prototypes=prototypes)
@@ -77,8 +80,9 @@ def prototypical_cross_entropy_forward_reference(queries, prototypes, labels, ta
     return losses.to(queries.dtype), logits.argmax(-1), log_probs.exp().to(queries.dtype)
 
 
-def prototypical_cross_entropy_backward_reference(grad_losses, queries, prototypes, labels, tau,
-                                                  softmax):
+def prototypical_cross_entropy_backward_reference(
+    grad_losses, queries, prototypes, labels, tau, softmax
+):
     """The backward formulas in torch ops (differentiable when softmax is)."""
     go, q, c, t, p = opmath(grad_losses, queries, prototypes, tau, softmax)
     onehot = torch.nn.functional.one_hot(labels, c.shape[1]).to(p.dtype)
@@ -94,57 +98,86 @@ def prototypical_cross_entropy_backward_reference(grad_losses, queries, prototyp
 PROTOTYPICAL_CROSS_ENTROPY = OpDeclaration(
     name="prototypical_cross_entropy",
     forward=Kernels(
-        every_backend(prototypical_cross_entropy_forward_reference,
-                      "prototypical_cross_entropy_forward", "protonet_triton"),
-        race_on=(0, 1)),
+        every_backend(
+            prototypical_cross_entropy_forward_reference,
+            "prototypical_cross_entropy_forward",
+            "protonet_triton",
+        ),
+        race_on=(0, 1),
+    ),
     backward=Kernels(
-        every_backend(prototypical_cross_entropy_backward_reference,
-                      "prototypical_cross_entropy_backward", "protonet_triton"),
-        device_from=1, race_on=(1, 2)),
+        every_backend(
+            prototypical_cross_entropy_backward_reference,
+            "prototypical_cross_entropy_backward",
+            "protonet_triton",
+        ),
+        device_from=1,
+        race_on=(1, 2),
+    ),
     dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
     # under create_graph the backward is recomputed with differentiable torch ops
     differentiable=ANY_ORDER,
 )
 
 
-def prototypical_cross_entropy_backward_differentiable(grad_losses, queries, prototypes, labels,
-                                                       tau):
+def prototypical_cross_entropy_backward_differentiable(
+    grad_losses, queries, prototypes, labels, tau
+):
     """The backward for create_graph: the softmax recomputed from the inputs and the
     formulas in differentiable torch ops, so grad of grad is exact."""
     softmax = torch.softmax(_logits(*opmath(queries, prototypes, tau)), dim=-1)
-    return prototypical_cross_entropy_backward_reference(grad_losses, queries, prototypes,
-                                                         labels.long(), tau, softmax)
+    return prototypical_cross_entropy_backward_reference(
+        grad_losses, queries, prototypes, labels.long(), tau, softmax
+    )
 
 
 @torch.library.custom_op("fastmeta::prototypical_cross_entropy", mutates_args=())
-def prototypical_cross_entropy_op(queries: Tensor, prototypes: Tensor, labels: Tensor,
-                                  tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def prototypical_cross_entropy_op(
+    queries: Tensor, prototypes: Tensor, labels: Tensor, tau: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     check_prototypical_cross_entropy_args(queries, prototypes, labels, tau)
-    return PROTOTYPICAL_CROSS_ENTROPY.run_forward(queries.contiguous(), prototypes.contiguous(),
-                                                  labels.long().contiguous(), tau)
+    return PROTOTYPICAL_CROSS_ENTROPY.run_forward(
+        queries.contiguous(), prototypes.contiguous(), labels.long().contiguous(), tau
+    )
 
 
 @prototypical_cross_entropy_op.register_fake
 def _(queries, prototypes, labels, tau):
     B, M = queries.shape[:2]
-    return (queries.new_empty(B, M), queries.new_empty(B, M, dtype=torch.int64),
-            queries.new_empty(B, M, prototypes.shape[1]))
+    return (
+        queries.new_empty(B, M),
+        queries.new_empty(B, M, dtype=torch.int64),
+        queries.new_empty(B, M, prototypes.shape[1]),
+    )
 
 
 @torch.library.custom_op("fastmeta::prototypical_cross_entropy_backward", mutates_args=())
-def prototypical_cross_entropy_backward_op(grad_losses: Tensor, queries: Tensor, prototypes: Tensor,
-                                           labels: Tensor, tau: Tensor,
-                                           softmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def prototypical_cross_entropy_backward_op(
+    grad_losses: Tensor,
+    queries: Tensor,
+    prototypes: Tensor,
+    labels: Tensor,
+    tau: Tensor,
+    softmax: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     check_prototypical_cross_entropy_args(queries, prototypes, labels, tau)
     return PROTOTYPICAL_CROSS_ENTROPY.run_backward(
-        grad_losses.contiguous(), queries.contiguous(), prototypes.contiguous(),
-        labels.long().contiguous(), tau, softmax.contiguous())
+        grad_losses.contiguous(),
+        queries.contiguous(),
+        prototypes.contiguous(),
+        labels.long().contiguous(),
+        tau,
+        softmax.contiguous(),
+    )
 
 
 @prototypical_cross_entropy_backward_op.register_fake
 def _(grad_losses, queries, prototypes, labels, tau, softmax):
-    return (queries.new_empty(queries.shape), prototypes.new_empty(prototypes.shape),
-            tau.new_empty(()))
+    return (
+        queries.new_empty(queries.shape),
+        prototypes.new_empty(prototypes.shape),
+        tau.new_empty(()),
+    )
 
 
 def _setup(ctx, inputs, output):
@@ -157,11 +190,13 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_losses, _grad_predictions, _grad_softmax):
     queries, prototypes, labels, tau, softmax = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph: recompute differentiably
-        grads = prototypical_cross_entropy_backward_differentiable(grad_losses, queries, prototypes,
-                                                                   labels, tau)
+        grads = prototypical_cross_entropy_backward_differentiable(
+            grad_losses, queries, prototypes, labels, tau
+        )
     else:
-        grads = prototypical_cross_entropy_backward_op(grad_losses, queries, prototypes, labels,
-                                                       tau, softmax)
+        grads = prototypical_cross_entropy_backward_op(
+            grad_losses, queries, prototypes, labels, tau, softmax
+        )
     d_queries, d_prototypes, d_tau = grads
     return d_queries, d_prototypes, None, d_tau if ctx.needs_input_grad[3] else None
 

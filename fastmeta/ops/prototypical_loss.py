@@ -43,8 +43,14 @@ from fastmeta.ops.prototypical_cross_entropy import (
 NAME = "fastmeta.prototypical_loss"
 
 
-def check_prototypical_loss_args(support: Tensor, support_labels: Tensor, queries: Tensor,
-                                 query_labels: Tensor, num_classes: int, tau: Tensor) -> None:
+def check_prototypical_loss_args(
+    support: Tensor,
+    support_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    num_classes: int,
+    tau: Tensor,
+) -> None:
     check_class_prototypes_args(support, support_labels, num_classes, NAME, "support_labels")
     check_episode_pair(NAME, "support", support, "queries", queries)
     check_same_dtype_device(NAME, "support", support, queries=queries)
@@ -52,56 +58,82 @@ def check_prototypical_loss_args(support: Tensor, support_labels: Tensor, querie
 
 
 @torch.library.custom_op("fastmeta::prototypical_loss", mutates_args=())
-def prototypical_loss_op(support: Tensor, support_labels: Tensor, queries: Tensor,
-                         query_labels: Tensor, num_classes: int,
-                         tau: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_prototypical_loss_args(support, support_labels, queries, query_labels, num_classes,
-                                 tau)
-    prototypes = CLASS_PROTOTYPES.run_forward(support.contiguous(),
-                                              support_labels.long().contiguous(), num_classes)
+def prototypical_loss_op(
+    support: Tensor,
+    support_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    num_classes: int,
+    tau: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_prototypical_loss_args(support, support_labels, queries, query_labels, num_classes, tau)
+    prototypes = CLASS_PROTOTYPES.run_forward(
+        support.contiguous(), support_labels.long().contiguous(), num_classes
+    )
     losses, predictions, softmax = PROTOTYPICAL_CROSS_ENTROPY.run_forward(
-        queries.contiguous(), prototypes, query_labels.long().contiguous(), tau)
+        queries.contiguous(), prototypes, query_labels.long().contiguous(), tau
+    )
     return losses, predictions, prototypes, softmax
 
 
 @prototypical_loss_op.register_fake
 def _(support, support_labels, queries, query_labels, num_classes, tau):
     B, M = queries.shape[:2]
-    return (queries.new_empty(B, M), queries.new_empty(B, M, dtype=torch.int64),
-            support.new_empty(B, num_classes, support.shape[2]),
-            queries.new_empty(B, M, num_classes))
+    return (
+        queries.new_empty(B, M),
+        queries.new_empty(B, M, dtype=torch.int64),
+        support.new_empty(B, num_classes, support.shape[2]),
+        queries.new_empty(B, M, num_classes),
+    )
 
 
 @torch.library.custom_op("fastmeta::prototypical_loss_backward", mutates_args=())
-def prototypical_loss_backward_op(grad_losses: Tensor, support_labels: Tensor, queries: Tensor,
-                                  query_labels: Tensor, tau: Tensor, prototypes: Tensor,
-                                  softmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def prototypical_loss_backward_op(
+    grad_losses: Tensor,
+    support_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    tau: Tensor,
+    prototypes: Tensor,
+    softmax: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(d_support [B, S, D], d_queries [B, M, D], d_tau []) from the forward's
     prototypes [B, C, D] and softmax [B, M, C]."""
     check_episode_pair(NAME, "queries", queries, "prototypes", prototypes)
-    check_same_dtype_device(NAME, "queries", queries, prototypes=prototypes, softmax=softmax,
-                            grad_losses=grad_losses)
+    check_same_dtype_device(
+        NAME, "queries", queries, prototypes=prototypes, softmax=softmax, grad_losses=grad_losses
+    )
     B, M = queries.shape[:2]
     C = prototypes.shape[1]
     check_labels(NAME, "support_labels", support_labels, (B, support_labels.shape[-1]), C)
     check_query_args(NAME, queries, query_labels, C, tau)
     for name, t, shape in (("grad_losses", grad_losses, (B, M)), ("softmax", softmax, (B, M, C))):
         if tuple(t.shape) != shape:
-            raise ValueError(f"{NAME}: {name} must be [{', '.join(map(str, shape))}], got "
-                             f"{shape_str(t)}")
+            raise ValueError(
+                f"{NAME}: {name} must be [{', '.join(map(str, shape))}], got {shape_str(t)}"
+            )
     d_queries, d_prototypes, d_tau = PROTOTYPICAL_CROSS_ENTROPY.run_backward(
-        grad_losses.contiguous(), queries.contiguous(), prototypes.contiguous(),
-        query_labels.long().contiguous(), tau, softmax.contiguous())
-    d_support = CLASS_PROTOTYPES.run_backward(d_prototypes.contiguous(),
-                                              support_labels.long().contiguous())
+        grad_losses.contiguous(),
+        queries.contiguous(),
+        prototypes.contiguous(),
+        query_labels.long().contiguous(),
+        tau,
+        softmax.contiguous(),
+    )
+    d_support = CLASS_PROTOTYPES.run_backward(
+        d_prototypes.contiguous(), support_labels.long().contiguous()
+    )
     return d_support, d_queries, d_tau
 
 
 @prototypical_loss_backward_op.register_fake
 def _(grad_losses, support_labels, queries, query_labels, tau, prototypes, softmax):
     B, S = support_labels.shape
-    return (queries.new_empty(B, S, queries.shape[2]), queries.new_empty(queries.shape),
-            tau.new_empty(()))
+    return (
+        queries.new_empty(B, S, queries.shape[2]),
+        queries.new_empty(queries.shape),
+        tau.new_empty(()),
+    )
 
 
 def _setup(ctx, inputs, output):
@@ -109,8 +141,7 @@ def _setup(ctx, inputs, output):
     _, predictions, prototypes, softmax = output
     ctx.mark_non_differentiable(predictions, prototypes, softmax)
     ctx.num_classes = num_classes
-    ctx.save_for_backward(support, support_labels, queries, query_labels, tau, prototypes,
-                          softmax)
+    ctx.save_for_backward(support, support_labels, queries, query_labels, tau, prototypes, softmax)
 
 
 def _backward(ctx, grad_losses, _grad_predictions, _grad_prototypes, _grad_softmax):
@@ -118,13 +149,14 @@ def _backward(ctx, grad_losses, _grad_predictions, _grad_prototypes, _grad_softm
     if torch.is_grad_enabled():  # create_graph: every step differentiable
         prototypes = class_prototypes_op(support, support_labels, ctx.num_classes)
         d_queries, d_prototypes, d_tau = prototypical_cross_entropy_backward_differentiable(
-            grad_losses, queries, prototypes, query_labels, tau)
+            grad_losses, queries, prototypes, query_labels, tau
+        )
         d_support = class_prototypes_backward_op(d_prototypes, support_labels)
     else:
         d_support, d_queries, d_tau = prototypical_loss_backward_op(
-            grad_losses, support_labels, queries, query_labels, tau, prototypes, softmax)
-    return (d_support, None, d_queries, None, None,
-            d_tau if ctx.needs_input_grad[5] else None)
+            grad_losses, support_labels, queries, query_labels, tau, prototypes, softmax
+        )
+    return (d_support, None, d_queries, None, None, d_tau if ctx.needs_input_grad[5] else None)
 
 
 prototypical_loss_op.register_autograd(_backward, setup_context=_setup)

@@ -57,12 +57,15 @@ def squared_distances_backward(grad: Tensor, queries: Tensor, prototypes: Tensor
 SQUARED_DISTANCES = OpDeclaration(
     name="squared_distances",
     forward=Kernels(
-        every_backend(squared_distances_forward_reference,
-                      "squared_distances_forward", "protonet_triton"),
-        race_on=(0, 1)),
+        every_backend(
+            squared_distances_forward_reference, "squared_distances_forward", "protonet_triton"
+        ),
+        race_on=(0, 1),
+    ),
     dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
     differentiable=ANY_ORDER,  # the backward is differentiable torch ops (GEMMs)
 )
+
 
 @torch.library.custom_op("fastmeta::squared_distances", mutates_args=())
 def squared_distances_op(queries: Tensor, prototypes: Tensor) -> Tensor:
