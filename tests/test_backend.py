@@ -4,11 +4,15 @@ import os
 
 import pytest
 import torch
+from conftest import COMPILED
 
 import fastmeta
 from fastmeta import backend
 
+needs_extension = pytest.mark.skipif(not COMPILED, reason="needs fastmeta._C (the cpu backend)")
 
+
+@needs_extension
 def test_report_says_what_was_built_and_what_runs():
     report = fastmeta.backends()
     assert report.extension_built, report.extension_error
@@ -24,6 +28,7 @@ def test_report_says_what_was_built_and_what_runs():
     assert "fastmeta._C" in text and "inner_update" in text
 
 
+@needs_extension
 def test_default_backend_is_recorded():
     fastmeta.inner_update(torch.randn(3), 0.1, torch.randn(2, 3))
     assert fastmeta.last_backend("inner_update") == "cpu"
@@ -36,6 +41,7 @@ def test_unknown_backend_is_an_error():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@needs_extension
 def test_forcing_cuda_without_gpu_is_an_error():
     reason = "no CUDA GPU is visible" if fastmeta.backends().extension_with_cuda else "without CUDA"
     with pytest.raises(fastmeta.BackendUnavailableError, match=reason):
@@ -64,6 +70,7 @@ def test_environment_variable_forces_a_backend(monkeypatch):
         fastmeta.inner_update(torch.randn(3), 0.1, torch.randn(2, 3))
 
 
+@needs_extension
 def test_context_manager_nests_and_restores():
     with fastmeta.use_backend("reference"):
         with fastmeta.use_backend("cpu"):
@@ -74,6 +81,7 @@ def test_context_manager_nests_and_restores():
     assert backend.forced_backend() is None
 
 
+@needs_extension
 def test_large_cpu_outputs_reuse_pooled_buffers():
     fastmeta.empty_cpu_cache()  # an idle buffer of the same size would be handed out first
     theta, g = torch.randn(1_000_003), torch.randn(4, 1_000_003)  # 16 MB output
@@ -90,6 +98,7 @@ def test_large_cpu_outputs_reuse_pooled_buffers():
     assert fastmeta.empty_cpu_cache() == 0
 
 
+@needs_extension
 def test_report_lists_the_dtypes_that_fall_back_to_the_reference():
     report = fastmeta.backends()
     why = "cpu: its class_prototypes kernels take float32, float64"
@@ -98,6 +107,7 @@ def test_report_lists_the_dtypes_that_fall_back_to_the_reference():
     assert f"  class_prototypes         cpu float16, bfloat16 ({why})" in str(report)
 
 
+@needs_extension
 def test_a_call_that_falls_back_to_the_reference_is_recorded(monkeypatch):
     monkeypatch.setattr(backend, "_fallbacks_seen", {})
     support = torch.randn(1, 4, 3, dtype=torch.bfloat16)

@@ -3,7 +3,7 @@
 The rest of a conv4 block after a convolution ATen computes (layers 2-4 of conv4): the
 three ops read and write the full-resolution activation five times and keep relu(y)
 and int64 pool indices for the backward; the fused op reads c twice and keeps a uint8
-record of each window's maximum. Math and gradients: csrc/bn_relu_pool.h.
+record of each window's maximum. Math and gradients: csrc/cpu/bn_relu_pool_cpu.cpp.
 
     c [N, C, H, W], gamma, beta [C]
       -> (out [N, C, H // 2, W // 2], mean [C], rstd [C], window [N, C, H // 2, W // 2]
@@ -64,7 +64,7 @@ def bn_relu_pool_forward_reference(c, gamma, beta, eps):
 
 
 def bn_relu_pool_backward_reference(grad_out, c, gamma, beta, mean, rstd, window):
-    # csrc/bn_relu_pool.h written with ATen ops (an op's body runs below autograd).
+    # csrc/cpu/bn_relu_pool_cpu.cpp written with ATen ops (an op's body runs below autograd).
     xhat, y = _normalized(c, gamma, beta, mean, rstd)
     Ho, Wo = grad_out.shape[2:]
     rows = 2 * torch.arange(Ho, device=c.device)[:, None] + window.long() // 2

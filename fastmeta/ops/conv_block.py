@@ -4,7 +4,7 @@ For convolutions with few input taps (a network's first layer on 1- or 3-channel
 images) ATen's convolution and the three memory-bound passes over the
 full-resolution activation [N, C, Hc, Wc] dominate a conv4 step on CPU; the fused
 kernel recomputes the cheap convolution instead of storing it. Math and gradients:
-csrc/conv_block.h.
+csrc/cpu/conv_block_cpu.cpp.
 
     x [N, Cin, H, W], weight [C, Cin, KH, KW], bias, gamma, beta [C]
       -> (out [N, C, Hc // 2, Wc // 2], mean [C], rstd [C], window, c_max),
@@ -88,7 +88,7 @@ def conv_block_forward_reference(x, weight, bias, gamma, beta, pad_h, pad_w, eps
 def conv_block_backward_reference(
     grad_out, x, weight, bias, gamma, beta, mean, rstd, window, c_max, pad_h, pad_w, need_x
 ):
-    # The formulas of csrc/conv_block.h written with ATen ops (an op's body runs
+    # The formulas of csrc/cpu/conv_block_cpu.cpp written with ATen ops (an op's body runs
     # below autograd, so it cannot differentiate its forward).
     padding = (pad_h, pad_w)
     c, xhat = _conv_bn(x, weight, bias, padding, mean, rstd)
