@@ -25,7 +25,12 @@ import triton
 import triton.language as tl
 
 from fastmeta.kernels.launch import launches_on_input_device
-from fastmeta.kernels.tiles import gram_tile, program_coords, store_tile, tile_size
+from fastmeta.kernels.tiles import (
+    gram_tile,
+    program_coords,
+    query_class_launch,
+    store_tile,
+)
 
 
 @triton.jit
@@ -62,24 +67,7 @@ def cosine_similarities_forward(
 ) -> torch.Tensor:
     """queries [B, M, D], prototypes [B, C, D] (float32, one device), eps > 0
     -> s [B, M, C], s = q . c / (max(||q||, eps) max(||c||, eps))."""
-    queries, prototypes = queries.contiguous(), prototypes.contiguous()
-    B, M, D = queries.shape
-    C = prototypes.shape[1]
-    out = queries.new_empty(B, M, C)
-    if out.numel() == 0:
-        return out
-    block_m, block_c, block_d = tile_size(M, 64, 128), tile_size(C, 64, 128), tile_size(D, 32, 128)
-    grid = (B * triton.cdiv(M, block_m) * triton.cdiv(C, block_c),)
-    _cosine_similarities_kernel[grid](
-        queries,
-        prototypes,
-        out,
-        float(eps),
-        M,
-        C,
-        D,
-        BLOCK_M=block_m,
-        BLOCK_C=block_c,
-        BLOCK_D=block_d,
-    )
+    queries, prototypes, out, grid, sizes, blocks = query_class_launch(queries, prototypes, 128)
+    if grid[0]:
+        _cosine_similarities_kernel[grid](queries, prototypes, out, float(eps), *sizes, **blocks)
     return out

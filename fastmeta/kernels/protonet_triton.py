@@ -38,7 +38,15 @@ import triton
 import triton.language as tl
 
 from fastmeta.kernels.launch import launches_on_input_device
-from fastmeta.kernels.tiles import dot, gram_tile, load_tile, program_coords, store_tile, tile_size
+from fastmeta.kernels.tiles import (
+    dot,
+    gram_tile,
+    load_tile,
+    program_coords,
+    query_class_launch,
+    store_tile,
+    tile_size,
+)
 
 
 @triton.jit
@@ -310,26 +318,11 @@ def class_prototypes_backward(grad: torch.Tensor, labels: torch.Tensor) -> torch
 @launches_on_input_device
 def squared_distances_forward(queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """queries [B, M, D], prototypes [B, C, D] -> ||q - c||^2 [B, M, C]."""
-    queries, prototypes = queries.contiguous(), prototypes.contiguous()
-    B, M, D = queries.shape
-    C = prototypes.shape[1]
-    out = queries.new_empty(B, M, C)
-    if out.numel() == 0:
-        return out
-    block_m, block_c, block_d = tile_size(M, 64, 512), tile_size(C, 64, 512), tile_size(D, 32, 128)
-    grid = (B * triton.cdiv(M, block_m) * triton.cdiv(C, block_c),)
-    _squared_distances_kernel[grid](
-        queries,
-        prototypes,
-        out,
-        M,
-        C,
-        D,
-        BLOCK_M=block_m,
-        BLOCK_C=block_c,
-        BLOCK_D=block_d,
-        BLOCK_R=tile_size(D, 4, 8, least=1),
-    )
+    queries, prototypes, out, grid, sizes, blocks = query_class_launch(queries, prototypes, 512)
+    if grid[0]:
+        _squared_distances_kernel[grid](
+            queries, prototypes, out, *sizes, **blocks, BLOCK_R=tile_size(sizes[2], 4, 8, least=1)
+        )
     return out
 
 

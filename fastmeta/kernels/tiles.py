@@ -22,6 +22,25 @@ def tile_size(n: int, gpu: int, interpreter: int, least: int = 16) -> int:
     return max(least, min(triton.next_power_of_2(max(n, 1)), cap))
 
 
+def query_class_launch(queries, prototypes, interpreter_cap: int):
+    """What a kernel with one program per (episode, query tile, class tile) needs, for
+    queries [B, M, D] and prototypes [B, C, D]: both contiguous, the output [B, M, C]
+    (uninitialized), the 1-D grid (0 programs when the output is empty), the sizes
+    (M, C, D) and the tiles {BLOCK_M, BLOCK_C, BLOCK_D} (64, 64, 32 on a GPU; M and C
+    tiles up to interpreter_cap under the interpreter)."""
+    queries, prototypes = queries.contiguous(), prototypes.contiguous()
+    B, M, D = queries.shape
+    C = prototypes.shape[1]
+    out = queries.new_empty(B, M, C)
+    blocks = dict(
+        BLOCK_M=tile_size(M, 64, interpreter_cap),
+        BLOCK_C=tile_size(C, 64, interpreter_cap),
+        BLOCK_D=tile_size(D, 32, 128),
+    )
+    programs = B * triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(C, blocks["BLOCK_C"])
+    return queries, prototypes, out, (programs if out.numel() else 0,), (M, C, D), blocks
+
+
 @triton.jit
 def dot(a, b, acc):
     # ieee float32 products: matches the float64 references tightly (and the one-hot GEMM
