@@ -23,7 +23,6 @@ direction), which argument gives the device and dtype that choose the backend,
 which form the shape bucket of the GPU race (fastmeta/race.py), and the
 second-derivative policy:
 
-
   ANY_ORDER  the backward is differentiable (its own op with an autograd formula,
              or differentiable torch ops): grad of grad is exact, to any order.
   ONCE       the backward op's derivative raises a RuntimeError naming the op, so a
