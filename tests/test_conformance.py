@@ -16,7 +16,7 @@ from op_samples import SAMPLES, OpSample
 
 import fastmeta
 from fastmeta import backend
-from fastmeta.ops import declaration
+from fastmeta.ops import DECLARATIONS, declaration
 
 TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-10}
 
@@ -65,6 +65,16 @@ def _to_float64_cpu(args: list) -> list:
         else a
         for a in args
     ]
+
+
+def test_every_declared_op_has_a_sample():
+    """An op added to fastmeta.ops.DECLARATIONS without an OpSample fails here."""
+    declared = {d.name for d in DECLARATIONS}
+    sampled = {s.name for s in SAMPLES}
+    assert declared <= sampled, f"ops without an OpSample: {sorted(declared - sampled)}"
+    for sample in SAMPLES:
+        policy = next((d.differentiable for d in DECLARATIONS if d.name == sample.name), None)
+        assert policy in (None, sample.differentiable), sample.name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

@@ -127,7 +127,7 @@ class OpDeclaration:
     differentiable: str = ANY_ORDER
 
     def __post_init__(self):
-        backends = tuple(self.forward.impls)
+        backends = self.backends
         if backends[0] != "reference":
             raise ValueError(f"{self.name}: the reference must be the first backend")
         if self.backward is not None and tuple(self.backward.impls) != backends:
