@@ -9,6 +9,8 @@ metanet = fastmeta.MetaNetwork(ways=5)            # Meta Networks, conv4 for 28x
 maml = fastmeta.MAML(model, lr=0.4)              # learner = maml.adapt_batch(xs, ys, loss_fn)
 with fastmeta.use_backend("reference"):          # force a backend
     ...
+with fastmeta.validate_args(False):              # skip label value checks (speed)
+    ...
 """
 
 from fastmeta import functional
@@ -19,6 +21,7 @@ from fastmeta.metanet import MetaNetwork
 from fastmeta.ops import inner_update
 from fastmeta.protonet import ProtoNet
 from fastmeta.report import backends
+from fastmeta.validation import raise_deferred_errors, set_validate_args, validate_args
 
 __version__ = "0.1.0"
 
@@ -34,5 +37,8 @@ __all__ = [
     "functional",
     "inner_update",
     "last_backend",
+    "raise_deferred_errors",
+    "set_validate_args",
     "use_backend",
+    "validate_args",
 ]

@@ -11,15 +11,15 @@ get_prototypes = class_prototypes (torchmeta's name and argument order)
 inner_update(theta [P], alpha, g [T,P])                             -> [T, P]
 """
 
-import torch
 from torch import Tensor
 
 from fastmeta.ops._checks import check_num_classes, check_tensor
+from fastmeta.ops._scalars import scalar_tensor
 from fastmeta.ops.class_prototypes import class_prototypes_op
 from fastmeta.ops.cosine_similarities import cosine_similarities_op
 from fastmeta.ops.inner_update import inner_update
 from fastmeta.ops.prototypical_cross_entropy import prototypical_cross_entropy_op
-from fastmeta.ops.prototypical_loss import prototypical_loss_op
+from fastmeta.ops.prototypical_loss import prototypical_loss as prototypical_loss_fused
 from fastmeta.ops.squared_distances import squared_distances_op
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -65,7 +65,7 @@ def cosine_similarities(queries: Tensor, prototypes: Tensor, eps: float = 1e-8) 
 def _tau_tensor(tau, like: Tensor) -> Tensor:
     if isinstance(tau, Tensor):
         return tau.reshape(()) if tau.numel() == 1 else tau
-    return torch.tensor(float(tau), dtype=like.dtype, device=like.device)
+    return scalar_tensor(tau, like.dtype, like.device)
 
 
 def _reduce(losses: Tensor, reduction: str, batched: bool) -> Tensor:
@@ -119,7 +119,7 @@ def prototypical_loss(
     batched = support.dim() == 3
     q = _batched(op, "queries", queries, 2)
     y_query = _batched(op, "query_labels", query_labels, 1)
-    losses, predictions, _, _ = prototypical_loss_op(
+    losses, predictions, _, _ = prototypical_loss_fused(
         _batched(op, "support", support, 2),
         _batched(op, "support_labels", support_labels, 1),
         q,
@@ -127,7 +127,7 @@ def prototypical_loss(
         num_classes,
         _tau_tensor(tau, q),
     )
-    accuracy = (predictions == y_query).to(q.dtype).mean()
+    accuracy = predictions.eq(y_query).mean(dtype=q.dtype)
     return _reduce(losses, reduction, batched), accuracy
 
 

@@ -78,13 +78,16 @@ at::Tensor gradient_mlp_forward_cpu(const at::Tensor& grads, const at::Tensor& w
                                     const at::Tensor& b1, const at::Tensor& w2,
                                     const at::Tensor& b2, double p) {
   check_parameters(grads, w1, b1, w2);
+  TORCH_CHECK(b2.numel() == 1 && b2.scalar_type() == grads.scalar_type(),
+              "gradient_mlp: b2 must be one element of the grads' dtype, got ", b2.sizes(), " ",
+              b2.scalar_type());
   at::Tensor out = at::empty_like(grads);
   const int64_t n = grads.numel();
   AT_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "gradient_mlp_forward_cpu", [&] {
     using T = scalar_t;
     const Mlp<T> mlp(w1, b1, w2, p);
     const T* g = grads.const_data_ptr<T>();
-    const T bias2 = b2.item<T>();
+    const T bias2 = *b2.const_data_ptr<T>();  // a CPU read, not a sync
     T* y = out.mutable_data_ptr<T>();
     at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {

@@ -226,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_forwar
   AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "prototypical_cross_entropy_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto cn = row_squared_norms<scalar_t>(prototypes);
-    const acc_t t = tau.item<acc_t>();
+    const acc_t t = acc_t(*tau.const_data_ptr<scalar_t>());  // a CPU read, not a sync
     const int64_t* y = labels.const_data_ptr<int64_t>();
     scalar_t* p = softmax.mutable_data_ptr<scalar_t>();
     scalar_t* loss = losses.mutable_data_ptr<scalar_t>();
@@ -273,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backwa
     const scalar_t* p = softmax.const_data_ptr<scalar_t>();
     const scalar_t* go = grad_losses.const_data_ptr<scalar_t>();
     scalar_t* g = G.mutable_data_ptr<scalar_t>();
-    const acc_t t = tau.item<acc_t>();
+    const acc_t t = acc_t(*tau.const_data_ptr<scalar_t>());  // a CPU read, not a sync
     // partial column sums of G: [B, tasks, C], reduced below in task order.
     std::vector<acc_t> partial(B * tasks * C, acc_t(0));
     // G's rows [m0, m1) of episode b (m0 a multiple of kRowsPerTask) into g_rows.

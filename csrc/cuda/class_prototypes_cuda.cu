@@ -4,25 +4,29 @@
 //             support [B, S, D], labels [B, S] int64 in [0, C) -> [B, C, D]
 //   backward: d_support[b, i] = grad[b, y_bi] / n_{b, y_bi}      grad [B, C, D] -> [B, S, D]
 //
+// Label values are checked by the Python op (fastmeta/validation.py) without a sync;
+// these kernels never read a label as an index unless it lies in [0, C), so bad
+// labels (validation off) give NaN or wrong numbers, never an out-of-bounds access.
+// No host reads: nothing here synchronizes.
+//
 // segments: at::sort(labels, stable, dim 1) gives each episode's support indices
 //           grouped by class, in support order; one thread per (episode, k in
 //           [0, C]) binary-searches the sorted labels for offsets[b, k], the start
-//           of class k's segment (so n_bk = offsets[b, k + 1] - offsets[b, k]), and
-//           flags an out-of-range label or an empty class. The first flag (integer
-//           atomicMin on its slot index, order-independent) is copied to the host,
-//           which raises the error: one sync per call, no crash on bad labels.
+//           of class k's segment (so n_bk = offsets[b, k + 1] - offsets[b, k]).
+//           Labels outside [0, C) fall outside every segment.
 // forward : one block row per (episode, class), x over the B*C rows and y over
 //           column tiles of D; each thread sums its column over the class's
 //           segment in support order (no float atomics: deterministic, and the
-//           same order as the CPU kernel), then scales by 1 / n.
-// backward: one block row per support row (b, i), same column tiling; reads
-//           grad[b, y_bi] and scales by 1 / n.
+//           same order as the CPU kernel), then scales by 1 / n (an empty class: NaN).
+// backward: n_bk by integer atomics (order-independent, no sort); then one block row
+//           per support row (b, i), same column tiling; reads grad[b, y_bi] and
+//           scales by 1 / n (a label outside [0, C): NaN).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/sort.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -36,8 +40,6 @@
 namespace fastmeta {
 namespace {
 
-constexpr int64_t kNoError = std::numeric_limits<int64_t>::max();
-
 // First index of the sorted y[0, n) with y[index] >= value.
 __device__ int64_t lower_bound(const int64_t* y, int64_t n, int64_t value) {
   int64_t lo = 0, hi = n;
@@ -49,23 +51,26 @@ __device__ int64_t lower_bound(const int64_t* y, int64_t n, int64_t value) {
   return lo;
 }
 
-// sorted [B, S] (each row ascending) -> offsets [B, C + 1]. Slot t = b (C + 1) + j
-// flags episode b: j = 0 a label outside [0, C), j > 0 class j - 1 empty;
-// first_error receives the smallest flagged slot.
+// sorted [B, S] (each row ascending) -> offsets [B, C + 1]: offsets[b, j] is the first
+// index of episode b's sorted labels with a label >= j.
 __global__ void segments_kernel(const int64_t* __restrict__ sorted, int64_t* __restrict__ offsets,
-                                int64_t* __restrict__ first_error, int64_t B, int64_t S,
-                                int64_t C) {
+                                int64_t B, int64_t S, int64_t C) {
   const int64_t slots = C + 1;
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < B * slots;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = t / slots, j = t % slots;
-    const int64_t* y = sorted + b * S;
-    const int64_t start = lower_bound(y, S, j);
-    offsets[t] = start;
-    const bool bad =
-        j == 0 ? S > 0 && (y[0] < 0 || y[S - 1] >= C) : start == lower_bound(y, S, j - 1);
-    if (bad) {
-      atomicMin(reinterpret_cast<long long*>(first_error), static_cast<long long>(t));
+    offsets[t] = lower_bound(sorted + b * S, S, j);
+  }
+}
+
+// counts [B, C] (zeroed) += the number of labels[b, :] equal to k, for k in [0, C).
+__global__ void counts_kernel(const int64_t* __restrict__ labels, int64_t* __restrict__ counts,
+                              int64_t S, int64_t C, int64_t n) {
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < n;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = labels[t];
+    if (k >= 0 && k < C) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(counts + (t / S) * C + k), 1ull);
     }
   }
 }
@@ -76,29 +81,28 @@ struct Segments {
   at::Tensor offsets;  // [B, C + 1] int64
 };
 
-// Fails (TORCH_CHECK, after one device-to-host copy) unless every label of the
-// contiguous int64 CUDA labels [B, S] lies in [0, C) and every class has an example.
+// The segments of the contiguous int64 CUDA labels [B, S] (no host read).
 Segments class_segments(const at::Tensor& labels, int64_t C) {
   const int64_t B = labels.size(0), S = labels.size(1);
   const auto [sorted, perm] = at::sort(labels, /*stable=*/true, /*dim=*/1);
   at::Tensor offsets = at::empty({B, C + 1}, labels.options());
   if (B == 0) return {perm, offsets};
-  at::Tensor first_error = at::full({}, kNoError, labels.options());
   segments_kernel<<<grid_blocks(B * (C + 1), kThreads), kThreads, 0,
                     c10::cuda::getCurrentCUDAStream()>>>(
-      sorted.const_data_ptr<int64_t>(), offsets.mutable_data_ptr<int64_t>(),
-      first_error.mutable_data_ptr<int64_t>(), B, S, C);
+      sorted.const_data_ptr<int64_t>(), offsets.mutable_data_ptr<int64_t>(), B, S, C);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t slot = first_error.item<int64_t>();
-  if (slot != kNoError) {
-    const int64_t b = slot / (C + 1), j = slot % (C + 1);
-    TORCH_CHECK(j != 0, "class_prototypes: a label of episode ", b, " is outside [0, ", C,
-                "): labels range over [", sorted[b][0].item<int64_t>(), ", ",
-                sorted[b][S - 1].item<int64_t>(), "]");
-    TORCH_CHECK(false, "class_prototypes: class ", j - 1, " of episode ", b,
-                " has no support example");
-  }
   return {perm, offsets};
+}
+
+// n_bk [B, C] int64 of the contiguous int64 CUDA labels [B, S] (no sort, no host read).
+at::Tensor class_counts(const at::Tensor& labels, int64_t C) {
+  const int64_t B = labels.size(0), S = labels.size(1);
+  at::Tensor counts = at::zeros({B, C}, labels.options());
+  if (labels.numel() == 0 || C == 0) return counts;
+  counts_kernel<<<grid_blocks(B * S, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      labels.const_data_ptr<int64_t>(), counts.mutable_data_ptr<int64_t>(), S, C, B * S);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return counts;
 }
 
 void check_labels(const at::Tensor& labels, const at::Tensor& x, int64_t B) {
@@ -144,23 +148,24 @@ __global__ void prototypes_forward_kernel(const scalar_t* __restrict__ support,
   }
 }
 
-// grad [B, C, D], labels [B, S], offsets [B, C + 1] -> d_support [B, S, D].
+// grad [B, C, D], labels [B, S], counts [B, C] -> d_support [B, S, D].
 template <typename scalar_t>
 __global__ void prototypes_backward_kernel(const scalar_t* __restrict__ grad,
                                            const int64_t* __restrict__ labels,
-                                           const int64_t* __restrict__ offsets,
+                                           const int64_t* __restrict__ counts,
                                            scalar_t* __restrict__ d_support, int64_t S, int64_t C,
                                            int64_t D, int64_t rows) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {  // r = b * S + i
     const int64_t b = r / S, k = labels[r];
-    const int64_t* segment = offsets + b * (C + 1) + k;
-    const acc_t inv = acc_t(1) / acc_t(segment[1] - segment[0]);
-    const scalar_t* src = grad + (b * C + k) * D;
+    const bool valid = k >= 0 && k < C;
+    const acc_t inv = valid ? acc_t(1) / acc_t(counts[b * C + k]) : acc_t(0);
+    const scalar_t* src = grad + (b * C + k) * D;  // read only when valid
     scalar_t* dst = d_support + r * D;
     for (int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; j < D;
          j += int64_t(gridDim.y) * blockDim.x) {
-      dst[j] = static_cast<scalar_t>(acc_t(src[j]) * inv);
+      dst[j] = valid ? static_cast<scalar_t>(acc_t(src[j]) * inv)
+                     : std::numeric_limits<scalar_t>::quiet_NaN();
     }
   }
 }
@@ -202,7 +207,7 @@ at::Tensor class_prototypes_backward_cuda(const at::Tensor& grad, const at::Tens
   check_labels(labels, grad, B);
   const int64_t S = labels.size(1);
   const c10::cuda::CUDAGuard guard(grad.device());
-  const Segments segments = class_segments(labels, C);  // the counts, and the label checks
+  const at::Tensor counts = class_counts(labels, C);
   at::Tensor d_support = at::empty({B, S, D}, grad.options());
   if (d_support.numel() == 0) return d_support;
   const ColumnGrid launch = column_grid(B * S, D);
@@ -210,8 +215,8 @@ at::Tensor class_prototypes_backward_cuda(const at::Tensor& grad, const at::Tens
     prototypes_backward_kernel<scalar_t>
         <<<launch.grid, launch.threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             grad.const_data_ptr<scalar_t>(), labels.const_data_ptr<int64_t>(),
-            segments.offsets.const_data_ptr<int64_t>(), d_support.mutable_data_ptr<scalar_t>(), S,
-            C, D, B * S);
+            counts.const_data_ptr<int64_t>(), d_support.mutable_data_ptr<scalar_t>(), S, C, D,
+            B * S);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return d_support;

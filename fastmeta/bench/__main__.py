@@ -10,13 +10,14 @@ import sys
 import torch
 
 import fastmeta
-from fastmeta.bench import conv_block, harness, inner_update, maml, metanet, protonet
+from fastmeta.bench import conv_block, harness, inner_update, maml, metanet, overhead, protonet
 
 CASES = {
     conv_block.CASE: conv_block.run,
     inner_update.CASE: inner_update.run,
     maml.CASE: maml.run,
     metanet.CASE: metanet.run,
+    overhead.CASE: overhead.run,
     protonet.CASE: protonet.run,
 }
 
@@ -53,7 +54,9 @@ def main(argv=None) -> int:
     command = "python -m fastmeta.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     results = []
     for case in args.case or sorted(CASES):
-        timing = {} if args.device == "cuda" else {"repeats": args.repeats}
+        timing = (
+            {} if args.device == "cuda" and case != overhead.CASE else {"repeats": args.repeats}
+        )
         results += CASES[case](args.device, quick=args.quick, **timing)
     stem = args.stem or f"bench-{args.device}" + ("-quick" if args.quick else "")
     paths = harness.write_results(results, args.out, stem, {"machine": machine, "command": command})

@@ -33,6 +33,7 @@ from fastmeta.metanet.layers import augmented_layers, fast_branches, split_at_fi
 from fastmeta.metanet.networks import conv4_network
 from fastmeta.metanet.passes import FUSED, PLAIN, Implementation, task_branch
 from fastmeta.ops._checks import check_labels
+from fastmeta.validation import Labels, check_label_values
 
 NAME = "fastmeta.MetaNetwork"
 
@@ -134,10 +135,20 @@ class MetaNetwork(nn.Module):
         return [self.implementation.generate(generator, g) for g in grads]
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        return self._logits(support_x, support_y, query_x)
+
+    def _logits(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor | None = None
+    ) -> Tensor:
+        """forward's logits; the label values (support_y, and query_y when given: loss's
+        labels, checked in the same pass) are checked once the class count is known."""
         unbatched = support_y.dim() == 1
         if unbatched:
             support_x, support_y, query_x = support_x[None], support_y[None], query_x[None]
+            query_y = None if query_y is None else query_y[None]
         self._check(support_x, support_y, query_x)
+        if query_y is not None:
+            check_labels(NAME, "query_y", query_y, query_x.shape[:2])
         B, N, M = support_y.shape[0], support_y.shape[1], query_x.shape[1]
         xs, xq, ys = support_x.flatten(0, 1), query_x.flatten(0, 1), support_y.flatten()
         base_prefix, base_tail, rep_prefix, rep_tail, fused_base, fused_rep = self._parts
@@ -160,7 +171,10 @@ class MetaNetwork(nn.Module):
 
         # 2. W*_i = m(grad of the base learner's loss on support example i)
         def support_loss(logits: Tensor) -> Tensor:
-            check_labels(NAME, "support_y", support_y, support_y.shape, logits.shape[-1])
+            check_labels(NAME, "support_y", support_y, support_y.shape)
+            ways = logits.shape[-1]
+            queries = () if query_y is None else (Labels("query_y", query_y, ways),)
+            check_label_values(NAME, Labels("support_y", support_y, ways), *queries)
             return F.cross_entropy(logits, ys, reduction="sum")
 
         base_grads = self._gradients(base_tail, base_prefix(xs), support_loss)
@@ -178,8 +192,7 @@ class MetaNetwork(nn.Module):
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
     ) -> tuple[Tensor, Tensor]:
         """(mean query cross-entropy [], mean query accuracy [])."""
-        logits = self(support_x, support_y, query_x)
-        check_labels(NAME, "query_y", query_y, logits.shape[:-1], logits.shape[-1])
+        logits = self._logits(support_x, support_y, query_x, query_y)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), query_y.reshape(-1))
         return loss, (logits.argmax(-1) == query_y).float().mean()
 

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from fastmeta.ops._checks import (
-    check_every_class_present,
     check_floating,
     check_labels,
     check_num_classes,
@@ -31,6 +30,7 @@ from fastmeta.ops.declaration import (
     OpDeclaration,
     every_backend,
 )
+from fastmeta.validation import Labels, check_label_values
 
 
 def check_class_prototypes_args(
@@ -41,19 +41,18 @@ def check_class_prototypes_args(
     labels_name: str = "labels",
 ) -> None:
     """Raises a clear error (naming `name` and the arguments) unless support [B, S, D]
-    and labels [B, S] make episodes in which every one of num_classes classes has a
-    support example."""
+    and integer labels [B, S] on its device are episodes of num_classes classes (the
+    host-side checks: label values are checked by the ops, see fastmeta.validation)."""
     check_tensor(name, "support", support)
     check_floating(name, "support", support)
     if support.dim() != 3:
         raise ValueError(f"{name}: support must be [B, S, D], got shape {shape_str(support)}")
     check_num_classes(name, num_classes)
-    check_labels(name, labels_name, labels, support.shape[:2], num_classes)
+    check_labels(name, labels_name, labels, support.shape[:2])
     if labels.device != support.device:
         raise ValueError(
             f"{name}: {labels_name} is on {labels.device} but support is on {support.device}"
         )
-    check_every_class_present(name, labels_name, labels, num_classes)
 
 
 def _counts(labels: Tensor, num_classes: int, dtype) -> Tensor:
@@ -99,6 +98,9 @@ CLASS_PROTOTYPES = OpDeclaration(
 @torch.library.custom_op("fastmeta::class_prototypes", mutates_args=())
 def class_prototypes_op(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     check_class_prototypes_args(support, labels, num_classes)
+    check_label_values(
+        "fastmeta.class_prototypes", Labels("labels", labels, num_classes, every_class=True)
+    )
     return CLASS_PROTOTYPES.run_forward(
         support.contiguous(), labels.long().contiguous(), num_classes
     )

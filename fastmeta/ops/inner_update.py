@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
+from fastmeta.ops._scalars import scalar_tensor
 from fastmeta.ops.declaration import ANY_ORDER, Kernels, OpDeclaration, every_backend
 
 
@@ -205,6 +206,6 @@ def inner_update(theta: Tensor, alpha, g: Tensor) -> Tensor:
     check_tensor("fastmeta.inner_update", "theta", theta)
     check_tensor("fastmeta.inner_update", "g", g)
     if not isinstance(alpha, torch.Tensor):
-        dtype = theta.dtype if theta.is_floating_point() else None
-        alpha = torch.tensor(float(alpha), dtype=dtype, device=theta.device)
+        dtype = theta.dtype if theta.is_floating_point() else torch.get_default_dtype()
+        alpha = scalar_tensor(alpha, dtype, theta.device)
     return inner_update_op(theta, alpha, g)

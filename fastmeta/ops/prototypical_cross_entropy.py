@@ -38,19 +38,19 @@ from fastmeta.ops.declaration import (
     OpDeclaration,
     every_backend,
 )
+from fastmeta.validation import Labels, check_label_values
 
 
-def check_query_args(
-    name: str, queries: Tensor, labels: Tensor, num_classes: int, tau: Tensor
-) -> None:
-    """queries [B, M, D] (checked by the caller), query_labels [B, M] in [0, num_classes)
-    on the queries' device, tau a floating 0-d tensor of the queries' dtype and device."""
+def check_query_args(name: str, queries: Tensor, labels: Tensor, tau: Tensor) -> None:
+    """queries [B, M, D] (checked by the caller), integer query_labels [B, M] on the
+    queries' device (values: see fastmeta.validation), tau a floating 0-d tensor of
+    the queries' dtype and device."""
     check_tensor(name, "tau", tau)
     check_floating(name, "tau", tau)
     if tau.dim() != 0:
         raise ValueError(f"{name}: tau must be a scalar, got shape {shape_str(tau)}")
     check_same_dtype_device(name, "queries", queries, tau=tau)
-    check_labels(name, "query_labels", labels, queries.shape[:2], num_classes)
+    check_labels(name, "query_labels", labels, queries.shape[:2])
     if labels.device != queries.device:
         raise ValueError(
             f"{name}: query_labels is on {labels.device} but queries is on {queries.device}"
@@ -63,7 +63,7 @@ def check_prototypical_cross_entropy_args(
     name = "fastmeta.prototypical_cross_entropy"
     check_episode_pair(name, "queries", queries, "prototypes", prototypes)
     check_same_dtype_device(name, "queries", queries, prototypes=prototypes)
-    check_query_args(name, queries, labels, prototypes.shape[1], tau)
+    check_query_args(name, queries, labels, tau)
 
 
 def _logits(queries: Tensor, prototypes: Tensor, tau: Tensor) -> Tensor:
@@ -85,7 +85,8 @@ def prototypical_cross_entropy_backward_reference(
 ):
     """The backward formulas in torch ops (differentiable when softmax is)."""
     go, q, c, t, p = opmath(grad_losses, queries, prototypes, tau, softmax)
-    onehot = torch.nn.functional.one_hot(labels, c.shape[1]).to(p.dtype)
+    classes = torch.arange(c.shape[1], device=labels.device)
+    onehot = (labels[..., None] == classes).to(p.dtype)  # one_hot() would read the labels
     G = (p - onehot) * go[..., None]
     GC = torch.bmm(G, c)
     colsum = G.sum(1)  # [B, C]
@@ -136,6 +137,10 @@ def prototypical_cross_entropy_op(
     queries: Tensor, prototypes: Tensor, labels: Tensor, tau: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     check_prototypical_cross_entropy_args(queries, prototypes, labels, tau)
+    check_label_values(
+        "fastmeta.prototypical_cross_entropy",
+        Labels("query_labels", labels, prototypes.shape[1]),
+    )
     return PROTOTYPICAL_CROSS_ENTROPY.run_forward(
         queries.contiguous(), prototypes.contiguous(), labels.long().contiguous(), tau
     )

@@ -19,6 +19,8 @@ backend its own op selects (and records): class_prototypes and
 prototypical_cross_entropy.
 """
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -34,11 +36,13 @@ from fastmeta.ops.class_prototypes import (
     class_prototypes_backward_op,
     class_prototypes_op,
 )
+from fastmeta.ops.eager import eager_function, eager_path
 from fastmeta.ops.prototypical_cross_entropy import (
     PROTOTYPICAL_CROSS_ENTROPY,
     check_query_args,
     prototypical_cross_entropy_backward_differentiable,
 )
+from fastmeta.validation import Labels, check_label_values
 
 NAME = "fastmeta.prototypical_loss"
 
@@ -54,11 +58,10 @@ def check_prototypical_loss_args(
     check_class_prototypes_args(support, support_labels, num_classes, NAME, "support_labels")
     check_episode_pair(NAME, "support", support, "queries", queries)
     check_same_dtype_device(NAME, "support", support, queries=queries)
-    check_query_args(NAME, queries, query_labels, num_classes, tau)
+    check_query_args(NAME, queries, query_labels, tau)
 
 
-@torch.library.custom_op("fastmeta::prototypical_loss", mutates_args=())
-def prototypical_loss_op(
+def prototypical_loss_forward(
     support: Tensor,
     support_labels: Tensor,
     queries: Tensor,
@@ -67,6 +70,11 @@ def prototypical_loss_op(
     tau: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_prototypical_loss_args(support, support_labels, queries, query_labels, num_classes, tau)
+    check_label_values(
+        NAME,
+        Labels("support_labels", support_labels, num_classes, every_class=True),
+        Labels("query_labels", query_labels, num_classes),
+    )
     prototypes = CLASS_PROTOTYPES.run_forward(
         support.contiguous(), support_labels.long().contiguous(), num_classes
     )
@@ -74,6 +82,11 @@ def prototypical_loss_op(
         queries.contiguous(), prototypes, query_labels.long().contiguous(), tau
     )
     return losses, predictions, prototypes, softmax
+
+
+prototypical_loss_op = torch.library.custom_op("fastmeta::prototypical_loss", mutates_args=())(
+    prototypical_loss_forward
+)
 
 
 @prototypical_loss_op.register_fake
@@ -87,6 +100,56 @@ def _(support, support_labels, queries, query_labels, num_classes, tau):
     )
 
 
+def check_prototypical_loss_backward_args(
+    grad_losses: Tensor,
+    support_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    tau: Tensor,
+    prototypes: Tensor,
+    softmax: Tensor,
+) -> None:
+    """Host-side checks of the backward op's arguments (the label values were checked
+    by the forward)."""
+    check_episode_pair(NAME, "queries", queries, "prototypes", prototypes)
+    check_same_dtype_device(
+        NAME, "queries", queries, prototypes=prototypes, softmax=softmax, grad_losses=grad_losses
+    )
+    B, M = queries.shape[:2]
+    C = prototypes.shape[1]
+    check_labels(NAME, "support_labels", support_labels, (B, support_labels.shape[-1]))
+    check_query_args(NAME, queries, query_labels, tau)
+    for name, t, shape in (("grad_losses", grad_losses, (B, M)), ("softmax", softmax, (B, M, C))):
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"{NAME}: {name} must be [{', '.join(map(str, shape))}], got {shape_str(t)}"
+            )
+
+
+def prototypical_loss_backward(
+    grad_losses: Tensor,
+    support_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    tau: Tensor,
+    prototypes: Tensor,
+    softmax: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_support [B, S, D], d_queries [B, M, D], d_tau []) from the forward's inputs
+    and its prototypes [B, C, D] and softmax [B, M, C] (unchecked: the eager path
+    passes what the forward saved; the backward op checks first)."""
+    d_queries, d_prototypes, d_tau = PROTOTYPICAL_CROSS_ENTROPY.run_backward(
+        grad_losses.contiguous(),
+        queries.contiguous(),
+        prototypes.contiguous(),
+        query_labels.long().contiguous(),
+        tau,
+        softmax.contiguous(),
+    )
+    d_support = CLASS_PROTOTYPES.run_backward(d_prototypes, support_labels.long().contiguous())
+    return d_support, d_queries, d_tau
+
+
 @torch.library.custom_op("fastmeta::prototypical_loss_backward", mutates_args=())
 def prototypical_loss_backward_op(
     grad_losses: Tensor,
@@ -97,33 +160,9 @@ def prototypical_loss_backward_op(
     prototypes: Tensor,
     softmax: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(d_support [B, S, D], d_queries [B, M, D], d_tau []) from the forward's
-    prototypes [B, C, D] and softmax [B, M, C]."""
-    check_episode_pair(NAME, "queries", queries, "prototypes", prototypes)
-    check_same_dtype_device(
-        NAME, "queries", queries, prototypes=prototypes, softmax=softmax, grad_losses=grad_losses
-    )
-    B, M = queries.shape[:2]
-    C = prototypes.shape[1]
-    check_labels(NAME, "support_labels", support_labels, (B, support_labels.shape[-1]), C)
-    check_query_args(NAME, queries, query_labels, C, tau)
-    for name, t, shape in (("grad_losses", grad_losses, (B, M)), ("softmax", softmax, (B, M, C))):
-        if tuple(t.shape) != shape:
-            raise ValueError(
-                f"{NAME}: {name} must be [{', '.join(map(str, shape))}], got {shape_str(t)}"
-            )
-    d_queries, d_prototypes, d_tau = PROTOTYPICAL_CROSS_ENTROPY.run_backward(
-        grad_losses.contiguous(),
-        queries.contiguous(),
-        prototypes.contiguous(),
-        query_labels.long().contiguous(),
-        tau,
-        softmax.contiguous(),
-    )
-    d_support = CLASS_PROTOTYPES.run_backward(
-        d_prototypes.contiguous(), support_labels.long().contiguous()
-    )
-    return d_support, d_queries, d_tau
+    args = (grad_losses, support_labels, queries, query_labels, tau, prototypes, softmax)
+    check_prototypical_loss_backward_args(*args)
+    return prototypical_loss_backward(*args)
 
 
 @prototypical_loss_backward_op.register_fake
@@ -144,19 +183,50 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(support, support_labels, queries, query_labels, tau, prototypes, softmax)
 
 
-def _backward(ctx, grad_losses, _grad_predictions, _grad_prototypes, _grad_softmax):
-    support, support_labels, queries, query_labels, tau, prototypes, softmax = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph: every step differentiable
-        prototypes = class_prototypes_op(support, support_labels, ctx.num_classes)
-        d_queries, d_prototypes, d_tau = prototypical_cross_entropy_backward_differentiable(
-            grad_losses, queries, prototypes, query_labels, tau
-        )
-        d_support = class_prototypes_backward_op(d_prototypes, support_labels)
-    else:
-        d_support, d_queries, d_tau = prototypical_loss_backward_op(
-            grad_losses, support_labels, queries, query_labels, tau, prototypes, softmax
-        )
-    return (d_support, None, d_queries, None, None, d_tau if ctx.needs_input_grad[5] else None)
+def _autograd_formula(backward: Callable) -> Callable:
+    """The autograd formula, with `backward` (the backward op, or its implementation
+    on the eager path) for a first derivative."""
+
+    def formula(ctx, grad_losses, _grad_predictions, _grad_prototypes, _grad_softmax):
+        support, support_labels, queries, query_labels, tau, prototypes, softmax = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: every step differentiable
+            prototypes = class_prototypes_op(support, support_labels, ctx.num_classes)
+            d_queries, d_prototypes, d_tau = prototypical_cross_entropy_backward_differentiable(
+                grad_losses, queries, prototypes, query_labels, tau
+            )
+            d_support = class_prototypes_backward_op(d_prototypes, support_labels)
+        else:
+            d_support, d_queries, d_tau = backward(
+                grad_losses, support_labels, queries, query_labels, tau, prototypes, softmax
+            )
+        d_tau = d_tau if ctx.needs_input_grad[5] else None
+        return d_support, None, d_queries, None, None, d_tau
+
+    return formula
 
 
-prototypical_loss_op.register_autograd(_backward, setup_context=_setup)
+prototypical_loss_op.register_autograd(
+    _autograd_formula(prototypical_loss_backward_op), setup_context=_setup
+)
+_Eager = eager_function(
+    "prototypical_loss",
+    prototypical_loss_forward,
+    _setup,
+    _autograd_formula(prototypical_loss_backward),
+)
+
+
+def prototypical_loss(
+    support: Tensor,
+    support_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    num_classes: int,
+    tau: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The op (losses [B, M], predictions [B, M], prototypes [B, C, D], softmax
+    [B, M, C]), on its eager fast path where one applies (fastmeta/ops/eager.py)."""
+    args = (support, support_labels, queries, query_labels, num_classes, tau)
+    if eager_path(support, support_labels, queries, query_labels, tau):
+        return _Eager.apply(*args)
+    return prototypical_loss_op(*args)

@@ -1,0 +1,226 @@
+"""The per-step hot path: no syncing calls, value checks without a stall, the eager
+fast path equal to the custom op path (fastmeta/validation.py, fastmeta/ops/eager.py).
+
+The profiler sees every ATen call, including those made inside C++ kernels, so a
+syncing call (`aten::_local_scalar_dense` under item()/int()/bool(), nonzero, ...)
+shows here on CPU exactly where it would stall a GPU stream. The training steps use
+SGD: Adam reads its step counters with item(), host tensors that stall nothing on a
+GPU (capturable=False) but would count here.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch.profiler import ProfilerActivity, profile
+
+import fastmeta
+from fastmeta import backend
+from fastmeta import functional as F
+from fastmeta.models import conv4
+from fastmeta.ops.eager import eager_path
+from fastmeta.ops.prototypical_loss import prototypical_loss, prototypical_loss_op
+
+SYNCING = {
+    "aten::_local_scalar_dense",  # under item(), int(t), float(t), bool(t)
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::unique",
+    "aten::_unique2",
+    "aten::unique_consecutive",
+    "aten::bincount",
+    "aten::equal",
+}
+
+
+def syncing_calls(fn) -> list[str]:
+    """The syncing ATen calls one run of fn makes (after a warm-up run)."""
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name in SYNCING]
+
+
+def cpu_backends(op: str) -> list[str]:
+    usable = [b for b in backend.op_backends(op) if b in ("reference", "cpu", "triton")]
+    return [b for b in usable if backend.op_unavailable_reason(op, b, "cpu", torch.float32) is None]
+
+
+def _episode(B=2, C=3, K=2, Q=4, D=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    support = torch.randn(B, C * K, D, generator=g, requires_grad=True)
+    queries = torch.randn(B, C * Q, D, generator=g, requires_grad=True)
+    ys = torch.stack([torch.randperm(C * K, generator=g) % C for _ in range(B)])
+    yq = torch.randint(0, C, (B, C * Q), generator=g)
+    return support, ys, queries, yq, C
+
+
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("name", cpu_backends("prototypical_cross_entropy"))
+def test_prototypical_loss_forward_backward_makes_no_syncing_call(name, validate):
+    support, ys, queries, yq, C = _episode()
+
+    def step():
+        with fastmeta.use_backend(name), fastmeta.validate_args(validate):
+            loss, accuracy = F.prototypical_loss(support, ys, queries, yq, C)
+            loss.backward()
+
+    assert syncing_calls(step) == []
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_protonet_training_step_makes_no_syncing_call(validate):
+    model = fastmeta.ProtoNet(conv4(), learn_tau=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    support_x, query_x = torch.randn(2, 6, 1, 28, 28, generator=g), torch.randn(2, 9, 1, 28, 28)
+    support_y = torch.arange(3).repeat(2).expand(2, -1)
+    query_y = torch.arange(3).repeat(3).expand(2, -1)
+
+    def step():
+        with fastmeta.validate_args(validate):
+            optimizer.zero_grad()
+            loss, _ = model.loss(support_x, support_y, query_x, query_y, num_classes=3)
+            loss.backward()
+            optimizer.step()
+
+    assert syncing_calls(step) == []
+
+
+@pytest.mark.parametrize("meta", ["MAML", "MetaSGD"])
+def test_maml_meta_step_makes_no_syncing_call(meta):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    maml = getattr(fastmeta, meta)(model, lr=0.3)
+    optimizer = torch.optim.SGD(maml.parameters(), lr=0.01)
+    xs, ys = torch.randn(5, 6, 4), torch.randint(0, 3, (5, 6))
+    xq, yq = torch.randn(5, 9, 4), torch.randint(0, 3, (5, 9))
+
+    def step():
+        optimizer.zero_grad()
+        learner = maml.adapt_batch(xs, ys, TF.cross_entropy, steps=2)
+        TF.cross_entropy(learner(xq).flatten(0, 1), yq.flatten()).backward()
+        optimizer.step()
+
+    assert syncing_calls(step) == []
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_metanetwork_step_makes_no_syncing_call(validate):
+    torch.manual_seed(0)
+    model = fastmeta.MetaNetwork(ways=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    xs, ys = torch.randn(2, 3, 1, 28, 28), torch.arange(3).expand(2, -1)
+    xq, yq = torch.randn(2, 4, 1, 28, 28), torch.randint(0, 3, (2, 4))
+
+    def step():
+        with fastmeta.validate_args(validate):
+            optimizer.zero_grad()
+            loss, _ = model.loss(xs, ys, xq, yq)
+            loss.backward()
+            optimizer.step()
+
+    assert syncing_calls(step) == []
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "query label too large",
+            "query_labels holds 3 at index [1, 2], outside [0, num_classes=3)",
+        ),
+        ("negative support label", "support_labels holds -1 at index [0, 4]"),
+        ("empty class", "class 2 of episode 1 has no support example in support_labels"),
+    ],
+)
+def test_a_bad_label_raises_at_the_call_naming_the_argument(case, message):
+    support, ys, queries, yq, C = _episode()
+    ys, yq = ys.clone(), yq.clone()
+    if case == "query label too large":
+        yq[1, 2] = 3
+    elif case == "negative support label":
+        ys[0, 4] = -1
+    else:
+        ys[1][ys[1] == 2] = 0
+    with pytest.raises(ValueError) as raised:
+        F.prototypical_loss(support, ys, queries, yq, C)
+    assert message in str(raised.value)
+
+
+def test_validation_off_skips_value_checks_and_the_switches_nest():
+    support, ys, queries, yq, C = _episode()
+    ys = ys.clone()
+    ys[1][ys[1] == 2] = 0  # class 2 of episode 1 empty: NaN prototypes, no error
+    assert fastmeta.validation.is_validating()
+    with fastmeta.validate_args(False):
+        assert not fastmeta.validation.is_validating()
+        with fastmeta.use_backend("reference"):
+            loss, _ = F.prototypical_loss(support, ys, queries, yq, C, reduction="none")
+        with fastmeta.validate_args(True):
+            with pytest.raises(ValueError, match="no support example"):
+                F.prototypical_loss(support, ys, queries, yq, C)
+        assert not fastmeta.validation.is_validating()
+    assert fastmeta.validation.is_validating()
+    assert torch.isnan(loss[1]).all() and torch.isfinite(loss[0]).all()
+    fastmeta.set_validate_args(False)
+    try:
+        assert not fastmeta.validation.is_validating()
+    finally:
+        fastmeta.set_validate_args(True)
+
+
+def test_value_checks_are_skipped_for_meta_tensors():
+    support, ys, queries, yq, C = (t.to("meta") if torch.is_tensor(t) else t for t in _episode())
+    losses, predictions, prototypes, softmax = prototypical_loss_op(
+        support, ys, queries, yq, C, torch.ones((), device="meta")
+    )
+    assert losses.shape == (2, 12) and prototypes.shape == (2, 3, 5)
+
+
+def _loss_and_grads(path, create_graph=False):
+    support, ys, queries, yq, C = _episode(B=3, C=4, K=3, Q=5, D=7, seed=1)
+    tau = torch.tensor(0.7, requires_grad=True)
+    inputs = (support, queries, tau)
+    run = prototypical_loss if path == "eager" else prototypical_loss_op
+    losses, predictions, _, _ = run(support, ys, queries, yq, C, tau)
+    grads = torch.autograd.grad(losses.sum(), inputs, create_graph=create_graph)
+    if create_graph:
+        grads = torch.autograd.grad(sum((g * g).sum() for g in grads), inputs)
+    return (losses, predictions, *grads)
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_the_eager_path_gives_the_custom_op_s_numbers(create_graph):
+    eager = _loss_and_grads("eager", create_graph)
+    op = _loss_and_grads("op", create_graph)
+    for a, b in zip(eager, op):
+        assert torch.equal(a, b)
+
+
+def test_the_eager_path_is_taken_only_where_nothing_must_see_the_op():
+    x = torch.randn(2, 3)
+    assert eager_path(x, torch.nn.Parameter(x))
+    assert not eager_path(x.to("meta"))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert not eager_path(torch.empty(2))
+    seen = []
+    torch.func.vmap(lambda t: seen.append(eager_path(t)) or t)(x)
+    assert seen == [False]
+
+
+def test_the_profiler_names_the_op_on_the_eager_path():
+    support, ys, queries, yq, C = _episode()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        F.prototypical_loss(support, ys, queries, yq, C)
+    assert "fastmeta::prototypical_loss" in {e.name for e in prof.events()}
+
+
+def test_scalar_arguments_are_made_once_without_a_copy():
+    support, ys, queries, yq, C = _episode()
+    F.prototypical_loss(support, ys, queries, yq, C, tau=0.5)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        F.prototypical_loss(support, ys, queries, yq, C, tau=0.5)
+    names = [e.name for e in prof.events()]
+    assert "aten::lift_fresh" not in names and "aten::full" not in names
