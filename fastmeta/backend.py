@@ -123,8 +123,8 @@ def unavailable_reason(backend: str, device_type: str | None = None, dtype=None)
         return f"it cannot run on {device_type} tensors"
     if not triton_interpreter():
         return "on CPU tensors it needs the Triton interpreter (TRITON_INTERPRET=1)"
-    if dtype is not None and dtype != torch.float32:
-        return "the Triton interpreter runs float32 only"
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return "the Triton interpreter runs float32, float16 and bfloat16 only"
     return None
 
 

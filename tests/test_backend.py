@@ -8,6 +8,7 @@ from conftest import COMPILED
 
 import fastmeta
 from fastmeta import backend
+from fastmeta.ops import gradient_mlp
 
 needs_extension = pytest.mark.skipif(not COMPILED, reason="needs fastmeta._C (the cpu backend)")
 
@@ -56,7 +57,9 @@ def test_forced_backend_that_cannot_take_the_call_is_an_error():
     if torch.cuda.is_available():
         pytest.skip("triton takes float64 on a GPU")
     with fastmeta.use_backend("triton"):
-        with pytest.raises(fastmeta.BackendUnavailableError, match="float32 only"):
+        with pytest.raises(
+            fastmeta.BackendUnavailableError, match="float32, float16 and bfloat16 only"
+        ):
             fastmeta.inner_update(theta, 0.1, g)
 
 
@@ -101,26 +104,27 @@ def test_large_cpu_outputs_reuse_pooled_buffers():
 @needs_extension
 def test_report_lists_the_dtypes_that_fall_back_to_the_reference():
     report = fastmeta.backends()
-    why = "cpu: its class_prototypes kernels take float32, float64"
-    assert report.fallbacks["class_prototypes"]["cpu"] == {torch.float16: why, torch.bfloat16: why}
+    why = "cpu: its gradient_mlp kernels take float32, float64"
+    assert report.fallbacks["gradient_mlp"]["cpu"] == {torch.float16: why, torch.bfloat16: why}
     assert "inner_update" not in report.fallbacks  # its cpu kernels take every dtype
-    assert f"  class_prototypes         cpu float16, bfloat16 ({why})" in str(report)
+    assert "class_prototypes" not in report.fallbacks  # half runs the float32 kernels
+    assert f"  gradient_mlp             cpu float16, bfloat16 ({why})" in str(report)
 
 
 @needs_extension
 def test_a_call_that_falls_back_to_the_reference_is_recorded(monkeypatch):
     monkeypatch.setattr(backend, "_fallbacks_seen", {})
-    support = torch.randn(1, 4, 3, dtype=torch.bfloat16)
-    labels = torch.tensor([[0, 1, 0, 1]])
+    grads = torch.randn(5, 3, dtype=torch.bfloat16)
+    parameters = [torch.randn(shape, dtype=torch.bfloat16) for shape in ((4, 2), (4,), (4,), ())]
     with fastmeta.use_backend("reference"):  # forced: not a fallback
-        fastmeta.functional.class_prototypes(support, labels, 2)
+        gradient_mlp(grads, *parameters)
     assert "fallbacks to the reference seen in this process: none" in str(fastmeta.backends())
-    fastmeta.functional.class_prototypes(support, labels, 2)
-    assert fastmeta.last_backend("class_prototypes") == "reference"
+    gradient_mlp(grads, *parameters)
+    assert fastmeta.last_backend("gradient_mlp") == "reference"
     report = fastmeta.backends()
-    why = "cpu: its class_prototypes kernels take float32, float64"
-    assert report.fallbacks_seen == {("class_prototypes", "cpu", torch.bfloat16): why}
+    why = "cpu: its gradient_mlp kernels take float32, float64"
+    assert report.fallbacks_seen == {("gradient_mlp", "cpu", torch.bfloat16): why}
     assert (
-        f"fallbacks to the reference seen in this process:\n  class_prototypes cpu bfloat16 "
+        f"fallbacks to the reference seen in this process:\n  gradient_mlp cpu bfloat16 "
         f"({why})" in str(report)
     )

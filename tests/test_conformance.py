@@ -18,11 +18,30 @@ import fastmeta
 from fastmeta import backend
 from fastmeta.ops import DECLARATIONS, declaration
 
-TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-10}
+TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+HALF = (torch.float16, torch.bfloat16)
 
 
 def _usable(sample: OpSample, name: str, device: str, dtype=torch.float32) -> bool:
     return backend.op_unavailable_reason(sample.declared, name, device, dtype) is None
+
+
+def _mixed_precision(sample: OpSample) -> bool:
+    """Whether the op has a fused backend that takes float16 and bfloat16."""
+    dtypes = next(d.dtypes for d in DECLARATIONS if d.name == sample.declared)
+    return any(set(HALF) <= set(taken) for taken in dtypes.values())
+
+
+def _half_cases():
+    return [
+        pytest.param(sample, name, device, dtype, id=f"{sample.name}-{name}-{device}-{dtype}")
+        for sample in SAMPLES
+        if _mixed_precision(sample)
+        for device in DEVICES
+        for name in backend.op_backends(sample.declared)
+        for dtype in HALF
+        if _usable(sample, name, device, dtype)
+    ]
 
 
 def _cases(with_backend: bool):
@@ -82,6 +101,18 @@ def test_every_declared_op_has_a_sample():
 def test_forward_and_gradients_match_the_float64_oracle(sample, name, device, dtype):
     if not _usable(sample, name, device, dtype):
         pytest.skip(f"{name} on {device} does not take {dtype}")
+    check_against_the_oracle(sample, name, device, dtype)
+
+
+@pytest.mark.parametrize("sample,name,device,dtype", _half_cases())
+def test_half_precision_matches_the_float64_oracle(sample, name, device, dtype):
+    """float16/bfloat16 arguments: float32 math inside, outputs and gradients in the
+    arguments' dtype, within the dtype's rounding of the float64 oracle (on the same
+    rounded inputs)."""
+    check_against_the_oracle(sample, name, device, dtype)
+
+
+def check_against_the_oracle(sample: OpSample, name: str, device: str, dtype: torch.dtype):
     args = _with_grad(sample, sample.make(device, dtype, False))
     with fastmeta.use_backend(name):
         result = _op(sample)(*args)
@@ -150,6 +181,14 @@ def test_opcheck(sample, name, device):
     with fastmeta.use_backend(name):
         torch.library.opcheck(_op(sample), args)
         torch.library.opcheck(_op(sample), _with_grad(sample, args))
+
+
+@pytest.mark.parametrize("sample,name,device,dtype", _half_cases())
+def test_opcheck_in_half_precision(sample, name, device, dtype):
+    """The fake kernels state the half-precision outputs' dtypes (the loss's float32
+    prototypes and softmax) as the kernels make them."""
+    with fastmeta.use_backend(name):
+        torch.library.opcheck(_op(sample), _with_grad(sample, sample.make(device, dtype, True)))
 
 
 @pytest.mark.parametrize("sample,device", _cases(with_backend=False))

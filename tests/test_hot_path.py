@@ -169,6 +169,28 @@ def test_validation_off_skips_value_checks_and_the_switches_nest():
         fastmeta.set_validate_args(True)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's 0 / 0
+@pytest.mark.parametrize("case", ["label too large", "negative label", "empty class"])
+@pytest.mark.parametrize("name", cpu_backends("prototypical_cross_entropy"))
+def test_an_unchecked_bad_label_gives_an_error_or_nan_never_a_crash(name, case):
+    support, ys, queries, yq, C = _episode()
+    ys, yq = ys.clone(), yq.clone()
+    if case == "label too large":
+        ys[0, 1], yq[1, 0] = C + 5, C
+    elif case == "negative label":
+        ys[1, 0], yq[0, 2] = -3, -1
+    else:
+        ys[1][ys[1] == 2] = 0
+    with fastmeta.use_backend(name), fastmeta.validate_args(False):
+        try:
+            losses, _ = F.prototypical_loss(support, ys, queries, yq, C, reduction="none")
+            grads = torch.autograd.grad(losses.sum(), (support, queries))
+        except (RuntimeError, IndexError) as error:  # kernels that check while reading
+            assert any(w in str(error) for w in ("outside", "index", "no support example"))
+            return
+    assert not all(torch.isfinite(t).all() for t in (losses, *grads))
+
+
 def test_value_checks_are_skipped_for_meta_tensors():
     support, ys, queries, yq, C = (t.to("meta") if torch.is_tensor(t) else t for t in _episode())
     losses, predictions, prototypes, softmax = prototypical_loss_op(

@@ -88,7 +88,9 @@ def _class_prototypes_forward_kernel(
         onehot = (cls[:, None] == y[None, :]).to(tl.float32)  # [BLOCK_C, BLOCK_S]
         sums = dot(onehot, load_tile(s_ptr, idx, ds, S, D), sums)
         counts += tl.sum(onehot, axis=1)
-    counts = tl.maximum(counts, 1.0)  # every class is present; this spares the padding 0 / 0
+    # padding classes divide by 1; a real class without an example (unchecked bad input,
+    # fastmeta.validation) gives 0 / 0 = NaN, as on the other backends
+    counts = tl.where(cls < C, counts, 1.0)
     store_tile(out_ptr + b * C * D, sums / counts[:, None], cls, ds, C, D)
 
 
@@ -101,7 +103,10 @@ def _class_prototypes_backward_kernel(
     ds = j * BLOCK_D + tl.arange(0, BLOCK_D)
     in_s = idx < S
     y = tl.load(y_ptr + b * S + idx, mask=in_s, other=0)
-    n = tl.load(n_ptr + b * C + y, mask=in_s, other=1).to(tl.float32)
+    valid = (y >= 0) & (y < C)  # an unchecked bad label reads nothing and gives NaN
+    y = tl.where(valid, y, 0)
+    n = tl.load(n_ptr + b * (C + 1) + y, mask=in_s, other=1).to(tl.float32)
+    n = tl.where(valid, n, float("nan"))
     grad = load_tile(g_ptr + b * C * D, y, ds, C, D)
     store_tile(out_ptr + b * S * D, grad / n[:, None], idx, ds, S, D)
 
@@ -305,8 +310,11 @@ def class_prototypes_backward(grad: torch.Tensor, labels: torch.Tensor) -> torch
     out = grad.new_empty(B, S, D)
     if out.numel() == 0:
         return out
-    counts = torch.zeros(B, C, dtype=torch.int64, device=labels.device)
-    counts.scatter_add_(1, labels, torch.ones_like(labels))  # integer sums: deterministic
+    # n_bk [B, C + 1] (integer sums: deterministic); column C collects the labels outside
+    # [0, C), which only unchecked bad input has (fastmeta.validation)
+    outside = (labels < 0) | (labels >= C)
+    counts = torch.zeros(B, C + 1, dtype=torch.int64, device=labels.device)
+    counts.scatter_add_(1, labels.masked_fill(outside, C), torch.ones_like(labels))
     block_s, block_d = tile_size(S, 32, 512), tile_size(D, 128, 1024)
     grid = (B * triton.cdiv(S, block_s) * triton.cdiv(D, block_d),)
     _class_prototypes_backward_kernel[grid](
@@ -337,7 +345,7 @@ def prototypical_cross_entropy_forward(
     C = prototypes.shape[1]
     losses = queries.new_empty(B, M)
     predictions = labels.new_empty(B, M)
-    softmax = queries.new_empty(B, M, C)
+    softmax = queries.new_empty(B, M, C, dtype=torch.promote_types(queries.dtype, torch.float32))
     if softmax.numel() == 0:
         return losses, predictions, softmax
     block_m, block_c, block_d = tile_size(M, 64, 512), tile_size(C, 64, 512), tile_size(D, 32, 128)

@@ -9,3 +9,11 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def opmath(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.float() if t.dtype in _HALF else t for t in tensors)
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float16/bfloat16, else dtype: the dtype of the intermediates the
+    ProtoNet ops save for their backward (the cross-entropy's softmax, the loss's
+    prototypes), so the backward does not start from half-precision rounding (the
+    softmax's would be amplified in G = softmax - onehot)."""
+    return torch.promote_types(dtype, torch.float32)

@@ -26,9 +26,11 @@ from fastmeta.ops.declaration import (
     ANY_ORDER,
     FLOAT32,
     FLOAT32_64,
+    HALF,
     Kernels,
     OpDeclaration,
     every_backend,
+    register_float32_autocast,
 )
 from fastmeta.validation import Labels, check_label_values
 
@@ -90,7 +92,8 @@ CLASS_PROTOTYPES = OpDeclaration(
         ),
         race_on=(0, 1),
     ),
-    dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
+    dtypes={"cpu": FLOAT32_64 + HALF, "cuda": FLOAT32_64 + HALF, "triton": FLOAT32 + HALF},
+    upcast=("cpu", "cuda"),
     differentiable=ANY_ORDER,  # the backward op's derivative is the forward op
 )
 
@@ -142,4 +145,5 @@ def _backward_backward(ctx, grad_d_support):
 
 
 class_prototypes_op.register_autograd(_backward_forward, setup_context=_setup_forward)
+register_float32_autocast(class_prototypes_op)
 class_prototypes_backward_op.register_autograd(_backward_backward, setup_context=_setup_backward)

@@ -26,9 +26,11 @@ from fastmeta.ops.declaration import (
     ANY_ORDER,
     FLOAT32,
     FLOAT32_64,
+    HALF,
     Kernels,
     OpDeclaration,
     every_backend,
+    register_float32_autocast,
 )
 
 NAME = "fastmeta.cosine_similarities"
@@ -82,7 +84,8 @@ COSINE_SIMILARITIES = OpDeclaration(
         ),
         race_on=(0, 1),
     ),
-    dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
+    dtypes={"cpu": FLOAT32_64 + HALF, "cuda": FLOAT32_64 + HALF, "triton": FLOAT32 + HALF},
+    upcast=("cpu", "cuda"),
     differentiable=ANY_ORDER,  # the backward is differentiable torch ops (GEMMs)
 )
 
@@ -110,3 +113,4 @@ def _backward(ctx, grad):
 
 
 cosine_similarities_op.register_autograd(_backward, setup_context=_setup)
+register_float32_autocast(cosine_similarities_op)

@@ -43,6 +43,7 @@ from fastmeta import race as racing
 
 FLOAT32 = (torch.float32,)
 FLOAT32_64 = (torch.float32, torch.float64)
+HALF = (torch.float16, torch.bfloat16)
 ANY_ORDER = "any order"
 ONCE = "once"
 
@@ -103,6 +104,9 @@ class Kernels:
     impls: dict[str, Callable | KernelRef]
     device_from: int = 0
     race_on: tuple[int, ...] = ()
+    # outputs kept in float32 for float16/bfloat16 arguments (a softmax the backward
+    # reads: rounding it to half would be amplified there)
+    float32_outputs: tuple[int, ...] = ()
 
     def function(self, name: str) -> Callable:
         """The function backend `name` runs (a KernelRef is resolved on first use and
@@ -125,6 +129,10 @@ class OpDeclaration:
     backward: Kernels | None = None  # None: the backward is differentiable torch ops
     dtypes: dict[str, tuple[torch.dtype, ...]] = dataclasses.field(default_factory=dict)
     differentiable: str = ANY_ORDER
+    # Backends that take float16/bfloat16 by running their float32 kernels on float32
+    # copies of the half arguments (math and accumulation in float32), their floating
+    # outputs cast back to the arguments' dtype.
+    upcast: tuple[str, ...] = ()
 
     def __post_init__(self):
         backends = self.backends
@@ -134,6 +142,9 @@ class OpDeclaration:
             raise ValueError(f"{self.name}: forward and backward have different backends")
         if self.differentiable not in (ANY_ORDER, ONCE):
             raise ValueError(f"{self.name}: differentiable must be ANY_ORDER or ONCE")
+        for name in self.upcast:
+            if not set(HALF) <= set(self.dtypes.get(name, HALF)):
+                raise ValueError(f"{self.name}: upcast backend {name} does not declare HALF")
         backend.register_op(self.name, backends, self.dtypes)
 
     @property
@@ -142,11 +153,19 @@ class OpDeclaration:
 
     def run_forward(self, *args):
         """The forward on the backend selected for these (checked, contiguous) args."""
-        return _run(self.name, self.forward, "forward", args)
+        return self._run(self.forward, "forward", args)
 
     def run_backward(self, *args):
         """The backward on the backend selected for these args."""
-        return _run(self.name, self.backward, "backward", args)
+        return self._run(self.backward, "backward", args)
+
+    def _run(self, kernels: Kernels, direction: str, args: tuple):
+        lead = args[kernels.device_from]
+        race = (lambda: _race(kernels, direction, args)) if kernels.race_on else None
+        name = backend.select(self.name, lead.device, lead.dtype, race)
+        if lead.dtype in HALF and name in self.upcast:
+            return _upcast_call(kernels, name, args, lead.dtype)
+        return kernels.function(name)(*args)
 
     def apply_second_derivative_policy(self, backward_op) -> None:
         """Applies the second-derivative policy to the op's backward op (a
@@ -155,10 +174,27 @@ class OpDeclaration:
             _forbid_second_derivative(backward_op, f"fastmeta.{self.name}")
 
 
-def _run(op: str, kernels: Kernels, direction: str, args: tuple):
-    lead = args[kernels.device_from]
-    race = (lambda: _race(kernels, direction, args)) if kernels.race_on else None
-    return kernels.function(backend.select(op, lead.device, lead.dtype, race))(*args)
+def _upcast_call(kernels: Kernels, name: str, args: tuple, dtype: torch.dtype):
+    """Backend `name` on float32 copies of the `dtype` arguments; floating outputs cast
+    to dtype, but for kernels.float32_outputs."""
+
+    def up(a):
+        return a.float() if isinstance(a, torch.Tensor) and a.dtype == dtype else a
+
+    def down(i, t):
+        keep = not t.is_floating_point() or i in kernels.float32_outputs
+        return t if keep else t.to(dtype)
+
+    out = kernels.function(name)(*(up(a) for a in args))
+    return tuple(down(i, t) for i, t in enumerate(out)) if isinstance(out, tuple) else down(0, out)
+
+
+def register_float32_autocast(op) -> None:
+    """Under torch.autocast (CPU and CUDA), `op` runs in float32: its floating inputs
+    are cast to float32 (torch's rule for distances, softmax and cross-entropy, as
+    cdist, log_softmax, cross_entropy and cosine_similarity)."""
+    for device_type in ("cpu", "cuda"):
+        torch.library.register_autocast(op, device_type, torch.float32)
 
 
 def _race(kernels: Kernels, direction: str, args: tuple) -> racing.Race:

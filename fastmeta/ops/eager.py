@@ -12,8 +12,9 @@ backward functions as its custom op; its public wrapper calls
 
 so plain eager calls skip the dispatcher, while everything that must see the op takes
 the custom op: torch.compile tracing, functorch transforms (vmap, grad), tensor
-subclasses and dispatch modes (FakeTensor, opcheck), meta tensors. Under the profiler
-the fast path records a range named like the op (`fastmeta::<name>`).
+subclasses and dispatch modes (FakeTensor, opcheck), torch.autocast, meta tensors.
+Under the profiler the fast path records a range named like the op
+(`fastmeta::<name>`).
 """
 
 from typing import Callable
@@ -31,6 +32,8 @@ def eager_path(*tensors: Tensor) -> bool:
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._is_any_autocast_enabled():  # the op's autocast rule applies
         return False
     return all(type(t) in _PLAIN and t.device.type in _DEVICES for t in tensors)
 

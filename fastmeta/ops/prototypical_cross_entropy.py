@@ -29,14 +29,16 @@ from fastmeta.ops._checks import (
     check_tensor,
     shape_str,
 )
-from fastmeta.ops._opmath import opmath
+from fastmeta.ops._opmath import math_dtype, opmath
 from fastmeta.ops.declaration import (
     ANY_ORDER,
     FLOAT32,
     FLOAT32_64,
+    HALF,
     Kernels,
     OpDeclaration,
     every_backend,
+    register_float32_autocast,
 )
 from fastmeta.validation import Labels, check_label_values
 
@@ -77,7 +79,7 @@ def prototypical_cross_entropy_forward_reference(queries, prototypes, labels, ta
     logits = _logits(q, c, t)
     log_probs = torch.log_softmax(logits, dim=-1)
     losses = -log_probs.gather(-1, labels[..., None]).squeeze(-1)
-    return losses.to(queries.dtype), logits.argmax(-1), log_probs.exp().to(queries.dtype)
+    return losses.to(queries.dtype), logits.argmax(-1), log_probs.exp()  # softmax: math dtype
 
 
 def prototypical_cross_entropy_backward_reference(
@@ -105,6 +107,7 @@ PROTOTYPICAL_CROSS_ENTROPY = OpDeclaration(
             "protonet_triton",
         ),
         race_on=(0, 1),
+        float32_outputs=(2,),  # the softmax
     ),
     backward=Kernels(
         every_backend(
@@ -115,7 +118,8 @@ PROTOTYPICAL_CROSS_ENTROPY = OpDeclaration(
         device_from=1,
         race_on=(1, 2),
     ),
-    dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
+    dtypes={"cpu": FLOAT32_64 + HALF, "cuda": FLOAT32_64 + HALF, "triton": FLOAT32 + HALF},
+    upcast=("cpu", "cuda"),
     # under create_graph the backward is recomputed with differentiable torch ops
     differentiable=ANY_ORDER,
 )
@@ -152,7 +156,7 @@ def _(queries, prototypes, labels, tau):
     return (
         queries.new_empty(B, M),
         queries.new_empty(B, M, dtype=torch.int64),
-        queries.new_empty(B, M, prototypes.shape[1]),
+        queries.new_empty(B, M, prototypes.shape[1], dtype=math_dtype(queries.dtype)),
     )
 
 
@@ -207,3 +211,4 @@ def _backward(ctx, grad_losses, _grad_predictions, _grad_softmax):
 
 
 prototypical_cross_entropy_op.register_autograd(_backward, setup_context=_setup)
+register_float32_autocast(prototypical_cross_entropy_op)

@@ -11,7 +11,9 @@ query_labels [B, M], num_classes C, tau a 0-d tensor.
     backward: d_queries, d_prototypes, d_tau = prototypical_cross_entropy_backward(...)
               d_support[b, i] = d_prototypes[b, y_bi] / n_{b, y_bi}
 Under create_graph the backward recomputes prototypes and softmax with differentiable
-ops instead, so grad of grad is exact.
+ops instead, so grad of grad is exact. With float16/bfloat16 embeddings the prototypes
+and softmax (saved for the backward) are float32 (math_dtype); losses and gradients
+come in the embeddings' dtype.
 
 Ops: torch.ops.fastmeta.prototypical_loss (-> losses [B, M], predictions [B, M],
 prototypes [B, C, D], softmax [B, M, C]) and ..._backward. Each half runs on the
@@ -30,12 +32,14 @@ from fastmeta.ops._checks import (
     check_same_dtype_device,
     shape_str,
 )
+from fastmeta.ops._opmath import math_dtype
 from fastmeta.ops.class_prototypes import (
     CLASS_PROTOTYPES,
     check_class_prototypes_args,
     class_prototypes_backward_op,
     class_prototypes_op,
 )
+from fastmeta.ops.declaration import register_float32_autocast
 from fastmeta.ops.eager import eager_function, eager_path
 from fastmeta.ops.prototypical_cross_entropy import (
     PROTOTYPICAL_CROSS_ENTROPY,
@@ -75,8 +79,10 @@ def prototypical_loss_forward(
         Labels("support_labels", support_labels, num_classes, every_class=True),
         Labels("query_labels", query_labels, num_classes),
     )
-    prototypes = CLASS_PROTOTYPES.run_forward(
-        support.contiguous(), support_labels.long().contiguous(), num_classes
+    prototypes = CLASS_PROTOTYPES.run_forward(  # float32 for half support: math_dtype
+        support.to(math_dtype(support.dtype)).contiguous(),
+        support_labels.long().contiguous(),
+        num_classes,
     )
     losses, predictions, softmax = PROTOTYPICAL_CROSS_ENTROPY.run_forward(
         queries.contiguous(), prototypes, query_labels.long().contiguous(), tau
@@ -95,8 +101,8 @@ def _(support, support_labels, queries, query_labels, num_classes, tau):
     return (
         queries.new_empty(B, M),
         queries.new_empty(B, M, dtype=torch.int64),
-        support.new_empty(B, num_classes, support.shape[2]),
-        queries.new_empty(B, M, num_classes),
+        support.new_empty(B, num_classes, support.shape[2], dtype=math_dtype(support.dtype)),
+        queries.new_empty(B, M, num_classes, dtype=math_dtype(queries.dtype)),
     )
 
 
@@ -112,9 +118,13 @@ def check_prototypical_loss_backward_args(
     """Host-side checks of the backward op's arguments (the label values were checked
     by the forward)."""
     check_episode_pair(NAME, "queries", queries, "prototypes", prototypes)
-    check_same_dtype_device(
-        NAME, "queries", queries, prototypes=prototypes, softmax=softmax, grad_losses=grad_losses
-    )
+    check_same_dtype_device(NAME, "queries", queries, grad_losses=grad_losses)
+    saved = math_dtype(queries.dtype)
+    for name, t in (("prototypes", prototypes), ("softmax", softmax)):
+        if t.dtype != saved or t.device != queries.device:
+            raise TypeError(
+                f"{NAME}: {name} must be {saved} on {queries.device}, got {t.dtype} on {t.device}"
+            )
     B, M = queries.shape[:2]
     C = prototypes.shape[1]
     check_labels(NAME, "support_labels", support_labels, (B, support_labels.shape[-1]))
@@ -147,7 +157,7 @@ def prototypical_loss_backward(
         softmax.contiguous(),
     )
     d_support = CLASS_PROTOTYPES.run_backward(d_prototypes, support_labels.long().contiguous())
-    return d_support, d_queries, d_tau
+    return d_support.to(queries.dtype), d_queries, d_tau
 
 
 @torch.library.custom_op("fastmeta::prototypical_loss_backward", mutates_args=())
@@ -208,6 +218,7 @@ def _autograd_formula(backward: Callable) -> Callable:
 prototypical_loss_op.register_autograd(
     _autograd_formula(prototypical_loss_backward_op), setup_context=_setup
 )
+register_float32_autocast(prototypical_loss_op)
 _Eager = eager_function(
     "prototypical_loss",
     prototypical_loss_forward,

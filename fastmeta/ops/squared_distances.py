@@ -22,9 +22,11 @@ from fastmeta.ops.declaration import (
     ANY_ORDER,
     FLOAT32,
     FLOAT32_64,
+    HALF,
     Kernels,
     OpDeclaration,
     every_backend,
+    register_float32_autocast,
 )
 
 
@@ -62,7 +64,8 @@ SQUARED_DISTANCES = OpDeclaration(
         ),
         race_on=(0, 1),
     ),
-    dtypes={"cpu": FLOAT32_64, "cuda": FLOAT32_64, "triton": FLOAT32},
+    dtypes={"cpu": FLOAT32_64 + HALF, "cuda": FLOAT32_64 + HALF, "triton": FLOAT32 + HALF},
+    upcast=("cpu", "cuda"),
     differentiable=ANY_ORDER,  # the backward is differentiable torch ops (GEMMs)
 )
 
@@ -89,3 +92,4 @@ def _backward(ctx, grad):
 
 
 squared_distances_op.register_autograd(_backward, setup_context=_setup)
+register_float32_autocast(squared_distances_op)
