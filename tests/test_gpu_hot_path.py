@@ -153,3 +153,29 @@ def test_gpu_protonet_step_compiles_with_reduce_overhead():
         compiled_equals_eager(
             lambda: ProtoNetStep(model), batch, tol=1e-4, backend="inductor", mode="reduce-overhead"
         )
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_gpu_tf32_exactly_when_the_matmul_precision_allows_it(name):
+    """ "highest": IEEE float32 products (tight against float64); "high": TF32 tensor-core
+    products (looser, and measurably different) in the cuda GEMMs and the Triton dots."""
+    require(PROTONET_OPS, name)
+    support, ys, queries, yq, C = _episode(B=2, C=7, K=3, Q=9, D=1600)
+    s64, q64 = (t.detach().double().requires_grad_() for t in (support, queries))
+    with fastmeta.use_backend("reference"):
+        want, _ = F.prototypical_loss(s64, ys, q64, yq, C, reduction="none")
+    results = {}
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            with fastmeta.use_backend(name):
+                results[precision], _ = F.prototypical_loss(
+                    support, ys, queries, yq, C, reduction="none"
+                )
+    finally:
+        torch.set_float32_matmul_precision(before)
+    ieee, tf32 = results["highest"].double(), results["high"].double()
+    assert ((ieee - want).norm() / want.norm()) < 1e-5
+    assert ((tf32 - want).norm() / want.norm()) < 1e-2
+    assert ((tf32 - ieee).norm() / ieee.norm()) > 1e-6  # TF32 did run

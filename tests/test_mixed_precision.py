@@ -2,6 +2,8 @@
 intermediates for half embeddings. (float16/bfloat16 forward and gradients of every
 ProtoNet op on every backend against the float64 oracle: tests/test_conformance.py.)"""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import DEVICES
@@ -64,3 +66,20 @@ def test_the_loss_keeps_its_intermediates_in_float32_for_half_embeddings(device)
     assert losses.dtype == torch.bfloat16 and predictions.dtype == torch.int64
     assert prototypes.dtype == softmax.dtype == torch.float32
     torch.testing.assert_close(prototypes, F.class_prototypes(support.float(), ys, 3))
+
+
+@pytest.mark.parametrize(
+    "precision, on_gpu", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")]
+)
+def test_triton_dots_use_tf32_exactly_where_the_matmul_precision_allows_it(precision, on_gpu):
+    """dot_precision: "tf32" for GPU tensors when torch lets float32 matmuls use TF32,
+    else "ieee" (always on CPU, where the interpreter runs). tests/test_gpu_hot_path.py
+    checks the numbers on a GPU."""
+    tiles = pytest.importorskip("fastmeta.kernels.tiles")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        assert tiles.dot_precision(SimpleNamespace(is_cuda=True)) == on_gpu
+        assert tiles.dot_precision(torch.empty(1)) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(before)

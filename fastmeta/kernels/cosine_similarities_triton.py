@@ -26,6 +26,7 @@ import triton.language as tl
 
 from fastmeta.kernels.launch import launches_on_input_device
 from fastmeta.kernels.tiles import (
+    dot_precision,
     gram_tile,
     program_coords,
     query_class_launch,
@@ -52,11 +53,14 @@ def _cosine_similarities_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b, i, j = program_coords(tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_C))
     rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
     cls = j * BLOCK_C + tl.arange(0, BLOCK_C)
-    qc, qn, cn = gram_tile(q_ptr + b * M * D, c_ptr + b * C * D, rows, cls, M, C, D, BLOCK_D)
+    q_ptr += b * M * D
+    c_ptr += b * C * D
+    qc, qn, cn = gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D, PRECISION)
     sim = (qc * _inverse_clamped_norm(qn, eps)[:, None]) * _inverse_clamped_norm(cn, eps)[None, :]
     store_tile(out_ptr + b * M * C, sim, rows, cls, M, C)
 
@@ -69,5 +73,7 @@ def cosine_similarities_forward(
     -> s [B, M, C], s = q . c / (max(||q||, eps) max(||c||, eps))."""
     queries, prototypes, out, grid, sizes, blocks = query_class_launch(queries, prototypes, 128)
     if grid[0]:
-        _cosine_similarities_kernel[grid](queries, prototypes, out, float(eps), *sizes, **blocks)
+        _cosine_similarities_kernel[grid](
+            queries, prototypes, out, float(eps), *sizes, **blocks, PRECISION=dot_precision(queries)
+        )
     return out

@@ -38,7 +38,14 @@ import triton.language as tl
 
 from fastmeta.kernels.interpreter import triton_interpreter
 from fastmeta.kernels.launch import launches_on_input_device
-from fastmeta.kernels.tiles import dot, load_tile, program_coords, store_tile, tile_size
+from fastmeta.kernels.tiles import (
+    dot,
+    dot_precision,
+    load_tile,
+    program_coords,
+    store_tile,
+    tile_size,
+)
 
 
 @triton.jit
@@ -214,6 +221,7 @@ def _apply_mixed_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """out[b, j] = rows[b, j] @ W*_j^T (OUT_IS_O: rows x [L, K] -> [L, O], the forward)
     or rows[b, j] @ W*_j (rows dout [L, O] -> d_x [L, K]); program (b * M + j, L tile,
@@ -232,7 +240,7 @@ def _apply_mixed_kernel(
             mixed = tl.trans(_mixed_tile(a_ptr, w_ptr, cs, rs, O, K, N))
         else:
             mixed = _mixed_tile(a_ptr, w_ptr, rs, cs, O, K, N)
-        acc = dot(load_tile(rows_ptr + query * L * R, ls, rs, L, R), mixed, acc)
+        acc = dot(load_tile(rows_ptr + query * L * R, ls, rs, L, R), mixed, acc, PRECISION)
     store_tile(out_ptr + query * L * C, acc, ls, cs, L, C)
 
 
@@ -250,6 +258,7 @@ def _read_d_attention_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """partials[b, j, i, tile] = sum over this (O, K) tile of W_i * G_j, for every i;
     program (b * M + j, O tile, K tile)."""
@@ -264,6 +273,7 @@ def _read_d_attention_kernel(
             tl.trans(load_tile(go_ptr + query * L * O, ls, os, L, O)),
             load_tile(x_ptr + query * L * K, ls, ks, L, K),
             g,
+            PRECISION,
         )
     w_ptr += query // M * N * O * K
     step = tl.cast(O, tl.int64) * K
@@ -288,6 +298,7 @@ def _read_d_weights_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """d_W[b, i] = (a[b, r // L, i] dout[b, r])^T x[b, r] summed over the rows r < M L of
     dout[b] [M L, O] and x[b] [M L, K], on this (O, K) tile; program (b * N + i, O tile,
@@ -305,7 +316,7 @@ def _read_d_weights_kernel(
         rs = r0 + tl.arange(0, BLOCK_R)
         a = tl.load(a_ptr + rs // L * N, mask=rs < rows, other=0.0).to(tl.float32)
         go = load_tile(go_ptr, rs, os, rows, O) * a[:, None]
-        acc = dot(tl.trans(go), load_tile(x_ptr, rs, ks, rows, K), acc)
+        acc = dot(tl.trans(go), load_tile(x_ptr, rs, ks, rows, K), acc, PRECISION)
     store_tile(dw_ptr + weight * O * K, acc, os, ks, O, K)
 
 
@@ -338,6 +349,7 @@ def attention_read_forward(attention, fast_weights, x):
         BLOCK_L=bl,
         BLOCK_C=bo,
         BLOCK_R=bk,
+        PRECISION=dot_precision(x),
     )
     return out
 
@@ -373,6 +385,7 @@ def attention_read_backward(
                 BLOCK_L=bl,
                 BLOCK_C=bk,
                 BLOCK_R=bo,
+                PRECISION=dot_precision(x),
             )
     if need_attention:
         partials = torch.empty(B, M, N, tiles, device=x.device, dtype=torch.float32)
@@ -390,6 +403,7 @@ def attention_read_backward(
                 BLOCK_L=bl,
                 BLOCK_O=bo,
                 BLOCK_K=bk,
+                PRECISION=dot_precision(x),
             )
         d_attention = partials.sum(-1)  # O K = 0: no tiles, zeros
     if need_weights:
@@ -408,5 +422,6 @@ def attention_read_backward(
                 BLOCK_R=_tile(M * L),
                 BLOCK_O=bo,
                 BLOCK_K=bk,
+                PRECISION=dot_precision(x),
             )
     return d_attention, d_w, d_x

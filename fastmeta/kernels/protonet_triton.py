@@ -40,6 +40,7 @@ import triton.language as tl
 from fastmeta.kernels.launch import launches_on_input_device
 from fastmeta.kernels.tiles import (
     dot,
+    dot_precision,
     gram_tile,
     load_tile,
     program_coords,
@@ -86,7 +87,7 @@ def _class_prototypes_forward_kernel(
         idx = s0 + tl.arange(0, BLOCK_S)
         y = tl.load(y_ptr + idx, mask=idx < S, other=-1)
         onehot = (cls[:, None] == y[None, :]).to(tl.float32)  # [BLOCK_C, BLOCK_S]
-        sums = dot(onehot, load_tile(s_ptr, idx, ds, S, D), sums)
+        sums = dot(onehot, load_tile(s_ptr, idx, ds, S, D), sums, "ieee")
         counts += tl.sum(onehot, axis=1)
     # padding classes divide by 1; a real class without an example (unchecked bad input,
     # fastmeta.validation) gives 0 / 0 = NaN, as on the other backends
@@ -123,13 +124,14 @@ def _squared_distances_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b, i, j = program_coords(tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_C))
     q_ptr += b * M * D
     c_ptr += b * C * D
     rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
     cls = j * BLOCK_C + tl.arange(0, BLOCK_C)
-    qc, qn, cn = gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D)
+    qc, qn, cn = gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D, PRECISION)
     scale = qn[:, None] + cn[None, :]
     dist = scale - 2 * qc
     cancelled = (dist <= 0.01 * scale) & (rows[:, None] < M) & (cls[None, :] < C)
@@ -140,9 +142,11 @@ def _squared_distances_kernel(
 
 
 @triton.jit
-def _logits_tile(q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
+def _logits_tile(
+    q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr
+):
     """z' = tau (2 q . c - ||c||^2) [rows, cls]; -inf for classes >= C."""
-    qc, _, cn = gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D)
+    qc, _, cn = gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D, PRECISION)
     z = tau * (2 * qc - cn[None, :])
     return tl.where(cls[None, :] < C, z, float("-inf"))
 
@@ -162,6 +166,7 @@ def _prototypical_cross_entropy_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b, i, _ = program_coords(tl.cdiv(M, BLOCK_M), 1)
     q_ptr += b * M * D
@@ -177,7 +182,7 @@ def _prototypical_cross_entropy_forward_kernel(
     z_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
-        z = _logits_tile(q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D)
+        z = _logits_tile(q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D, PRECISION)
         tile_max = tl.max(z, axis=1)
         tile_argmax = tl.min(tl.where(z == tile_max[:, None], cls[None, :], C), axis=1)
         argmax = tl.where(tile_max > run_max, tile_argmax, argmax)  # ties: earlier tile
@@ -192,7 +197,7 @@ def _prototypical_cross_entropy_forward_kernel(
     tl.store(pred_ptr + b * M + rows, argmax.to(tl.int64), mask=in_m)
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
-        z = _logits_tile(q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D)
+        z = _logits_tile(q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D, PRECISION)
         store_tile(sm_ptr, tl.exp((z - run_max[:, None]) - log_sum[:, None]), rows, cls, M, C)
 
 
@@ -227,6 +232,7 @@ def _prototypical_cross_entropy_backward_queries_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b, i, j = program_coords(tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_D))
     c_ptr += b * C * D
@@ -237,7 +243,8 @@ def _prototypical_cross_entropy_backward_queries_kernel(
     gc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
-        gc = dot(_g_tile(sm_ptr, grad, y, rows, cls, M, C), load_tile(c_ptr, cls, ds, C, D), gc)
+        g = _g_tile(sm_ptr, grad, y, rows, cls, M, C)
+        gc = dot(g, load_tile(c_ptr, cls, ds, C, D), gc, PRECISION)
     tau = tl.load(tau_ptr).to(tl.float32)
     store_tile(dq_ptr + b * M * D, 2 * tau * gc, rows, ds, M, D)
     q = load_tile(q_ptr + b * M * D, rows, ds, M, D)
@@ -260,6 +267,7 @@ def _prototypical_cross_entropy_backward_prototypes_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b, k, j = program_coords(tl.cdiv(C, BLOCK_C), tl.cdiv(D, BLOCK_D))
     q_ptr += b * M * D
@@ -272,7 +280,7 @@ def _prototypical_cross_entropy_backward_prototypes_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         grad, y = _row_grads_and_labels(gl_ptr, y_ptr, b, rows, M)
         g = _g_tile(sm_ptr, grad, y, rows, cls, M, C)
-        gq = dot(tl.trans(g), load_tile(q_ptr, rows, ds, M, D), gq)
+        gq = dot(tl.trans(g), load_tile(q_ptr, rows, ds, M, D), gq, PRECISION)
         colsum += tl.sum(g, axis=0)
     tau = tl.load(tau_ptr).to(tl.float32)
     c = load_tile(c_ptr + b * C * D, cls, ds, C, D)
@@ -329,7 +337,13 @@ def squared_distances_forward(queries: torch.Tensor, prototypes: torch.Tensor) -
     queries, prototypes, out, grid, sizes, blocks = query_class_launch(queries, prototypes, 512)
     if grid[0]:
         _squared_distances_kernel[grid](
-            queries, prototypes, out, *sizes, **blocks, BLOCK_R=tile_size(sizes[2], 4, 8, least=1)
+            queries,
+            prototypes,
+            out,
+            *sizes,
+            **blocks,
+            BLOCK_R=tile_size(sizes[2], 4, 8, least=1),
+            PRECISION=dot_precision(queries),
         )
     return out
 
@@ -364,6 +378,7 @@ def prototypical_cross_entropy_forward(
         BLOCK_M=block_m,
         BLOCK_C=block_c,
         BLOCK_D=block_d,
+        PRECISION=dot_precision(queries),
     )
     return losses, predictions, softmax
 
@@ -397,11 +412,12 @@ def prototypical_cross_entropy_backward(
     c_programs = B * triton.cdiv(C, c_blocks["BLOCK_C"]) * triton.cdiv(D, block_d)
     partials = torch.empty(q_programs + c_programs, dtype=torch.float32, device=queries.device)
     args = (grad_losses, queries, prototypes, labels, tau, softmax)
+    precision = dot_precision(queries)
     _prototypical_cross_entropy_backward_queries_kernel[(q_programs,)](
-        *args, d_queries, partials, M, C, D, **q_blocks
+        *args, d_queries, partials, M, C, D, **q_blocks, PRECISION=precision
     )
     _prototypical_cross_entropy_backward_prototypes_kernel[(c_programs,)](
-        *args, d_prototypes, partials[q_programs:], M, C, D, **c_blocks
+        *args, d_prototypes, partials[q_programs:], M, C, D, **c_blocks, PRECISION=precision
     )
     d_tau = partials.double().sum().to(tau.dtype)
     return d_queries, d_prototypes, d_tau

@@ -1,6 +1,6 @@
 """Triton helpers shared by the kernel modules: program coordinates in a 1-D grid,
-float32 tiles of row-major matrices, the ieee-precision tl.dot, and (host side) the
-tile sizes.
+float32 tiles of row-major matrices, tl.dot at the precision torch's float32 matmul
+setting allows, and (host side) the tile sizes.
 
 Index arithmetic: sizes and loop indices are int32 (a size argument of 1 is even a
 compile-time constant), so every product that can pass 2**31 (a batch or row index
@@ -8,6 +8,7 @@ times a row size, a loop index times a matrix size) starts from an int64 factor:
 a program id `.to(tl.int64)`, `tl.cast(size, tl.int64)` (which also takes constants
 and the interpreter's Python-int loop indices), or `offsets` below."""
 
+import torch
 import triton
 import triton.language as tl
 
@@ -41,12 +42,19 @@ def query_class_launch(queries, prototypes, interpreter_cap: int):
     return queries, prototypes, out, (programs if out.numel() else 0,), (M, C, D), blocks
 
 
+def dot_precision(t: torch.Tensor) -> str:
+    """tl.dot's input precision for GEMMs on t's device: "tf32" (tensor cores, ~1e-3
+    relative error) exactly where torch.get_float32_matmul_precision() lets float32
+    matmuls use TF32 on a GPU, as cuBLAS does for torch.matmul; else "ieee"."""
+    allowed = t.is_cuda and torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allowed else "ieee"
+
+
 @triton.jit
-def dot(a, b, acc):
-    # ieee float32 products: matches the float64 references tightly (and the one-hot GEMM
-    # of class_prototypes must stay exact). On a GPU, "tf32" would run the distance, logit
-    # and memory-read GEMMs faster at ~1e-3 relative error; kept at ieee for now.
-    return tl.dot(a, b, acc, input_precision="ieee")
+def dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b on float32 tiles, with products of PRECISION ("ieee" or "tf32": the
+    launcher's dot_precision; class_prototypes' one-hot GEMM is always "ieee", exact)."""
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -78,8 +86,9 @@ def store_tile(ptr, value, rows, cols, n_rows, n_cols):
 
 
 @triton.jit
-def gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
-    """q . c [rows, cls], ||q||^2 [rows], ||c||^2 [cls] (q [M, D], c [C, D]; 0 outside)."""
+def gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """q . c [rows, cls] (PRECISION products), ||q||^2 [rows], ||c||^2 [cls] (q [M, D],
+    c [C, D]; 0 outside)."""
     qc = tl.zeros((rows.shape[0], cls.shape[0]), dtype=tl.float32)
     qn = tl.zeros((rows.shape[0],), dtype=tl.float32)
     cn = tl.zeros((cls.shape[0],), dtype=tl.float32)
@@ -87,7 +96,7 @@ def gram_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D: tl.constexpr):
         ds = d0 + tl.arange(0, BLOCK_D)
         q = load_tile(q_ptr, rows, ds, M, D)
         c = load_tile(c_ptr, cls, ds, C, D)
-        qc = dot(q, tl.trans(c), qc)
+        qc = dot(q, tl.trans(c), qc, PRECISION)
         qn += tl.sum(q * q, axis=1)
         cn += tl.sum(c * c, axis=1)
     return qc, qn, cn
