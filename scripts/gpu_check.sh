@@ -11,8 +11,8 @@
 # left before the deadline (BUDGET_S, default 525 s after the start) less the time kept
 # back for later phases, whichever is smaller; a killed step gets 10 s more to exit.
 #   caps (s):  machine 30, build 240, backends 60, each test file 150 (120 per test when
-#              pytest-timeout is installed), benchmarks protonet 150, inner_update 90,
-#              maml 150, metanet 120, compile tests 150, summary 30
+#              pytest-timeout is installed), benchmarks overhead 90, protonet 150,
+#              inner_update 90, maml 150, metanet 120, compile tests 150, summary 30
 #   kept back: 150 s for the benchmarks while the tests run, 45 s for the compile tests
 #              (last: Inductor) while the benchmarks run, 15 s for the summary
 # A step that fails, times out or gets no time is recorded and the next one runs; the
@@ -42,7 +42,7 @@ case ${1:-} in
     build=("$PY" -c "import fastmeta._C")  # built by make: an in-place rebuild takes minutes
     need=(reference cpu)
     test_files=(tests/test_race.py tests/test_backend.py tests/test_gpu*.py)
-    cases=(protonet inner_update)
+    cases=(overhead protonet inner_update)
     bench=(--device cpu --quick --repeats 1)
     export TORCH_COMPILE_DISABLE=1 ;;  # rehearse the script, not Inductor (a minute here)
   "")
@@ -56,11 +56,11 @@ case ${1:-} in
     first=(tests/test_gpu*.py tests/test_{protonet,inner_update,metanet_ops}.py)
     mapfile -t test_files < <(printf '%s\n' "${first[@]}" tests/test_*.py \
       | grep -Ev 'test_(bench|cli|distributed)\.py' | awk '!seen[$0]++')
-    cases=(protonet inner_update maml metanet)  # conv_block has no GPU kernel
+    cases=(overhead protonet inner_update maml metanet)  # conv_block has no GPU kernel
     bench=(--device cuda) ;;
   *) echo "usage: $0 [--rehearse]" >&2; exit 2 ;;
 esac
-declare -A caps=([protonet]=150 [inner_update]=90 [maml]=150 [metanet]=120)
+declare -A caps=([overhead]=90 [protonet]=150 [inner_update]=90 [maml]=150 [metanet]=120)
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then
   export PYTEST_TIMEOUT=120
 fi
