@@ -15,12 +15,14 @@ from torch import Tensor
 
 from fastmeta.ops._checks import check_num_classes, check_tensor
 from fastmeta.ops._scalars import scalar_tensor
-from fastmeta.ops.class_prototypes import class_prototypes_op
-from fastmeta.ops.cosine_similarities import cosine_similarities_op
+from fastmeta.ops.class_prototypes import class_prototypes as fused_class_prototypes
+from fastmeta.ops.cosine_similarities import cosine_similarities as fused_cosine_similarities
 from fastmeta.ops.inner_update import inner_update
-from fastmeta.ops.prototypical_cross_entropy import prototypical_cross_entropy_op
-from fastmeta.ops.prototypical_loss import prototypical_loss as prototypical_loss_fused
-from fastmeta.ops.squared_distances import squared_distances_op
+from fastmeta.ops.prototypical_cross_entropy import (
+    prototypical_cross_entropy as fused_prototypical_cross_entropy,
+)
+from fastmeta.ops.prototypical_loss import prototypical_loss as fused_prototypical_loss
+from fastmeta.ops.squared_distances import squared_distances as fused_squared_distances
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -35,7 +37,7 @@ def class_prototypes(support: Tensor, labels: Tensor, num_classes: int) -> Tenso
     (or [S, D], [S] -> [C, D]). Labels in any order; shots may differ per class."""
     op = "fastmeta.class_prototypes"
     batched = _batched(op, "support", support, 2)
-    out = class_prototypes_op(batched, _batched(op, "labels", labels, 1), num_classes)
+    out = fused_class_prototypes(batched, _batched(op, "labels", labels, 1), num_classes)
     return out if support.dim() == 3 else out[0]
 
 
@@ -46,7 +48,7 @@ def squared_distances(queries: Tensor, prototypes: Tensor) -> Tensor:
     """||q - c||^2 for every query and prototype: [B, M, D], [B, C, D] -> [B, M, C]
     (or 2-D -> [M, C]). Exactly 0 for identical points, never negative."""
     op = "fastmeta.squared_distances"
-    out = squared_distances_op(
+    out = fused_squared_distances(
         _batched(op, "queries", queries, 2), _batched(op, "prototypes", prototypes, 2)
     )
     return out if queries.dim() == 3 else out[0]
@@ -56,7 +58,7 @@ def cosine_similarities(queries: Tensor, prototypes: Tensor, eps: float = 1e-8) 
     """q . c / (max(||q||, eps) max(||c||, eps)) for every query and prototype:
     [B, M, D], [B, C, D] -> [B, M, C] (or 2-D -> [M, C]). A zero row gives 0."""
     op = "fastmeta.cosine_similarities"
-    out = cosine_similarities_op(
+    out = fused_cosine_similarities(
         _batched(op, "queries", queries, 2), _batched(op, "prototypes", prototypes, 2), float(eps)
     )
     return out if queries.dim() == 3 else out[0]
@@ -91,7 +93,7 @@ def prototypical_cross_entropy(
     _check_reduction(op, reduction)
     batched = queries.dim() == 3
     q = _batched(op, "queries", queries, 2)
-    losses, _, _ = prototypical_cross_entropy_op(
+    losses, _, _ = fused_prototypical_cross_entropy(
         q,
         _batched(op, "prototypes", prototypes, 2),
         _batched(op, "query_labels", query_labels, 1),
@@ -119,7 +121,7 @@ def prototypical_loss(
     batched = support.dim() == 3
     q = _batched(op, "queries", queries, 2)
     y_query = _batched(op, "query_labels", query_labels, 1)
-    losses, predictions, _, _ = prototypical_loss_fused(
+    losses, predictions, _, _ = fused_prototypical_loss(
         _batched(op, "support", support, 2),
         _batched(op, "support_labels", support_labels, 1),
         q,

@@ -11,14 +11,19 @@ GPU (capturable=False) but would count here.
 import pytest
 import torch
 import torch.nn.functional as TF
+from op_samples import SAMPLES
 from torch.profiler import ProfilerActivity, profile
 
 import fastmeta
 from fastmeta import backend
 from fastmeta import functional as F
 from fastmeta.models import conv4
+from fastmeta.ops.class_prototypes import class_prototypes
+from fastmeta.ops.cosine_similarities import cosine_similarities
 from fastmeta.ops.eager import eager_path
+from fastmeta.ops.prototypical_cross_entropy import prototypical_cross_entropy
 from fastmeta.ops.prototypical_loss import prototypical_loss, prototypical_loss_op
+from fastmeta.ops.squared_distances import squared_distances
 
 SYNCING = {
     "aten::_local_scalar_dense",  # under item(), int(t), float(t), bool(t)
@@ -199,23 +204,42 @@ def test_value_checks_are_skipped_for_meta_tensors():
     assert losses.shape == (2, 12) and prototypes.shape == (2, 3, 5)
 
 
-def _loss_and_grads(path, create_graph=False):
-    support, ys, queries, yq, C = _episode(B=3, C=4, K=3, Q=5, D=7, seed=1)
-    tau = torch.tensor(0.7, requires_grad=True)
-    inputs = (support, queries, tau)
-    run = prototypical_loss if path == "eager" else prototypical_loss_op
-    losses, predictions, _, _ = run(support, ys, queries, yq, C, tau)
-    grads = torch.autograd.grad(losses.sum(), inputs, create_graph=create_graph)
-    if create_graph:
-        grads = torch.autograd.grad(sum((g * g).sum() for g in grads), inputs)
-    return (losses, predictions, *grads)
+EAGER_ENTRIES = {  # op name -> its public entry (eager fast path or the custom op)
+    "class_prototypes": class_prototypes,
+    "squared_distances": squared_distances,
+    "cosine_similarities": cosine_similarities,
+    "prototypical_cross_entropy": prototypical_cross_entropy,
+    "prototypical_loss": prototypical_loss,
+}
+
+
+def _outputs_and_grads(sample, run, args, create_graph):
+    result = run(*args)
+    outputs = [result] if not sample.outputs else [result[i] for i in sample.outputs]
+    inputs = [args[i] for i in sample.grad_args]
+    cotangents = [torch.ones_like(o) for o in outputs]
+    grads = torch.autograd.grad(outputs, inputs, cotangents, create_graph=create_graph)
+    live = [g for g in grads if g.requires_grad]  # a linear op's gradients are constants
+    if create_graph and live:
+        grads = torch.autograd.grad(
+            sum((g * g).sum() for g in live), inputs, allow_unused=True, materialize_grads=True
+        )
+    return (*(result if isinstance(result, tuple) else (result,)), *grads)
 
 
 @pytest.mark.parametrize("create_graph", [False, True])
-def test_the_eager_path_gives_the_custom_op_s_numbers(create_graph):
-    eager = _loss_and_grads("eager", create_graph)
-    op = _loss_and_grads("op", create_graph)
-    for a, b in zip(eager, op):
+@pytest.mark.parametrize("name", sorted(EAGER_ENTRIES))
+def test_the_eager_path_gives_the_custom_op_s_numbers(name, create_graph):
+    """Bitwise: outputs, first and second derivatives on the default backend, through
+    the entry (the eager path) and through torch.ops.fastmeta.<name>."""
+    sample = next(s for s in SAMPLES if s.name == name)
+    torch.manual_seed(1)
+    args = sample.make("cpu", torch.float64, False)
+    args = [a.requires_grad_() if i in sample.grad_args else a for i, a in enumerate(args)]
+    op = getattr(torch.ops.fastmeta, name).default
+    eager = _outputs_and_grads(sample, EAGER_ENTRIES[name], args, create_graph)
+    through_op = _outputs_and_grads(sample, op, args, create_graph)
+    for a, b in zip(eager, through_op, strict=True):
         assert torch.equal(a, b)
 
 

@@ -153,8 +153,10 @@ def test_prototypical_loss_matches_float64(backend_device, B, C, D):
     assert rel_err(loss, want_losses.mean()) < TOL
     want_accuracy = (logits.argmax(-1) == query_labels).double().mean()
     assert abs(float(accuracy) - float(want_accuracy)) <= 1.0 / query_labels.numel() + 1e-12
-    for got, want in zip(grads, want_grads):
-        assert rel_err(got, want) < TOL
+    # d_tau = 2 sum q . (G C) - sum colsum(G) ||c||^2: two sums that cancel to a small
+    # fraction of their size, so float32 inputs leave it ~1e-4 off at D = 1600
+    for got, want, tol in zip(grads, want_grads, (TOL, TOL, 5 * TOL)):
+        assert rel_err(got, want) < tol
 
 
 @pytest.mark.op("prototypical_cross_entropy")

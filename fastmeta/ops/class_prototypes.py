@@ -32,6 +32,7 @@ from fastmeta.ops.declaration import (
     every_backend,
     register_float32_autocast,
 )
+from fastmeta.ops.eager import eager_function, eager_path
 from fastmeta.validation import Labels, check_label_values
 
 
@@ -98,8 +99,7 @@ CLASS_PROTOTYPES = OpDeclaration(
 )
 
 
-@torch.library.custom_op("fastmeta::class_prototypes", mutates_args=())
-def class_prototypes_op(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+def class_prototypes_forward(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     check_class_prototypes_args(support, labels, num_classes)
     check_label_values(
         "fastmeta.class_prototypes", Labels("labels", labels, num_classes, every_class=True)
@@ -107,6 +107,11 @@ def class_prototypes_op(support: Tensor, labels: Tensor, num_classes: int) -> Te
     return CLASS_PROTOTYPES.run_forward(
         support.contiguous(), labels.long().contiguous(), num_classes
     )
+
+
+class_prototypes_op = torch.library.custom_op("fastmeta::class_prototypes", mutates_args=())(
+    class_prototypes_forward
+)
 
 
 @class_prototypes_op.register_fake
@@ -147,3 +152,14 @@ def _backward_backward(ctx, grad_d_support):
 class_prototypes_op.register_autograd(_backward_forward, setup_context=_setup_forward)
 register_float32_autocast(class_prototypes_op)
 class_prototypes_backward_op.register_autograd(_backward_backward, setup_context=_setup_backward)
+_Eager = eager_function(
+    "class_prototypes", class_prototypes_forward, _setup_forward, _backward_forward
+)
+
+
+def class_prototypes(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """The op ([B, S, D], [B, S] -> [B, C, D]), on its eager fast path where one applies
+    (fastmeta/ops/eager.py)."""
+    if eager_path(support, labels):
+        return _Eager.apply(support, labels, num_classes)
+    return class_prototypes_op(support, labels, num_classes)

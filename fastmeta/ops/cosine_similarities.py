@@ -32,6 +32,7 @@ from fastmeta.ops.declaration import (
     every_backend,
     register_float32_autocast,
 )
+from fastmeta.ops.eager import eager_function, eager_path
 
 NAME = "fastmeta.cosine_similarities"
 
@@ -90,10 +91,14 @@ COSINE_SIMILARITIES = OpDeclaration(
 )
 
 
-@torch.library.custom_op("fastmeta::cosine_similarities", mutates_args=())
-def cosine_similarities_op(queries: Tensor, prototypes: Tensor, eps: float) -> Tensor:
+def cosine_similarities_forward(queries: Tensor, prototypes: Tensor, eps: float) -> Tensor:
     check_cosine_similarities_args(queries, prototypes, eps)
     return COSINE_SIMILARITIES.run_forward(queries.contiguous(), prototypes.contiguous(), eps)
+
+
+cosine_similarities_op = torch.library.custom_op("fastmeta::cosine_similarities", mutates_args=())(
+    cosine_similarities_forward
+)
 
 
 @cosine_similarities_op.register_fake
@@ -114,3 +119,12 @@ def _backward(ctx, grad):
 
 cosine_similarities_op.register_autograd(_backward, setup_context=_setup)
 register_float32_autocast(cosine_similarities_op)
+_Eager = eager_function("cosine_similarities", cosine_similarities_forward, _setup, _backward)
+
+
+def cosine_similarities(queries: Tensor, prototypes: Tensor, eps: float) -> Tensor:
+    """The op ([B, M, D], [B, C, D] -> [B, M, C]), on its eager fast path where one
+    applies (fastmeta/ops/eager.py)."""
+    if eager_path(queries, prototypes):
+        return _Eager.apply(queries, prototypes, eps)
+    return cosine_similarities_op(queries, prototypes, eps)

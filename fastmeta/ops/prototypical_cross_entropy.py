@@ -40,6 +40,7 @@ from fastmeta.ops.declaration import (
     every_backend,
     register_float32_autocast,
 )
+from fastmeta.ops.eager import eager_function, eager_path
 from fastmeta.validation import Labels, check_label_values
 
 
@@ -136,8 +137,7 @@ def prototypical_cross_entropy_backward_differentiable(
     )
 
 
-@torch.library.custom_op("fastmeta::prototypical_cross_entropy", mutates_args=())
-def prototypical_cross_entropy_op(
+def prototypical_cross_entropy_forward(
     queries: Tensor, prototypes: Tensor, labels: Tensor, tau: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     check_prototypical_cross_entropy_args(queries, prototypes, labels, tau)
@@ -148,6 +148,11 @@ def prototypical_cross_entropy_op(
     return PROTOTYPICAL_CROSS_ENTROPY.run_forward(
         queries.contiguous(), prototypes.contiguous(), labels.long().contiguous(), tau
     )
+
+
+prototypical_cross_entropy_op = torch.library.custom_op(
+    "fastmeta::prototypical_cross_entropy", mutates_args=()
+)(prototypical_cross_entropy_forward)
 
 
 @prototypical_cross_entropy_op.register_fake
@@ -212,3 +217,16 @@ def _backward(ctx, grad_losses, _grad_predictions, _grad_softmax):
 
 prototypical_cross_entropy_op.register_autograd(_backward, setup_context=_setup)
 register_float32_autocast(prototypical_cross_entropy_op)
+_Eager = eager_function(
+    "prototypical_cross_entropy", prototypical_cross_entropy_forward, _setup, _backward
+)
+
+
+def prototypical_cross_entropy(
+    queries: Tensor, prototypes: Tensor, labels: Tensor, tau: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The op (losses [B, M], predictions [B, M], softmax [B, M, C]), on its eager fast
+    path where one applies (fastmeta/ops/eager.py)."""
+    if eager_path(queries, prototypes, labels, tau):
+        return _Eager.apply(queries, prototypes, labels, tau)
+    return prototypical_cross_entropy_op(queries, prototypes, labels, tau)

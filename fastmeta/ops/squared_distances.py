@@ -28,6 +28,7 @@ from fastmeta.ops.declaration import (
     every_backend,
     register_float32_autocast,
 )
+from fastmeta.ops.eager import eager_function, eager_path
 
 
 def check_squared_distances_args(queries: Tensor, prototypes: Tensor) -> None:
@@ -70,10 +71,14 @@ SQUARED_DISTANCES = OpDeclaration(
 )
 
 
-@torch.library.custom_op("fastmeta::squared_distances", mutates_args=())
-def squared_distances_op(queries: Tensor, prototypes: Tensor) -> Tensor:
+def squared_distances_forward(queries: Tensor, prototypes: Tensor) -> Tensor:
     check_squared_distances_args(queries, prototypes)
     return SQUARED_DISTANCES.run_forward(queries.contiguous(), prototypes.contiguous())
+
+
+squared_distances_op = torch.library.custom_op("fastmeta::squared_distances", mutates_args=())(
+    squared_distances_forward
+)
 
 
 @squared_distances_op.register_fake
@@ -93,3 +98,12 @@ def _backward(ctx, grad):
 
 squared_distances_op.register_autograd(_backward, setup_context=_setup)
 register_float32_autocast(squared_distances_op)
+_Eager = eager_function("squared_distances", squared_distances_forward, _setup, _backward)
+
+
+def squared_distances(queries: Tensor, prototypes: Tensor) -> Tensor:
+    """The op ([B, M, D], [B, C, D] -> [B, M, C]), on its eager fast path where one
+    applies (fastmeta/ops/eager.py)."""
+    if eager_path(queries, prototypes):
+        return _Eager.apply(queries, prototypes)
+    return squared_distances_op(queries, prototypes)
