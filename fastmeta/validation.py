@@ -174,7 +174,7 @@ _pending: deque[_Pending] = deque()
 
 def _defer(op: str, checks: tuple[Labels, ...]) -> None:
     bad = _any_bad(checks)
-    flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+    flag = torch.empty((), dtype=torch.bool, pin_memory=bad.is_cuda)  # pinned: async copy
     flag.copy_(bad, non_blocking=True)
     event = torch.cuda.Event()
     event.record()

@@ -15,7 +15,7 @@ from op_samples import SAMPLES
 from torch.profiler import ProfilerActivity, profile
 
 import fastmeta
-from fastmeta import backend
+from fastmeta import backend, validation
 from fastmeta import functional as F
 from fastmeta.models import conv4
 from fastmeta.ops.class_prototypes import class_prototypes
@@ -270,3 +270,44 @@ def test_scalar_arguments_are_made_once_without_a_copy():
         F.prototypical_loss(support, ys, queries, yq, C, tau=0.5)
     names = [e.name for e in prof.events()]
     assert "aten::lift_fresh" not in names and "aten::full" not in names
+
+
+def test_deferred_checks_raise_at_a_later_call_or_when_asked(monkeypatch):
+    """The CUDA path's bookkeeping, on CPU tensors with a stand-in event: a pending bad
+    flag raises once its copy has finished (at the next validated call) or when
+    raise_deferred_errors waits for it; a good one is dropped silently.
+    tests/test_gpu_hot_path.py runs the real thing."""
+
+    class Event:
+        finished = False
+
+        def record(self):
+            pass
+
+        def query(self):
+            return Event.finished
+
+        def synchronize(self):
+            Event.finished = True
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(validation, "_pending", type(validation._pending)())
+    bad = validation.Labels("query_labels", torch.tensor([[0, 5], [1, 2]]), 3)
+    good = validation.Labels("support_labels", torch.tensor([[0, 1, 2]]), 3, every_class=True)
+    validation._defer("fastmeta.op", (good,))
+    validation._defer("fastmeta.op", (bad,))
+    validation._read_finished()  # the copies have not finished: nothing is read yet
+    assert len(validation._pending) == 2
+    Event.finished = True
+    with pytest.raises(ValueError) as raised:
+        validation._read_finished()
+    assert "fastmeta.op: query_labels holds 5 at index [0, 1]" in str(raised.value)
+    assert "found on the device after the call returned" in str(raised.value)
+    assert not validation._pending
+    Event.finished = False
+    validation._defer("fastmeta.op", (bad,))
+    with pytest.raises(ValueError, match="query_labels holds 5"):
+        validation.raise_deferred_errors()  # waits (synchronize), then reads
+    validation._defer("fastmeta.op", (good,))
+    validation.raise_deferred_errors()
+    assert not validation._pending
