@@ -70,8 +70,13 @@ def _tau_tensor(tau, like: Tensor) -> Tensor:
     return scalar_tensor(tau, like.dtype, like.device)
 
 
-def _reduce(losses: Tensor, reduction: str, batched: bool) -> Tensor:
+def _reduce(losses: Tensor, reduction: str, batched: bool, op: str) -> Tensor:
     if reduction == "mean":
+        if losses.numel() == 0:  # the mean of nothing: NaN in torch; an error here
+            raise ValueError(
+                f"{op}: reduction='mean' over no query (losses of shape "
+                f"{list(losses.shape)}: B = 0 episodes or M = 0 queries)"
+            )
         return losses.mean()
     if reduction == "sum":
         return losses.sum()
@@ -99,7 +104,7 @@ def prototypical_cross_entropy(
         _batched(op, "query_labels", query_labels, 1),
         _tau_tensor(tau, q),
     )
-    return _reduce(losses, reduction, batched)
+    return _reduce(losses, reduction, batched, op)
 
 
 def prototypical_loss(
@@ -130,7 +135,7 @@ def prototypical_loss(
         _tau_tensor(tau, q),
     )
     accuracy = predictions.eq(y_query).mean(dtype=q.dtype)
-    return _reduce(losses, reduction, batched), accuracy
+    return _reduce(losses, reduction, batched, op), accuracy
 
 
 __all__ = [

@@ -154,6 +154,9 @@ def run_failing(argv: list[str], capsys) -> str:
         (["--resume"], "no checkpoint to resume from"),
         (["--device", "cpu", "--backend", "cuda"], "backend 'cuda'"),
         (["--steps", "0"], "--steps: must be an integer >= 1"),
+        (["--inner-lr", "nan"], "--inner-lr: must be a finite number > 0, got nan"),
+        (["--inner-lr", "-0.1"], "--inner-lr: must be a finite number > 0, got -0.1"),
+        (["--lr", "inf"], "--lr: must be a finite number > 0, got inf"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, options, message):
@@ -171,6 +174,18 @@ def test_unknown_algorithm_and_unavailable_algorithm(tmp_path, capsys, monkeypat
     monkeypatch.delattr(fastmeta, "MetaNetwork", raising=False)
     err = run_failing(["train", "metanet", *CPU, "--out", str(tmp_path)], capsys)
     assert "algorithm metanet is not available in this build of fastmeta yet" in err
+
+
+@pytest.mark.parametrize("command", ["eval", "resume"])
+def test_a_checkpoint_without_the_expected_keys_is_one_line_and_exit_2(tmp_path, capsys, command):
+    """It was a KeyError traceback (exit 1)."""
+    torch.save({"args": {"algorithm": "protonet"}, "model": {}}, tmp_path / "checkpoint.pt")
+    if command == "eval":
+        argv = ["eval", *CPU, "--out", str(tmp_path)]
+    else:
+        argv = ["train", "protonet", *TINY, "--out", str(tmp_path), "--resume"]
+    err = run_failing(argv, capsys)
+    assert "not a fastmeta checkpoint (missing optimizer, run, sampler_rng, torch_rng)" in err
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):

@@ -95,7 +95,7 @@ at::Tensor gradient_mlp_forward_cpu(const at::Tensor& grads, const at::Tensor& w
         T acc = bias2;
         for (int64_t k = 0; k < mlp.hidden; ++k) {
           const T s = mlp.hidden_input(u, k);
-          acc += s > T(0) ? mlp.w2[k] * s : T(0);
+          acc += !(s <= T(0)) ? mlp.w2[k] * s : T(0);  // relu; NaN propagates, as in torch
         }
         y[i] = acc;
       }

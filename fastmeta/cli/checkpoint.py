@@ -13,6 +13,7 @@ from fastmeta.data import EpisodeSampler
 from fastmeta.distributed import Ranks
 
 FILE = "checkpoint.pt"
+KEYS = {"args", "model", "optimizer", "sampler_rng", "torch_rng", "run"}  # what save writes
 # Arguments that define the training trajectory: a resumed run must keep them.
 SAME_ON_RESUME = (
     "algorithm",
@@ -64,9 +65,16 @@ def load(out: Path, device: torch.device) -> dict:
             f"no checkpoint to resume from: {path} does not exist (train without --resume first)"
         )
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which, not a traceback
         raise ValueError(f"cannot read checkpoint {path}: {error}") from None
+    missing = KEYS - set(state) if isinstance(state, dict) else KEYS
+    if missing or not isinstance(state["run"], dict) or "step" not in state["run"]:
+        raise ValueError(
+            f"cannot read checkpoint {path}: not a fastmeta checkpoint "
+            f"(missing {', '.join(sorted(missing)) or 'run.step'})"
+        )
+    return state
 
 
 def load_on_all_ranks(out: Path, ranks: Ranks) -> dict:

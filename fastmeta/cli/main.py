@@ -6,6 +6,7 @@ Under torchrun (WORLD_SIZE > 1) the ranks share the work (fastmeta.distributed).
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from argparse import Namespace
@@ -27,6 +28,14 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _rate(text: str) -> float:
+    """A learning rate: a finite number > 0 (NaN trained NaN to the end, exit 0)."""
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -125,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="episodes per batch (under torchrun: of all ranks together)",
     )
     run.add_argument("--steps", type=_positive_int, default=1000, help="training iterations")
-    run.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    run.add_argument("--lr", type=_rate, default=1e-3, help="Adam learning rate")
     run.add_argument(
         "--lr-halve-every",
         type=_positive_int,
@@ -141,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     maml = run.add_argument_group("maml, metasgd")
     maml.add_argument(
         "--inner-lr",
-        type=float,
+        type=_rate,
         default=0.4,
         help="inner-loop learning rate (metasgd: its initial value)",
     )

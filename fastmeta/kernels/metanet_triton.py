@@ -59,7 +59,9 @@ def _hidden_tile(g_ptr, w1_ptr, b1_ptr, offs, n, H, p, threshold, e_p, BLOCK_H: 
     b1 = tl.load(b1_ptr + hs, mask=hmask, other=0.0).to(tl.float32)
     magnitude = tl.abs(g)
     small = magnitude < threshold
-    u0 = tl.where(small, -1.0, tl.log(tl.maximum(magnitude, threshold)) / p)
+    # NaN stays NaN (as in the reference): maximum and relu propagate it
+    clamped = tl.maximum(magnitude, threshold, propagate_nan=tl.PropagateNan.ALL)
+    u0 = tl.where(small, -1.0, tl.log(clamped) / p)
     sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
     u1 = tl.where(small, e_p * g, sign)
     s = u0[:, None] * w10[None, :] + u1[:, None] * w11[None, :] + b1[None, :]
@@ -87,7 +89,8 @@ def _gradient_mlp_forward_kernel(
         g_ptr, w1_ptr, b1_ptr, offs, n, H, p, threshold, e_p, BLOCK_H
     )
     w2 = tl.load(w2_ptr + hs, mask=hmask, other=0.0).to(tl.float32)
-    y = tl.sum(tl.maximum(s, 0.0) * w2[None, :], axis=1) + tl.load(b2_ptr).to(tl.float32)
+    relu = tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    y = tl.sum(relu * w2[None, :], axis=1) + tl.load(b2_ptr).to(tl.float32)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=offs < n)
 
 

@@ -15,6 +15,8 @@ adapt (names or a predicate on (name, parameter)), e.g. only the head (ANIL); th
 are shared by all tasks and still get meta-gradients.
 """
 
+import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -130,6 +132,28 @@ class _MetaLearner(nn.Module):
         )
 
 
+def _rate(name: str, value) -> float:
+    """One finite learning rate from a real number or a one-element tensor."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = float(value)  # read once, at construction
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def learning_rates(lr) -> float | tuple[float, ...]:
+    """MAML's lr as given by users: a number (or a one-element float tensor), or a
+    non-empty sequence of them, one per inner step. Raises TypeError / ValueError on
+    anything else (a string, a bool, NaN, an empty list)."""
+    if isinstance(lr, (str, bytes)) or not isinstance(lr, Sequence):
+        return _rate("MAML: lr", lr)
+    if not lr:
+        raise ValueError("MAML: lr must hold one rate per inner step, got an empty sequence")
+    return tuple(_rate(f"MAML: lr[{k}]", v) for k, v in enumerate(lr))
+
+
 class MAML(_MetaLearner):
     """MAML with learning rate `lr`: a float, or one float per inner step (MAML++'s
     per-step rates, fixed). first_order=True drops the second-order terms (FOMAML).
@@ -156,7 +180,7 @@ class MAML(_MetaLearner):
         super().__init__(
             model, first_order, allow_unused, allow_nograd, steps, adapt, strategy, fuse
         )
-        self.lr = lr
+        self.lr = learning_rates(lr)
 
     def step_lr(self, k: int) -> float:
         if isinstance(self.lr, (int, float)):
@@ -198,7 +222,7 @@ class MetaSGD(_MetaLearner):
                 nn.Parameter(
                     torch.full(
                         (*lead, *params[n].shape),
-                        float(lr),
+                        _rate("MetaSGD: lr", lr),
                         dtype=params[n].dtype,
                         device=params[n].device,
                     )

@@ -1,5 +1,10 @@
 """Argument checks that give users errors naming the argument and its shape."""
 
+import functools
+import inspect
+import math
+from typing import Callable
+
 import torch
 
 
@@ -48,7 +53,16 @@ def check_labels(op: str, name: str, labels: torch.Tensor, shape: tuple):
 def check_num_classes(op: str, num_classes) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"{op}: num_classes must be a positive int, got {num_classes!r}")
+    if num_classes > torch.iinfo(torch.int64).max:
+        raise ValueError(f"{op}: num_classes must fit in int64, got {num_classes}")
     return num_classes
+
+
+def check_eps(op: str, eps) -> float:
+    """A batch-norm epsilon: a finite number >= 0."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
 
 
 def check_episode_pair(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor):
@@ -65,3 +79,27 @@ def check_episode_pair(op: str, name_a: str, a: torch.Tensor, name_b: str, b: to
             raise ValueError(
                 f"{op}: {name_a} {shape_str(a)} and {name_b} {shape_str(b)} have different {what}"
             )
+
+
+def on_one_device(op) -> Callable:
+    """Decorates the fake kernel of custom op `op`: raises unless its tensor arguments
+    share one device. torch dispatches a call with one meta argument among real ones to
+    the fake kernel, which would return uninitialized memory as the result; plain torch
+    ops raise there, and so does this."""
+    name = op._qualname.replace("::", ".")
+
+    def decorate(fake: Callable) -> Callable:
+        parameters = list(inspect.signature(fake).parameters)
+
+        @functools.wraps(fake)
+        def checked(*args, **kwargs):
+            out = fake(*args, **kwargs)  # its own checks first: their errors are sharper
+            tensors = [(p, a) for p, a in zip(parameters, args) if isinstance(a, torch.Tensor)]
+            if len({t.device for _, t in tensors}) > 1:
+                where = ", ".join(f"{p} on {t.device}" for p, t in tensors)
+                raise ValueError(f"{name}: the tensor arguments must share a device, got {where}")
+            return out
+
+        return checked
+
+    return decorate

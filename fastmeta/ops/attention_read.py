@@ -25,7 +25,13 @@ forward and the backward each race cuda against triton per shape bucket
 import torch
 from torch import Tensor
 
-from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
+from fastmeta.ops._checks import (
+    check_floating,
+    check_same_dtype_device,
+    check_tensor,
+    on_one_device,
+    shape_str,
+)
 from fastmeta.ops.declaration import FLOAT32, ONCE, Kernels, OpDeclaration, every_backend
 
 
@@ -102,6 +108,7 @@ def attention_read_op(attention: Tensor, fast_weights: Tensor, x: Tensor) -> Ten
 
 
 @attention_read_op.register_fake
+@on_one_device(attention_read_op)
 def _(attention, fast_weights, x):
     return x.new_empty(*x.shape[:3], fast_weights.shape[2])
 
@@ -128,6 +135,7 @@ def attention_read_backward_op(
 
 
 @attention_read_backward_op.register_fake
+@on_one_device(attention_read_backward_op)
 def _(grad_out, attention, fast_weights, x, need_attention, need_weights, need_x):
     return tuple(
         torch.empty_like(t) if need else x.new_empty(0)

@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
+from fastmeta.ops._checks import (
+    check_eps,
+    check_floating,
+    check_same_dtype_device,
+    check_tensor,
+    on_one_device,
+    shape_str,
+)
 from fastmeta.ops.declaration import FLOAT32_64, ONCE, Kernels, OpDeclaration, compiled
 
 NAME = "fastmeta.bn_relu_pool"
@@ -104,10 +111,12 @@ def bn_relu_pool_op(
     c: Tensor, gamma: Tensor, beta: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_bn_relu_pool_args(c, gamma, beta)
+    check_eps(NAME, eps)
     return BN_RELU_POOL.run_forward(c.contiguous(), gamma.contiguous(), beta.contiguous(), eps)
 
 
 @bn_relu_pool_op.register_fake
+@on_one_device(bn_relu_pool_op)
 def _(c, gamma, beta, eps):
     check_bn_relu_pool_args(c, gamma, beta)
     N, C, H, W = c.shape
@@ -143,6 +152,7 @@ def bn_relu_pool_backward_op(
 
 
 @bn_relu_pool_backward_op.register_fake
+@on_one_device(bn_relu_pool_backward_op)
 def _(grad_out, c, gamma, beta, mean, rstd, window):
     return torch.empty_like(c), torch.empty_like(gamma), torch.empty_like(beta)
 

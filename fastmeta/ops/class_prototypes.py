@@ -19,6 +19,7 @@ from fastmeta.ops._checks import (
     check_labels,
     check_num_classes,
     check_tensor,
+    on_one_device,
     shape_str,
 )
 from fastmeta.ops._opmath import opmath
@@ -51,6 +52,11 @@ def check_class_prototypes_args(
     if support.dim() != 3:
         raise ValueError(f"{name}: support must be [B, S, D], got shape {shape_str(support)}")
     check_num_classes(name, num_classes)
+    if num_classes > support.shape[1] and support.shape[0] > 0:
+        raise ValueError(
+            f"{name}: num_classes={num_classes} exceeds the {support.shape[1]} support examples "
+            f"per episode (support {shape_str(support)}): every class needs one"
+        )
     check_labels(name, labels_name, labels, support.shape[:2])
     if labels.device != support.device:
         raise ValueError(
@@ -115,6 +121,7 @@ class_prototypes_op = torch.library.custom_op("fastmeta::class_prototypes", muta
 
 
 @class_prototypes_op.register_fake
+@on_one_device(class_prototypes_op)
 def _(support, labels, num_classes):
     return support.new_empty(support.shape[0], num_classes, support.shape[2])
 
@@ -125,6 +132,7 @@ def class_prototypes_backward_op(grad: Tensor, labels: Tensor) -> Tensor:
 
 
 @class_prototypes_backward_op.register_fake
+@on_one_device(class_prototypes_backward_op)
 def _(grad, labels):
     return grad.new_empty(grad.shape[0], labels.shape[1], grad.shape[2])
 

@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
+from fastmeta.ops._checks import (
+    check_eps,
+    check_floating,
+    check_same_dtype_device,
+    check_tensor,
+    on_one_device,
+    shape_str,
+)
 from fastmeta.ops.declaration import FLOAT32_64, ONCE, Kernels, OpDeclaration, compiled, contiguous
 
 NAME = "fastmeta.conv_block"
@@ -140,10 +147,12 @@ def conv_block_op(
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_conv_block_args(x, weight, bias, gamma, beta, padding)
+    check_eps(NAME, eps)
     return CONV_BLOCK.run_forward(*contiguous(x, weight, bias, gamma, beta), *padding, eps)
 
 
 @conv_block_op.register_fake
+@on_one_device(conv_block_op)
 def _(x, weight, bias, gamma, beta, padding, eps):
     check_conv_block_args(x, weight, bias, gamma, beta, padding)
     hc, wc = conv_size(x.shape, weight.shape, padding)
@@ -186,6 +195,7 @@ def conv_block_backward_op(
 
 
 @conv_block_backward_op.register_fake
+@on_one_device(conv_block_backward_op)
 def _(grad_out, x, weight, bias, gamma, beta, mean, rstd, window, c_max, padding, need_x):
     return (
         x.new_empty(x.shape if need_x else (0,)),

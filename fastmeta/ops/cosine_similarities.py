@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastmeta.ops._checks import check_episode_pair, check_same_dtype_device
+from fastmeta.ops._checks import check_episode_pair, check_same_dtype_device, on_one_device
 from fastmeta.ops._opmath import opmath
 from fastmeta.ops.declaration import (
     ANY_ORDER,
@@ -102,6 +102,7 @@ cosine_similarities_op = torch.library.custom_op("fastmeta::cosine_similarities"
 
 
 @cosine_similarities_op.register_fake
+@on_one_device(cosine_similarities_op)
 def _(queries, prototypes, eps):
     check_cosine_similarities_args(queries, prototypes, eps)
     return queries.new_empty(queries.shape[0], queries.shape[1], prototypes.shape[1])

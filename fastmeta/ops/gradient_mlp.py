@@ -26,7 +26,13 @@ import math
 import torch
 from torch import Tensor
 
-from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
+from fastmeta.ops._checks import (
+    check_floating,
+    check_same_dtype_device,
+    check_tensor,
+    on_one_device,
+    shape_str,
+)
 from fastmeta.ops.declaration import (
     FLOAT32,
     FLOAT32_64,
@@ -124,6 +130,7 @@ def gradient_mlp_op(
 
 
 @gradient_mlp_op.register_fake
+@on_one_device(gradient_mlp_op)
 def _(grads, w1, b1, w2, b2, p):
     return torch.empty_like(grads, memory_format=torch.contiguous_format)
 
@@ -136,6 +143,7 @@ def gradient_mlp_backward_op(
 
 
 @gradient_mlp_backward_op.register_fake
+@on_one_device(gradient_mlp_backward_op)
 def _(grad_out, grads, w1, b1, w2, p, need_grads):
     d_grads = torch.empty_like(grads) if need_grads else grads.new_empty(0)
     return (

@@ -21,7 +21,13 @@ Backends: reference (here), cpu and cuda (csrc/), triton (fastmeta/kernels/).
 import torch
 from torch import Tensor
 
-from fastmeta.ops._checks import check_floating, check_same_dtype_device, check_tensor, shape_str
+from fastmeta.ops._checks import (
+    check_floating,
+    check_same_dtype_device,
+    check_tensor,
+    on_one_device,
+    shape_str,
+)
 from fastmeta.ops._scalars import scalar_tensor
 from fastmeta.ops.declaration import ANY_ORDER, Kernels, OpDeclaration, every_backend
 
@@ -119,6 +125,7 @@ def inner_update_op(theta: Tensor, alpha: Tensor, g: Tensor) -> Tensor:
 
 
 @inner_update_op.register_fake
+@on_one_device(inner_update_op)
 def _(theta, alpha, g):
     check_inner_update_args(theta, alpha, g)
     return g.new_empty(g.shape)
@@ -136,6 +143,7 @@ def inner_update_backward_op(
 
 
 @inner_update_backward_op.register_fake
+@on_one_device(inner_update_backward_op)
 def _(grad_out, alpha, g, need_g, need_alpha):
     check_inner_update_backward_args(grad_out, alpha, g)
     return (

@@ -27,6 +27,7 @@ from fastmeta.ops._checks import (
     check_labels,
     check_same_dtype_device,
     check_tensor,
+    on_one_device,
     shape_str,
 )
 from fastmeta.ops._opmath import math_dtype, opmath
@@ -156,6 +157,7 @@ prototypical_cross_entropy_op = torch.library.custom_op(
 
 
 @prototypical_cross_entropy_op.register_fake
+@on_one_device(prototypical_cross_entropy_op)
 def _(queries, prototypes, labels, tau):
     B, M = queries.shape[:2]
     return (
@@ -186,6 +188,7 @@ def prototypical_cross_entropy_backward_op(
 
 
 @prototypical_cross_entropy_backward_op.register_fake
+@on_one_device(prototypical_cross_entropy_backward_op)
 def _(grad_losses, queries, prototypes, labels, tau, softmax):
     return (
         queries.new_empty(queries.shape),

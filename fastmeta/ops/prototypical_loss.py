@@ -30,6 +30,7 @@ from fastmeta.ops._checks import (
     check_episode_pair,
     check_labels,
     check_same_dtype_device,
+    on_one_device,
     shape_str,
 )
 from fastmeta.ops._opmath import math_dtype
@@ -96,6 +97,7 @@ prototypical_loss_op = torch.library.custom_op("fastmeta::prototypical_loss", mu
 
 
 @prototypical_loss_op.register_fake
+@on_one_device(prototypical_loss_op)
 def _(support, support_labels, queries, query_labels, num_classes, tau):
     B, M = queries.shape[:2]
     return (
@@ -176,6 +178,7 @@ def prototypical_loss_backward_op(
 
 
 @prototypical_loss_backward_op.register_fake
+@on_one_device(prototypical_loss_backward_op)
 def _(grad_losses, support_labels, queries, query_labels, tau, prototypes, softmax):
     B, S = support_labels.shape
     return (

@@ -16,7 +16,7 @@ cuda (csrc/{cpu,cuda}/squared_distances_*), triton (fastmeta/kernels/protonet_tr
 import torch
 from torch import Tensor
 
-from fastmeta.ops._checks import check_episode_pair, check_same_dtype_device
+from fastmeta.ops._checks import check_episode_pair, check_same_dtype_device, on_one_device
 from fastmeta.ops._opmath import opmath
 from fastmeta.ops.declaration import (
     ANY_ORDER,
@@ -82,6 +82,7 @@ squared_distances_op = torch.library.custom_op("fastmeta::squared_distances", mu
 
 
 @squared_distances_op.register_fake
+@on_one_device(squared_distances_op)
 def _(queries, prototypes):
     check_squared_distances_args(queries, prototypes)
     return queries.new_empty(queries.shape[0], queries.shape[1], prototypes.shape[1])

@@ -1,0 +1,136 @@
+"""Bad input found by probing as an adversarial user: each case gave a crash, garbage
+or a silent wrong answer before its fix, and now gives the reference's answer or a
+clear error naming the argument."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastmeta
+from fastmeta import backend
+from fastmeta import functional as F
+from fastmeta.ops import attention_read, gradient_mlp, inner_update
+from fastmeta.ops.bn_relu_pool import bn_relu_pool
+from fastmeta.ops.conv_block import conv_block
+
+
+def _episode():
+    support, queries = torch.randn(1, 4, 3), torch.randn(1, 3, 3)
+    return support, torch.tensor([[0, 1, 0, 1]]), queries, torch.tensor([[0, 1, 1]])
+
+
+def _mlp(device="cpu"):
+    return [
+        t.to(device) for t in (torch.randn(4, 2), torch.randn(4), torch.randn(4), torch.randn(()))
+    ]
+
+
+# One argument on the meta device made torch run the op's fake kernel for real: the
+# result was uninitialized memory (losses like 7.4e36) or a meta tensor.
+MIXED_META = {
+    "prototypical_loss, support on meta": lambda: F.prototypical_loss(
+        *((t.to("meta") if i == 0 else t) for i, t in enumerate(_episode())), 2
+    ),
+    "class_prototypes, labels on meta": lambda: F.class_prototypes(
+        torch.randn(1, 4, 3), torch.tensor([[0, 1, 0, 1]], device="meta"), 2
+    ),
+    "gradient_mlp, w1 on meta": lambda: gradient_mlp(
+        torch.randn(5), _mlp()[0].to("meta"), *_mlp()[1:]
+    ),
+    "attention_read, x on meta": lambda: attention_read(
+        torch.rand(1, 2, 3), torch.randn(1, 3, 4, 5), torch.randn(1, 2, 1, 5, device="meta")
+    ),
+    "inner_update, g on meta": lambda: inner_update(
+        torch.randn(6), 0.1, torch.randn(2, 6, device="meta")
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MIXED_META))
+def test_an_argument_on_meta_among_real_ones_is_an_error(case):
+    with pytest.raises(ValueError) as raised:
+        MIXED_META[case]()
+    message = str(raised.value)  # the op's own device check, or the fake kernels' one
+    assert "meta" in message and ("must share a device" in message or " but " in message)
+
+
+@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
+def test_gradient_mlp_keeps_a_nan_gradient_nan(name):
+    """The cpu kernel's relu (s > 0 ? s : 0) and Triton's maximum turned NaN into 0."""
+    if backend.op_unavailable_reason("gradient_mlp", name, "cpu", torch.float32):
+        pytest.skip(f"{name} does not run gradient_mlp here")
+    grads = torch.tensor([math.nan, 1.0, 1e-9, -3.0])
+    parameters = _mlp()
+    with fastmeta.use_backend(name):
+        out = gradient_mlp(grads, *parameters)
+    with fastmeta.use_backend("reference"):
+        want = gradient_mlp(grads, *parameters)
+    assert out[0].isnan() and torch.isfinite(out[1:]).all()
+    torch.testing.assert_close(out[1:], want[1:])
+
+
+def test_num_classes_beyond_the_support_size_is_an_error_before_any_allocation():
+    """num_classes = 10**9 with 4 support rows allocated gigabytes before failing;
+    2**63 gave a confusing type error."""
+    support, ys, queries, yq = _episode()
+    with pytest.raises(ValueError, match="num_classes=1000000000 exceeds the 4 support examples"):
+        F.prototypical_loss(support, ys, queries, yq, 10**9)
+    with pytest.raises(ValueError, match="num_classes must fit in int64"):
+        F.class_prototypes(support, ys, 2**63)
+
+
+@pytest.mark.parametrize("eps", [-1.0, math.nan, math.inf])
+def test_a_batch_norm_eps_must_be_a_finite_number_at_least_zero(eps):
+    c, gamma, beta = torch.randn(2, 4, 6, 6), torch.ones(4), torch.zeros(4)
+    with pytest.raises(ValueError, match="fastmeta.bn_relu_pool: eps must be a finite number"):
+        torch.ops.fastmeta.bn_relu_pool(c, gamma, beta, eps)
+    x, weight, bias = torch.randn(2, 1, 6, 6), torch.randn(4, 1, 3, 3), torch.zeros(4)
+    with pytest.raises(ValueError, match="fastmeta.conv_block: eps must be a finite number"):
+        torch.ops.fastmeta.conv_block(x, weight, bias, gamma, beta, [1, 1], eps)
+    bn_relu_pool(c, gamma, beta, eps=0.0)  # 0 is allowed (torch's batch norm takes it)
+    conv_block(x, weight, bias, gamma, beta, padding=(1, 1), eps=0.0)
+
+
+@pytest.mark.parametrize(
+    "lr, error, message",
+    [
+        ("0.4", TypeError, "MAML: lr must be a number, got str '0.4'"),
+        (True, TypeError, "MAML: lr must be a number, got bool"),
+        (math.nan, ValueError, "MAML: lr must be finite, got nan"),
+        ([0.4, math.inf], ValueError, r"MAML: lr\[1\] must be finite, got inf"),
+        ([], ValueError, "MAML: lr must hold one rate per inner step, got an empty sequence"),
+    ],
+)
+def test_maml_rejects_a_learning_rate_it_cannot_use(lr, error, message):
+    """lr="0.4" adapted silently with lr 0.0 (the string was read as per-step rates)."""
+    with pytest.raises(error, match=message):
+        fastmeta.MAML(torch.nn.Linear(3, 2), lr=lr)
+
+
+def test_maml_takes_a_one_element_tensor_learning_rate():
+    """lr=torch.tensor(0.4) failed with "len() of a 0-d tensor"."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    xs, ys = torch.randn(2, 4, 3), torch.randint(0, 2, (2, 4))
+    outputs = [
+        fastmeta.MAML(model, lr=lr).adapt_batch(xs, ys, TF.cross_entropy)(xs)
+        for lr in (torch.tensor(0.4), 0.4)
+    ]
+    torch.testing.assert_close(*outputs)
+    with pytest.raises(TypeError, match="MetaSGD: lr must be a number"):
+        fastmeta.MetaSGD(model, lr="0.4")
+
+
+@pytest.mark.parametrize("empty", ["episodes", "queries"])
+def test_the_mean_loss_of_no_query_is_an_error_not_nan(empty):
+    support, ys, queries, yq = _episode()
+    if empty == "episodes":
+        support, ys, queries, yq = (t[:0] for t in (support, ys, queries, yq))
+    else:
+        queries, yq = queries[:, :0], yq[:, :0]
+    with pytest.raises(ValueError, match="reduction='mean' over no query"):
+        F.prototypical_loss(support, ys, queries, yq, 2)
+    losses, _ = F.prototypical_loss(support, ys, queries, yq, 2, reduction="none")
+    assert losses.numel() == 0
