@@ -15,7 +15,7 @@ with fastmeta.validate_args(False):              # skip label value checks (spee
 
 from fastmeta import functional
 from fastmeta.backend import BACKENDS, BackendUnavailableError, last_backend, use_backend
-from fastmeta.cpu_pool import empty_cpu_cache
+from fastmeta.cpu_pool import check_pool_setting, empty_cpu_cache
 from fastmeta.maml import MAML, MetaSGD
 from fastmeta.metanet import MetaNetwork
 from fastmeta.ops import inner_update
@@ -24,6 +24,7 @@ from fastmeta.report import backends
 from fastmeta.validation import raise_deferred_errors, set_validate_args, validate_args
 
 __version__ = "0.1.0"
+check_pool_setting()
 
 __all__ = [
     "BACKENDS",

@@ -37,7 +37,7 @@ class BackendUnavailableError(RuntimeError):
 
 _OPS: dict[str, tuple[str, ...]] = {}  # op name -> backends that implement it
 _OP_DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {}  # (op, backend) -> dtypes
-_forced_stack: list[str] = []
+_forced_stack: list[tuple[str, object]] = []  # (backend, the block that forced it)
 _last_used: dict[str, str] = {}
 
 
@@ -131,7 +131,7 @@ def unavailable_reason(backend: str, device_type: str | None = None, dtype=None)
 def forced_backend() -> tuple[str, str] | None:
     """The forced backend and who forced it, or None."""
     if _forced_stack:
-        return _forced_stack[-1], "fastmeta.use_backend"
+        return _forced_stack[-1][0], "fastmeta.use_backend"
     name = os.environ.get(ENV_VAR, "").strip()
     return (name, ENV_VAR) if name else None
 
@@ -140,7 +140,9 @@ def forced_backend() -> tuple[str, str] | None:
 def use_backend(name: str):
     """Forces every fastmeta op called inside the block onto backend `name`.
 
-    Process-wide (autograd may run backward on other threads), nestable. Raises
+    Process-wide (autograd may run backward on other threads), nestable. Not per
+    thread: while blocks of two threads overlap, the one entered last forces both
+    threads' calls; each block, on exit, removes only its own entry. Raises
     BackendUnavailableError at once if `name` cannot run on this machine at all;
     a call whose device or dtype the backend cannot take raises when it is made.
     Run the backward inside the block too when it must use the same backend.
@@ -148,11 +150,12 @@ def use_backend(name: str):
     reason = unavailable_reason(name)
     if reason is not None:
         raise BackendUnavailableError(f"cannot use fastmeta backend {name!r}: {reason}")
-    _forced_stack.append(name)
+    entry = (name, object())
+    _forced_stack.append(entry)
     try:
         yield
     finally:
-        _forced_stack.pop()
+        _forced_stack.remove(entry)  # not pop(): another thread's block may be on top
 
 
 def _default(op: str, device_type: str, dtype) -> _Default:

@@ -1,6 +1,7 @@
 """The training CLI end to end on tiny runs: outputs, resume, eval, bad input. On the CPU
 also where a GPU is visible (the CLI then defaults to cuda): every run passes --device cpu."""
 
+import importlib
 import importlib.util
 import json
 import os
@@ -148,6 +149,10 @@ def run_failing(argv: list[str], capsys) -> str:
         (["--data", "omniglot", "--data-dir", "/nonexistent/omniglot"], "does not exist"),
         (["--data", "omniglot", "--data-dir", "{tmp}"], "no Omniglot data in"),
         (["--data", "omniglot", "--data-dir", "{bad_zip}"], "not a readable zip archive"),
+        (
+            ["--data", "omniglot", "--data-dir", "{bad_zip}/images_background.zip"],
+            "is a file, not a directory",
+        ),
         (["--data", "omniglot", "--data-dir", ""], "needs --data-dir"),
         (["--ways", "500"], "exceeds the"),
         (["--shots", "15", "--queries", "10"], "needs shots + queries = 25 examples"),
@@ -186,6 +191,22 @@ def test_a_checkpoint_without_the_expected_keys_is_one_line_and_exit_2(tmp_path,
         argv = ["train", "protonet", *TINY, "--out", str(tmp_path), "--resume"]
     err = run_failing(argv, capsys)
     assert "not a fastmeta checkpoint (missing optimizer, run, sampler_rng, torch_rng)" in err
+
+
+def test_an_interrupt_offers_resume_only_when_there_is_a_checkpoint(tmp_path, capsys, monkeypatch):
+    """It said "continue with --resume" before the first checkpoint too."""
+
+    def interrupted(args, ranks):
+        raise KeyboardInterrupt
+
+    commands = importlib.import_module("fastmeta.cli.main").COMMANDS
+    monkeypatch.setitem(commands, "train", interrupted)
+    argv = ["train", "protonet", *CPU, "--out", str(tmp_path)]
+    assert main(argv) == 130
+    assert "interrupted (no checkpoint yet: none to resume)" in capsys.readouterr().err
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert main(argv) == 130
+    assert "interrupted (continue with --resume)" in capsys.readouterr().err
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):

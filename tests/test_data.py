@@ -323,10 +323,53 @@ def test_unwritable_cache_warns(tmp_path):
     assert loaded.images.shape == (3, 1, 28, 28)
 
 
+def test_the_cache_tells_apart_same_named_archives_in_two_directories(tmp_path):
+    """The key was the archives' names and sizes: a second directory got the first's images."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, character in ((first, "character01"), (second, "character02")):
+        folder.mkdir()
+        write_archive(folder / "images_background.zip", {("Latin", character): 0})
+    sizes = {(d / "images_background.zip").stat().st_size for d in (first, second)}
+    assert len(sizes) == 1  # same name, same size, other content
+    cache = tmp_path / "cache"
+    a, b = (load_omniglot(d, image_size=14, cache_dir=cache) for d in (first, second))
+    assert a.characters == ("character01",) and b.characters == ("character02",)
+    assert len(list(cache.glob("omniglot-14px-*.pt"))) == 2
+
+
+def test_an_unreadable_cache_file_is_decoded_again(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_archive(data / "images_background.zip", {("Latin", "character01"): 0})
+    first = load_omniglot(data, image_size=14, cache_dir=tmp_path / "cache")
+    (cached,) = (tmp_path / "cache").glob("omniglot-14px-*.pt")
+    for garbage in (b"truncated", None):
+        if garbage is None:
+            torch.save({"something": "else"}, cached)
+        else:
+            cached.write_bytes(garbage)
+        with pytest.warns(UserWarning, match="Omniglot cache .* is unreadable"):
+            again = load_omniglot(data, image_size=14, cache_dir=tmp_path / "cache")
+        assert torch.equal(again.images, first.images)
+    load_omniglot(data, image_size=14, cache_dir=tmp_path / "cache")  # rewritten: no warning
+
+
+def test_an_archive_entry_outside_the_archive_is_refused(tmp_path):
+    write_archive(tmp_path / "images_background.zip", {("Latin", "character01"): 0})
+    with zipfile.ZipFile(tmp_path / "images_background.zip", "a") as archive:
+        archive.writestr("../../x/y/z.png", b"")
+    with pytest.raises(ValueError, match="entry '../../x/y/z.png' points outside the archive"):
+        load_omniglot(tmp_path, cache_dir=tmp_path / "cache")
+
+
 def test_omniglot_bad_input(tmp_path):
     nowhere = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=re.escape(f"{nowhere} does not exist")):
         load_omniglot(nowhere, cache_dir=tmp_path)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(NotADirectoryError, match=re.escape(f"{a_file} is a file, not a dir")):
+        load_omniglot(a_file, cache_dir=tmp_path)
     with pytest.raises(
         FileNotFoundError, match=r"no Omniglot data in .*expected images_background\*.zip"
     ):

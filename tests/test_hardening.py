@@ -3,13 +3,18 @@ or a silent wrong answer before its fix, and now gives the reference's answer or
 clear error naming the argument."""
 
 import math
+import os
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
 import torch.nn.functional as TF
 
 import fastmeta
-from fastmeta import backend
+from fastmeta import backend, cpu_pool
 from fastmeta import functional as F
 from fastmeta.ops import attention_read, gradient_mlp, inner_update
 from fastmeta.ops.bn_relu_pool import bn_relu_pool
@@ -134,3 +139,50 @@ def test_the_mean_loss_of_no_query_is_an_error_not_nan(empty):
         F.prototypical_loss(support, ys, queries, yq, 2)
     losses, _ = F.prototypical_loss(support, ys, queries, yq, 2, reduction="none")
     assert losses.numel() == 0
+
+
+def test_use_backend_blocks_of_two_threads_leave_each_other_s_choice_in_place():
+    """A block's exit popped whatever was on top: thread A leaving removed thread B's
+    choice, and B's calls then ran on the default backend."""
+    entered, a_left, b_checked = (threading.Event() for _ in range(3))
+    seen = {}
+
+    def thread_a():
+        with fastmeta.use_backend("cpu"):
+            entered.wait()
+        a_left.set()
+
+    def thread_b():
+        with fastmeta.use_backend("reference"):
+            entered.set()
+            a_left.wait()
+            seen["forced"] = backend.forced_backend()
+        b_checked.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    threads[0].start()
+    while not backend._forced_stack:  # A's block is open
+        time.sleep(0.001)
+    threads[1].start()
+    for t in threads:
+        t.join(timeout=10)
+    assert seen["forced"] == ("reference", "fastmeta.use_backend")
+    assert backend.forced_backend() is None or backend.forced_backend()[1] != "fastmeta.use_backend"
+
+
+@pytest.mark.parametrize("value", ["-5", "abc", str(2**44), "1.5", ""])
+def test_a_bad_cpu_pool_setting_is_an_error(value, monkeypatch):
+    """The C++ pool read these silently as 1024 MiB (2**44 would overflow its bytes)."""
+    monkeypatch.setenv("FASTMETA_CPU_POOL_MB", value)
+    with pytest.raises(ValueError, match="FASTMETA_CPU_POOL_MB must be a whole number of MiB"):
+        cpu_pool.check_pool_setting()
+    monkeypatch.setenv("FASTMETA_CPU_POOL_MB", "0")
+    cpu_pool.check_pool_setting()
+
+
+def test_fastmeta_checks_the_cpu_pool_setting_at_import():
+    env = {**os.environ, "FASTMETA_CPU_POOL_MB": "abc"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import fastmeta"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "got 'abc'" in done.stderr

@@ -289,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmeta {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resume = " (continue with --resume)" if args.command == "train" else ""
-        print(f"fastmeta {args.command}: interrupted{resume}", file=sys.stderr)
+        hint = ""
+        if args.command == "train":
+            saved = args.out and (Path(args.out) / checkpoint.FILE).is_file()
+            hint = " (continue with --resume)" if saved else " (no checkpoint yet: none to resume)"
+        print(f"fastmeta {args.command}: interrupted{hint}", file=sys.stderr)
         return 130

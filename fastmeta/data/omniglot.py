@@ -100,13 +100,18 @@ def load_omniglot(
     Images are resized from 105x105 to image_size with Pillow's LANCZOS filter and
     inverted so that ink = 1: images [S, 1, image_size, image_size] float32 in [0, 1].
     The decoded set is cached in cache_dir (default $XDG_CACHE_HOME/fastmeta or
-    ~/.cache/fastmeta, never root), keyed by the sources' names and sizes and
-    image_size, and read from there next time without Pillow. Pillow is needed to decode.
+    ~/.cache/fastmeta, never root), keyed by the sources' absolute paths, sizes and
+    modification times (each image's, for a folder) and image_size, and read from there
+    next time without Pillow; an unreadable cache file is decoded again and replaced.
+    Pillow is needed to decode. Archive entries outside <alphabet>/<character>/ (a ".."
+    or an absolute path) are refused.
     """
     check_positive(image_size=image_size)
     root = Path(root).expanduser()
-    if not root.is_dir():
+    if not root.exists():
         raise FileNotFoundError(f"Omniglot directory {root} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"Omniglot directory {root} is a file, not a directory")
     sources = _sources(root)
     if not sources:
         raise FileNotFoundError(
@@ -115,9 +120,8 @@ def load_omniglot(
         )
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache = cache_dir / f"omniglot-{image_size}px-{_cache_key(sources, image_size)}.pt"
-    if cache.is_file():
-        saved = torch.load(cache, weights_only=True)
-    else:
+    saved = _read_cache(cache) if cache.is_file() else None
+    if saved is None:
         saved = _decode(sources, image_size)
         _save(saved, cache)
     return Omniglot(
@@ -142,17 +146,42 @@ def _sources(root: Path) -> list[Path]:
     return zips + folders
 
 
+def _fingerprint(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def _cache_key(sources: list[Path], image_size: int) -> str:
-    sizes = [
+    """Which sources, where, and as they are now: two directories with same-named,
+    same-sized archives do not share a cache entry, and a changed file makes a new one."""
+    prints = [
         (
-            s.name,
-            s.stat().st_size
+            str(s.resolve()),
+            _fingerprint(s)
             if s.is_file()
-            else sum(p.stat().st_size for p in s.glob(_IMAGES_IN_FOLDER)),
+            else sorted(
+                (str(p.relative_to(s)), *_fingerprint(p)) for p in s.glob(_IMAGES_IN_FOLDER)
+            ),
         )
         for s in sources
     ]
-    return hashlib.sha1(repr((_DECODING, image_size, sizes)).encode()).hexdigest()[:16]
+    return hashlib.sha1(repr((_DECODING, image_size, prints)).encode()).hexdigest()[:16]
+
+
+_CACHED = {"ink", "labels", "alphabets", "characters"}
+
+
+def _read_cache(cache: Path) -> dict | None:
+    """The cached set, or None (with a warning) if the file cannot be read as one."""
+    try:
+        saved = torch.load(cache, weights_only=True)
+        if isinstance(saved, dict) and _CACHED <= set(saved):
+            return saved
+        problem = "not a cached Omniglot set"
+    except Exception as error:  # truncated, corrupted, foreign: decode again
+        problem = str(error)
+    warnings.warn(f"Omniglot cache {cache} is unreadable ({problem}): decoding again", stacklevel=3)
+    return None
 
 
 PngFile = tuple[str, str, Callable[[], bytes]]  # file name, where (for messages), reader
@@ -170,6 +199,8 @@ def _listing(source: Path, stack: ExitStack) -> Iterator[tuple[str, str, PngFile
         raise ValueError(f"{source} is not a readable zip archive: {error}") from None
     for info in archive.infolist():
         parts = info.filename.split("/")
+        if ".." in parts or info.filename.startswith("/"):
+            raise ValueError(f"{source}: entry {info.filename!r} points outside the archive")
         if len(parts) >= 3 and parts[-1].endswith(".png"):
             yield (
                 parts[-3],
