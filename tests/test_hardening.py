@@ -186,3 +186,31 @@ def test_fastmeta_checks_the_cpu_pool_setting_at_import():
         [sys.executable, "-c", "import fastmeta"], env=env, capture_output=True, text=True
     )
     assert done.returncode != 0 and "got 'abc'" in done.stderr
+
+
+def test_maml_without_a_task_or_a_parameter_to_adapt_says_so():
+    """Both failed deep inside (torch.stack / torch.cat on empty lists)."""
+    xs, ys = torch.randn(0, 4, 3), torch.zeros(0, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"no task to adapt: support_x \[0, 4, 3\] \(T = 0\)"):
+        fastmeta.MAML(torch.nn.Linear(3, 2), lr=0.1).adapt_batch(xs, ys, TF.cross_entropy)
+    frozen = torch.nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="MAML: no parameter to adapt"):
+        fastmeta.MAML(frozen, lr=0.1)
+    with pytest.raises(ValueError, match="MetaSGD: no parameter to adapt"):
+        fastmeta.MetaSGD(torch.nn.Linear(3, 2), adapt=lambda name, p: False)
+
+
+def test_metanetwork_bad_ways_empty_episodes_and_int32_labels():
+    """ways=0 and B = 0 failed deep inside; int32 labels failed in cross_entropy."""
+    with pytest.raises(ValueError, match="ways must be an int >= 1, got 0"):
+        fastmeta.MetaNetwork(ways=0)
+    torch.manual_seed(0)
+    model = fastmeta.MetaNetwork(ways=3)
+    xs, xq = torch.randn(1, 3, 1, 28, 28), torch.randn(1, 2, 1, 28, 28)
+    ys, yq = torch.arange(3)[None], torch.tensor([[2, 0]])
+    with pytest.raises(ValueError, match=r"needs at least one episode \(B\)"):
+        model.loss(xs[:0], ys[:0], xq[:0], yq[:0])
+    int64 = model.loss(xs, ys, xq, yq)
+    int32 = model.loss(xs, ys.int(), xq, yq.int())
+    for a, b in zip(int64, int32):
+        torch.testing.assert_close(a, b)

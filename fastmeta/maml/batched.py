@@ -30,6 +30,10 @@ def check_support(support_x: Tensor, support_y: Tensor, steps: int) -> None:
                 f"adapt_batch: {name} must be a tensor [T, ...] with the task "
                 f"dimension first, got {_describe(value)}"
             )
+    if support_x.shape[0] == 0:
+        raise ValueError(
+            f"adapt_batch: no task to adapt: support_x {list(support_x.shape)} (T = 0)"
+        )
     if support_x.shape[0] != support_y.shape[0]:
         raise ValueError(
             f"adapt_batch: support_x {list(support_x.shape)} and support_y "

@@ -70,6 +70,11 @@ class _MetaLearner(nn.Module):
         params = dict(model.named_parameters())
         self.adapted = [n for n in names if params[n].requires_grad]
         self.frozen = [n for n in names if not params[n].requires_grad]
+        if not self.adapted:
+            raise ValueError(
+                f"{type(self).__name__}: no parameter to adapt: the model has no parameter "
+                f"with requires_grad=True among {names or 'its parameters (it has none)'}"
+            )
         self.layout = ParamLayout([(n, params[n]) for n in self.adapted])
 
     def forward(self, *args, **kwargs):

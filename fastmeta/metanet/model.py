@@ -92,6 +92,8 @@ class MetaNetwork(nn.Module):
         if base is None:
             if ways is None:
                 raise ValueError("the default networks need ways (the number of classes)")
+            if isinstance(ways, bool) or not isinstance(ways, int) or ways < 1:
+                raise ValueError(f"{NAME}: ways must be an int >= 1, got {ways!r}")
             base, representation = (
                 conv4_network(in_channels, ways=ways),
                 conv4_network(in_channels),
@@ -150,7 +152,7 @@ class MetaNetwork(nn.Module):
         if query_y is not None:
             check_labels(NAME, "query_y", query_y, query_x.shape[:2])
         B, N, M = support_y.shape[0], support_y.shape[1], query_x.shape[1]
-        xs, xq, ys = support_x.flatten(0, 1), query_x.flatten(0, 1), support_y.flatten()
+        xs, xq, ys = support_x.flatten(0, 1), query_x.flatten(0, 1), support_y.flatten().long()
         base_prefix, base_tail, rep_prefix, rep_tail, fused_base, fused_rep = self._parts
         if self.fused:
             base_prefix, rep_prefix = fused_base, fused_rep
@@ -193,7 +195,7 @@ class MetaNetwork(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """(mean query cross-entropy [], mean query accuracy [])."""
         logits = self._logits(support_x, support_y, query_x, query_y)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), query_y.reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), query_y.reshape(-1).long())
         return loss, (logits.argmax(-1) == query_y).float().mean()
 
     def _check(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> None:
@@ -210,4 +212,9 @@ class MetaNetwork(nn.Module):
             raise ValueError(
                 f"{NAME}: expected support_x [B, N, ...], support_y [B, N] and "
                 f"query_x [B, M, ...] with the same example shape, got {shapes}"
+            )
+        if 0 in (support_x.shape[0], support_x.shape[1], query_x.shape[1]):
+            raise ValueError(
+                f"{NAME}: needs at least one episode (B), support example (N) and query (M), "
+                f"got {shapes}"
             )
