@@ -214,3 +214,24 @@ def test_metanetwork_bad_ways_empty_episodes_and_int32_labels():
     int32 = model.loss(xs, ys.int(), xq, yq.int())
     for a, b in zip(int64, int32):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("classes", [3, 20])  # the cpu kernel has a path for C <= 16
+def test_a_nan_logit_is_the_prediction_as_in_torch_argmax(name, classes):
+    """Found by fuzzing: with an inf support value (a NaN logit for some queries) the cpu
+    kernel predicted the largest finite logit (accuracy 1.0) where torch.argmax, and so
+    the reference, picks the first NaN (accuracy 0.0)."""
+    if backend.op_unavailable_reason("prototypical_cross_entropy", name, "cpu", torch.float32):
+        pytest.skip(f"{name} does not run here")
+    torch.manual_seed(0)
+    queries, prototypes = torch.randn(2, 5, 4), torch.randn(2, classes, 4)
+    prototypes[0, 2, 1] = math.nan  # every query's logit for class 2 is NaN
+    prototypes[1, classes - 1, 0] = math.nan
+    labels = torch.zeros(2, 5, dtype=torch.long)
+    with fastmeta.use_backend(name):
+        _, predictions, _ = torch.ops.fastmeta.prototypical_cross_entropy(
+            queries, prototypes, labels, torch.tensor(1.0)
+        )
+    assert predictions[0].tolist() == [2] * 5
+    assert predictions[1].tolist() == [classes - 1] * 5

@@ -65,10 +65,10 @@ void check_shapes(const at::Tensor& queries, const at::Tensor& prototypes, const
 
 // Rows [begin, end) of Z = Q C^T [rows, C] (episode of row r: r / M) into the softmax
 // of z' = tau (2 Z - ||c||^2), in place; loss_r = lse - z'_{y_r}, pred_r = the first
-// index of the largest logit. Blocks of rows stay in L1 for three passes: per row the
-// logits, their max and argmax, and z' - max; then exp over the whole block (one
-// contiguous vector loop, so that C = 5 vectorizes as well as C = 1000); then per
-// row the sum and the normalization.
+// index of the largest logit, or of the first NaN (torch.argmax's rule: NaN is largest). Blocks of
+// rows stay in L1 for three passes: per row the logits, their max and argmax, and z' - max; then
+// exp over the whole block (one contiguous vector loop, so that C = 5 vectorizes as well as C =
+// 1000); then per row the sum and the normalization.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 FASTMETA_SIMD_CLONES void softmax_rows(scalar_t* z, const acc_t* norms, const int64_t* y, int64_t M,
                                        int64_t C, acc_t t, int64_t begin, int64_t end,
@@ -82,15 +82,18 @@ FASTMETA_SIMD_CLONES void softmax_rows(scalar_t* z, const acc_t* norms, const in
       scalar_t* row = z + r * C;
       const acc_t* cn = norms + r / M * C;
       acc_t best = -std::numeric_limits<acc_t>::infinity();
-      _Pragma("omp simd reduction(max : best)")
+      int nan_seen = 0;
+      _Pragma("omp simd reduction(max : best) reduction(| : nan_seen)")
       for (int64_t k = 0; k < C; ++k) {
         const acc_t logit = t * (acc_t(2) * acc_t(row[k]) - cn[k]);
         row[k] = static_cast<scalar_t>(logit);
-        best = std::max(best, logit);
+        best = std::max(best, logit);  // NaN skipped
+        nan_seen |= logit != logit;
       }
-      int64_t arg = 0;  // the first maximum (0 if every logit is NaN)
+      int64_t arg = 0;  // the first NaN, else the first maximum
       for (int64_t k = 0; k < C; ++k) {
-        if (acc_t(row[k]) == best) {
+        const acc_t logit = acc_t(row[k]);
+        if (nan_seen ? logit != logit : logit == best) {
           arg = k;
           break;
         }
@@ -143,9 +146,12 @@ FASTMETA_SIMD_CLONES void softmax_rows_few_classes(scalar_t* z, const acc_t* nor
     for (int64_t k = 0; k < C; ++k) {
       for (int64_t i = 0; i < n; ++i) best[i] = std::max(best[i], T[k][i]);  // NaN skipped
     }
-    for (int64_t i = 0; i < n; ++i) arg[i] = 0;  // the first maximum (0 if all NaN)
+    for (int64_t i = 0; i < n; ++i) arg[i] = 0;  // the first NaN, else the first maximum
     for (int64_t k = C - 1; k >= 0; --k) {
       for (int64_t i = 0; i < n; ++i) arg[i] = T[k][i] == best[i] ? k : arg[i];
+    }
+    for (int64_t k = C - 1; k >= 0; --k) {
+      for (int64_t i = 0; i < n; ++i) arg[i] = T[k][i] != T[k][i] ? k : arg[i];
     }
     for (int64_t i = 0; i < n; ++i) label_shifted[i] = T[y[r0 + i]][i] - best[i];
     for (int64_t i = 0; i < n; ++i) sum[i] = 0;

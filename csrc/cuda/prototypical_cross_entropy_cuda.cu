@@ -7,7 +7,8 @@
 // tau 0-d (read on the device: no host sync).
 //
 // forward : Z = Q C^T (at::bmm, [B, M, C]); then one warp per row (b, m) turns its
-//           row in place into z', takes the max and argmax (ties -> lowest index),
+//           row in place into z', takes the max and argmax (ties -> lowest index; a NaN
+//           logit wins, the first one, as in torch.argmax),
 //           lse = max + log sum_k exp(z'_k - max), loss = lse - z'_y, and leaves the
 //           softmax exp(z' - lse) in the row. Returns (losses [B, M], predictions
 //           [B, M] int64, softmax [B, M, C]).
@@ -87,11 +88,12 @@ __global__ void ce_forward_kernel(scalar_t* __restrict__ z,
     // Each lane owns the columns k = lane (mod 32) in all three passes, so no lane
     // reads what another lane wrote; the lane owning y keeps z'_y.
     acc_t best = -std::numeric_limits<acc_t>::infinity(), z_y = 0;
-    int64_t arg = 0;
+    int64_t arg = 0, first_nan = C;  // C: no NaN logit (torch.argmax: NaN is largest)
     for (int64_t k = lane; k < C; k += kWarpSize) {
       const acc_t v = t * (acc_t(2) * acc_t(row[k]) - norms[k]);
       row[k] = static_cast<scalar_t>(v);
       if (v > best) best = v, arg = k;
+      if (v != v && first_nan == C) first_nan = k;
       if (k == y) z_y = v;
     }
 #pragma unroll
@@ -99,7 +101,10 @@ __global__ void ce_forward_kernel(scalar_t* __restrict__ z,
       const acc_t other = __shfl_xor_sync(kFullMask, best, offset);
       const int64_t other_arg = __shfl_xor_sync(kFullMask, arg, offset);
       if (other > best || (other == best && other_arg < arg)) best = other, arg = other_arg;
+      const int64_t other_nan = __shfl_xor_sync(kFullMask, first_nan, offset);
+      if (other_nan < first_nan) first_nan = other_nan;
     }
+    if (first_nan < C) arg = first_nan;
     acc_t sum = 0;
     for (int64_t k = lane; k < C; k += kWarpSize) sum += ::exp(acc_t(row[k]) - best);
     const acc_t lse = best + ::log(warp_sum(sum));

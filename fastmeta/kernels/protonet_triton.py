@@ -179,10 +179,12 @@ def _prototypical_cross_entropy_forward_kernel(
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     argmax = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    first_nan = tl.full((BLOCK_M,), C, dtype=tl.int32)  # C: no NaN logit yet
     z_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
         z = _logits_tile(q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D, PRECISION)
+        first_nan = tl.minimum(first_nan, tl.min(tl.where(z != z, cls[None, :], C), axis=1))
         tile_max = tl.max(z, axis=1)
         tile_argmax = tl.min(tl.where(z == tile_max[:, None], cls[None, :], C), axis=1)
         argmax = tl.where(tile_max > run_max, tile_argmax, argmax)  # ties: earlier tile
@@ -194,6 +196,7 @@ def _prototypical_cross_entropy_forward_kernel(
     # and probabilities accurate when the logits are large.
     log_sum = tl.log(run_sum)
     tl.store(loss_ptr + b * M + rows, (run_max - z_y) + log_sum, mask=in_m)
+    argmax = tl.where(first_nan < C, first_nan, argmax)  # torch.argmax: NaN is largest
     tl.store(pred_ptr + b * M + rows, argmax.to(tl.int64), mask=in_m)
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
