@@ -61,13 +61,12 @@ def test_an_argument_on_meta_among_real_ones_is_an_error(case):
     assert "meta" in message and ("must share a device" in message or " but " in message)
 
 
-@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
-def test_gradient_mlp_keeps_a_nan_gradient_nan(name):
+@pytest.mark.op("gradient_mlp")
+def test_gradient_mlp_keeps_a_nan_gradient_nan(backend_device):
     """The cpu kernel's relu (s > 0 ? s : 0) and Triton's maximum turned NaN into 0."""
-    if backend.op_unavailable_reason("gradient_mlp", name, "cpu", torch.float32):
-        pytest.skip(f"{name} does not run gradient_mlp here")
-    grads = torch.tensor([math.nan, 1.0, 1e-9, -3.0])
-    parameters = _mlp()
+    name, device = backend_device
+    grads = torch.tensor([math.nan, 1.0, 1e-9, -3.0], device=device)
+    parameters = _mlp(device)
     with fastmeta.use_backend(name):
         out = gradient_mlp(grads, *parameters)
     with fastmeta.use_backend("reference"):
@@ -216,22 +215,22 @@ def test_metanetwork_bad_ways_empty_episodes_and_int32_labels():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
+@pytest.mark.op("prototypical_cross_entropy")
 @pytest.mark.parametrize("classes", [3, 20])  # the cpu kernel has a path for C <= 16
-def test_a_nan_logit_is_the_prediction_as_in_torch_argmax(name, classes):
+def test_a_nan_logit_is_the_prediction_as_in_torch_argmax(backend_device, classes):
     """Found by fuzzing: with an inf support value (a NaN logit for some queries) the cpu
     kernel predicted the largest finite logit (accuracy 1.0) where torch.argmax, and so
     the reference, picks the first NaN (accuracy 0.0)."""
-    if backend.op_unavailable_reason("prototypical_cross_entropy", name, "cpu", torch.float32):
-        pytest.skip(f"{name} does not run here")
+    name, device = backend_device
     torch.manual_seed(0)
     queries, prototypes = torch.randn(2, 5, 4), torch.randn(2, classes, 4)
     prototypes[0, 2, 1] = math.nan  # every query's logit for class 2 is NaN
     prototypes[1, classes - 1, 0] = math.nan
     labels = torch.zeros(2, 5, dtype=torch.long)
+    args = (queries, prototypes, labels, torch.tensor(1.0))
     with fastmeta.use_backend(name):
         _, predictions, _ = torch.ops.fastmeta.prototypical_cross_entropy(
-            queries, prototypes, labels, torch.tensor(1.0)
+            *(t.to(device) for t in args)
         )
     assert predictions[0].tolist() == [2] * 5
     assert predictions[1].tolist() == [classes - 1] * 5

@@ -11,12 +11,13 @@ GPU (capturable=False) but would count here.
 import pytest
 import torch
 import torch.nn.functional as TF
+from conftest import usable_backend_devices
 from op_samples import SAMPLES
 from torch.profiler import ProfilerActivity, profile
 
 import fastmeta
-from fastmeta import backend, validation
 from fastmeta import functional as F
+from fastmeta import validation
 from fastmeta.models import conv4
 from fastmeta.ops.class_prototypes import class_prototypes
 from fastmeta.ops.cosine_similarities import cosine_similarities
@@ -45,9 +46,8 @@ def syncing_calls(fn) -> list[str]:
     return [e.name for e in prof.events() if e.name in SYNCING]
 
 
-def cpu_backends(op: str) -> list[str]:
-    usable = [b for b in backend.op_backends(op) if b in ("reference", "cpu", "triton")]
-    return [b for b in usable if backend.op_unavailable_reason(op, b, "cpu", torch.float32) is None]
+# the backends that run the ProtoNet ops on CPU tensors here (the profiler counts CPU calls)
+CPU_BACKENDS = [b for b, d in usable_backend_devices("prototypical_cross_entropy") if d == "cpu"]
 
 
 def _episode(B=2, C=3, K=2, Q=4, D=5, seed=0):
@@ -60,7 +60,7 @@ def _episode(B=2, C=3, K=2, Q=4, D=5, seed=0):
 
 
 @pytest.mark.parametrize("validate", [True, False])
-@pytest.mark.parametrize("name", cpu_backends("prototypical_cross_entropy"))
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 def test_prototypical_loss_forward_backward_makes_no_syncing_call(name, validate):
     support, ys, queries, yq, C = _episode()
 
@@ -176,7 +176,7 @@ def test_validation_off_skips_value_checks_and_the_switches_nest():
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's 0 / 0
 @pytest.mark.parametrize("case", ["label too large", "negative label", "empty class"])
-@pytest.mark.parametrize("name", cpu_backends("prototypical_cross_entropy"))
+@pytest.mark.parametrize("name", CPU_BACKENDS)
 def test_an_unchecked_bad_label_gives_an_error_or_nan_never_a_crash(name, case):
     support, ys, queries, yq, C = _episode()
     ys, yq = ys.clone(), yq.clone()

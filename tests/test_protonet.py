@@ -489,27 +489,29 @@ def test_ops_give_the_same_clear_error_on_every_backend(backend_device):
             F.prototypical_cross_entropy(c, q, torch.tensor([[0, 7]], device=device))
 
 
+@pytest.mark.op("prototypical_cross_entropy")
 @pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
-@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
-def test_half_precision_runs_in_float32_math(name, dtype, tolerance):
+def test_half_precision_runs_in_float32_math(backend_device, dtype, tolerance):
     """Half inputs are computed in float32 on every backend: an offset that makes
     ||q||^2 + ||c||^2 - 2 q.c cancel, and fp16 norms past 65504."""
-    if backend.op_unavailable_reason("prototypical_cross_entropy", name, "cpu", dtype):
-        pytest.skip(f"{name} does not run {dtype} here")
+    name, device = backend_device
+    if backend.op_unavailable_reason("prototypical_cross_entropy", name, device, dtype):
+        pytest.skip(f"{name} does not run {dtype} on {device} here")
     support, ys, queries, yq = make_episodes(2, 5, 512)
     support, queries = support + 12, queries + 12  # ||c||^2 ~ 74000: overflows float16
-    s, q = support.to(dtype).requires_grad_(), queries.to(dtype).requires_grad_()
+    s, q = (x.to(device, dtype).requires_grad_() for x in (support, queries))
     with fastmeta.use_backend(name):
-        loss, _ = F.prototypical_loss(s, ys, q, yq, 5, tau=0.01)
+        loss, _ = F.prototypical_loss(s, ys.to(device), q, yq.to(device), 5, tau=0.01)
         grads = torch.autograd.grad(loss, (s, q))
     assert fastmeta.last_backend("prototypical_cross_entropy") == name
-    s64, q64 = (x.detach().double().requires_grad_() for x in (s, q))
+    s64, q64 = (x.detach().cpu().double().requires_grad_() for x in (s, q))
     want, _ = loss_float64(s64, ys, q64, yq, 5, 0.01)
     want_grads = torch.autograd.grad(want.mean(), (s64, q64))
     assert rel_err(loss, want.mean()) < tolerance
     for got, ref in zip(grads, want_grads):
         assert got.dtype == dtype and rel_err(got, ref) < 10 * tolerance
     with fastmeta.use_backend(name):
-        dist = F.squared_distances(q, F.class_prototypes(s, ys, 5))
+        dist = F.squared_distances(q, F.class_prototypes(s, ys.to(device), 5)).cpu()
     assert torch.isfinite(dist).all()
-    assert rel_err(dist, distances_float64(q, prototypes_float64(s, ys, 5))) < tolerance
+    want_dist = distances_float64(q.cpu(), prototypes_float64(s.cpu(), ys, 5))
+    assert rel_err(dist, want_dist) < tolerance
