@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: demo test lint build clean
+.PHONY: demo test fuzz lint build clean
 
 # make demo [OMNIGLOT=DIR]: short training runs of every algorithm on synthetic tasks
 # (fastmeta's backend against the reference one), ProtoNet on Omniglot when given a
@@ -18,6 +18,12 @@ demo: $(VENV)/.built
 
 test: $(VENV)/.built
 	$(PY) -m pytest -q tests
+
+# The fuzz suite's long profile (tests/test_fuzz.py; `make test` runs its short one):
+# FUZZ_EXAMPLES examples per op and backend, fresh random seeds each run.
+FUZZ_EXAMPLES ?= 400
+fuzz: $(VENV)/.built
+	FASTMETA_FUZZ=long FASTMETA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
 
 # ruff's lint rules and its formatter in check mode (pyproject.toml [tool.ruff]) over the
 # whole tree (fix: `ruff format`), clang-format (.clang-format) over csrc/: it fails on any
@@ -43,7 +49,7 @@ build: $(VENV)/.built
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "torch>=2.6" numpy pytest ninja pillow matplotlib "ruff==$(RUFF_VERSION)" \
+	$(PY) -m pip install -q "torch>=2.6" numpy pytest hypothesis ninja pillow matplotlib "ruff==$(RUFF_VERSION)" \
 		"clang-format==$(CLANG_FORMAT_VERSION)" "mypy==$(MYPY_VERSION)" "setuptools>=64" wheel
 	touch $@
 

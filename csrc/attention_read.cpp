@@ -84,7 +84,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_read_backward(
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.sizes() == at::IntArrayRef({s.B, s.M, s.L, s.O}),
               "attention_read: grad_out must be contiguous [B, M, L, O], got ", grad_out.sizes());
   const auto empty = [&] { return at::empty({0}, x.options()); };
-  at::Tensor d_attention = need_attention ? at::empty({s.B, s.M, s.N}, x.options()) : empty();
+  // L = 0: the output is empty, so d_attention and d_w are zeros (G = 0, and G W^T
+  // or a^T G would make NaN of 0 * inf).
+  at::Tensor d_attention = !need_attention ? empty()
+                           : s.L > 0       ? at::empty({s.B, s.M, s.N}, x.options())
+                                           : at::zeros({s.B, s.M, s.N}, x.options());
   at::Tensor d_w = need_w ? at::zeros({s.B, s.N, s.O, s.K}, x.options()) : empty();
   at::Tensor d_x = need_x ? at::empty({s.B, s.M, s.L, s.K}, x.options()) : empty();
   const at::Tensor w_flat = w.view({s.B, s.N, s.O * s.K});
@@ -94,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_read_backward(
       const int64_t n = std::min(J, s.M - j0);
       const at::Tensor dout = grad_out[b].narrow(0, j0, n);  // [n, L, O]
       const at::Tensor a = attention[b].narrow(0, j0, n);    // [n, N]
-      if (need_attention || need_w) {
+      if ((need_attention || need_w) && s.L > 0) {
         const at::Tensor g =
             at::bmm(dout.transpose(1, 2), x[b].narrow(0, j0, n)).view({n, s.O * s.K});
         if (need_attention) {

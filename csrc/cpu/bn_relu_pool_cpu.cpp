@@ -81,10 +81,10 @@ FASTMETA_SIMD_CLONES std::pair<double, double> channel_statistics(const Shape& s
 
 // One channel's pool: each plane's windows split into four window-position planes
 // [4][Ho * Wo] (planes scratch, c_max too), then the first maximum of
-// relu(c * scale + shift) over each window and where it is (window_pool.h).
+// relu(bn(c)) over each window and where it is (window_pool.h).
 template <typename scalar_t>
 FASTMETA_SIMD_CLONES void channel_pool(const Shape& s, const scalar_t* c, int64_t ch,
-                                       scalar_t scale, scalar_t shift, scalar_t* planes,
+                                       const BatchNormAffine<scalar_t> bn, scalar_t* planes,
                                        scalar_t* c_max, scalar_t* out, uint8_t* window) {
   const int64_t pooled = s.Ho * s.Wo;
   for (int64_t n = 0; n < s.N; ++n) {
@@ -97,7 +97,7 @@ FASTMETA_SIMD_CLONES void channel_pool(const Shape& s, const scalar_t* c, int64_
       }
     }
     const int64_t first = (n * s.C + ch) * pooled;
-    pool_windows(planes, pooled, scale, shift, out + first, window + first, c_max);
+    pool_windows(planes, pooled, bn, out + first, window + first, c_max);
   }
 }
 
@@ -109,7 +109,7 @@ FASTMETA_SIMD_CLONES void channel_backward(const Shape& s, const scalar_t* go, c
                                            scalar_t beta, const uint8_t* window, scalar_t* dc,
                                            scalar_t* d_gamma, scalar_t* d_beta) {
   const int64_t plane = s.H * s.W, pooled = s.Ho * s.Wo;
-  const auto [scale, shift] = batch_norm_affine(mean, rstd, gamma, beta);
+  const BatchNormAffine<scalar_t> bn(mean, rstd, gamma, beta);
   double sum_dy = 0, sum_dy_xhat = 0;
   for (int64_t n = 0; n < s.N; ++n) {
     const scalar_t* p = c + (n * s.C + ch) * plane;
@@ -118,13 +118,16 @@ FASTMETA_SIMD_CLONES void channel_backward(const Shape& s, const scalar_t* go, c
       for (int64_t v = 0; v < s.Wo; ++v) {
         const int64_t o = first + u * s.Wo + v;
         const scalar_t cv = p[window_offset(s, u, v, window[o])];
-        if (cv * scale + shift > 0) {
+        if (bn(cv) > 0) {
           sum_dy += go[o];
           sum_dy_xhat += double(go[o]) * double((cv - mean) * rstd);
         }
       }
     }
   }
+  // d_gamma = sum over every position of dy xhat, dy = 0 where relu is closed: a
+  // non-finite xhat anywhere (a non-finite mean or rstd) makes it NaN, as 0 * inf does.
+  if (!std::isfinite(double(mean)) || !std::isfinite(double(rstd))) sum_dy_xhat = NAN;
   const double count = double(s.N * plane), k = double(gamma) * double(rstd);
   const double b = -k * double(rstd) * sum_dy_xhat / count;
   const scalar_t a_s = scalar_t(-k * sum_dy / count - b * double(mean)), b_s = scalar_t(b);
@@ -138,7 +141,7 @@ FASTMETA_SIMD_CLONES void channel_backward(const Shape& s, const scalar_t* go, c
     for (int64_t u = 0; u < s.Ho; ++u) {
       for (int64_t v = 0; v < s.Wo; ++v) {
         const int64_t o = first + u * s.Wo + v, at = window_offset(s, u, v, window[o]);
-        if (p[at] * scale + shift > 0) d[at] += k_s * go[o];
+        if (bn(p[at]) > 0) d[at] += k_s * go[o];
       }
     }
   }
@@ -175,8 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_forward_
         const auto [mu, r] = channel_statistics(s, cp, ch, eps);
         mp[ch] = scalar_t(mu);
         rp[ch] = scalar_t(r);
-        const auto [scale, shift] = batch_norm_affine(mp[ch], rp[ch], gp[ch], bp[ch]);
-        channel_pool(s, cp, ch, scale, shift, planes.data(), c_max.data(), op, wp);
+        const BatchNormAffine<scalar_t> bn(mp[ch], rp[ch], gp[ch], bp[ch]);
+        channel_pool(s, cp, ch, bn, planes.data(), c_max.data(), op, wp);
       }
     });
   });

@@ -323,7 +323,7 @@ FASTMETA_INLINE void scatter_windows(const scalar_t* d, const uint8_t* window, i
 template <typename scalar_t>
 FASTMETA_SIMD_CLONES void channel_sparse_sums(
     const Geometry& g, const Phases& ph, const scalar_t* phases, int64_t c, int64_t n0, int64_t n1,
-    scalar_t mu, scalar_t r, scalar_t scale, scalar_t shift, const scalar_t* gop,
+    scalar_t mu, scalar_t r, const BatchNormAffine<scalar_t> bn, const scalar_t* gop,
     const uint8_t* winp, const scalar_t* cmp, scalar_t* open, scalar_t* open_runs,
     uint8_t* where_runs, scalar_t* dy, scalar_t* partial, double* sparse, double* sums) {
   const int64_t taps = g.Cin * g.KH * g.KW, pooled = g.Ho * g.Wo;
@@ -334,7 +334,7 @@ FASTMETA_SIMD_CLONES void channel_sparse_sums(
     _Pragma("omp simd reduction(+ : s1, s2)")
     for (int64_t o = 0; o < pooled; ++o) {  // dy at the window maxima where relu is open
       const scalar_t cv = cmp[first + o];
-      const scalar_t d = cv * scale + shift > 0 ? gop[first + o] : scalar_t(0);
+      const scalar_t d = bn(cv) > 0 ? gop[first + o] : scalar_t(0);
       open[o] = d;
       s1 += d;
       s2 += d * ((cv - mu) * r);
@@ -391,10 +391,10 @@ void conv_block_parameter_grads(const Geometry& g, const Phases& ph, const scala
           partial(taps * ph.runs, 0);
       std::vector<uint8_t> where_runs(ph.runs, 0);
       for (int64_t c = c0; c < c1; ++c) {
-        const auto [scale, shift] = batch_norm_affine(mp[c], rp[c], gp[c], betap[c]);
-        channel_sparse_sums(g, ph, phases, c, n0, n1, mp[c], rp[c], scale, shift, gop, winp, cmp,
-                            open.data(), open_runs.data(), where_runs.data(), dy.data(),
-                            partial.data(), sparse.data() + c * taps, sums.data() + c * 2);
+        const BatchNormAffine<scalar_t> bn(mp[c], rp[c], gp[c], betap[c]);
+        channel_sparse_sums(g, ph, phases, c, n0, n1, mp[c], rp[c], bn, gop, winp, cmp, open.data(),
+                            open_runs.data(), where_runs.data(), dy.data(), partial.data(),
+                            sparse.data() + c * taps, sums.data() + c * 2);
       }
     });
   }
@@ -418,16 +418,15 @@ void conv_block_parameter_grads(const Geometry& g, const Phases& ph, const scala
 template <typename scalar_t>
 FASTMETA_SIMD_CLONES void images_forward(const Geometry& g, const Phases& ph,
                                          const scalar_t* phases, const scalar_t* wp,
-                                         const scalar_t* bp, const scalar_t* scale,
-                                         const scalar_t* shift, int64_t n0, int64_t n1,
-                                         scalar_t* planes, scalar_t* best, uint8_t* where,
-                                         scalar_t* best_c, scalar_t* op, uint8_t* winp,
-                                         scalar_t* cmp) {
+                                         const scalar_t* bp, const BatchNormAffine<scalar_t>* bn,
+                                         int64_t n0, int64_t n1, scalar_t* planes, scalar_t* best,
+                                         uint8_t* where, scalar_t* best_c, scalar_t* op,
+                                         uint8_t* winp, scalar_t* cmp) {
   const int64_t taps = g.Cin * g.KH * g.KW, pooled = g.Ho * g.Wo;
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t c = 0; c < g.C; ++c) {
       window_planes(ph, taps, phases + n * ph.per_image, wp + c * taps, bp[c], planes);
-      pool_windows(planes, ph.runs, scale[c], shift[c], best, where, best_c);
+      pool_windows(planes, ph.runs, bn[c], best, where, best_c);
       const int64_t first = (n * g.C + c) * pooled;
       for (int64_t u = 0; u < g.Ho; ++u) {  // drop the thrown-away columns
         std::copy_n(best + u * ph.S, g.Wo, op + first + u * g.Wo);
@@ -467,22 +466,23 @@ ConvBlockForward conv_block_forward_cpu(const at::Tensor& x, const at::Tensor& w
     scalar_t* rp = rstd.mutable_data_ptr<scalar_t>();
     // Statistics: mean_c = b_c + w_c . pbar, var_c = w_c^T Sigma w_c.
     const PatchMoments moments = patch_moments(g, x.const_data_ptr<scalar_t>());
-    std::vector<scalar_t> scale(g.C), shift(g.C);
+    std::vector<BatchNormAffine<scalar_t>> bn;
+    bn.reserve(g.C);
     for (int64_t c = 0; c < g.C; ++c) {
       const scalar_t* w = wp + c * taps;
       double var = 0;  // w^T Sigma w
       for (int64_t t = 0; t < taps; ++t) var += double(w[t]) * moments.cov_times(w, t);
       mp[c] = scalar_t(moments.conv_mean(w, bp[c]));
       rp[c] = scalar_t(1.0 / std::sqrt(std::max(var, 0.0) + eps));
-      std::tie(scale[c], shift[c]) = batch_norm_affine(
-          mp[c], rp[c], gamma.const_data_ptr<scalar_t>()[c], beta.const_data_ptr<scalar_t>()[c]);
+      bn.emplace_back(mp[c], rp[c], gamma.const_data_ptr<scalar_t>()[c],
+                      beta.const_data_ptr<scalar_t>()[c]);
     }
     const at::Tensor phases = split_phases<scalar_t>(g, ph, x);
     at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
       std::vector<scalar_t> planes(4 * ph.runs), best(ph.runs), best_c(ph.runs);
       std::vector<uint8_t> where(ph.runs);
-      images_forward(g, ph, phases.const_data_ptr<scalar_t>(), wp, bp, scale.data(), shift.data(),
-                     n0, n1, planes.data(), best.data(), where.data(), best_c.data(),
+      images_forward(g, ph, phases.const_data_ptr<scalar_t>(), wp, bp, bn.data(), n0, n1,
+                     planes.data(), best.data(), where.data(), best_c.data(),
                      out.mutable_data_ptr<scalar_t>(), window.mutable_data_ptr<uint8_t>(),
                      c_max.mutable_data_ptr<scalar_t>());
     });
@@ -542,11 +542,12 @@ void sparse_parameter_grads(const Geometry& g, const BackwardInputs& in, const a
 }
 
 // What the dense backward reads of one channel: its filter w [taps], its bias, the
-// forward's mean and rstd, gamma, and the forward's affine y = c * scale + shift.
+// forward's mean and rstd, gamma, and the forward's batch norm y = bn(c).
 template <typename scalar_t>
 struct Channel {
   const scalar_t* w;
-  scalar_t bias, mean, rstd, gamma, scale, shift;
+  scalar_t bias, mean, rstd, gamma;
+  BatchNormAffine<scalar_t> bn;
 };
 
 // One image's planes of one channel, [Hc, Wc] each (a thread's scratch).
@@ -558,7 +559,7 @@ struct ChannelPlanes {
 
 // Routes the pooled gradient of one image and channel, go [Ho, Wo], to the conv plane.
 // Recomputes c = conv(x_n, w) + bias [Hc, Wc] (x_n [Cin, H, W]) and from it
-//   y = c * scale + shift,  xhat = (c - mean) * rstd                      [Hc, Wc]
+//   y = bn(c),  xhat = (c - mean) * rstd                                   [Hc, Wc]
 // then dy [Hc, Wc] = go[oh, ow] at window (oh, ow)'s first maximum of relu(y) when
 // y > 0 there, zero elsewhere.
 template <typename scalar_t>
@@ -567,13 +568,14 @@ FASTMETA_INLINE void route_pooled_grad(const Geometry& g, const Channel<scalar_t
                                        ChannelPlanes<scalar_t>& p) {
   const int64_t plane = g.Hc * g.Wc;
   // Locals, not ch's fields, in the loops: the stores to y and xhat could alias those.
-  const scalar_t scale = ch.scale, shift = ch.shift, mu = ch.mean, r = ch.rstd;
+  const BatchNormAffine<scalar_t> bn = ch.bn;
+  const scalar_t mu = ch.mean, r = ch.rstd;
   scalar_t* xhat = p.xhat.data();
   scalar_t* y = p.y.data();
   scalar_t* dy = p.dy.data();
   conv_plane(g, xn, ch.w, ch.bias, xhat);
   for (int64_t k = 0; k < plane; ++k) {
-    y[k] = xhat[k] * scale + shift;
+    y[k] = bn(xhat[k]);
     xhat[k] = (xhat[k] - mu) * r;
   }
   std::fill(dy, dy + plane, scalar_t(0));
@@ -715,8 +717,8 @@ at::Tensor dense_parameter_grads(const Geometry& g, const BackwardInputs& in,
       ChannelPlanes<scalar_t> planes(plane);
       std::vector<double> dw(taps);
       for (int64_t c = c0; c < c1; ++c) {
-        const auto [scale, shift] = batch_norm_affine(mp[c], rp[c], gp[c], betap[c]);
-        const Channel<scalar_t> ch{wp + c * taps, bp[c], mp[c], rp[c], gp[c], scale, shift};
+        const BatchNormAffine<scalar_t> bn(mp[c], rp[c], gp[c], betap[c]);
+        const Channel<scalar_t> ch{wp + c * taps, bp[c], mp[c], rp[c], gp[c], bn};
         channel_dense_grads(g, c, ch, xp, gop, planes, dw, dcp, dwp + c * taps, dbp + c, dgp + c,
                             dbetap + c);
       }

@@ -27,7 +27,9 @@ constexpr int64_t kChunk = 4096;  // coordinates per task (and per row of partia
 // The preprocessed inputs of g and their slopes du/dg.
 template <typename T>
 struct Preprocessed {
-  T u0, u1, d0, d1;
+  T u0, u1;
+  bool small;  // |g| < e^-p: only u1 depends on g
+  T du;        // du1/dg = e^p if small, else du0/dg = 1 / (p g)
 };
 
 // The MLP's parameters (w1 [H, 2], b1 [H], w2 [H]) and the preprocessing constants.
@@ -45,8 +47,8 @@ struct Mlp {
 
   Preprocessed<T> preprocess(T g) const {
     const T magnitude = std::abs(g);
-    if (magnitude < threshold) return {T(-1), e_p * g, T(0), e_p};
-    return {std::log(magnitude) / p, T((g > 0) - (g < 0)), T(1) / (p * g), T(0)};
+    if (magnitude < threshold) return {T(-1), e_p * g, true, e_p};
+    return {std::log(magnitude) / p, T((g > 0) - (g < 0)), false, T(1) / (p * g)};
   }
 
   // Pre-activation s_k of hidden unit k.
@@ -95,7 +97,9 @@ at::Tensor gradient_mlp_forward_cpu(const at::Tensor& grads, const at::Tensor& w
         T acc = bias2;
         for (int64_t k = 0; k < mlp.hidden; ++k) {
           const T s = mlp.hidden_input(u, k);
-          acc += !(s <= T(0)) ? mlp.w2[k] * s : T(0);  // relu; NaN propagates, as in torch
+          // w2 . relu(s) as torch's matmul: NaN propagates, and a closed unit adds
+          // w2 * 0 (NaN for an infinite w2).
+          acc += mlp.w2[k] * (!(s <= T(0)) ? s : T(0));
         }
         y[i] = acc;
       }
@@ -138,10 +142,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_
           const T d = dy[i];
           T du0 = 0, du1 = 0;
           for (int64_t k = 0; k < H; ++k) {
+            // Every unit, a closed one with dh = 0 too: as the matmuls of the plain
+            // form, 0 times an infinite u or w1 is NaN (relu's backward passes a NaN s).
             const T s = mlp.hidden_input(u, k);
-            if (s <= T(0)) continue;
-            const T dh = d * mlp.w2[k];
-            d_w2[k] += double(d * s);
+            const bool closed = s <= T(0);
+            const T dh = closed ? T(0) : d * mlp.w2[k];
+            d_w2[k] += double(d * (closed ? T(0) : s));
             d_w1[2 * k] += double(dh * u.u0);
             d_w1[2 * k + 1] += double(dh * u.u1);
             d_b1[k] += double(dh);
@@ -149,7 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_
             du1 += dh * mlp.w1[2 * k + 1];
           }
           sums[4 * H] += double(d);
-          if (dg != nullptr) dg[i] = du0 * u.d0 + du1 * u.d1;
+          // A select, not du0 d0 + du1 d1: an infinite du of the branch not taken
+          // would make NaN of 0 * inf.
+          if (dg != nullptr) dg[i] = (u.small ? du1 : du0) * u.du;
         }
       }
     });

@@ -31,6 +31,7 @@
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -260,6 +261,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backwa
               "prototypical_cross_entropy_backward: softmax [B, M, C] and grad_losses [B, M] "
               "expected");
   check_label_range("prototypical_cross_entropy_backward", labels, C);
+  if (softmax.numel() == 0 || D == 0) {  // no term: zeros (not 0 * an infinite prototype)
+    return {at::zeros_like(queries), at::zeros_like(prototypes), at::zeros_like(tau)};
+  }
   // G [B, M, C] whole when small (one batched GEMM pair), else a chunk of rows of one
   // episode at a time (a multiple of kRowsPerTask, so the column-sum partials are the
   // same), so that the backward never holds more than kChunkBytes of G.

@@ -65,6 +65,7 @@ def _hidden_tile(g_ptr, w1_ptr, b1_ptr, offs, n, H, p, threshold, e_p, BLOCK_H: 
     sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
     u1 = tl.where(small, e_p * g, sign)
     s = u0[:, None] * w10[None, :] + u1[:, None] * w11[None, :] + b1[None, :]
+    s = tl.where(hmask[None, :], s, 0.0)  # a padded unit is closed (not inf * 0 = NaN)
     return g, u0, u1, small, s, w10, w11, hs, hmask
 
 
@@ -118,7 +119,9 @@ def _gradient_mlp_backward_kernel(
     )
     dy = tl.load(dy_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
     w2 = tl.load(w2_ptr + hs, mask=hmask, other=0.0).to(tl.float32)
-    active = s > 0
+    # relu's backward as torch's: a NaN s passes, a closed unit (or a row past n)
+    # passes exactly 0, even of an infinite w2
+    active = ~(s <= 0) & (offs < n)[:, None]
     dh = tl.where(active, dy[:, None] * w2[None, :], 0.0)
     row = partials_ptr + tl.program_id(0).to(tl.int64) * 5 * BLOCK_H + hs
     tl.store(row, tl.sum(dh * u0[:, None], axis=0))
@@ -409,6 +412,8 @@ def attention_read_backward(
                 PRECISION=dot_precision(x),
             )
         d_attention = partials.sum(-1)  # O K = 0: no tiles, zeros
+        if L == 0:  # an empty output: zeros, not 0 * an infinite fast weight
+            d_attention.zero_()
     if need_weights:
         d_w = torch.empty_like(fast_weights)
         if d_w.numel():

@@ -69,6 +69,8 @@ def attention_read_forward_reference(attention, fast_weights, x):
 def attention_read_backward_reference(
     grad_out, attention, fast_weights, x, need_attention, need_weights, need_x
 ):
+    if x.shape[2] == 0:  # L = 0: an empty output; zero gradients, not 0 * inf
+        attention, fast_weights = torch.zeros_like(attention), torch.zeros_like(fast_weights)
     g = grad_out.transpose(-1, -2) @ x  # [B, M, O, K]
     d_attention = (
         torch.einsum("bmok,bnok->bmn", g, fast_weights) if need_attention else x.new_empty(0)

@@ -9,7 +9,8 @@ and mapped by the same 2 -> H -> 1 MLP:
 Over N examples x P coordinates that is N*P independent tiny MLPs; the kernels keep
 s and h in registers (the backward recomputes them) instead of storing [N, P, H].
 
-Backward, with dy the incoming gradient and m = [s > 0]:
+Backward, with dy the incoming gradient and m = [not s <= 0] (relu's backward in
+torch: a NaN s passes the gradient, a closed unit passes exactly 0, even of an inf):
     d_w2 = sum dy h,   d_b2 = sum dy,   dh = dy w2 * m,
     d_W1 = sum dh u^T, d_b1 = sum dh,   du = W1^T dh,
     d_g  = du_0 / (p g)  if |g| >= e^-p  else  du_1 e^p     (sign g has zero slope)
@@ -88,7 +89,7 @@ def gradient_mlp_backward_reference(grad_out, grads, w1, b1, w2, p, need_grads):
     u = preprocess(grads, p)  # [..., 2]
     s = u @ w1.T + b1  # [..., H]
     dy = grad_out[..., None]
-    dh = dy * w2 * (s > 0)
+    dh = torch.where(s <= 0, 0, dy * w2)  # m of the docstring
     flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
     d_w1 = flat(dh).T @ flat(u)
     d_grads = grads.new_empty(0)

@@ -66,6 +66,10 @@ def check_prototypical_cross_entropy_args(
 ) -> None:
     name = "fastmeta.prototypical_cross_entropy"
     check_episode_pair(name, "queries", queries, "prototypes", prototypes)
+    if prototypes.shape[1] == 0:  # no class to predict: neither a loss nor an argmax
+        raise ValueError(
+            f"{name}: prototypes must hold at least one class, got shape {shape_str(prototypes)}"
+        )
     check_same_dtype_device(name, "queries", queries, prototypes=prototypes)
     check_query_args(name, queries, labels, tau)
 
@@ -97,6 +101,8 @@ def prototypical_cross_entropy_backward_reference(
     d_queries = 2 * t * GC
     d_prototypes = 2 * t * (torch.bmm(G.transpose(1, 2), q) - colsum[..., None] * c)
     d_tau = 2 * (q * GC).sum() - (colsum * c.pow(2).sum(-1)).sum()
+    if G.numel() == 0 or q.shape[2] == 0:  # no term: zeros, not 0 * an infinite prototype
+        d_prototypes, d_tau = torch.zeros_like(d_prototypes), torch.zeros_like(d_tau)
     return d_queries.to(queries.dtype), d_prototypes.to(prototypes.dtype), d_tau.to(tau.dtype)
 
 
