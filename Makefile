@@ -66,11 +66,12 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 # the real __cxa_throw and aborts at the first C++ exception: "CHECK failed ...
 # real___cxa_throw"); leak detection is off (Python's own allocations); the first report
 # stops the run (pytest captures sys.stdout/err only, so the report reaches the terminal).
-# Not part of `make test` or CI: about 10 minutes.
+# Not part of `make test` or CI: 2 to 6 minutes on the 2-core VM, plus 5 for the first build.
 SANITIZE_DIR := build/sanitize
 SANITIZE_TESTS := test_kernel_entry_guards.py test_conformance.py test_protonet.py \
 	test_cosine_similarities_kernels.py test_inner_update.py test_metanet_ops.py \
-	test_conv_block.py test_bn_relu_pool.py test_hardening.py
+	test_conv_block.py test_bn_relu_pool.py test_hardening.py test_maml.py test_metanet.py \
+	test_mixed_precision.py
 # The C++ backend only: no Triton (its interpreter), no torch.compile, no reference backend.
 SANITIZE_SELECT := not triton and not compile and not reference-cpu
 sanitize: $(VENV)/.deps
