@@ -5,6 +5,10 @@ CUDA and fails if torch or the toolkit lacks it; unset builds CUDA when the
 installed torch is a CUDA build and a toolkit (nvcc) is found. TORCH_CUDA_ARCH_LIST
 picks the GPU architectures; without it and without a visible GPU we compile for
 sm_80 and sm_90 (plus PTX for newer cards).
+
+FASTMETA_SANITIZE=1 builds the CPU kernels only, with AddressSanitizer and UBSan
+(-O1, frame pointers, debug info), for `make sanitize`, which builds them into
+build/sanitize so that the normal build is left alone.
 """
 
 import glob
@@ -31,8 +35,12 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
+def _switch(name):
+    return os.environ.get(name, "").strip().lower()
+
+
 def _want_cuda():
-    switch = os.environ.get("FASTMETA_CUDA", "").strip().lower()
+    switch = _switch("FASTMETA_CUDA")
     available = torch.version.cuda is not None and _cuda_home is not None
     if switch in ("0", "off", "false", "no"):
         return False
@@ -55,6 +63,16 @@ def _extension():
         include_dirs=[os.path.join(here, "csrc")],
         extra_link_args=["-fopenmp"],
     )
+    if _switch("FASTMETA_SANITIZE") in ("1", "on", "true", "yes"):
+        if _switch("FASTMETA_CUDA") in ("1", "on", "true", "yes"):
+            raise RuntimeError(
+                "FASTMETA_SANITIZE=1 builds the CPU kernels only: unset FASTMETA_CUDA"
+            )
+        print("fastmeta: building the C++ CPU kernels with AddressSanitizer and UBSan")
+        sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+        common["extra_link_args"] += sanitize
+        cxx = ["-O1", "-g", "-std=c++20", "-fopenmp", *sanitize]
+        return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
     if not _want_cuda():
         print("fastmeta: building the C++ CPU kernels only")
         return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)

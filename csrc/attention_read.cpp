@@ -2,8 +2,8 @@
 // and CUDA tensors alike: the work is GEMMs, so it goes through ATen's (MKL/OpenBLAS
 // on CPU, cuBLAS on GPU). Math: docs/kernel-math.md section 3 and
 // fastmeta/ops/attention_read.py. The Python op checks arguments and gives users the
-// error messages; these kernels repeat cheap checks with TORCH_CHECK only so that
-// they never index out of bounds.
+// error messages; these kernels check them again (checks.h) so that a direct call
+// errors clearly.
 //
 // Queries are taken in chunks of J per episode, J chosen so that the chunk's mixed
 // weights W*_j = sum_i a_ji W*_i [J, O, K] stay within kChunkElements: the plain
@@ -22,6 +22,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "checks.h"
+
 namespace fastmeta {
 namespace {
 
@@ -31,22 +33,21 @@ struct Shape {
   int64_t B, M, N, O, K, L;
 };
 
-Shape check_shapes(const at::Tensor& attention, const at::Tensor& w, const at::Tensor& x) {
-  TORCH_CHECK(attention.dim() == 3 && w.dim() == 4 && x.dim() == 4,
-              "attention_read: expected attention [B, M, N], w [B, N, O, K], x [B, M, L, K], got ",
-              attention.sizes(), ", ", w.sizes(), ", ", x.sizes());
+// attention [B, M, N], w [B, N, O, K], x [B, M, L, K]: contiguous, floating, of one
+// dtype (their device is checked by the caller, with its other arguments).
+Shape check_shapes(const char* op, const at::Tensor& attention, const at::Tensor& w,
+                   const at::Tensor& x) {
+  check_tensor(op, "attention", attention, 3, kFloatingOrHalf);
+  check_tensor(op, "w", w, 4, kFloatingOrHalf);
+  check_tensor(op, "x", x, 4, kFloatingOrHalf);
+  check_same_dtype(op, {{"attention", attention}, {"w", w}, {"x", x}});
   const Shape s{attention.size(0), attention.size(1), attention.size(2),
                 w.size(2),         w.size(3),         x.size(2)};
-  TORCH_CHECK(w.size(0) == s.B && w.size(1) == s.N && x.size(0) == s.B && x.size(1) == s.M &&
-                  x.size(3) == s.K,
-              "attention_read: shapes disagree: attention ", attention.sizes(), ", w ", w.sizes(),
-              ", x ", x.sizes());
-  TORCH_CHECK(attention.is_contiguous() && w.is_contiguous() && x.is_contiguous(),
-              "attention_read: kernels take contiguous tensors");
-  TORCH_CHECK(attention.scalar_type() == x.scalar_type() && w.scalar_type() == x.scalar_type(),
-              "attention_read: tensors must share a dtype");
-  TORCH_CHECK(attention.device() == x.device() && w.device() == x.device(),
-              "attention_read: tensors must be on one device");
+  check_size(op, "w", w, 0, s.B, "B of attention");
+  check_size(op, "w", w, 1, s.N, "N of attention");
+  check_size(op, "x", x, 0, s.B, "B of attention");
+  check_size(op, "x", x, 1, s.M, "M of attention");
+  check_size(op, "x", x, 3, s.K, "K of w");
   return s;
 }
 
@@ -61,7 +62,10 @@ int64_t chunk_size(const Shape& s) {
 // attention [B, M, N], w [B, N, O, K], x [B, M, L, K] -> [B, M, L, O]. CPU and CUDA.
 at::Tensor attention_read_forward(const at::Tensor& attention, const at::Tensor& w,
                                   const at::Tensor& x) {
-  const Shape s = check_shapes(attention, w, x);
+  const char* op = "attention_read_forward";
+  const Shape s = check_shapes(op, attention, w, x);
+  // One device, of any type: the work is ATen ops (the kernel is registered for CPU and CUDA).
+  check_same_device(op, attention.device().type(), {{"attention", attention}, {"w", w}, {"x", x}});
   at::Tensor out = at::empty({s.B, s.M, s.L, s.O}, x.options());
   const at::Tensor w_flat = w.view({s.B, s.N, s.O * s.K});
   const int64_t J = chunk_size(s);
@@ -80,9 +84,13 @@ at::Tensor attention_read_forward(const at::Tensor& attention, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_read_backward(
     const at::Tensor& grad_out, const at::Tensor& attention, const at::Tensor& w,
     const at::Tensor& x, bool need_attention, bool need_w, bool need_x) {
-  const Shape s = check_shapes(attention, w, x);
-  TORCH_CHECK(grad_out.is_contiguous() && grad_out.sizes() == at::IntArrayRef({s.B, s.M, s.L, s.O}),
-              "attention_read: grad_out must be contiguous [B, M, L, O], got ", grad_out.sizes());
+  const char* op = "attention_read_backward";
+  const Shape s = check_shapes(op, attention, w, x);
+  check_tensor(op, "grad_out", grad_out, 4, kFloatingOrHalf);
+  check_same_dtype(op, {{"x", x}, {"grad_out", grad_out}});
+  check_shape(op, "grad_out", grad_out, {s.B, s.M, s.L, s.O}, "[B, M, L, O], the forward's output");
+  check_same_device(op, grad_out.device().type(),
+                    {{"grad_out", grad_out}, {"attention", attention}, {"w", w}, {"x", x}});
   const auto empty = [&] { return at::empty({0}, x.options()); };
   // L = 0: the output is empty, so d_attention and d_w are zeros (G = 0, and G W^T
   // or a^T G would make NaN of 0 * inf).

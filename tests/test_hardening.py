@@ -85,6 +85,31 @@ def test_num_classes_beyond_the_support_size_is_an_error_before_any_allocation()
         F.class_prototypes(support, ys, 2**63)
 
 
+@pytest.mark.parametrize(
+    "x_shape, w_shape", [((2, 0, 6, 5), (3, 0, 3, 3)), ((2, 1, 0, 5), (3, 1, 1, 1))]
+)
+def test_a_convolution_without_input_taps_or_pixels_is_an_error(x_shape, w_shape):
+    """Cin = 0 passed the checks and the cpu backward without d_x divided by zero
+    (SIGFPE: the process died); H = 0 with padding gave NaN statistics on cpu and an
+    error from ATen's convolution on the reference."""
+    x, weight = torch.randn(x_shape), torch.randn(w_shape, requires_grad=True)
+    with pytest.raises(ValueError, match="need Cin, H, W, KH, KW >= 1"):
+        conv_block(x, weight, None, None, None)  # the op's check, before any backend
+    if fastmeta.backends().extension_built:  # the kernel's own guard
+        with pytest.raises(RuntimeError, match="conv_block_backward: x's Cin, H, W and weight"):
+            torch.ops.fastmeta_C.conv_block_backward(
+                torch.zeros(2, 3, 3, 2),
+                x,
+                weight.detach(),
+                *torch.zeros(5, 3),
+                torch.zeros(2, 3, 3, 2, dtype=torch.uint8),
+                torch.zeros(2, 3, 3, 2),
+                1,
+                1,
+                False,
+            )
+
+
 @pytest.mark.parametrize("eps", [-1.0, math.nan, math.inf])
 def test_a_batch_norm_eps_must_be_a_finite_number_at_least_zero(eps):
     c, gamma, beta = torch.randn(2, 4, 6, 6), torch.ones(4), torch.zeros(4)

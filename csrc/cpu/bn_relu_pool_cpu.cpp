@@ -25,6 +25,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../checks.h"
 #include "simd_clones.h"
 #include "window_pool.h"
 
@@ -35,17 +36,18 @@ struct Shape {
   int64_t N, C, H, W, Ho, Wo;
 };
 
-Shape check_and_measure(const at::Tensor& c, const at::Tensor& gamma, const at::Tensor& beta) {
-  TORCH_CHECK(c.dim() == 4 && c.size(2) >= 2 && c.size(3) >= 2,
-              "bn_relu_pool: c must be [N, C, H, W] with H, W >= 2, got ", c.sizes());
-  for (const at::Tensor* t : {&gamma, &beta}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == c.size(1), "bn_relu_pool: gamma and beta must be [",
-                c.size(1), "], got ", t->sizes());
-  }
-  for (const at::Tensor* t : {&c, &gamma, &beta}) {
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == c.scalar_type() && t->is_cpu(),
-                "bn_relu_pool: inputs must be contiguous CPU tensors of one dtype");
-  }
+// c [N, C, H, W] (H, W >= 2), gamma and beta [C]: contiguous, floating, of one dtype
+// (their device is checked by the caller, with its other arguments).
+Shape check_and_measure(const char* op, const at::Tensor& c, const at::Tensor& gamma,
+                        const at::Tensor& beta) {
+  check_tensor(op, "c", c, 4, kFloating);
+  check_tensor(op, "gamma", gamma, 1, kFloating);
+  check_tensor(op, "beta", beta, 1, kFloating);
+  check_same_dtype(op, {{"c", c}, {"gamma", gamma}, {"beta", beta}});
+  TORCH_CHECK(c.size(2) >= 2 && c.size(3) >= 2, op,
+              ": c must be [N, C, H, W] with H, W >= 2 for the 2x2 pool, got ", describe(c));
+  check_size(op, "gamma", gamma, 0, c.size(1), "C of c");
+  check_size(op, "beta", beta, 0, c.size(1), "C of c");
   return {c.size(0), c.size(1), c.size(2), c.size(3), c.size(2) / 2, c.size(3) / 2};
 }
 
@@ -102,21 +104,27 @@ FASTMETA_SIMD_CLONES void channel_pool(const Shape& s, const scalar_t* c, int64_
 }
 
 // One channel's backward: the sums over the window maxima where relu is open, then
-// d_c = a + b c everywhere plus k dy at those maxima.
+// d_c = a + b c everywhere plus k dy at those maxima. Returns false if a window value
+// is not a position 0..3 (never so from the forward; such windows are skipped).
 template <typename scalar_t>
-FASTMETA_SIMD_CLONES void channel_backward(const Shape& s, const scalar_t* go, const scalar_t* c,
+FASTMETA_SIMD_CLONES bool channel_backward(const Shape& s, const scalar_t* go, const scalar_t* c,
                                            int64_t ch, scalar_t mean, scalar_t rstd, scalar_t gamma,
                                            scalar_t beta, const uint8_t* window, scalar_t* dc,
                                            scalar_t* d_gamma, scalar_t* d_beta) {
   const int64_t plane = s.H * s.W, pooled = s.Ho * s.Wo;
   const BatchNormAffine<scalar_t> bn(mean, rstd, gamma, beta);
   double sum_dy = 0, sum_dy_xhat = 0;
+  bool windows_valid = true;
   for (int64_t n = 0; n < s.N; ++n) {
     const scalar_t* p = c + (n * s.C + ch) * plane;
     const int64_t first = (n * s.C + ch) * pooled;
     for (int64_t u = 0; u < s.Ho; ++u) {
       for (int64_t v = 0; v < s.Wo; ++v) {
         const int64_t o = first + u * s.Wo + v;
+        if (window[o] > 3) {
+          windows_valid = false;
+          continue;
+        }
         const scalar_t cv = p[window_offset(s, u, v, window[o])];
         if (bn(cv) > 0) {
           sum_dy += go[o];
@@ -140,13 +148,16 @@ FASTMETA_SIMD_CLONES void channel_backward(const Shape& s, const scalar_t* go, c
     const int64_t first = (n * s.C + ch) * pooled;
     for (int64_t u = 0; u < s.Ho; ++u) {
       for (int64_t v = 0; v < s.Wo; ++v) {
-        const int64_t o = first + u * s.Wo + v, at = window_offset(s, u, v, window[o]);
+        const int64_t o = first + u * s.Wo + v;
+        if (window[o] > 3) continue;
+        const int64_t at = window_offset(s, u, v, window[o]);
         if (bn(p[at]) > 0) d[at] += k_s * go[o];
       }
     }
   }
   *d_gamma = scalar_t(sum_dy_xhat);
   *d_beta = scalar_t(sum_dy);
+  return windows_valid;
 }
 
 }  // namespace
@@ -154,7 +165,9 @@ FASTMETA_SIMD_CLONES void channel_backward(const Shape& s, const scalar_t* go, c
 // (out [N, C, H/2, W/2], mean [C], rstd [C], window [N, C, H/2, W/2] uint8).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_forward_cpu(
     const at::Tensor& c, const at::Tensor& gamma, const at::Tensor& beta, double eps) {
-  const Shape s = check_and_measure(c, gamma, beta);
+  const char* op = "bn_relu_pool_forward";
+  const Shape s = check_and_measure(op, c, gamma, beta);
+  check_same_device(op, c10::kCPU, {{"c", c}, {"gamma", gamma}, {"beta", beta}});
   at::Tensor out = at::empty({s.N, s.C, s.Ho, s.Wo}, c.options());
   at::Tensor window = at::empty({s.N, s.C, s.Ho, s.Wo}, c.options().dtype(at::kByte));
   at::Tensor mean = at::empty({s.C}, c.options());
@@ -191,23 +204,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& c, const at::Tensor& gamma,
     const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& rstd,
     const at::Tensor& window) {
-  const Shape s = check_and_measure(c, gamma, beta);
-  const std::vector<int64_t> pooled{s.N, s.C, s.Ho, s.Wo};
-  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == c.scalar_type() &&
-                  grad_out.sizes() == at::IntArrayRef(pooled),
-              "bn_relu_pool: grad_out must be contiguous ", at::IntArrayRef(pooled), ", got ",
-              grad_out.sizes());
-  TORCH_CHECK(window.is_contiguous() && window.scalar_type() == at::kByte &&
-                  window.sizes() == at::IntArrayRef(pooled),
-              "bn_relu_pool: window must be contiguous uint8 ", at::IntArrayRef(pooled));
-  TORCH_CHECK(mean.numel() == s.C && rstd.numel() == s.C && mean.is_contiguous() &&
-                  rstd.is_contiguous() && mean.scalar_type() == c.scalar_type() &&
-                  rstd.scalar_type() == c.scalar_type(),
-              "bn_relu_pool: mean and rstd must be [", s.C, "] of c's dtype");
+  const char* op = "bn_relu_pool_backward";
+  const Shape s = check_and_measure(op, c, gamma, beta);
+  check_tensor(op, "grad_out", grad_out, 4, kFloating);
+  check_tensor(op, "mean", mean, 1, kFloating);
+  check_tensor(op, "rstd", rstd, 1, kFloating);
+  check_tensor(op, "window", window, 4, kUint8);
+  check_same_dtype(op, {{"c", c}, {"grad_out", grad_out}, {"mean", mean}, {"rstd", rstd}});
+  const at::IntArrayRef pooled = grad_out.sizes();
+  check_shape(op, "grad_out", grad_out, {s.N, s.C, s.Ho, s.Wo}, "[N, C, H / 2, W / 2] for c");
+  check_shape(op, "window", window, pooled, "like grad_out");
+  check_size(op, "mean", mean, 0, s.C, "C of c");
+  check_size(op, "rstd", rstd, 0, s.C, "C of c");
+  check_same_device(op, c10::kCPU,
+                    {{"c", c},
+                     {"gamma", gamma},
+                     {"beta", beta},
+                     {"grad_out", grad_out},
+                     {"mean", mean},
+                     {"rstd", rstd},
+                     {"window", window}});
   at::Tensor d_c = at::empty_like(c);
   at::Tensor d_gamma = at::empty_like(gamma);
   at::Tensor d_beta = at::empty_like(beta);
   if (s.N == 0) return {d_c, d_gamma.zero_(), d_beta.zero_()};  // sums over no example
+  std::vector<uint8_t> windows_valid(s.C);  // per channel (a vector<bool> is not thread-safe)
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "bn_relu_pool_backward_cpu", [&] {
     const scalar_t* gp = gamma.const_data_ptr<scalar_t>();
     const scalar_t* bp = beta.const_data_ptr<scalar_t>();
@@ -215,14 +236,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const scalar_t* rp = rstd.const_data_ptr<scalar_t>();
     at::parallel_for(0, s.C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t ch = c0; ch < c1; ++ch) {
-        channel_backward(s, grad_out.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(), ch,
-                         mp[ch], rp[ch], gp[ch], bp[ch], window.const_data_ptr<uint8_t>(),
-                         d_c.mutable_data_ptr<scalar_t>(),
-                         d_gamma.mutable_data_ptr<scalar_t>() + ch,
-                         d_beta.mutable_data_ptr<scalar_t>() + ch);
+        windows_valid[ch] = channel_backward(
+            s, grad_out.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(), ch, mp[ch],
+            rp[ch], gp[ch], bp[ch], window.const_data_ptr<uint8_t>(),
+            d_c.mutable_data_ptr<scalar_t>(), d_gamma.mutable_data_ptr<scalar_t>() + ch,
+            d_beta.mutable_data_ptr<scalar_t>() + ch);
       }
     });
   });
+  for (int64_t ch = 0; ch < s.C; ++ch) {
+    TORCH_CHECK(windows_valid[ch], op, ": window holds a value outside 0..3 in channel ", ch,
+                " (not the forward's window)");
+  }
   return {d_c, d_gamma, d_beta};
 }
 

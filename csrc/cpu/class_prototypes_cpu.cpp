@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../protonet.h"
 #include "large_alloc.h"
 #include "parallel_grain.h"
 
@@ -42,23 +43,14 @@ std::vector<int64_t> class_counts(const at::Tensor& labels, int64_t C) {
   return counts;
 }
 
-void check_labels(const at::Tensor& labels, int64_t B, int64_t S) {
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 2 && labels.size(0) == B &&
-                  labels.size(1) == S && labels.is_contiguous(),
-              "class_prototypes: labels must be contiguous int64 [", B, ", ", S, "], got ",
-              labels.scalar_type(), " ", labels.sizes());
-}
-
 }  // namespace
 
 // prototypes[b, k] = mean of support[b, i] over the i with labels[b, i] == k.
 at::Tensor class_prototypes_forward_cpu(const at::Tensor& support, const at::Tensor& labels,
                                         int64_t num_classes) {
-  TORCH_CHECK(support.dim() == 3 && support.is_contiguous(),
-              "class_prototypes: support must be contiguous [B, S, D], got ", support.sizes());
+  check_class_prototypes_forward(c10::kCPU, support, labels, num_classes);
   const int64_t B = support.size(0), S = support.size(1), D = support.size(2);
   const int64_t C = num_classes;
-  check_labels(labels, B, S);
   const std::vector<int64_t> counts = class_counts(labels, C);
   at::Tensor out = at::zeros({B, C, D}, support.options());
   const int64_t col_blocks = (D + kColumns - 1) / kColumns;
@@ -89,12 +81,8 @@ at::Tensor class_prototypes_forward_cpu(const at::Tensor& support, const at::Ten
 
 // d_support[b, i] = grad[b, labels[b, i]] / count[b, labels[b, i]].
 at::Tensor class_prototypes_backward_cpu(const at::Tensor& grad, const at::Tensor& labels) {
-  TORCH_CHECK(grad.dim() == 3 && grad.is_contiguous(),
-              "class_prototypes_backward: grad must be contiguous [B, C, D], got ", grad.sizes());
-  const int64_t B = grad.size(0), C = grad.size(1), D = grad.size(2);
-  TORCH_CHECK(labels.dim() == 2, "class_prototypes_backward: labels must be [B, S]");
-  const int64_t S = labels.size(1);
-  check_labels(labels, B, S);
+  check_class_prototypes_backward(c10::kCPU, grad, labels);
+  const int64_t B = grad.size(0), C = grad.size(1), D = grad.size(2), S = labels.size(1);
   const std::vector<int64_t> counts = class_counts(labels, C);
   at::Tensor d_support = empty_cpu_large({B, S, D}, grad.options());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "class_prototypes_backward_cpu", [&] {

@@ -50,6 +50,7 @@
 #include <utility>
 #include <vector>
 
+#include "../checks.h"
 #include "simd_clones.h"
 #include "window_pool.h"
 
@@ -60,26 +61,39 @@ struct Geometry {
   int64_t N, Cin, H, W, C, KH, KW, ph, pw, Hc, Wc, Ho, Wo;
 };
 
-Geometry check_and_measure(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                           const at::Tensor& gamma, const at::Tensor& beta, int64_t ph,
-                           int64_t pw) {
-  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && x.size(1) == weight.size(1),
-              "conv_block: x [N, Cin, H, W] and weight [C, Cin, KH, KW] must agree, got ",
-              x.sizes(), " and ", weight.sizes());
+constexpr int64_t kMaxPadding = int64_t(1) << 20;  // keeps H + 2 pad far from overflow
+
+// x [N, Cin, H, W], weight [C, Cin, KH, KW], bias, gamma, beta [C]: contiguous, floating,
+// of one dtype (their device is checked by the caller, with its other arguments);
+// Cin, H, W, KH, KW >= 1 (a convolution with input taps; the backward's image chunks
+// divide by the taps' size) and a conv output of at least 2x2.
+Geometry check_and_measure(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                           const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta,
+                           int64_t ph, int64_t pw) {
+  check_tensor(op, "x", x, 4, kFloating);
+  check_tensor(op, "weight", weight, 4, kFloating);
+  check_tensor(op, "bias", bias, 1, kFloating);
+  check_tensor(op, "gamma", gamma, 1, kFloating);
+  check_tensor(op, "beta", beta, 1, kFloating);
+  check_same_dtype(
+      op, {{"x", x}, {"weight", weight}, {"bias", bias}, {"gamma", gamma}, {"beta", beta}});
   const int64_t C = weight.size(0);
-  for (const at::Tensor* t : {&bias, &gamma, &beta}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "conv_block: bias, gamma, beta must be [", C,
-                "], got ", t->sizes());
-  }
-  for (const at::Tensor* t : {&x, &weight, &bias, &gamma, &beta}) {
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == x.scalar_type() && t->is_cpu(),
-                "conv_block: inputs must be contiguous CPU tensors of one dtype");
-  }
+  check_size(op, "weight", weight, 1, x.size(1), "Cin of x");
+  check_size(op, "bias", bias, 0, C, "C of weight");
+  check_size(op, "gamma", gamma, 0, C, "C of weight");
+  check_size(op, "beta", beta, 0, C, "C of weight");
+  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1 && weight.size(2) >= 1 &&
+                  weight.size(3) >= 1,
+              op, ": x's Cin, H, W and weight's KH, KW must be >= 1, got x ", describe(x),
+              " and weight ", describe(weight));
+  TORCH_CHECK(0 <= ph && ph <= kMaxPadding && 0 <= pw && pw <= kMaxPadding, op,
+              ": pad_h and pad_w must be in [0, ", kMaxPadding, "], got ", ph, " and ", pw);
   Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), C, weight.size(2), weight.size(3), ph, pw};
   g.Hc = g.H + 2 * ph - g.KH + 1;
   g.Wc = g.W + 2 * pw - g.KW + 1;
-  TORCH_CHECK(ph >= 0 && pw >= 0 && g.Hc >= 2 && g.Wc >= 2,
-              "conv_block: the convolution output must be at least 2x2, got ", g.Hc, "x", g.Wc);
+  TORCH_CHECK(g.Hc >= 2 && g.Wc >= 2, op, ": the convolution output must be at least 2x2, got ",
+              g.Hc, "x", g.Wc, " for x ", describe(x), ", weight ", describe(weight),
+              " and padding ", ph, ", ", pw);
   g.Ho = g.Hc / 2;
   g.Wo = g.Wc / 2;
   return g;
@@ -446,7 +460,11 @@ ConvBlockForward conv_block_forward_cpu(const at::Tensor& x, const at::Tensor& w
                                         const at::Tensor& bias, const at::Tensor& gamma,
                                         const at::Tensor& beta, int64_t pad_h, int64_t pad_w,
                                         double eps) {
-  const Geometry g = check_and_measure(x, weight, bias, gamma, beta, pad_h, pad_w);
+  const char* op = "conv_block_forward";
+  const Geometry g = check_and_measure(op, x, weight, bias, gamma, beta, pad_h, pad_w);
+  check_same_device(
+      op, c10::kCPU,
+      {{"x", x}, {"weight", weight}, {"bias", bias}, {"gamma", gamma}, {"beta", beta}});
   at::Tensor out = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options());
   at::Tensor mean = at::empty({g.C}, x.options());
   at::Tensor rstd = at::empty({g.C}, x.options());
@@ -503,17 +521,37 @@ struct ParameterGrads {
   at::Tensor weight, bias, gamma, beta;
 };
 
-// grad_out [N, C, Ho, Wo] and the forward's mean, rstd [C] (x and the parameters are
-// checked by check_and_measure).
-void check_backward_inputs(const Geometry& g, const at::Tensor& grad_out, const at::Tensor& x,
-                           const at::Tensor& mean, const at::Tensor& rstd) {
-  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == x.scalar_type() &&
-                  grad_out.sizes() == at::IntArrayRef({g.N, g.C, g.Ho, g.Wo}),
-              "conv_block: grad_out must be contiguous [", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo,
-              "], got ", grad_out.sizes());
-  TORCH_CHECK(mean.numel() == g.C && rstd.numel() == g.C && mean.is_contiguous() &&
-                  rstd.is_contiguous(),
-              "conv_block: mean and rstd must be [", g.C, "]");
+// grad_out [N, C, Ho, Wo], the forward's mean, rstd [C], window [N, C, Ho, Wo] uint8 and
+// c_max [N, C, Ho, Wo] (x and the parameters are checked by check_and_measure), and the
+// device of all.
+void check_backward_inputs(const char* op, const Geometry& g, const BackwardInputs& in,
+                           const at::Tensor& window, const at::Tensor& c_max) {
+  check_tensor(op, "grad_out", in.grad_out, 4, kFloating);
+  check_tensor(op, "mean", in.mean, 1, kFloating);
+  check_tensor(op, "rstd", in.rstd, 1, kFloating);
+  check_tensor(op, "window", window, 4, kUint8);
+  check_tensor(op, "c_max", c_max, 4, kFloating);
+  check_same_dtype(op, {{"x", in.x},
+                        {"grad_out", in.grad_out},
+                        {"mean", in.mean},
+                        {"rstd", in.rstd},
+                        {"c_max", c_max}});
+  check_shape(op, "grad_out", in.grad_out, {g.N, g.C, g.Ho, g.Wo}, "[N, C, Hc / 2, Wc / 2]");
+  check_shape(op, "window", window, in.grad_out.sizes(), "like grad_out");
+  check_shape(op, "c_max", c_max, in.grad_out.sizes(), "like grad_out");
+  check_size(op, "mean", in.mean, 0, g.C, "C of weight");
+  check_size(op, "rstd", in.rstd, 0, g.C, "C of weight");
+  check_same_device(op, c10::kCPU,
+                    {{"x", in.x},
+                     {"weight", in.weight},
+                     {"bias", in.bias},
+                     {"gamma", in.gamma},
+                     {"beta", in.beta},
+                     {"grad_out", in.grad_out},
+                     {"mean", in.mean},
+                     {"rstd", in.rstd},
+                     {"window", window},
+                     {"c_max", c_max}});
 }
 
 // Without d_x: d_weight, d_bias, d_gamma, d_beta from the forward's record of each
@@ -522,10 +560,6 @@ void check_backward_inputs(const Geometry& g, const at::Tensor& grad_out, const 
 // terms sum_hw x_tap = M' pbar, sum_hw xhat x_tap = M' rstd (Sigma w)).
 void sparse_parameter_grads(const Geometry& g, const BackwardInputs& in, const at::Tensor& window,
                             const at::Tensor& c_max, const ParameterGrads& grads) {
-  TORCH_CHECK(window.scalar_type() == at::kByte && window.sizes() == in.grad_out.sizes() &&
-                  c_max.sizes() == in.grad_out.sizes() && window.is_contiguous() &&
-                  c_max.is_contiguous() && c_max.scalar_type() == in.x.scalar_type(),
-              "conv_block: window (uint8) and c_max must be contiguous ", in.grad_out.sizes());
   const Phases ph = make_phases(g);
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "conv_block_parameter_grads_cpu", [&] {
     const at::Tensor phases = split_phases<scalar_t>(g, ph, in.x);
@@ -782,9 +816,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bloc
     const at::Tensor& bias, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
     const at::Tensor& rstd, const at::Tensor& window, const at::Tensor& c_max, int64_t pad_h,
     int64_t pad_w, bool need_x) {
-  const Geometry g = check_and_measure(x, weight, bias, gamma, beta, pad_h, pad_w);
-  check_backward_inputs(g, grad_out, x, mean, rstd);
+  const char* op = "conv_block_backward";
+  const Geometry g = check_and_measure(op, x, weight, bias, gamma, beta, pad_h, pad_w);
   const BackwardInputs in{grad_out, x, weight, bias, gamma, beta, mean, rstd};
+  check_backward_inputs(op, g, in, window, c_max);
   const ParameterGrads grads{at::empty_like(weight), at::empty_like(bias), at::empty_like(gamma),
                              at::empty_like(beta)};
   if (g.N == 0) {  // sums over no example

@@ -39,8 +39,9 @@ std::vector<double> inverse_clamped_norms(const at::Tensor& x, double eps) {
 
 at::Tensor cosine_similarities_forward_cpu(const at::Tensor& queries, const at::Tensor& prototypes,
                                            double eps) {
-  check_queries_prototypes("cosine_similarities", queries, prototypes);
-  const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
+  const EpisodeShape shape =
+      check_queries_prototypes("cosine_similarities_forward", c10::kCPU, queries, prototypes);
+  const int64_t B = shape.B, M = shape.M, C = shape.C;
   at::Tensor sim = at::bmm(queries, prototypes.transpose(1, 2));  // q . c, [B, M, C]
   AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "cosine_similarities_forward_cpu", [&] {
     const std::vector<double> inv_q = inverse_clamped_norms<scalar_t>(queries, eps);     // [B M]

@@ -8,7 +8,7 @@
 // rows are added in order, so the result is the same on any number of threads.
 //
 // The Python op checks arguments and gives users the error messages; these kernels
-// repeat cheap checks with TORCH_CHECK only so that they never index out of bounds.
+// check them again (checks.h) so that a direct call never indexes out of bounds.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -18,6 +18,8 @@
 #include <cmath>
 #include <tuple>
 #include <vector>
+
+#include "../checks.h"
 
 namespace fastmeta {
 namespace {
@@ -57,18 +59,21 @@ struct Mlp {
   }
 };
 
-void check_parameters(const at::Tensor& grads, const at::Tensor& w1, const at::Tensor& b1,
-                      const at::Tensor& w2) {
+// grads (any shape), w1 [H, 2], b1 [H], w2 [H] and `other` (b2 [] or grad_out shaped
+// like grads, checked by the caller): floating, of one dtype, on the CPU; p finite > 0.
+void check_parameters(const char* op, const at::Tensor& grads, const at::Tensor& w1,
+                      const at::Tensor& b1, const at::Tensor& w2, const Arg& other, double p) {
+  check_tensor(op, "grads", grads, kAnyDim, kFloating);
+  check_tensor(op, "w1", w1, 2, kFloating);
+  check_tensor(op, "b1", b1, 1, kFloating);
+  check_tensor(op, "w2", w2, 1, kFloating);
+  check_same_dtype(op, {{"grads", grads}, {"w1", w1}, {"b1", b1}, {"w2", w2}, other});
   const int64_t H = w1.size(0);
-  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == 2 && b1.numel() == H && w2.numel() == H,
-              "gradient_mlp: w1 must be [H, 2] with b1, w2 [H], got ", w1.sizes(), ", ", b1.sizes(),
-              ", ", w2.sizes());
-  TORCH_CHECK(grads.is_contiguous() && w1.is_contiguous() && b1.is_contiguous() &&
-                  w2.is_contiguous(),
-              "gradient_mlp: kernels take contiguous tensors");
-  TORCH_CHECK(w1.scalar_type() == grads.scalar_type() && b1.scalar_type() == grads.scalar_type() &&
-                  w2.scalar_type() == grads.scalar_type(),
-              "gradient_mlp: tensors must share a dtype");
+  check_size(op, "w1", w1, 1, 2, "the MLP's input size");
+  check_size(op, "b1", b1, 0, H, "H of w1");
+  check_size(op, "w2", w2, 0, H, "H of w1");
+  TORCH_CHECK(p > 0 && std::isfinite(p), op, ": p must be a finite number > 0, got ", p);
+  check_same_device(op, c10::kCPU, {{"grads", grads}, {"w1", w1}, {"b1", b1}, {"w2", w2}, other});
 }
 
 }  // namespace
@@ -79,10 +84,8 @@ void check_parameters(const at::Tensor& grads, const at::Tensor& w1, const at::T
 at::Tensor gradient_mlp_forward_cpu(const at::Tensor& grads, const at::Tensor& w1,
                                     const at::Tensor& b1, const at::Tensor& w2,
                                     const at::Tensor& b2, double p) {
-  check_parameters(grads, w1, b1, w2);
-  TORCH_CHECK(b2.numel() == 1 && b2.scalar_type() == grads.scalar_type(),
-              "gradient_mlp: b2 must be one element of the grads' dtype, got ", b2.sizes(), " ",
-              b2.scalar_type());
+  check_tensor("gradient_mlp_forward", "b2", b2, 0, kFloating);
+  check_parameters("gradient_mlp_forward", grads, w1, b1, w2, {"b2", b2}, p);
   at::Tensor out = at::empty_like(grads);
   const int64_t n = grads.numel();
   AT_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "gradient_mlp_forward_cpu", [&] {
@@ -114,11 +117,10 @@ at::Tensor gradient_mlp_forward_cpu(const at::Tensor& grads, const at::Tensor& w
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_mlp_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& grads, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, double p, bool need_grads) {
-  check_parameters(grads, w1, b1, w2);
-  TORCH_CHECK(grad_out.is_contiguous() && grad_out.sizes() == grads.sizes() &&
-                  grad_out.scalar_type() == grads.scalar_type(),
-              "gradient_mlp: grad_out must be contiguous and shaped like grads ", grads.sizes(),
-              ", got ", grad_out.sizes());
+  const char* op = "gradient_mlp_backward";
+  check_tensor(op, "grad_out", grad_out, kAnyDim, kFloating);
+  check_parameters(op, grads, w1, b1, w2, {"grad_out", grad_out}, p);
+  check_shape(op, "grad_out", grad_out, grads.sizes(), "like grads");
   const int64_t n = grads.numel(), H = w1.size(0);
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t row = 4 * H + 1;  // d_w1 (2H), d_b1 (H), d_w2 (H), d_b2 (1)

@@ -124,8 +124,7 @@ void with_backward_variant(AlphaKind kind, bool need_g, bool need_alpha, Fn&& fn
 
 at::Tensor inner_update_forward_cpu(const at::Tensor& theta, const at::Tensor& alpha,
                                     const at::Tensor& g) {
-  TORCH_CHECK(theta.dim() == 1, "inner_update: theta must be [P], got ", theta.sizes());
-  const AlphaKind kind = check_inner_update(theta, alpha, g);
+  const AlphaKind kind = check_inner_update_forward(c10::kCPU, theta, alpha, g);
   at::Tensor out = empty_cpu_large(g.sizes(), g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
                                   "inner_update_forward_cpu", [&] {
@@ -141,9 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_update_backward_cpu(const a
                                                                          const at::Tensor& g,
                                                                          bool need_g,
                                                                          bool need_alpha) {
-  TORCH_CHECK(grad_out.sizes() == g.sizes(), "inner_update_backward: grad_out must be ", g.sizes(),
-              ", got ", grad_out.sizes());
-  const AlphaKind kind = check_inner_update(grad_out, alpha, g);
+  const AlphaKind kind = check_inner_update_backward(c10::kCPU, grad_out, alpha, g);
   const int64_t T = g.size(0), P = g.size(1);
   at::Tensor d_theta = at::empty({P}, g.options());
   at::Tensor d_g = empty_cpu_large(need_g ? g.sizes() : at::IntArrayRef{0}, g.options());

@@ -9,6 +9,16 @@
 #include <map>
 #include <mutex>
 
+// Under AddressSanitizer (`make sanitize`) an idle buffer is poisoned, and so is the
+// rounding slack past a tensor's bytes, so that a read past an output or of a freed
+// one is reported as for any heap buffer (without it the pool hides both).
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#else
+#define ASAN_POISON_MEMORY_REGION(addr, size) ((void)(addr), (void)(size))
+#define ASAN_UNPOISON_MEMORY_REGION(addr, size) ((void)(addr), (void)(size))
+#endif
+
 namespace fastmeta {
 namespace {
 
@@ -34,6 +44,7 @@ class BufferPool {
         void* ptr = it->second;
         idle_.erase(it);
         idle_bytes_ -= bytes;
+        ASAN_UNPOISON_MEMORY_REGION(ptr, bytes);
         return ptr;
       }
     }
@@ -47,15 +58,20 @@ class BufferPool {
       if (idle_bytes_ + bytes <= limit_) {
         idle_.emplace(bytes, ptr);
         idle_bytes_ += bytes;
+        ASAN_POISON_MEMORY_REGION(ptr, bytes);
         return;
       }
     }
+    ASAN_UNPOISON_MEMORY_REGION(ptr, bytes);
     std::free(ptr);
   }
 
   size_t clear() {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& [bytes, ptr] : idle_) std::free(ptr);
+    for (auto& [bytes, ptr] : idle_) {
+      ASAN_UNPOISON_MEMORY_REGION(ptr, bytes);
+      std::free(ptr);
+    }
     idle_.clear();
     const size_t freed = idle_bytes_;
     idle_bytes_ = 0;
@@ -85,6 +101,7 @@ at::Tensor empty_cpu_large(at::IntArrayRef sizes, const at::TensorOptions& optio
   const size_t rounded = (static_cast<size_t>(nbytes) + kRound - 1) / kRound * kRound;
   void* ptr = pool().get(rounded);
   if (ptr == nullptr) return at::empty(sizes, options);  // let ATen report the failure
+  ASAN_POISON_MEMORY_REGION(static_cast<char*>(ptr) + nbytes, rounded - nbytes);
   at::Tensor out =
       at::from_blob(ptr, sizes, [rounded](void* p) { pool().put(p, rounded); }, options);
   const auto& ctx = at::globalContext();

@@ -53,17 +53,6 @@ namespace {
 constexpr int64_t kRowsPerTask = 64;  // rows per column-sum partial (fixed: deterministic)
 constexpr int64_t kChunkBytes = int64_t(8) << 20;  // the most of G the backward holds
 
-void check_shapes(const at::Tensor& queries, const at::Tensor& prototypes, const at::Tensor& labels,
-                  const at::Tensor& tau) {
-  check_queries_prototypes("prototypical_cross_entropy", queries, prototypes);
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.dim() == 2 &&
-                  labels.size(0) == queries.size(0) && labels.size(1) == queries.size(1),
-              "prototypical_cross_entropy: labels must be contiguous int64 [B, M], got ",
-              labels.sizes());
-  TORCH_CHECK(tau.dim() == 0 && tau.scalar_type() == queries.scalar_type(),
-              "prototypical_cross_entropy: tau must be a 0-d tensor of the queries' dtype");
-}
-
 // Rows [begin, end) of Z = Q C^T [rows, C] (episode of row r: r / M) into the softmax
 // of z' = tau (2 Z - ||c||^2), in place; loss_r = lse - z'_{y_r}, pred_r = the first
 // index of the largest logit, or of the first NaN (torch.argmax's rule: NaN is largest). Blocks of
@@ -221,8 +210,9 @@ void check_label_range(const char* op, const at::Tensor& labels, int64_t C) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_forward_cpu(
     const at::Tensor& queries, const at::Tensor& prototypes, const at::Tensor& labels,
     const at::Tensor& tau) {
-  check_shapes(queries, prototypes, labels, tau);
-  const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
+  const EpisodeShape shape =
+      check_cross_entropy_forward(c10::kCPU, queries, prototypes, labels, tau);
+  const int64_t B = shape.B, M = shape.M, C = shape.C;
   check_label_range("prototypical_cross_entropy", labels, C);
   // Q C^T into a pooled buffer (a fresh 40 MB output costs more in page faults than
   // the epilogue), then turned into the softmax in place.
@@ -253,13 +243,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_forwar
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backward_cpu(
     const at::Tensor& grad_losses, const at::Tensor& queries, const at::Tensor& prototypes,
     const at::Tensor& labels, const at::Tensor& tau, const at::Tensor& softmax) {
-  check_shapes(queries, prototypes, labels, tau);
-  const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
-  const int64_t D = queries.size(2);
-  TORCH_CHECK(softmax.sizes() == at::IntArrayRef({B, M, C}) && softmax.is_contiguous() &&
-                  grad_losses.sizes() == labels.sizes() && grad_losses.is_contiguous(),
-              "prototypical_cross_entropy_backward: softmax [B, M, C] and grad_losses [B, M] "
-              "expected");
+  const EpisodeShape shape = check_cross_entropy_backward(c10::kCPU, grad_losses, queries,
+                                                          prototypes, labels, tau, softmax);
+  const int64_t B = shape.B, M = shape.M, C = shape.C, D = shape.D;
   check_label_range("prototypical_cross_entropy_backward", labels, C);
   if (softmax.numel() == 0 || D == 0) {  // no term: zeros (not 0 * an infinite prototype)
     return {at::zeros_like(queries), at::zeros_like(prototypes), at::zeros_like(tau)};

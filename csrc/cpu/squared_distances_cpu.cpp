@@ -29,9 +29,9 @@ constexpr double kRefine = std::is_same_v<scalar_t, double> ? 1e-6 : 1e-2;
 // form cancels (near-identical points) are recomputed directly, so identical
 // points give exactly 0 and no entry is negative.
 at::Tensor squared_distances_forward_cpu(const at::Tensor& queries, const at::Tensor& prototypes) {
-  check_queries_prototypes("squared_distances", queries, prototypes);
-  const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
-  const int64_t D = queries.size(2);
+  const EpisodeShape shape =
+      check_queries_prototypes("squared_distances_forward", c10::kCPU, queries, prototypes);
+  const int64_t B = shape.B, M = shape.M, C = shape.C, D = shape.D;
   at::Tensor dist = at::bmm(queries, prototypes.transpose(1, 2));  // q . c, [B, M, C]
   AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "squared_distances_forward_cpu", [&] {
     const auto qn = row_squared_norms<scalar_t>(queries);

@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "../protonet.h"
 #include "protonet_cuda.cuh"
 
 namespace fastmeta {
@@ -105,13 +106,6 @@ at::Tensor class_counts(const at::Tensor& labels, int64_t C) {
   return counts;
 }
 
-void check_labels(const at::Tensor& labels, const at::Tensor& x, int64_t B) {
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 2 && labels.size(0) == B &&
-                  labels.is_contiguous() && labels.device() == x.device(),
-              "class_prototypes: labels must be contiguous int64 [", B, ", S] on ", x.device(),
-              ", got ", labels.scalar_type(), " ", labels.sizes(), " on ", labels.device());
-}
-
 // Launch shape of the column-tiled kernels: x over `rows`, y over tiles of D.
 struct ColumnGrid {
   dim3 grid;
@@ -174,15 +168,9 @@ __global__ void prototypes_backward_kernel(const scalar_t* __restrict__ grad,
 
 at::Tensor class_prototypes_forward_cuda(const at::Tensor& support, const at::Tensor& labels,
                                          int64_t num_classes) {
-  TORCH_CHECK(support.is_cuda() && support.dim() == 3 && support.is_contiguous(),
-              "class_prototypes: support must be a contiguous CUDA [B, S, D], got ",
-              support.sizes(), " on ", support.device());
-  TORCH_CHECK(num_classes >= 0, "class_prototypes: num_classes must be >= 0, got ", num_classes);
+  check_class_prototypes_forward(c10::kCUDA, support, labels, num_classes);
   const int64_t B = support.size(0), S = support.size(1), D = support.size(2);
   const int64_t C = num_classes;
-  check_labels(labels, support, B);
-  TORCH_CHECK(labels.size(1) == S, "class_prototypes: labels must be [", B, ", ", S, "], got ",
-              labels.sizes());
   const c10::cuda::CUDAGuard guard(support.device());
   const Segments segments = class_segments(labels, C);
   at::Tensor out = at::empty({B, C, D}, support.options());
@@ -200,12 +188,8 @@ at::Tensor class_prototypes_forward_cuda(const at::Tensor& support, const at::Te
 }
 
 at::Tensor class_prototypes_backward_cuda(const at::Tensor& grad, const at::Tensor& labels) {
-  TORCH_CHECK(grad.is_cuda() && grad.dim() == 3 && grad.is_contiguous(),
-              "class_prototypes_backward: grad must be a contiguous CUDA [B, C, D], got ",
-              grad.sizes(), " on ", grad.device());
-  const int64_t B = grad.size(0), C = grad.size(1), D = grad.size(2);
-  check_labels(labels, grad, B);
-  const int64_t S = labels.size(1);
+  check_class_prototypes_backward(c10::kCUDA, grad, labels);
+  const int64_t B = grad.size(0), C = grad.size(1), D = grad.size(2), S = labels.size(1);
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor counts = class_counts(labels, C);
   at::Tensor d_support = at::empty({B, S, D}, grad.options());

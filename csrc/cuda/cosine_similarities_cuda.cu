@@ -56,9 +56,10 @@ __global__ void cosine_epilogue_kernel(scalar_t* __restrict__ sim,
 
 at::Tensor cosine_similarities_forward_cuda(const at::Tensor& queries, const at::Tensor& prototypes,
                                             double eps) {
-  check_queries_prototypes("cosine_similarities", queries, prototypes);
+  const EpisodeShape shape =
+      check_queries_prototypes("cosine_similarities_forward", c10::kCUDA, queries, prototypes);
+  const int64_t B = shape.B, M = shape.M, C = shape.C;
   const c10::cuda::CUDAGuard guard(queries.device());
-  const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
   at::Tensor sim = at::bmm(queries, prototypes.transpose(1, 2));  // q . c, [B, M, C]
   const int64_t total = B * M * C;
   if (total == 0) return sim;

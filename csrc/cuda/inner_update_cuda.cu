@@ -115,8 +115,7 @@ void with_alpha_kind(AlphaKind kind, Fn&& fn) {
 
 at::Tensor inner_update_forward_cuda(const at::Tensor& theta, const at::Tensor& alpha,
                                      const at::Tensor& g) {
-  TORCH_CHECK(theta.dim() == 1, "inner_update: theta must be [P], got ", theta.sizes());
-  const AlphaKind kind = check_inner_update(theta, alpha, g);
+  const AlphaKind kind = check_inner_update_forward(c10::kCUDA, theta, alpha, g);
   const c10::cuda::CUDAGuard guard(g.device());
   at::Tensor out = at::empty_like(g);
   const int64_t T = g.size(0), P = g.size(1);
@@ -140,9 +139,7 @@ at::Tensor inner_update_forward_cuda(const at::Tensor& theta, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_update_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& alpha, const at::Tensor& g, bool need_g,
     bool need_alpha) {
-  TORCH_CHECK(grad_out.sizes() == g.sizes(), "inner_update_backward: grad_out must be ", g.sizes(),
-              ", got ", grad_out.sizes());
-  const AlphaKind kind = check_inner_update(grad_out, alpha, g);
+  const AlphaKind kind = check_inner_update_backward(c10::kCUDA, grad_out, alpha, g);
   const c10::cuda::CUDAGuard guard(g.device());
   const int64_t T = g.size(0), P = g.size(1);
   at::Tensor d_theta = at::empty({P}, g.options());

@@ -54,20 +54,6 @@ constexpr int kTileColumns = kWarpSize;                  // grad_logits_kernel b
 constexpr int kRowGroups = kThreads / kTileColumns;      //                           y
 constexpr int64_t kRowsPerChunk = 64;  // rows per column-sum partial (fixed: deterministic)
 
-void check_ce_args(const at::Tensor& queries, const at::Tensor& prototypes,
-                   const at::Tensor& labels, const at::Tensor& tau) {
-  check_queries_prototypes("prototypical_cross_entropy", queries, prototypes);
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.dim() == 2 &&
-                  labels.size(0) == queries.size(0) && labels.size(1) == queries.size(1) &&
-                  labels.device() == queries.device(),
-              "prototypical_cross_entropy: labels must be contiguous int64 [B, M] on ",
-              queries.device(), ", got ", labels.sizes(), " on ", labels.device());
-  TORCH_CHECK(tau.dim() == 0 && tau.scalar_type() == queries.scalar_type() &&
-                  tau.device() == queries.device(),
-              "prototypical_cross_entropy: tau must be a 0-d tensor of the queries' dtype and "
-              "device");
-}
-
 // z [B * M, C] holds Q C^T on entry and the softmax on exit; cn [B * C] = ||c||^2.
 template <typename scalar_t>
 __global__ void ce_forward_kernel(scalar_t* __restrict__ z,
@@ -214,9 +200,10 @@ __global__ void backward_epilogue_kernel(const scalar_t* __restrict__ q,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_forward_cuda(
     const at::Tensor& queries, const at::Tensor& prototypes, const at::Tensor& labels,
     const at::Tensor& tau) {
-  check_ce_args(queries, prototypes, labels, tau);
+  const EpisodeShape shape =
+      check_cross_entropy_forward(c10::kCUDA, queries, prototypes, labels, tau);
+  const int64_t B = shape.B, M = shape.M, C = shape.C;
   const c10::cuda::CUDAGuard guard(queries.device());
-  const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
   at::Tensor softmax = at::bmm(queries, prototypes.transpose(1, 2));  // Q C^T, then in place
   at::Tensor losses = at::empty({B, M}, queries.options());
   at::Tensor predictions = at::empty({B, M}, labels.options());
@@ -239,17 +226,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_forwar
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backward_cuda(
     const at::Tensor& grad_losses, const at::Tensor& queries, const at::Tensor& prototypes,
     const at::Tensor& labels, const at::Tensor& tau, const at::Tensor& softmax) {
-  check_ce_args(queries, prototypes, labels, tau);
-  const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
-  const int64_t D = queries.size(2);
-  TORCH_CHECK(softmax.sizes() == at::IntArrayRef({B, M, C}) && softmax.is_contiguous() &&
-                  softmax.scalar_type() == queries.scalar_type() &&
-                  softmax.device() == queries.device() && grad_losses.sizes() == labels.sizes() &&
-                  grad_losses.is_contiguous() &&
-                  grad_losses.scalar_type() == queries.scalar_type() &&
-                  grad_losses.device() == queries.device(),
-              "prototypical_cross_entropy_backward: softmax [B, M, C] and grad_losses [B, M] "
-              "expected, contiguous, of the queries' dtype and device");
+  const EpisodeShape shape = check_cross_entropy_backward(c10::kCUDA, grad_losses, queries,
+                                                          prototypes, labels, tau, softmax);
+  const int64_t B = shape.B, M = shape.M, C = shape.C, D = shape.D;
   const c10::cuda::CUDAGuard guard(queries.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t chunks = (M + kRowsPerChunk - 1) / kRowsPerChunk;

@@ -79,10 +79,10 @@ __global__ void distances_epilogue_kernel(scalar_t* __restrict__ dist,
 }  // namespace
 
 at::Tensor squared_distances_forward_cuda(const at::Tensor& queries, const at::Tensor& prototypes) {
-  check_queries_prototypes("squared_distances", queries, prototypes);
+  const EpisodeShape shape =
+      check_queries_prototypes("squared_distances_forward", c10::kCUDA, queries, prototypes);
+  const int64_t B = shape.B, M = shape.M, C = shape.C, D = shape.D;
   const c10::cuda::CUDAGuard guard(queries.device());
-  const int64_t B = queries.size(0), M = queries.size(1), C = prototypes.size(1);
-  const int64_t D = queries.size(2);
   at::Tensor dist = at::bmm(queries, prototypes.transpose(1, 2));  // q . c, [B, M, C]
   const int64_t total = B * M * C;
   if (total == 0) return dist;

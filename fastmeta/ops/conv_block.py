@@ -54,6 +54,11 @@ def check_conv_block_args(
             f"{NAME}: x must be [N, Cin, H, W] and weight [C, Cin, KH, KW] with "
             f"the same Cin, got x {shape_str(x)} and weight {shape_str(weight)}"
         )
+    if min(x.shape[1:]) < 1 or min(weight.shape[2:]) < 1:
+        raise ValueError(
+            f"{NAME}: x [N, Cin, H, W] and weight [C, Cin, KH, KW] need Cin, H, W, KH, KW "
+            f">= 1, got x {shape_str(x)} and weight {shape_str(weight)}"
+        )
     C = weight.shape[0]
     for name, t in (("bias", bias), ("gamma", gamma), ("beta", beta)):
         if tuple(t.shape) != (C,):
