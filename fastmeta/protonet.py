@@ -17,7 +17,10 @@ class ProtoNet(nn.Module):
     Inputs are batched episodes (support_x [B, S, ...], support_y [B, S],
     query_x [B, M, ...]) or one episode (support_x [S, ...], support_y [S]); the
     encoder sees [N, ...] batches. num_classes defaults to max(support_y) + 1.
-    tau is the inverse temperature (learnable with learn_tau=True).
+    tau is the inverse temperature (learnable with learn_tau=True). A class with no
+    support example raises a ValueError (empty_classes="error"), or gets a zero
+    prototype (empty_classes="zero", as torchmeta's get_prototypes has it; see
+    fastmeta.functional.class_prototypes).
 
     fuse=True runs the encoder's Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d(2) runs (in
     nn.Sequentials, training mode, on CPU) as fastmeta's fused conv_block and
@@ -28,10 +31,21 @@ class ProtoNet(nn.Module):
     """
 
     def __init__(
-        self, encoder: nn.Module, tau: float = 1.0, learn_tau: bool = False, fuse: bool = False
+        self,
+        encoder: nn.Module,
+        tau: float = 1.0,
+        learn_tau: bool = False,
+        fuse: bool = False,
+        empty_classes: str = "error",
     ):
         super().__init__()
+        if empty_classes not in F.EMPTY_CLASSES:
+            raise ValueError(
+                f"fastmeta.ProtoNet: empty_classes must be one of {F.EMPTY_CLASSES}, "
+                f"got {empty_classes!r}"
+            )
         self.encoder = encoder
+        self.empty_classes = empty_classes
         # The fused view (None: nothing fuses, or fuse is off) shares the encoder's
         # modules; a tuple keeps its parameters from being registered twice.
         self._fused_encoder = (fuse_conv_blocks(encoder, bn_relu_pool=True) if fuse else None,)
@@ -60,7 +74,7 @@ class ProtoNet(nn.Module):
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, num_classes: int | None = None
     ) -> Tensor:
         support, queries, num_classes = self._episode(support_x, support_y, query_x, num_classes)
-        prototypes = F.class_prototypes(support, support_y, num_classes)
+        prototypes = F.class_prototypes(support, support_y, num_classes, self.empty_classes)
         return -self.tau.to(queries.dtype) * F.squared_distances(queries, prototypes)
 
     def loss(
@@ -81,4 +95,5 @@ class ProtoNet(nn.Module):
             num_classes,
             tau=self.tau.to(queries.dtype),
             reduction=reduction,
+            empty_classes=self.empty_classes,
         )
