@@ -15,7 +15,6 @@ get_prototypes = class_prototypes (torchmeta's name and argument order; torchmet
 inner_update(theta [P], alpha, g [T,P])                             -> [T, P]
 """
 
-import torch
 from torch import Tensor
 
 from fastmeta.ops._checks import (
@@ -28,6 +27,7 @@ from fastmeta.ops._checks import (
 from fastmeta.ops._opmath import opmath
 from fastmeta.ops._scalars import scalar_tensor
 from fastmeta.ops.class_prototypes import class_prototypes as fused_class_prototypes
+from fastmeta.ops.class_prototypes import class_sums
 from fastmeta.ops.cosine_similarities import cosine_similarities as fused_cosine_similarities
 from fastmeta.ops.inner_update import inner_update
 from fastmeta.ops.prototypical_cross_entropy import (
@@ -75,11 +75,7 @@ def _class_means(support: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     of each class's examples in support order (scatter_add) divided by its count
     clamped to >= 1, so a class with no example gets 0. Unchecked; computes in
     support's dtype; no host sync; torch ops, differentiable to any order."""
-    B, S, D = support.shape
-    counts = support.new_zeros(B, num_classes)
-    counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=support.dtype))
-    sums = support.new_zeros(B, num_classes, D)
-    sums.scatter_add_(1, labels[..., None].expand(B, S, D), support)
+    sums, counts = class_sums(support, labels, num_classes)
     return sums / counts.clamp_min_(1)[..., None]
 
 

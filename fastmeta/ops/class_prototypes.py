@@ -69,12 +69,20 @@ def _counts(labels: Tensor, num_classes: int, dtype) -> Tensor:
     return counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=dtype))
 
 
-def class_prototypes_forward_reference(support: Tensor, labels: Tensor, num_classes: int):
-    (x,) = opmath(support)
+def class_sums(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """x [B, S, D], int64 labels [B, S] in [0, num_classes) -> (the sum of each class's
+    examples in support order [B, C, D], each class's count [B, C]) in x's dtype: torch
+    ops (scatter_add), differentiable to any order, no host sync."""
     B, S, D = x.shape
     sums = x.new_zeros(B, num_classes, D)
     sums.scatter_add_(1, labels[..., None].expand(B, S, D), x)
-    return (sums / _counts(labels, num_classes, x.dtype)[..., None]).to(support.dtype)
+    return sums, _counts(labels, num_classes, x.dtype)
+
+
+def class_prototypes_forward_reference(support: Tensor, labels: Tensor, num_classes: int):
+    (x,) = opmath(support)
+    sums, counts = class_sums(x, labels, num_classes)
+    return (sums / counts[..., None]).to(support.dtype)
 
 
 def class_prototypes_backward_reference(grad: Tensor, labels: Tensor) -> Tensor:
