@@ -70,8 +70,8 @@ at::Tensor class_prototypes_forward_cpu(const at::Tensor& support, const at::Ten
         }
         for (int64_t k = 0; k < C; ++k) {
           scalar_t* proto = p + (b * C + k) * D + d0;
-          const scalar_t inv = scalar_t(1) / scalar_t(counts[b * C + k]);
-          for (int64_t j = 0; j < n; ++j) proto[j] *= inv;
+          const scalar_t count = scalar_t(counts[b * C + k]);
+          for (int64_t j = 0; j < n; ++j) proto[j] /= count;
         }
       }
     });
@@ -92,10 +92,10 @@ at::Tensor class_prototypes_backward_cpu(const at::Tensor& grad, const at::Tenso
     at::parallel_for(0, B * S, grain_for(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / S, k = y[r];
-        const scalar_t inv = scalar_t(1) / scalar_t(counts[b * C + k]);
+        const scalar_t count = scalar_t(counts[b * C + k]);
         const scalar_t* src = g + (b * C + k) * D;
         scalar_t* dst = ds + r * D;
-        for (int64_t j = 0; j < D; ++j) dst[j] = src[j] * inv;
+        for (int64_t j = 0; j < D; ++j) dst[j] = src[j] / count;
       }
     });
   });

@@ -130,14 +130,14 @@ __global__ void prototypes_forward_kernel(const scalar_t* __restrict__ support,
     const int64_t b = r / C;
     const int64_t* segment = offsets + r + b;                // offsets[b, k]
     const int64_t start = segment[0], end = segment[1];
-    const acc_t inv = acc_t(1) / acc_t(end - start);
+    const acc_t count = acc_t(end - start);
     const int64_t* index = perm + b * S;
     const scalar_t* x = support + b * S * D;
     for (int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; j < D;
          j += int64_t(gridDim.y) * blockDim.x) {
       acc_t sum = 0;
       for (int64_t i = start; i < end; ++i) sum += acc_t(x[index[i] * D + j]);
-      out[r * D + j] = static_cast<scalar_t>(sum * inv);
+      out[r * D + j] = static_cast<scalar_t>(sum / count);
     }
   }
 }
@@ -153,12 +153,12 @@ __global__ void prototypes_backward_kernel(const scalar_t* __restrict__ grad,
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {  // r = b * S + i
     const int64_t b = r / S, k = labels[r];
     const bool valid = k >= 0 && k < C;
-    const acc_t inv = valid ? acc_t(1) / acc_t(counts[b * C + k]) : acc_t(0);
+    const acc_t count = valid ? acc_t(counts[b * C + k]) : acc_t(1);
     const scalar_t* src = grad + (b * C + k) * D;  // read only when valid
     scalar_t* dst = d_support + r * D;
     for (int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; j < D;
          j += int64_t(gridDim.y) * blockDim.x) {
-      dst[j] = valid ? static_cast<scalar_t>(acc_t(src[j]) * inv)
+      dst[j] = valid ? static_cast<scalar_t>(acc_t(src[j]) / count)
                      : std::numeric_limits<scalar_t>::quiet_NaN();
     }
   }
