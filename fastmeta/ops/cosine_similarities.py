@@ -68,7 +68,8 @@ def _through_normalization(d_hat: Tensor, x: Tensor, eps: float) -> Tensor:
 def cosine_similarities_backward(
     grad: Tensor, queries: Tensor, prototypes: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    gs, q, c = opmath(grad, queries, prototypes)
+    # contiguous: a broadcast gradient (stride 0, from a .sum()) takes bmm's slow path
+    gs, q, c = opmath(grad.contiguous(), queries, prototypes)
     q_hat, c_hat = _unit_rows(q, eps)[0], _unit_rows(c, eps)[0]
     d_queries = _through_normalization(torch.bmm(gs, c_hat), q, eps)
     d_prototypes = _through_normalization(torch.bmm(gs.transpose(1, 2), q_hat), c, eps)

@@ -51,7 +51,8 @@ def squared_distances_forward_reference(queries: Tensor, prototypes: Tensor) -> 
 
 
 def squared_distances_backward(grad: Tensor, queries: Tensor, prototypes: Tensor):
-    gd, q, c = opmath(grad, queries, prototypes)
+    # contiguous: a broadcast gradient (stride 0, from a .sum()) takes bmm's slow path
+    gd, q, c = opmath(grad.contiguous(), queries, prototypes)
     d_queries = 2 * (gd.sum(2, keepdim=True) * q - torch.bmm(gd, c))
     d_prototypes = 2 * (gd.sum(1)[..., None] * c - torch.bmm(gd.transpose(1, 2), q))
     return d_queries.to(queries.dtype), d_prototypes.to(prototypes.dtype)
