@@ -47,10 +47,13 @@ lint: $(VENV)/.deps
 
 build: $(VENV)/.built
 
+# higher==0.2.1 (pure Python) is installed with --no-deps, so it cannot pull another torch:
+# tests/test_compat_higher.py compares fastmeta.compat.higher with it.
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "torch>=2.6" numpy pytest hypothesis ninja pillow matplotlib "ruff==$(RUFF_VERSION)" \
 		"clang-format==$(CLANG_FORMAT_VERSION)" "mypy==$(MYPY_VERSION)" "setuptools>=64" wheel
+	$(PY) -m pip install -q --no-deps higher==0.2.1
 	touch $@
 
 # The build log keeps every compiler line; the summary shows each source compiled.
