@@ -4,7 +4,11 @@ import is the whole migration.
 
     fastmeta.compat.torchmeta     torchmeta.utils.prototype (get_num_samples,
                                   get_prototypes, prototypical_loss)
+    fastmeta.compat.learn2learn   learn2learn.algorithms (MAML, MetaSGD, maml_update,
+                                  meta_sgd_update) and learn2learn.utils' module
+                                  functions (clone_module, update_module,
+                                  detach_module, ...)
 
-Planned: fastmeta.compat.learn2learn and fastmeta.compat.higher. Each module's
-docstring says what it covers and what still differs from the original.
+Planned: fastmeta.compat.higher. Each module's docstring says what it covers and
+what still differs from the original.
 """
