@@ -102,7 +102,7 @@ def test_adapted_parameters_match_per_task_loop(strategy):
         one = meta.clone()
         for _ in range(2):
             one.adapt(F.cross_entropy(one(xs[t]), ys[t]))
-        for name, value in one.named_parameters():
+        for name, value in one.module.named_parameters():  # the model's names
             torch.testing.assert_close(learner.params(t)[name], value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(outputs[t], one(xq[t]), rtol=1e-5, atol=1e-5)
 
@@ -197,7 +197,7 @@ def test_unused_parameters_follow_allow_unused():
         learner.adapt(F.cross_entropy(model[0](xs[0]), ys[0]))
     learner = unused.clone(allow_unused=True)
     learner.adapt(F.cross_entropy(model[0](xs[0]), ys[0]))
-    assert torch.equal(dict(learner.named_parameters())["1.weight"], model[1].weight)
+    assert torch.equal(learner.module[1].weight, model[1].weight)
 
 
 def test_batch_norm_running_statistics_untouched():

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from fastmeta.maml.batched import BatchedLearner, adapt_batch
 from fastmeta.maml.layout import ParamLayout
+from fastmeta.maml.module_tree import Rates, copy_module, sgd_step
 from fastmeta.maml.task_model import TaskModel, check_strategy
-from fastmeta.ops.inner_update import inner_update
 
 AdaptSelection = Iterable[str] | Callable[[str, nn.Parameter], bool] | None
 
@@ -46,7 +46,42 @@ def _adapted_names(model: nn.Module, adapt: AdaptSelection) -> list[str]:
     return [n for n in named if n in names]
 
 
-class _MetaLearner(nn.Module):
+def _flag(owner: str, name: str, value, none_ok: bool = False) -> None:
+    if not (isinstance(value, bool) or (none_ok and value is None)):
+        allowed = "True, False or None" if none_ok else "True or False"
+        raise TypeError(f"{owner}: {name} must be {allowed}, got {type(value).__name__} {value!r}")
+
+
+def _flags(where: str, holder, first_order, allow_unused, allow_nograd) -> tuple[bool, bool, bool]:
+    """The three flags as given, holder's where None, checked to be bools."""
+    flags = (
+        holder.first_order if first_order is None else first_order,
+        holder.allow_unused if allow_unused is None else allow_unused,
+        holder.allow_nograd if allow_nograd is None else allow_nograd,
+    )
+    for name, value in zip(("first_order", "allow_unused", "allow_nograd"), flags):
+        _flag(where, name, value)
+    return flags
+
+
+class _ModuleWrapper(nn.Module):
+    """A module around `self.module`: calling it calls the module, and attributes it
+    does not have are looked up on the module (as learn2learn's wrappers do)."""
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__["_modules"].get("module")
+            if module is None:
+                raise
+            return getattr(module, name)
+
+
+class _MetaLearner(_ModuleWrapper):
     """What MAML and MetaSGD share: the adapted-parameter layout, clone() and
     adapt_batch(). Subclasses say what step k's learning rate is."""
 
@@ -61,12 +96,18 @@ class _MetaLearner(nn.Module):
         strategy: str,
         fuse: bool | str,
     ):
+        kind = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{kind}: model must be an nn.Module, got {type(model).__name__}")
+        _flag(kind, "first_order", first_order)
+        _flag(kind, "allow_unused", allow_unused, none_ok=True)
+        _flag(kind, "allow_nograd", allow_nograd)
         super().__init__()
         self.module = model
         self.first_order, self.allow_nograd, self.steps = first_order, allow_nograd, steps
         self.allow_unused = allow_nograd if allow_unused is None else allow_unused
         self.strategy, self.fuse = strategy, fuse
-        names = _adapted_names(model, adapt)
+        self.selected = names = _adapted_names(model, adapt)
         params = dict(model.named_parameters())
         self.adapted = [n for n in names if params[n].requires_grad]
         self.frozen = [n for n in names if not params[n].requires_grad]
@@ -77,10 +118,13 @@ class _MetaLearner(nn.Module):
             )
         self.layout = ParamLayout([(n, params[n]) for n in self.adapted])
 
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
     def step_lr(self, k: int) -> Tensor | float:
+        """Step k's rate for the flat adapted parameters (adapt_batch)."""
+        raise NotImplementedError
+
+    def rates(self, names: list[str], k: int) -> Rates:
+        """Step k's rate for the parameters `names` (Learner.adapt): one number, or
+        one tensor per name, broadcastable to its parameter's shape."""
         raise NotImplementedError
 
     def _theta(self) -> Tensor:
@@ -100,13 +144,13 @@ class _MetaLearner(nn.Module):
         allow_nograd: bool | None = None,
     ) -> "Learner":
         """A differentiable copy for one task (learn2learn's clone): adapt() it, call it."""
-        return Learner(
-            self,
-            self.layout.unflatten(self._theta()),
-            0,
-            self.first_order if first_order is None else first_order,
-            self.allow_unused if allow_unused is None else allow_unused,
-            self.allow_nograd if allow_nograd is None else allow_nograd,
+        flags = _flags("clone", self, first_order, allow_unused, allow_nograd)
+        return Learner(self, copy_module(self.module, Tensor.clone), 0, *flags)
+
+    def adapt(self, loss: Tensor, *args, **kwargs) -> None:
+        raise TypeError(
+            f"{type(self).__name__}.adapt: adapt a clone, not the {type(self).__name__} "
+            f"itself (learner = meta.clone(); learner.adapt(loss)), or use adapt_batch"
         )
 
     def adapt_batch(
@@ -196,12 +240,35 @@ class MAML(_MetaLearner):
             )
         return float(self.lr[k])
 
+    def rates(self, names: list[str], k: int) -> float:
+        return self.step_lr(k)
+
+
+def initial_rates(model: nn.Module, names: list[str], lr, lead: tuple[int, ...]):
+    """Meta-SGD's rates: for each parameter in `names`, a learnable tensor
+    [*lead, *parameter shape] filled with lr, in the parameter's dtype and device."""
+    params = dict(model.named_parameters())
+    value = _rate("MetaSGD: lr", lr)
+    return nn.ParameterList(
+        [
+            nn.Parameter(
+                torch.full(
+                    (*lead, *params[n].shape),
+                    value,
+                    dtype=params[n].dtype,
+                    device=params[n].device,
+                )
+            )
+            for n in names
+        ]
+    )
+
 
 class MetaSGD(_MetaLearner):
     """Meta-SGD: a learnable learning rate per parameter element, initialised to lr
-    (learn2learn's MetaSGD; its `lrs` ParameterList holds them). per_step=True
-    learns a separate rate per inner step too: lrs[i] has shape [steps, *param]. The
-    other arguments as for MAML."""
+    (learn2learn's MetaSGD; its `lrs` ParameterList holds them, one per adapted
+    parameter, in the order of `rated`). per_step=True learns a separate rate per
+    inner step too: lrs[i] has shape [steps, *param]. The other arguments as for MAML."""
 
     def __init__(
         self,
@@ -219,63 +286,66 @@ class MetaSGD(_MetaLearner):
         super().__init__(
             model, first_order, allow_unused, allow_nograd, steps, adapt, strategy, fuse
         )
-        params = dict(model.named_parameters())
-        lead = (steps,) if per_step else ()
         self.per_step = per_step
-        self.lrs = nn.ParameterList(
-            [
-                nn.Parameter(
-                    torch.full(
-                        (*lead, *params[n].shape),
-                        _rate("MetaSGD: lr", lr),
-                        dtype=params[n].dtype,
-                        device=params[n].device,
-                    )
-                )
-                for n in self.adapted
-            ]
-        )
+        self.rated = list(self.adapted)
+        self.lrs = initial_rates(model, self.rated, lr, (steps,) if per_step else ())
 
-    def step_lr(self, k: int) -> Tensor:
-        if not self.per_step:
-            return self.layout.flatten(list(self.lrs))
-        if k >= self.steps:
+    def rates(self, names: list[str], k: int) -> list[Tensor]:
+        if self.per_step and k >= self.steps:
             raise ValueError(
                 f"MetaSGD: per-step rates were made for {self.steps} steps, step {k + 1} has none"
             )
-        return self.layout.flatten([lr[k] for lr in self.lrs])
+        index = {n: i for i, n in enumerate(self.rated)}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise ValueError(
+                f"MetaSGD: no learning rate for parameters {missing}: rates were made for "
+                f"{self.rated} (the parameters that required grad when MetaSGD was built)"
+            )
+        lrs = [self.lrs[index[n]] for n in names]
+        return [lr[k] for lr in lrs] if self.per_step else lrs
+
+    def step_lr(self, k: int) -> Tensor:
+        rates = self.rates(self.adapted, k)
+        return torch.cat([r.expand(s).reshape(-1) for r, s in zip(rates, self.layout.shapes)])
 
 
-class Learner:
-    """One task's adapted copy of a module (learn2learn's clone). Call it like the
-    module; adapt(loss) takes one inner step; clone() branches it."""
+class Learner(_ModuleWrapper):
+    """One task's adapted copy of a module (learn2learn's clone): an nn.Module whose
+    `module` is a copy of the model's module tree (parameters cloned, buffers that need
+    no grad shared, hooks kept), so train()/eval()/to()/parameters()/named_parameters()
+    behave as on the model, frozen parameters included and in the same order. Call it
+    like the module; adapt(loss) takes one inner step (fastmeta's fused inner_update);
+    clone() branches it. The meta-gradient of a loss on it reaches the model's
+    parameters (and MetaSGD's rates)."""
 
     def __init__(
         self,
         owner: _MetaLearner,
-        params: dict[str, Tensor],
+        module: nn.Module,
         step: int,
         first_order: bool,
         allow_unused: bool,
         allow_nograd: bool,
     ):
-        self.owner, self.fast, self.step = owner, params, step
+        super().__init__()
+        object.__setattr__(self, "owner", owner)  # not a submodule: not in parameters()
+        self.module, self.step = module, step
         self.first_order, self.allow_unused, self.allow_nograd = (
             first_order,
             allow_unused,
             allow_nograd,
         )
 
-    def __call__(self, *args, **kwargs):
-        return torch.func.functional_call(
-            self.owner.module, {**self.owner._fixed(), **self.fast}, args, kwargs
-        )
+    @property
+    def lr(self):
+        """The owner's learning rate (MAML)."""
+        return self.owner.lr
 
-    def named_parameters(self):
-        return iter(self.fast.items())
-
-    def parameters(self):
-        return iter(self.fast.values())
+    @property
+    def lrs(self):
+        """The owner's learnable rates (MetaSGD)."""
+        return self.owner.lrs
 
     def clone(
         self,
@@ -283,14 +353,9 @@ class Learner:
         allow_unused: bool | None = None,
         allow_nograd: bool | None = None,
     ) -> "Learner":
-        return Learner(
-            self.owner,
-            dict(self.fast),
-            self.step,
-            self.first_order if first_order is None else first_order,
-            self.allow_unused if allow_unused is None else allow_unused,
-            self.allow_nograd if allow_nograd is None else allow_nograd,
-        )
+        """A copy of this learner, adapted as far as it is, differentiable back to it."""
+        flags = _flags("clone", self, first_order, allow_unused, allow_nograd)
+        return Learner(self.owner, copy_module(self.module, Tensor.clone), self.step, *flags)
 
     def adapt(
         self,
@@ -299,25 +364,30 @@ class Learner:
         allow_unused: bool | None = None,
         allow_nograd: bool | None = None,
     ) -> None:
-        """One inner step on this task's loss: fast = fast - lr * grad(loss, fast)."""
-        first_order = self.first_order if first_order is None else first_order
-        allow_unused = self.allow_unused if allow_unused is None else allow_unused
-        allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
-        if self.owner.frozen and not allow_nograd:
+        """One inner step on this task's loss: p <- p - lr * d loss / d p for each
+        adapted parameter p that requires grad (second order unless first_order)."""
+        first_order, allow_unused, allow_nograd = _flags(
+            "adapt", self, first_order, allow_unused, allow_nograd
+        )
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"adapt: loss must be a tensor, got {type(loss).__name__}")
+        params = dict(self.module.named_parameters())
+        selected = [n for n in self.owner.selected if n in params]
+        names = [n for n in selected if params[n].requires_grad]
+        frozen = [n for n in selected if not params[n].requires_grad]
+        if frozen and not allow_nograd:
             raise ValueError(
-                f"adapt: parameters {self.owner.frozen} do not require grad; "
+                f"adapt: parameters {frozen} do not require grad; "
                 f"pass allow_nograd=True to leave them unadapted"
             )
-        fast = list(self.fast.values())
-        grads = torch.autograd.grad(
-            loss,
-            fast,
-            retain_graph=not first_order,
-            create_graph=not first_order,
-            allow_unused=allow_unused,
-        )
-        layout = self.owner.layout
-        theta = layout.flatten(fast)
-        g = layout.flatten(grads, like=theta).unsqueeze(0)
-        self.fast = layout.unflatten(inner_update(theta, self.owner.step_lr(self.step), g)[0])
+        if names:
+            tensors = [params[n] for n in names]
+            grads = torch.autograd.grad(
+                loss,
+                tensors,
+                retain_graph=not first_order,
+                create_graph=not first_order,
+                allow_unused=allow_unused,
+            )
+            sgd_step(self.module, tensors, grads, self.owner.rates(names, self.step))
         self.step += 1
