@@ -23,16 +23,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include "../protonet.h"
 #include "protonet_cuda.cuh"
 
 namespace fastmeta {
 namespace {
-
-template <typename scalar_t>
-constexpr double kRefine = std::is_same_v<scalar_t, double> ? 1e-6 : 1e-2;
 
 // dist [B, M, C] holds q . c on entry and the squared distances on exit.
 // qn [B * M], cn [B * C]: squared row norms of q [B * M, D] and c [B * C, D].
