@@ -209,7 +209,8 @@ def prototypical_cross_entropy_backward_differentiable(
 ):
     """The backward for create_graph: the softmax recomputed from the inputs and the
     formulas in differentiable torch ops, so grad of grad is exact."""
-    softmax = torch.softmax(_logits(*opmath(queries, prototypes, tau), distance), dim=-1)
+    q, c, t = opmath(queries, prototypes, tau)
+    softmax = torch.softmax(_logits(q, c, t, distance), dim=-1)
     return prototypical_cross_entropy_backward_reference(
         grad_losses, queries, prototypes, labels.long(), tau, softmax, distance
     )
