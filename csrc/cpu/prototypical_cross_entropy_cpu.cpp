@@ -226,18 +226,20 @@ void score_rows(Distance distance, scalar_t* z, int64_t row0, int64_t n,
 
 // n rows of the weights W of the euclidean backward in place of the scores f = -d
 // they hold: W = G / d (0 where d is not positive) with G = (p - onehot(y)) * go;
-// adds each row's W into colsum [C] in row order, writes -rowsum(W) into u [n], and
-// returns -sum(G d) (d_tau's share) in double.
+// adds each row's W into colsum [C] in row order, writes -rowsum(W) into u [n] and
+// each row's share of d_tau, -sum(G d) = -sum(G (d - d_y)) (as sum_k G = 0: the shift
+// by the label's distance keeps the softmax's rounding, sum_k G = O(eps), from being
+// multiplied by the distances' common part), into terms [n], in double.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-FASTMETA_SIMD_CLONES double euclidean_weight_rows(const scalar_t* p, const scalar_t* go,
-                                                  const int64_t* y, int64_t C, int64_t n,
-                                                  scalar_t* w, acc_t* colsum, acc_t* u) {
-  double d_tau = 0;
+FASTMETA_SIMD_CLONES void euclidean_weight_rows(const scalar_t* p, const scalar_t* go,
+                                                const int64_t* y, int64_t C, int64_t n, scalar_t* w,
+                                                acc_t* colsum, acc_t* u, double* terms) {
   for (int64_t r = 0; r < n; ++r) {
     const acc_t scale = go[r];
     const int64_t label = y[r];
     const scalar_t* pr = p + r * C;
     scalar_t* wr = w + r * C;
+    const double d_label = -double(wr[label]);
     acc_t rowsum = 0;
     double term = 0;
     _Pragma("omp simd reduction(+ : rowsum, term)")
@@ -248,29 +250,34 @@ FASTMETA_SIMD_CLONES double euclidean_weight_rows(const scalar_t* p, const scala
       wr[k] = static_cast<scalar_t>(v);
       rowsum += v;
       colsum[k] += v;
-      term += double(g) * double(d);
+      term += double(g) * (double(d) - d_label);
     }
     u[r] = -rowsum;
-    d_tau -= term;
+    terms[r] = -term;
   }
-  return d_tau;
 }
 
-// n rows of the weights W = (p - onehot(y)) * go / (n_q n_c) of the cosine backward:
-// rows [n] and cols [C] hold 1 / n_q of these rows and 1 / n_c of their episode.
+// n rows of the weights W = G / (n_q n_c), G = (p - onehot(y)) * go, of the cosine
+// backward (rows [n] and cols [C] hold 1 / n_q of these rows and 1 / n_c of their
+// episode); g_sums [n] receives each row's sum_k G (O(eps), for d_tau), in double.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 FASTMETA_SIMD_CLONES void cosine_weight_rows(const scalar_t* p, const scalar_t* go,
                                              const int64_t* y, int64_t C, int64_t n,
-                                             const acc_t* rows, const acc_t* cols, scalar_t* w) {
+                                             const acc_t* rows, const acc_t* cols, scalar_t* w,
+                                             double* g_sums) {
   for (int64_t r = 0; r < n; ++r) {
-    const acc_t scale = acc_t(go[r]) * rows[r];
+    const acc_t scale = go[r];
     const int64_t label = y[r];
     const scalar_t* pr = p + r * C;
     scalar_t* wr = w + r * C;
-    _Pragma("omp simd")
+    double g_sum = 0;
+    _Pragma("omp simd reduction(+ : g_sum)")
     for (int64_t k = 0; k < C; ++k) {
-      wr[k] = static_cast<scalar_t>((acc_t(pr[k]) - acc_t(k == label)) * scale * cols[k]);
+      const acc_t g = (acc_t(pr[k]) - acc_t(k == label)) * scale;
+      wr[k] = static_cast<scalar_t>(g * rows[r] * cols[k]);
+      g_sum += double(g);
     }
+    g_sums[r] = g_sum;
   }
 }
 
@@ -427,10 +434,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backwa
         squared ? std::nullopt
                 : std::optional<ScoreTerms<scalar_t>>(std::in_place, distance, queries, prototypes);
     // partial column sums of G (squared) or W (euclidean): [B, tasks, C], reduced below
-    // in task order; the euclidean -rowsum(W) [B * M] and d_tau shares [B * tasks].
+    // in task order; the euclidean -rowsum(W) [B * M]; the rows' d_tau shares (cosine:
+    // first sum_k G) [B * M].
     std::vector<acc_t> partial(B * tasks * C, acc_t(0));
     std::vector<acc_t> u(distance == Distance::kEuclidean ? B * M : 0);
-    std::vector<double> tau_terms(B * tasks, 0.0);
+    std::vector<double> row_terms(squared ? 0 : B * M);
     // W's rows [m0, m1) of episode b (m0 a multiple of kRowsPerTask) into g_rows, which
     // holds the rows of Q C^T for the euclidean distance.
     auto fill = [&](int64_t b, int64_t m0, int64_t m1, scalar_t* g_rows, int64_t begin,
@@ -442,11 +450,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backwa
         acc_t* colsum = partial.data() + (b * tasks + task) * C;
         if (distance == Distance::kEuclidean) {
           score_rows(distance, w, row, n, *terms, q, c, M, C, D);
-          tau_terms[b * tasks + task] =
-              euclidean_weight_rows(p + row * C, go + row, y + row, C, n, w, colsum, &u[row]);
+          euclidean_weight_rows(p + row * C, go + row, y + row, C, n, w, colsum, &u[row],
+                                &row_terms[row]);
         } else if (distance == Distance::kCosine) {
           cosine_weight_rows(p + row * C, go + row, y + row, C, n, terms->rows.data() + row,
-                             terms->cols.data() + b * C, w);
+                             terms->cols.data() + b * C, w, &row_terms[row]);
         } else {
           gradient_rows(p + row * C, go + row, y + row, C, n, w, colsum);
         }
@@ -492,11 +500,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backwa
     if (!squared) {  // d_Q = tau (W C + u Q)
       at::parallel_for(0, B * M, grain_for(D), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const acc_t coef =
-              distance == Distance::kEuclidean
-                  ? u[r]
-                  : cosine_coefficient(row_dot(q + r * D, dq + r * D, D), terms->qn[r]);
-          finish_gradient_row(dq + r * D, q + r * D, D, coef, t);
+          const scalar_t* qr = q + r * D;
+          acc_t coef = u.empty() ? acc_t(0) : u[r];
+          if (distance == Distance::kCosine) {
+            coef = cosine_coefficient(row_dot(qr, dq + r * D, D), terms->qn[r]);
+            // d_tau's row share beside sum_k c_k . (W^T Q)_k below: -f_y sum_k G (see
+            // euclidean_weight_rows), f_y = the score of the row's label
+            const int64_t k = r / M * C + y[r];
+            const double f_label = row_dot(qr, c + k * D, D) * terms->rows[r] * terms->cols[k];
+            row_terms[r] *= -f_label;
+          }
+          finish_gradient_row(dq + r * D, qr, D, coef, t);
         }
       });
     }
@@ -516,18 +530,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototypical_cross_entropy_backwa
       }
     });
     // d_tau, summed in a fixed order: squared sum(G * (2 Q C^T - ||c||^2)) =
-    // 2 sum_k c_k . (G^T Q)_k - colsum . ||c||^2; euclidean the shares -sum(G d) of the
-    // tasks; cosine sum_k c_k . (W^T Q)_k.
+    // 2 sum_k c_k . (G^T Q)_k - colsum . ||c||^2; euclidean the rows' shares
+    // -sum(G (d - d_y)); cosine sum_k c_k . (W^T Q)_k and the rows' -f_y sum_k G.
     double dt = 0;
     if (squared) {
       const auto cn = row_squared_norms<scalar_t>(prototypes);
       for (int64_t i = 0; i < B * C; ++i) {
         dt += 2 * c_dot_gtq[i] - double(colsum[i]) * double(cn[i]);
       }
-    } else if (distance == Distance::kEuclidean) {
-      for (const double term : tau_terms) dt += term;
     } else {
-      for (const double term : c_dot_gtq) dt += term;
+      for (const double term : row_terms) dt += term;
+      if (distance == Distance::kCosine) {
+        for (const double term : c_dot_gtq) dt += term;
+      }
     }
     d_tau = at::empty({}, queries.options()).fill_(dt);
   });

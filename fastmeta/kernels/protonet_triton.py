@@ -33,7 +33,8 @@ prototypical_cross_entropy backward, with G = (softmax - onehot(y)) * grad_losse
     d_q = tau (W C + u q), d_c = tau (W^T Q + v c), d_tau = sum(G f)) first run the
     weights kernel, program (b, M tile), over C tiles: recomputes f (as the forward),
     writes W [B, M, C] and, for cosine, V = -G f / ||c||^2 [B, M, C] (the terms of v),
-    and u [B, M] and the d_tau partial sum(G f) of its rows; then the queries kernel
+    and u [B, M] and its rows' shares of d_tau, sum_k G (f - f_y) [B, M] (f_y, the score
+    of the row's label, computed directly); then the queries kernel
     reads W for G (d_q = tau (W C + u q)) and the prototypes kernel W and V
     (v = -colsum(W), or colsum(V) for cosine; d_c = tau (W^T Q + v c)).
     d_tau = float64 torch.sum of the per-program partials: fixed order, deterministic.
@@ -294,6 +295,30 @@ def _g_tile(sm_ptr, grad, y, rows, cls, M, C):
 
 
 @triton.jit
+def _label_scores(q_ptr, c_ptr, rows, y, M, C, D, BLOCK_D: tl.constexpr, DISTANCE: tl.constexpr):
+    """The score f of each row's label [rows], directly over D: -||q - c_y|| or the
+    cosine (0 outside [0, M))."""
+    acc = tl.zeros((rows.shape[0],), dtype=tl.float32)
+    qn = tl.zeros((rows.shape[0],), dtype=tl.float32)
+    cn = tl.zeros((rows.shape[0],), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        q = load_tile(q_ptr, rows, ds, M, D)
+        c = load_tile(c_ptr, tl.where(rows < M, y, C), ds, C, D)  # row C: zeros
+        if DISTANCE == _EUCLIDEAN:
+            acc += tl.sum((q - c) * (q - c), axis=1)
+        else:
+            acc += tl.sum(q * c, axis=1)
+            qn += tl.sum(q * q, axis=1)
+            cn += tl.sum(c * c, axis=1)
+    if DISTANCE == _EUCLIDEAN:
+        f = -tl.sqrt(acc)
+    else:
+        f = acc / (tl.maximum(tl.sqrt(qn), _COSINE_EPS) * tl.maximum(tl.sqrt(cn), _COSINE_EPS))
+    return f
+
+
+@triton.jit
 def _prototypical_cross_entropy_backward_weights_kernel(
     gl_ptr,
     q_ptr,
@@ -303,7 +328,7 @@ def _prototypical_cross_entropy_backward_weights_kernel(
     w_ptr,
     v_ptr,
     u_ptr,
-    partials_ptr,
+    terms_ptr,
     M,
     C,
     D,
@@ -314,13 +339,17 @@ def _prototypical_cross_entropy_backward_weights_kernel(
     PRECISION: tl.constexpr,
     DISTANCE: tl.constexpr,
 ):
-    """Euclidean and cosine: W, V (cosine), u and the d_tau partial sum(G f) of a row tile."""
+    """Euclidean and cosine: W, V (cosine), u and the rows' d_tau shares of a row tile:
+    sum(G f) = sum(G (f - f_y)) (as sum_k G = 0: the shift by the score of the row's
+    label keeps the softmax's rounding, sum_k G = O(eps), from being multiplied by the
+    scores' common part); f_y computed directly over D."""
     b, i, _ = program_coords(tl.cdiv(M, BLOCK_M), 1)
     q_ptr += b * M * D
     c_ptr += b * C * D
     sm_ptr += b * M * C
     rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
     grad, y = _row_grads_and_labels(gl_ptr, y_ptr, b, rows, M)
+    f_label = _label_scores(q_ptr, c_ptr, rows, y, M, C, D, BLOCK_D, DISTANCE)
     u = tl.zeros((BLOCK_M,), dtype=tl.float32)
     d_tau = tl.zeros((BLOCK_M,), dtype=tl.float32)
     row_norms = tl.zeros((BLOCK_M,), dtype=tl.float32)  # ||q||^2 (the same every C tile)
@@ -333,6 +362,7 @@ def _prototypical_cross_entropy_backward_weights_kernel(
         g = _g_tile(sm_ptr, grad, y, rows, cls, M, C)
         inside = (rows[:, None] < M) & (cls[None, :] < C)
         gf = tl.where(inside, g * f, 0.0)
+        d_tau += tl.sum(tl.where(inside, g * (f - f_label[:, None]), 0.0), axis=1)
         if DISTANCE == _EUCLIDEAN:  # W = G / d, 0 where d = -f is not positive
             w = tl.where(f < 0, g / tl.where(f < 0, -f, 1.0), 0.0)
             u -= tl.sum(w, axis=1)
@@ -344,12 +374,11 @@ def _prototypical_cross_entropy_backward_weights_kernel(
             store_tile(v_ptr + b * M * C, v, rows, cls, M, C)
             u -= tl.sum(gf, axis=1)
         store_tile(w_ptr + b * M * C, w, rows, cls, M, C)
-        d_tau += tl.sum(gf, axis=1)
     if DISTANCE == _COSINE:  # u = -sum_k G f / ||q||^2, 0 where the norm is clamped
         unclamped = tl.sqrt(row_norms) > _COSINE_EPS
         u = tl.where(unclamped, u / tl.where(unclamped, row_norms, 1.0), 0.0)
     tl.store(u_ptr + b * M + rows, u, mask=rows < M)
-    tl.store(partials_ptr + tl.program_id(0), tl.sum(d_tau, axis=0))
+    tl.store(terms_ptr + b * M + rows, d_tau, mask=rows < M)
 
 
 @triton.jit
@@ -596,14 +625,14 @@ def prototypical_cross_entropy_backward(
     precision = dot_precision(queries)
     # W, V [B, M, C] and u [B, M] of the euclidean and cosine distances (softmax, twice,
     # in their place for the squared one: not read)
-    w, v, u, w_partials = softmax, softmax, softmax, softmax.new_empty(0)
+    # and their rows' shares of d_tau [B, M]
+    w, v, u, row_terms = softmax, softmax, softmax, softmax.new_empty(0)
     if distance != SQUARED_EUCLIDEAN:
         w = torch.empty_like(softmax)
         v = torch.empty_like(softmax) if distance == COSINE else w
-        u = softmax.new_empty(B, M)
+        u, row_terms = softmax.new_empty(B, M), softmax.new_empty(B, M)
         w_blocks = dict(BLOCK_M=tile_size(M, 64, 512), BLOCK_C=tile_size(C, 64, 512))
         w_programs = B * triton.cdiv(M, w_blocks["BLOCK_M"])
-        w_partials = torch.empty(w_programs, dtype=torch.float32, device=queries.device)
         _prototypical_cross_entropy_backward_weights_kernel[(w_programs,)](
             grad_losses,
             queries,
@@ -613,7 +642,7 @@ def prototypical_cross_entropy_backward(
             w,
             v,
             u,
-            w_partials,
+            row_terms,
             M,
             C,
             D,
@@ -640,5 +669,5 @@ def prototypical_cross_entropy_backward(
         PRECISION=precision,
         DISTANCE=distance,
     )
-    d_tau = torch.cat((partials, w_partials)).double().sum().to(tau.dtype)
+    d_tau = torch.cat((partials, row_terms.flatten())).double().sum().to(tau.dtype)
     return d_queries, d_prototypes, d_tau

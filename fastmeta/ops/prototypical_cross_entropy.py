@@ -157,15 +157,18 @@ def prototypical_cross_entropy_backward_reference(
     classes = torch.arange(c.shape[1], device=labels.device)
     onehot = (labels[..., None] == classes).to(p.dtype)  # one_hot() would read the labels
     G = (p - onehot) * go[..., None]
-    if distance == EUCLIDEAN:
-        d = safe_sqrt(refined_squared_distances(q, c))
-        positive = d > 0
-        W = torch.where(positive, G / torch.where(positive, d, 1), 0)
-        d_queries, d_prototypes = squared_distances_backward(-t * W / 2, q, c)
-        d_tau = -(G * d).sum()
-    elif distance == COSINE:
-        d_queries, d_prototypes = cosine_similarities_backward(t * G, q, c, COSINE_EPS)
-        d_tau = (G * _scores(q, c, COSINE)).sum()
+    if distance in (EUCLIDEAN, COSINE):
+        f = _scores(q, c, distance)
+        # d_tau = sum(G f) = sum(G (f - f_y)), as sum_k G = 0: the shift by the label's
+        # score keeps the softmax's rounding (sum_k G = O(eps), not 0) from being
+        # multiplied by the scores' common part (every distance of a row ~ its mean)
+        d_tau = (G * (f - f.gather(-1, labels[..., None]))).sum()
+        if distance == EUCLIDEAN:
+            positive = f < 0  # d = -f > 0
+            W = torch.where(positive, G / torch.where(positive, -f, 1), 0)
+            d_queries, d_prototypes = squared_distances_backward(-t * W / 2, q, c)
+        else:
+            d_queries, d_prototypes = cosine_similarities_backward(t * G, q, c, COSINE_EPS)
     else:
         GC = torch.bmm(G, c)
         colsum = G.sum(1)  # [B, C]
