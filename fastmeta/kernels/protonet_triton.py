@@ -201,26 +201,6 @@ def _scores_tile(
 
 
 @triton.jit
-def _logits_tile(
-    q_ptr,
-    c_ptr,
-    tau,
-    rows,
-    cls,
-    M,
-    C,
-    D,
-    BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
-    DISTANCE: tl.constexpr,
-):
-    """z' = tau f [rows, cls] (_scores_tile); -inf for classes >= C."""
-    f, _, _ = _scores_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D, BLOCK_R, PRECISION, DISTANCE)
-    return tl.where(cls[None, :] < C, tau * f, float("-inf"))
-
-
-@triton.jit
 def _prototypical_cross_entropy_forward_kernel(
     q_ptr,
     c_ptr,
@@ -254,9 +234,10 @@ def _prototypical_cross_entropy_forward_kernel(
     z_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
-        z = _logits_tile(
-            q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D, BLOCK_R, PRECISION, DISTANCE
+        f, _, _ = _scores_tile(
+            q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D, BLOCK_R, PRECISION, DISTANCE
         )
+        z = tl.where(cls[None, :] < C, tau * f, float("-inf"))  # z' = tau f
         first_nan = tl.minimum(first_nan, tl.min(tl.where(z != z, cls[None, :], C), axis=1))
         tile_max = tl.max(z, axis=1)
         tile_argmax = tl.min(tl.where(z == tile_max[:, None], cls[None, :], C), axis=1)
@@ -273,9 +254,10 @@ def _prototypical_cross_entropy_forward_kernel(
     tl.store(pred_ptr + b * M + rows, argmax.to(tl.int64), mask=in_m)
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
-        z = _logits_tile(
-            q_ptr, c_ptr, tau, rows, cls, M, C, D, BLOCK_D, BLOCK_R, PRECISION, DISTANCE
+        f, _, _ = _scores_tile(
+            q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D, BLOCK_R, PRECISION, DISTANCE
         )
+        z = tl.where(cls[None, :] < C, tau * f, float("-inf"))  # z' = tau f
         store_tile(sm_ptr, tl.exp((z - run_max[:, None]) - log_sum[:, None]), rows, cls, M, C)
 
 

@@ -25,7 +25,11 @@ W [B, M, C] and row and column coefficients u [B, M], v [B, C] per distance:
     cosine             W = G / (n_q n_c) with n = max(||x||, eps);
                        u_m = -(q_m . (W C)_m) / a_m, v_k = -(c_k . (W^T Q)_k) / b_k
                        (0 where the norm is clamped); d_tau = sum_k c_k . (W^T Q)_k
-                       (no recomputation: the row and column sums come from the GEMMs)
+                       (cpu, cuda: no recomputation, the row and column sums come from
+                       the GEMMs; triton recomputes f as the euclidean does)
+    For both, d_tau is taken as sum(G (f - f_y)) (f_y: the score of the row's label;
+    equal, as sum_k G = 0), so the softmax's rounding is not multiplied by the part of
+    the scores every class of a row shares.
 Under create_graph (second-order meta-learning through a ProtoNet head) the
 backward recomputes the softmax from the inputs with differentiable torch ops, so
 grad-of-grad is exact; otherwise it runs the fused backward op.

@@ -233,7 +233,8 @@ def _autograd_formula(backward: Callable, by_code: bool) -> Callable:
     derivative."""
 
     def formula(ctx, grad_losses, _grad_predictions, _grad_prototypes, _grad_softmax):
-        support, support_labels, queries, query_labels, tau, prototypes, softmax = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        support, support_labels, queries, query_labels, tau, _, _ = saved
         code = DISTANCES.index(ctx.distance)
         if torch.is_grad_enabled():  # create_graph: every step differentiable
             prototypes = class_prototypes_op(support, support_labels, ctx.num_classes)
@@ -241,17 +242,9 @@ def _autograd_formula(backward: Callable, by_code: bool) -> Callable:
                 grad_losses, queries, prototypes, query_labels, tau, code
             )
             d_support = class_prototypes_backward_op(d_prototypes, support_labels)
-        else:
-            d_support, d_queries, d_tau = backward(
-                grad_losses,
-                support_labels,
-                queries,
-                query_labels,
-                tau,
-                prototypes,
-                softmax,
-                code if by_code else ctx.distance,
-            )
+        else:  # saved[1:]: support_labels, queries, query_labels, tau, prototypes, softmax
+            distance = code if by_code else ctx.distance
+            d_support, d_queries, d_tau = backward(grad_losses, *saved[1:], distance)
         d_tau = d_tau if ctx.needs_input_grad[5] else None
         return d_support, None, d_queries, None, None, d_tau, None
 
