@@ -69,6 +69,14 @@ void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntA
               describe(t));
 }
 
+void check_enum(const char* op, const char* name, int64_t value,
+                std::initializer_list<const char*> names) {
+  std::string choices;
+  for (const char* choice : names) choices += c10::str(choices.empty() ? "" : ", ", choice);
+  TORCH_CHECK(value >= 0 && value < static_cast<int64_t>(names.size()), op, ": ", name,
+              " must be one of ", choices, ", got ", value);
+}
+
 void check_labels(const char* op, const char* name, const at::Tensor& labels, int64_t B,
                   int64_t S) {
   TORCH_CHECK(labels.defined() && labels.scalar_type() == at::kLong && labels.dim() == 2 &&

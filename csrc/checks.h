@@ -58,6 +58,11 @@ void check_size(const char* op, const char* name, const at::Tensor& t, int64_t d
 void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
                  const char* what);
 
+// value is an index into `names`, the choices of an enum argument (e.g. "cosine (2)"),
+// which the message lists.
+void check_enum(const char* op, const char* name, int64_t value,
+                std::initializer_list<const char*> names);
+
 // labels: contiguous int64 [B, S] (the values are the kernels' business).
 void check_labels(const char* op, const char* name, const at::Tensor& labels, int64_t B, int64_t S);
 

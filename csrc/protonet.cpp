@@ -26,14 +26,16 @@ EpisodeShape check_episode_pair(const char* op, const at::Tensor& queries,
   return {queries.size(0), queries.size(1), prototypes.size(1), queries.size(2)};
 }
 
-// check_episode_pair, labels [B, M] and tau [] of the queries' dtype (no device check).
+// check_episode_pair, labels [B, M], tau [] of the queries' dtype and the distance (no
+// device check).
 EpisodeShape check_cross_entropy_args(const char* op, const at::Tensor& queries,
                                       const at::Tensor& prototypes, const at::Tensor& labels,
-                                      const at::Tensor& tau) {
+                                      const at::Tensor& tau, int64_t distance) {
   const EpisodeShape s = check_episode_pair(op, queries, prototypes);
   check_labels(op, "labels", labels, s.B, s.M);
   check_tensor(op, "tau", tau, 0, kFloating);
   check_same_dtype(op, {{"queries", queries}, {"tau", tau}});
+  check_enum(op, "distance", distance, {"squared_euclidean (0)", "euclidean (1)", "cosine (2)"});
   return s;
 }
 
@@ -69,9 +71,9 @@ void check_class_prototypes_backward(c10::DeviceType type, const at::Tensor& gra
 
 EpisodeShape check_cross_entropy_forward(c10::DeviceType type, const at::Tensor& queries,
                                          const at::Tensor& prototypes, const at::Tensor& labels,
-                                         const at::Tensor& tau) {
+                                         const at::Tensor& tau, int64_t distance) {
   const char* op = "prototypical_cross_entropy_forward";
-  const EpisodeShape s = check_cross_entropy_args(op, queries, prototypes, labels, tau);
+  const EpisodeShape s = check_cross_entropy_args(op, queries, prototypes, labels, tau, distance);
   check_same_device(
       op, type,
       {{"queries", queries}, {"prototypes", prototypes}, {"labels", labels}, {"tau", tau}});
@@ -81,9 +83,9 @@ EpisodeShape check_cross_entropy_forward(c10::DeviceType type, const at::Tensor&
 EpisodeShape check_cross_entropy_backward(c10::DeviceType type, const at::Tensor& grad_losses,
                                           const at::Tensor& queries, const at::Tensor& prototypes,
                                           const at::Tensor& labels, const at::Tensor& tau,
-                                          const at::Tensor& softmax) {
+                                          const at::Tensor& softmax, int64_t distance) {
   const char* op = "prototypical_cross_entropy_backward";
-  const EpisodeShape s = check_cross_entropy_args(op, queries, prototypes, labels, tau);
+  const EpisodeShape s = check_cross_entropy_args(op, queries, prototypes, labels, tau, distance);
   check_tensor(op, "grad_losses", grad_losses, 2, kFloating);
   check_tensor(op, "softmax", softmax, 3, kFloating);
   check_same_dtype(op, {{"queries", queries}, {"grad_losses", grad_losses}, {"softmax", softmax}});

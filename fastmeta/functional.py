@@ -6,9 +6,18 @@ squared_distances(queries [B,M,D], prototypes [B,C,D])              -> [B, M, C]
 cosine_similarities(queries [B,M,D], prototypes [B,C,D], eps=1e-8)  -> [B, M, C]
 prototypical_loss(support, support_labels, queries, query_labels,
                   num_classes, tau=1.0, reduction="mean",
-                  empty_classes="error")                            -> (loss, accuracy)
+                  empty_classes="error", distance="squared_euclidean")
+                                                                    -> (loss, accuracy)
 prototypical_cross_entropy(prototypes, queries, query_labels, tau=1.0,
-                           reduction="mean")                        -> loss
+                           reduction="mean", distance="squared_euclidean")
+                                                                    -> loss
+    distance (DISTANCES), logits z = tau f with tau the scale (a learnable 0-d tensor
+    gets its gradient):
+      "squared_euclidean"  f = -||q - c||^2  (ProtoNets as fastmeta has always had it)
+      "euclidean"          f = -||q - c||    (the seed's distance; the subgradient 0 at
+                                              q = c, as torch.cdist)
+      "cosine"             f = q . c / (max(||q||, 1e-8) max(||c||, 1e-8))  (a zero
+                                              row gives 0)
 get_prototypes = class_prototypes (torchmeta's name and argument order; torchmeta's
                  zero prototype for an absent class: empty_classes="zero", or
                  fastmeta.compat.torchmeta for torchmeta's functions as they are)
@@ -30,6 +39,10 @@ from fastmeta.ops.class_prototypes import class_prototypes as fused_class_protot
 from fastmeta.ops.class_prototypes import class_sums
 from fastmeta.ops.cosine_similarities import cosine_similarities as fused_cosine_similarities
 from fastmeta.ops.inner_update import inner_update
+from fastmeta.ops.prototypical_cross_entropy import (
+    DISTANCES,
+    distance_code,
+)
 from fastmeta.ops.prototypical_cross_entropy import (
     prototypical_cross_entropy as fused_prototypical_cross_entropy,
 )
@@ -149,13 +162,20 @@ def _check_reduction(op: str, reduction: str) -> None:
 
 
 def prototypical_cross_entropy(
-    prototypes: Tensor, queries: Tensor, query_labels: Tensor, tau=1.0, reduction: str = "mean"
+    prototypes: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    tau=1.0,
+    reduction: str = "mean",
+    distance: str = "squared_euclidean",
 ) -> Tensor:
-    """Cross-entropy of logits -tau ||q - c||^2, fused: prototypes [B, C, D],
-    queries [B, M, D], query_labels [B, M] -> loss (reduction "mean", "sum" or
-    "none" -> [B, M]). Same arguments as torchmeta's prototypical_loss."""
+    """Cross-entropy of logits tau f(q, c) (f: -||q - c||^2 by default, see `distance`
+    in the module docstring), fused: prototypes [B, C, D], queries [B, M, D],
+    query_labels [B, M] -> loss (reduction "mean", "sum" or "none" -> [B, M]). Same
+    arguments as torchmeta's prototypical_loss."""
     op = "fastmeta.prototypical_cross_entropy"
     _check_reduction(op, reduction)
+    distance_code(op, distance)
     batched = queries.dim() == 3
     q = _batched(op, "queries", queries, 2)
     losses, _, _ = fused_prototypical_cross_entropy(
@@ -163,6 +183,7 @@ def prototypical_cross_entropy(
         _batched(op, "prototypes", prototypes, 2),
         _batched(op, "query_labels", query_labels, 1),
         _tau_tensor(tau, q),
+        distance,
     )
     return _reduce(losses, reduction, batched, op)
 
@@ -176,18 +197,24 @@ def prototypical_loss(
     tau=1.0,
     reduction: str = "mean",
     empty_classes: str = "error",
+    distance: str = "squared_euclidean",
 ) -> tuple[Tensor, Tensor]:
     """ProtoNet loss of whole episodes, fused: prototypes, distances, log-softmax,
     cross-entropy. support [B, S, D], support_labels [B, S], queries [B, M, D],
     query_labels [B, M] (or all unbatched) -> (loss, accuracy). tau may be a
     learnable 0-d tensor (it gets its gradient). Differentiable twice.
     empty_classes="zero" gives a class with no support example a zero prototype
-    instead of the ValueError (class_prototypes; then the fused cross-entropy)."""
+    instead of the ValueError (class_prototypes; then the fused cross-entropy).
+    distance: "squared_euclidean" (logits -tau ||q - c||^2), "euclidean"
+    (-tau ||q - c||) or "cosine" (tau cos(q, c)); see the module docstring."""
     op = "fastmeta.prototypical_loss"
     _check_reduction(op, reduction)
+    distance_code(op, distance)
     if _check_empty_classes(op, empty_classes) == "zero":
         prototypes = _class_prototypes_zero_empty(op, support, support_labels, num_classes)
-        return _cross_entropy_and_accuracy(op, prototypes, queries, query_labels, tau, reduction)
+        return _cross_entropy_and_accuracy(
+            op, prototypes, queries, query_labels, tau, reduction, distance
+        )
     check_num_classes(op, num_classes)
     batched = support.dim() == 3
     q = _batched(op, "queries", queries, 2)
@@ -199,23 +226,25 @@ def prototypical_loss(
         y_query,
         num_classes,
         _tau_tensor(tau, q),
+        distance,
     )
     accuracy = predictions.eq(y_query).mean(dtype=q.dtype)
     return _reduce(losses, reduction, batched, op), accuracy
 
 
-def _cross_entropy_and_accuracy(op, prototypes, queries, query_labels, tau, reduction):
+def _cross_entropy_and_accuracy(op, prototypes, queries, query_labels, tau, reduction, distance):
     batched = queries.dim() == 3
     q = _batched(op, "queries", queries, 2)
     y_query = _batched(op, "query_labels", query_labels, 1)
     losses, predictions, _ = fused_prototypical_cross_entropy(
-        q, _batched(op, "prototypes", prototypes, 2), y_query, _tau_tensor(tau, q)
+        q, _batched(op, "prototypes", prototypes, 2), y_query, _tau_tensor(tau, q), distance
     )
     accuracy = predictions.eq(y_query).mean(dtype=q.dtype)
     return _reduce(losses, reduction, batched, op), accuracy
 
 
 __all__ = [
+    "DISTANCES",
     "class_prototypes",
     "cosine_similarities",
     "get_prototypes",

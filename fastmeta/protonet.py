@@ -5,11 +5,15 @@ from torch import Tensor, nn
 
 from fastmeta import functional as F
 from fastmeta.fused_blocks import fuse_conv_blocks
+from fastmeta.ops.prototypical_cross_entropy import COSINE_EPS, distance_code, safe_sqrt
 
 
 class ProtoNet(nn.Module):
     """Embeds support and query inputs with `encoder`, builds class prototypes and
-    scores queries by -tau * squared distance, with fastmeta's fused kernels.
+    scores queries by tau f(query, prototype), with fastmeta's fused kernels: f is
+    -||q - c||^2 (distance="squared_euclidean", the default), -||q - c||
+    ("euclidean") or cos(q, c) ("cosine"; the norms clamped at 1e-8), see
+    fastmeta.functional.
 
     forward(support_x, support_y, query_x, num_classes=None) -> logits [B, M, C]
     loss(support_x, support_y, query_x, query_y, num_classes=None) -> (loss, accuracy)
@@ -37,6 +41,7 @@ class ProtoNet(nn.Module):
         learn_tau: bool = False,
         fuse: bool = False,
         empty_classes: str = "error",
+        distance: str = "squared_euclidean",
     ):
         super().__init__()
         if empty_classes not in F.EMPTY_CLASSES:
@@ -44,8 +49,10 @@ class ProtoNet(nn.Module):
                 f"fastmeta.ProtoNet: empty_classes must be one of {F.EMPTY_CLASSES}, "
                 f"got {empty_classes!r}"
             )
+        distance_code("fastmeta.ProtoNet", distance)
         self.encoder = encoder
         self.empty_classes = empty_classes
+        self.distance = distance
         # The fused view (None: nothing fuses, or fuse is off) shares the encoder's
         # modules; a tuple keeps its parameters from being registered twice.
         self._fused_encoder = (fuse_conv_blocks(encoder, bn_relu_pool=True) if fuse else None,)
@@ -75,7 +82,13 @@ class ProtoNet(nn.Module):
     ) -> Tensor:
         support, queries, num_classes = self._episode(support_x, support_y, query_x, num_classes)
         prototypes = F.class_prototypes(support, support_y, num_classes, self.empty_classes)
-        return -self.tau.to(queries.dtype) * F.squared_distances(queries, prototypes)
+        tau = self.tau.to(queries.dtype)
+        if self.distance == "cosine":
+            return tau * F.cosine_similarities(queries, prototypes, COSINE_EPS)
+        squared = F.squared_distances(queries, prototypes)
+        if self.distance == "euclidean":  # the subgradient 0 at distance 0, not NaN
+            return -tau * safe_sqrt(squared)
+        return -tau * squared
 
     def loss(
         self,
@@ -96,4 +109,5 @@ class ProtoNet(nn.Module):
             tau=self.tau.to(queries.dtype),
             reduction=reduction,
             empty_classes=self.empty_classes,
+            distance=self.distance,
         )

@@ -5,7 +5,8 @@ inputs with the error each must raise.
 
 An OpSample's `make(device, dtype, small)` returns the arguments of
 torch.ops.fastmeta.<name> (fresh random values each call); `small` gives sizes that
-gradcheck can afford.
+gradcheck can afford. An op may have several samples (the ProtoNet ops, one per
+distance), told apart by their `variant`.
 """
 
 import dataclasses
@@ -38,10 +39,20 @@ class OpSample:
     differentiable: str  # declaration.ANY_ORDER or declaration.ONCE
     bad: list[BadInput]
     backends_of: str = ""  # the declared op whose backends run it (default: name)
+    variant: str = ""  # which of the op's samples (e.g. its distance argument)
+    # positions of scalar arguments whose gradient sums terms of every output element
+    # that cancel (tau: sum(G f) with sum_k G = 0 per row, for random cotangents): its
+    # rounding error follows the terms, not the sum, so it is measured against the
+    # largest gradient when that is larger than its own
+    cancelling: tuple[int, ...] = ()
 
     @property
     def declared(self) -> str:
         return self.backends_of or self.name
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}[{self.variant}]" if self.variant else self.name
 
 
 def _labels(B: int, S: int, C: int, device) -> torch.Tensor:
@@ -69,8 +80,20 @@ def _prototypes(support, labels, C):
     return onehot.transpose(1, 2) @ support / onehot.sum(1)[..., None]
 
 
-def _cross_entropy(queries, prototypes, labels, tau):
-    log_probs = torch.log_softmax(-tau * _squared_distances(queries, prototypes), -1)
+DISTANCES = ("squared_euclidean", "euclidean", "cosine")
+
+
+def _logits(queries, prototypes, tau, distance="squared_euclidean"):
+    """The ProtoNet logits of each distance, written directly."""
+    if distance == "euclidean":
+        return -tau * (queries[:, :, None] - prototypes[:, None]).norm(dim=-1)
+    if distance == "cosine":
+        return tau * F.cosine_similarity(queries[:, :, None], prototypes[:, None], dim=-1, eps=1e-8)
+    return -tau * _squared_distances(queries, prototypes)
+
+
+def _cross_entropy(queries, prototypes, labels, tau, distance="squared_euclidean"):
+    log_probs = torch.log_softmax(_logits(queries, prototypes, tau, distance), -1)
     return -log_probs.gather(-1, labels[..., None]).squeeze(-1)
 
 
@@ -117,6 +140,27 @@ def make_prototypical_loss(device, dtype, small):
         C,
         torch.tensor(0.3, device=device, dtype=dtype),
     ]
+
+
+def _with_distance(make, distance):
+    """make, with the distance argument appended."""
+    return lambda device, dtype, small: [*make(device, dtype, small), distance]
+
+
+DISTANCE_BAD = [  # the distance argument appended to the op's valid arguments
+    BadInput(
+        "unknown distance",
+        lambda a: [*a, "manhattan"],
+        ValueError,
+        r"distance must be one of \('squared_euclidean', 'euclidean', 'cosine'\), got 'manhattan'",
+    ),
+    BadInput(  # the op's schema refuses it (the Python entries: a TypeError)
+        "distance not a str",
+        lambda a: [*a, 2],
+        RuntimeError,
+        "Expected a value of type 'str' for argument 'distance'",
+    ),
+]
 
 
 def _with_labels(args, position, value):
@@ -268,6 +312,7 @@ SAMPLES = [
         (0, 1, 3),
         declaration.ANY_ORDER,
         EPISODE_PAIR_BAD
+        + DISTANCE_BAD
         + [
             BadInput(
                 "label out of range",
@@ -282,6 +327,7 @@ SAMPLES = [
                 "tau must be a scalar",
             ),
         ],
+        cancelling=(3,),
     ),
     OpSample(
         "prototypical_loss",
@@ -290,7 +336,8 @@ SAMPLES = [
         (0,),
         (0, 2, 5),
         declaration.ANY_ORDER,
-        [
+        DISTANCE_BAD
+        + [
             BadInput(
                 "empty class",
                 lambda a: _with_labels(a, 1, 2),
@@ -311,6 +358,38 @@ SAMPLES = [
             ),
         ],
         backends_of="prototypical_cross_entropy",
+        cancelling=(5,),
+    ),
+    *(
+        OpSample(
+            "prototypical_cross_entropy",
+            _with_distance(make_prototypical_cross_entropy, distance),
+            lambda q, c, y, t, distance: _cross_entropy(q, c, y, t, distance),
+            (0,),
+            (0, 1, 3),
+            declaration.ANY_ORDER,
+            [],
+            variant=distance,
+            cancelling=(3,),
+        )
+        for distance in DISTANCES[1:]
+    ),
+    *(
+        OpSample(
+            "prototypical_loss",
+            _with_distance(make_prototypical_loss, distance),
+            lambda s, ys, q, yq, C, t, distance: _cross_entropy(
+                q, _prototypes(s, ys, C), yq, t, distance
+            ),
+            (0,),
+            (0, 2, 5),
+            declaration.ANY_ORDER,
+            [],
+            backends_of="prototypical_cross_entropy",
+            variant=distance,
+            cancelling=(5,),
+        )
+        for distance in DISTANCES[1:]
     ),
     OpSample(
         "inner_update",

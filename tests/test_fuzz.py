@@ -139,11 +139,15 @@ def _tau(draw, dtype):
     return torch.tensor(draw(st.sampled_from([0.3, 1.0, 0.0, -2.0])), dtype=dtype)
 
 
+def _distance(draw):
+    return draw(st.sampled_from(["squared_euclidean", "euclidean", "cosine"]), label="distance")
+
+
 def _prototypical_cross_entropy(draw, dtype):
     queries, prototypes = _protonet_pair(draw, dtype)
     C = prototypes.shape[1]
     query_labels = draw(labels(queries.shape[0], queries.shape[1], C, False))
-    return [queries, prototypes, query_labels, _tau(draw, dtype)]
+    return [queries, prototypes, query_labels, _tau(draw, dtype), _distance(draw)]
 
 
 def _prototypical_loss(draw, dtype):
@@ -152,7 +156,8 @@ def _prototypical_loss(draw, dtype):
     M = draw(st.integers(0, 5), label="M")
     query_labels = draw(labels(B, M, C, False))
     return [support, support_labels, draw(values((B, M, D), dtype)), query_labels, C] + [
-        _tau(draw, dtype)
+        _tau(draw, dtype),
+        _distance(draw),
     ]
 
 
@@ -393,7 +398,7 @@ def _logits_round_to_ties(op: str, args: list) -> bool:
     """Whether the logits' rounding (dtype eps x |tau| ||q|| ||c||, about) reaches 1e-3:
     then another summation order may pick another class or softmax row (1e30 entries)."""
     points = (args[2], args[0]) if op == "prototypical_loss" else (args[0], args[1])
-    tau = args[-1]
+    tau = args[-2]  # before the distance
     if any(t.device.type == "meta" or not t.numel() for t in (*points, tau)):
         return False
     if not all(t.isfinite().all() for t in (*points, tau)):

@@ -123,24 +123,40 @@ def test_squared_distances_many_classes(name, B, C, M, D):
         assert rel_err(g, w) < TOL
 
 
+@pytest.mark.parametrize("distance", ("squared_euclidean", "euclidean", "cosine"))
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 @pytest.mark.parametrize("B,C,M,D", EPISODES)
-def test_prototypical_loss_many_classes(name, B, C, M, D):
-    """The fused loss (class_prototypes and prototypical_cross_entropy ops): losses and
-    the gradients of their mean for support, queries and tau."""
+def test_prototypical_loss_many_classes(name, B, C, M, D, distance):
+    """The fused loss (class_prototypes and prototypical_cross_entropy ops) of each
+    distance: losses and the gradients of their mean for support, queries and tau."""
     require(["class_prototypes", "prototypical_cross_entropy"], name)
     support, support_labels, queries, query_labels = episode(B, C, M, D)
     support.requires_grad_(), queries.requires_grad_()
     tau = torch.tensor(0.37, device="cuda", requires_grad=True)
     with fastmeta.use_backend(name):
         losses, _ = F.prototypical_loss(
-            support, support_labels, queries, query_labels, C, tau=tau, reduction="none"
+            support,
+            support_labels,
+            queries,
+            query_labels,
+            C,
+            tau=tau,
+            reduction="none",
+            distance=distance,
         )
         grads = torch.autograd.grad(losses.mean(), (support, queries, tau))
     assert fastmeta.last_backend("class_prototypes") == name
     assert fastmeta.last_backend("prototypical_cross_entropy") == name
     s64, q64, t64 = leaves(support, queries, tau)
-    logits = -t64 * distances_float64(q64, prototypes_float64(s64, support_labels, C))
+    c64 = prototypes_float64(s64, support_labels, C)
+    if distance == "cosine":
+        logits = t64 * torch.nn.functional.cosine_similarity(
+            q64[:, :, None], c64[:, None], dim=-1, eps=1e-8
+        )
+    elif distance == "euclidean":  # random points: no zero distance
+        logits = -t64 * distances_float64(q64, c64).sqrt()
+    else:
+        logits = -t64 * distances_float64(q64, c64)
     want = cross_entropy(logits.flatten(0, 1), query_labels.flatten(), reduction="none")
     want_grads = torch.autograd.grad(want.mean(), (s64, q64, t64))
     assert rel_err(losses, want.view(B, M)) < TOL

@@ -60,13 +60,23 @@ def _episode(B=2, C=3, K=2, Q=4, D=5, seed=0):
 
 
 @pytest.mark.parametrize("validate", [True, False])
-@pytest.mark.parametrize("name", CPU_BACKENDS)
-def test_prototypical_loss_forward_backward_makes_no_syncing_call(name, validate):
+@pytest.mark.parametrize(
+    "name,distance",
+    [
+        (name, distance)
+        for name in CPU_BACKENDS
+        for distance in ("squared_euclidean", "euclidean", "cosine")
+        # the reference's euclidean distance finds the entries to refine by nonzero (as
+        # squared_distances' reference does); the fused kernels never sync
+        if not (name == "reference" and distance == "euclidean")
+    ],
+)
+def test_prototypical_loss_forward_backward_makes_no_syncing_call(name, distance, validate):
     support, ys, queries, yq, C = _episode()
 
     def step():
         with fastmeta.use_backend(name), fastmeta.validate_args(validate):
-            loss, accuracy = F.prototypical_loss(support, ys, queries, yq, C)
+            loss, accuracy = F.prototypical_loss(support, ys, queries, yq, C, distance=distance)
             loss.backward()
 
     assert syncing_calls(step) == []
@@ -228,11 +238,14 @@ def _outputs_and_grads(sample, run, args, create_graph):
 
 
 @pytest.mark.parametrize("create_graph", [False, True])
-@pytest.mark.parametrize("name", sorted(EAGER_ENTRIES))
-def test_the_eager_path_gives_the_custom_op_s_numbers(name, create_graph):
+@pytest.mark.parametrize(
+    "sample", [s for s in SAMPLES if s.name in EAGER_ENTRIES], ids=lambda s: s.id
+)
+def test_the_eager_path_gives_the_custom_op_s_numbers(sample, create_graph):
     """Bitwise: outputs, first and second derivatives on the default backend, through
-    the entry (the eager path) and through torch.ops.fastmeta.<name>."""
-    sample = next(s for s in SAMPLES if s.name == name)
+    the entry (the eager path) and through torch.ops.fastmeta.<name> (each sample of
+    the op: the ProtoNet ops' distances)."""
+    name = sample.name
     torch.manual_seed(1)
     args = sample.make("cpu", torch.float64, False)
     args = [a.requires_grad_() if i in sample.grad_args else a for i, a in enumerate(args)]

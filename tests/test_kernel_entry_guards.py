@@ -79,14 +79,24 @@ PAIR_BAD = {
 PAIR_EMPTY = [dict(b=0), dict(m=0), dict(c=0), dict(d=0)]
 
 
-def cross_entropy(b=B, m=M, c=C, d=D):
-    return [*pair(b, m, c, d), labels(b, m, c), torch.tensor(0.5)]
+def cross_entropy(b=B, m=M, c=C, d=D, distance=0):
+    """The forward's arguments; the distance (csrc/protonet.h: 0 squared Euclidean, 1
+    Euclidean, 2 cosine) last."""
+    return [*pair(b, m, c, d), labels(b, m, c), torch.tensor(0.5), distance]
 
 
-def cross_entropy_backward(b=B, m=M, c=C, d=D):
-    args = cross_entropy(b, m, c, d)
+def cross_entropy_backward(b=B, m=M, c=C, d=D, distance=0):
+    args = cross_entropy(b, m, c, d, distance)
     losses, _, softmax = torch.ops.fastmeta_C.prototypical_cross_entropy_forward(*args)
-    return [torch.rand_like(losses), *args, softmax]
+    return [torch.rand_like(losses), *args[:4], softmax, distance]
+
+
+def ce_shapes(b=B, m=M, c=C, d=D, distance=0):
+    return [(b, m), (b, m), (b, m, c)]
+
+
+def ce_backward_shapes(b=B, m=M, c=C, d=D, distance=0):
+    return [(b, m, d), (b, c, d), ()]
 
 
 CE_BAD = {
@@ -98,7 +108,11 @@ CE_BAD = {
     "tau [B]": put(3, lambda a: a[3].expand(B).contiguous()),
     **PAIR_BAD,
 }
-CE_EMPTY = [dict(b=0), dict(m=0), dict(d=0), dict(m=0, c=0)]
+DISTANCE_BAD = {"distance 3": put(-1, lambda a: 3), "distance -1": put(-1, lambda a: -1)}
+CE_EMPTY = [
+    *(dict(distance=k) | e for k in range(3) for e in (dict(b=0), dict(m=0), dict(d=0))),
+    dict(m=0, c=0),
+]
 
 
 def shifted(bad: dict, by: int) -> dict:
@@ -278,15 +292,16 @@ KERNELS = {
     ),
     "prototypical_cross_entropy_forward": Kernel(
         cross_entropy,
-        lambda b=B, m=M, c=C, d=D: [(b, m), (b, m), (b, m, c)],
-        CE_BAD,
+        ce_shapes,
+        {**CE_BAD, **DISTANCE_BAD},
         empty=CE_EMPTY,
     ),
     "prototypical_cross_entropy_backward": Kernel(
         cross_entropy_backward,
-        lambda b=B, m=M, c=C, d=D: [(b, m, d), (b, c, d), ()],
+        ce_backward_shapes,
         {
             **shifted(CE_BAD, 1),
+            **DISTANCE_BAD,
             "grad_losses [B, M + 1]": put(0, lambda a: randn(B, M + 1)),
             "softmax [B, M, C + 1]": put(5, lambda a: randn(B, M, C + 1)),
             "softmax [B, M + 1, C]": put(5, lambda a: randn(B, M + 1, C)),
@@ -566,3 +581,16 @@ def test_zero_size_extents_give_outputs_of_the_right_shapes(name, sizes):
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0:
             # what is left is a sum over nothing (zero) or statistics of nothing (NaN)
             assert torch.isfinite(t).all() or torch.isnan(t).all(), name
+
+
+@pytest.mark.parametrize("distance", [1, 2])
+def test_the_other_distances_give_outputs_of_the_right_shapes(distance):
+    """The euclidean (1) and cosine (2) distances of the cross-entropy kernels (the table
+    calls them with the default, 0)."""
+    for name, shapes in (
+        ("prototypical_cross_entropy_forward", ce_shapes),
+        ("prototypical_cross_entropy_backward", ce_backward_shapes),
+    ):
+        out = kernel(name)(*KERNELS[name].make(distance=distance))
+        assert_shapes(out, shapes())
+        assert all(torch.isfinite(t).all() for t in out)

@@ -42,7 +42,33 @@ def distances_float64(queries, prototypes):
     return ((q[:, :, None, :] - c[:, None, :, :]) ** 2).sum(-1)
 
 
-def loss_float64(support, support_labels, queries, query_labels, C, tau):
+DISTANCES = ("squared_euclidean", "euclidean", "cosine")
+
+
+def logits_float64(queries, prototypes, tau, distance="squared_euclidean"):
+    """Plain ProtoNet logits of each distance, written directly (differentiable to any
+    order; at a zero distance the euclidean distance's subgradient 0, as torch's vector
+    norm has it, whose second derivative there is NaN)."""
+    if distance == "euclidean":
+        squared = ((queries[:, :, None, :] - prototypes[:, None, :, :]) ** 2).sum(-1)
+        positive = squared > 0
+        return -tau * torch.where(positive, torch.where(positive, squared, 1).sqrt(), 0)
+    if distance == "cosine":
+        return tau * torch.nn.functional.cosine_similarity(
+            queries[:, :, None, :], prototypes[:, None, :, :], dim=-1, eps=1e-8
+        )
+    return -tau * ((queries[:, :, None, :] - prototypes[:, None, :, :]) ** 2).sum(-1)
+
+
+def cross_entropy_float64(logits, labels):
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), reduction="none"
+    ).view(labels.shape)
+
+
+def loss_float64(
+    support, support_labels, queries, query_labels, C, tau, distance="squared_euclidean"
+):
     """Plain float64 ProtoNet loss, differentiable (for reference gradients)."""
     protos = torch.stack(
         [
@@ -50,11 +76,8 @@ def loss_float64(support, support_labels, queries, query_labels, C, tau):
             for b in range(support.shape[0])
         ]
     )
-    logits = -tau * ((queries[:, :, None, :] - protos[:, None, :, :]) ** 2).sum(-1)
-    losses = torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1), query_labels.flatten(), reduction="none"
-    ).view(query_labels.shape)
-    return losses, logits
+    logits = logits_float64(queries, protos, tau, distance)
+    return cross_entropy_float64(logits, query_labels), logits
 
 
 @pytest.mark.op("class_prototypes")
@@ -188,6 +211,95 @@ def test_prototypical_loss_matches_float64(backend_device, B, C, D):
 
 
 @pytest.mark.op("prototypical_cross_entropy")
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("B,M,C,D", [(2, 9, 5, 33), (1, 70, 23, 9), (3, 2, 1, 1)])
+def test_each_distance_matches_float64_with_zero_distances_and_zero_rows(
+    backend_device, distance, B, M, C, D
+):
+    """The fused cross-entropy of each distance against its plain float64 formula
+    (torch's vector norm, cosine_similarity), losses, softmax, predictions and the
+    gradients of queries, prototypes and tau, on episodes holding a query equal to a
+    prototype (euclidean: distance exactly 0, the subgradient 0), a zero prototype and
+    a zero query (cosine: similarity 0, finite gradients)."""
+    name, device = backend_device
+    queries, prototypes = torch.randn(B, M, D), torch.randn(B, C, D)
+    queries[0, 0] = prototypes[0, C - 1]  # zero distance
+    queries[-1, -1] = 0  # zero query row
+    if C > 2:
+        prototypes[0, 1] = 0  # zero prototype row
+    labels = torch.randint(0, C, (B, M))
+    args = [x.to(device).requires_grad_() for x in (queries, prototypes, torch.tensor(0.8))]
+    with fastmeta.use_backend(name):
+        losses, predictions, softmax = torch.ops.fastmeta.prototypical_cross_entropy(
+            args[0], args[1], labels.to(device), args[2], distance
+        )
+        cotangent = torch.randn(B, M, device=device)
+        grads = torch.autograd.grad(losses, args, cotangent)
+    assert fastmeta.last_backend("prototypical_cross_entropy") == name
+    for t in (losses, softmax, *grads):
+        assert torch.isfinite(t).all()
+    q64, c64, t64 = (x.detach().cpu().double().requires_grad_() for x in args)
+    logits = logits_float64(q64, c64, t64, distance)
+    want = cross_entropy_float64(logits, labels)
+    want_grads = torch.autograd.grad(want, (q64, c64, t64), cotangent.cpu().double())
+    assert rel_err(losses, want) < TOL
+    assert rel_err(softmax, logits.softmax(-1)) < TOL
+    chosen = logits.gather(-1, predictions.cpu()[..., None])[..., 0]
+    assert (chosen >= logits.max(-1).values - 1e-5).all()  # the largest, up to rounding
+    for got, expected in zip(grads, want_grads):
+        assert rel_err(got, expected) < TOL
+    if distance == "euclidean":  # the zero distance: exactly the largest logit, 0
+        with fastmeta.use_backend(name):
+            zero = torch.ops.fastmeta.prototypical_cross_entropy(
+                args[0][:1, :1].detach(),
+                args[1][:1].detach(),
+                labels[:1, :1].to(device),
+                torch.tensor(1e4, device=device),
+                distance,
+            )[2]
+        assert float(zero[0, 0, C - 1]) == 1.0  # every other class e^-1e4 d behind
+
+
+@pytest.mark.op("prototypical_cross_entropy")
+@pytest.mark.parametrize("distance", DISTANCES[1:])
+def test_functional_distance_and_empty_classes_zero(backend_device, distance):
+    """F.prototypical_loss with a distance (and empty_classes="zero": an absent class
+    gets a zero prototype, which the cosine scores 0) against plain float64."""
+    name, device = backend_device
+    support, ys, queries, yq = make_episodes(2, 5, 17)
+    ys = torch.where(ys == 4, 3, ys)  # class 4 has no support example
+    s, q, t = (x.to(device).requires_grad_() for x in (support, queries, torch.tensor(0.6)))
+    with fastmeta.use_backend(name):
+        loss, accuracy = F.prototypical_loss(
+            s, ys.to(device), q, yq.to(device), 5, tau=t, distance=distance, empty_classes="zero"
+        )
+        grads = torch.autograd.grad(loss, (s, q, t))
+    s64, q64, t64 = (x.detach().cpu().double().requires_grad_() for x in (s, q, t))
+    onehot = torch.nn.functional.one_hot(ys, 5).double()
+    protos = onehot.transpose(1, 2) @ s64 / onehot.sum(1).clamp_min(1)[..., None]
+    logits = logits_float64(q64, protos, t64, distance)
+    want = cross_entropy_float64(logits, yq).mean()
+    assert rel_err(loss, want) < TOL
+    for got, expected in zip(grads, torch.autograd.grad(want, (s64, q64, t64))):
+        assert rel_err(got, expected) < TOL
+    want_accuracy = (logits.argmax(-1) == yq).double().mean()
+    assert abs(float(accuracy) - float(want_accuracy)) <= 1.0 / yq.numel() + 1e-12
+
+
+def test_an_unknown_distance_is_refused_by_name():
+    support, ys, queries, yq = make_episodes(1, 3, 4)
+    choices = r"\('squared_euclidean', 'euclidean', 'cosine'\)"
+    with pytest.raises(ValueError, match=rf"prototypical_loss: distance must be one of {choices}"):
+        F.prototypical_loss(support, ys, queries, yq, 3, distance="manhattan")
+    with pytest.raises(TypeError, match="prototypical_cross_entropy: distance must be a str"):
+        F.prototypical_cross_entropy(support[:, :3], queries, yq, distance=None)
+    with pytest.raises(ValueError, match=rf"ProtoNet: distance must be one of {choices}, got 'l1'"):
+        fastmeta.ProtoNet(torch.nn.Identity(), distance="l1")
+    with pytest.raises(TypeError, match="ProtoNet: distance must be a str, .* got int"):
+        fastmeta.ProtoNet(torch.nn.Identity(), distance=1)
+
+
+@pytest.mark.op("prototypical_cross_entropy")
 @pytest.mark.parametrize("C", [3, 16, 17, 40])  # the CPU kernel has a path for C <= 16
 def test_predictions_are_the_first_nearest_prototype(backend_device, C):
     """Small integer embeddings make every logit exact in float32, so duplicated
@@ -234,7 +346,8 @@ def test_cpu_softmax_is_accurate_to_a_few_ulp(C, step):
 
 
 @pytest.mark.skipif(not fastmeta.backends().extension_built, reason="needs fastmeta._C")
-def test_cpu_backward_in_row_chunks_matches_the_reference():
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_cpu_backward_in_row_chunks_matches_the_reference(distance):
     """G [M, C] over 8 MiB is built and multiplied a chunk of rows at a time (here
     1100 x 1001 float64 in two chunks, two episodes): every gradient as the reference."""
     support, ys, _, _ = make_episodes(2, 1001, 7, dtype=torch.float64, max_shots=1)
@@ -245,7 +358,9 @@ def test_cpu_backward_in_row_chunks_matches_the_reference():
     grads = {}
     for name in ("cpu", "reference"):
         with fastmeta.use_backend(name):
-            loss, _ = F.prototypical_loss(support, ys, queries, yq, 1001, tau=tau, reduction="sum")
+            loss, _ = F.prototypical_loss(
+                support, ys, queries, yq, 1001, tau=tau, reduction="sum", distance=distance
+            )
             grads[name] = torch.autograd.grad(loss, (support, queries, tau))
     assert queries.shape[1] * 1001 * 8 > 8 << 20
     for got, want in zip(grads["cpu"], grads["reference"]):
@@ -272,7 +387,8 @@ def _float64_ok(op, name, device):
 
 
 @pytest.mark.op("prototypical_cross_entropy")
-def test_second_order_through_a_protonet_head(backend_device):
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_second_order_through_a_protonet_head(backend_device, distance):
     """MAML-style inner step on an encoder through the ProtoNet loss (create_graph),
     then the meta-gradient: matches the plain float64 computation."""
     name, device = backend_device
@@ -289,10 +405,10 @@ def test_second_order_through_a_protonet_head(backend_device):
         return torch.autograd.grad(outer, W)[0]
 
     def fused(s, ys_, q, yq_):
-        return F.prototypical_loss(s, ys_, q, yq_, 5)
+        return F.prototypical_loss(s, ys_, q, yq_, 5, distance=distance)
 
     def plain(s, ys_, q, yq_):
-        losses, _ = loss_float64(s[None], ys_[None], q[None], yq_[None], 5, 1.0)
+        losses, _ = loss_float64(s[None], ys_[None], q[None], yq_[None], 5, 1.0, distance)
         return losses.mean(), None
 
     with fastmeta.use_backend(name):
@@ -301,7 +417,8 @@ def test_second_order_through_a_protonet_head(backend_device):
 
 
 @pytest.mark.op("prototypical_cross_entropy")
-def test_opcheck_backward_ops(backend_device):
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_opcheck_backward_ops(backend_device, distance):
     """The backward ops (the forward ops are in the conformance suite)."""
     name, device = backend_device
     support, ys, queries, yq = (x.to(device) for x in make_episodes(2, 4, 9))
@@ -309,22 +426,25 @@ def test_opcheck_backward_ops(backend_device):
     tau = torch.tensor(0.5, device=device)
     ops = torch.ops.fastmeta
     with fastmeta.use_backend(name):
-        losses, _, softmax = ops.prototypical_cross_entropy(queries, prototypes, yq, tau)
+        losses, _, softmax = ops.prototypical_cross_entropy(queries, prototypes, yq, tau, distance)
         torch.library.opcheck(
             ops.prototypical_cross_entropy_backward.default,
-            (torch.randn_like(losses), queries, prototypes, yq, tau, softmax),
+            (torch.randn_like(losses), queries, prototypes, yq, tau, softmax, distance),
         )
         if backend_supports(name, "class_prototypes", device):
             torch.library.opcheck(
                 ops.class_prototypes_backward.default, (torch.randn_like(prototypes), ys)
             )
             losses, _, fused_prototypes, softmax = ops.prototypical_loss(
-                support, ys, queries, yq, 4, tau
+                support, ys, queries, yq, 4, tau, distance
             )
             assert rel_err(fused_prototypes, prototypes) < TOL
             torch.library.opcheck(
                 ops.prototypical_loss_backward.default,
-                (torch.randn_like(losses), ys, queries, yq, tau, fused_prototypes, softmax),
+                (
+                    torch.randn_like(losses),
+                    *(ys, queries, yq, tau, fused_prototypes, softmax, distance),
+                ),
             )
 
 
@@ -375,6 +495,46 @@ def test_protonet_module_batched_and_unbatched():
     assert 0.0 <= float(accuracy) <= 1.0
     single = model(support_x[0], ys[0], query_x[0])
     assert single.shape == (7, 5) and rel_err(single, logits[0]) < TOL
+
+
+@pytest.mark.parametrize("distance", DISTANCES[1:])
+def test_protonet_module_with_a_distance(distance):
+    """ProtoNet(distance=...): forward gives the distance's logits (plain float64), and
+    loss() the cross-entropy of those logits, with the gradients of the encoder and the
+    learned tau of that plain computation."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8))
+    model = fastmeta.ProtoNet(encoder, tau=2.5, learn_tau=True, distance=distance)
+    support_x, ys = torch.randn(2, 10, 4, 4), torch.arange(5).repeat(2).expand(2, 10)
+    query_x, yq = torch.randn(2, 7, 4, 4), torch.randint(0, 5, (2, 7))
+    logits = model(support_x, ys, query_x)
+    loss, accuracy = model.loss(support_x, ys, query_x, yq)
+    params = [model.tau, *encoder.parameters()]
+    grads = torch.autograd.grad(loss, params)
+    double = encoder.double()
+    embed = lambda x: double(x.double().flatten(0, 1)).view(*x.shape[:2], -1)  # noqa: E731
+    tau64 = model.tau.detach().double().requires_grad_()
+    want_logits = logits_float64(
+        embed(query_x), prototypes_float64(embed(support_x), ys, 5), tau64, distance
+    )
+    want_logits64 = logits_float64(
+        embed(query_x),
+        torch.stack([embed(support_x)[b].view(2, 5, -1).mean(0) for b in range(2)]),
+        tau64,
+        distance,
+    )
+    want = cross_entropy_float64(want_logits64, yq).mean()
+    want_grads = torch.autograd.grad(want, [tau64, *double.parameters()])
+    encoder.float()
+    assert torch.isfinite(logits).all() and rel_err(logits, want_logits) < TOL
+    assert rel_err(loss, want) < TOL
+    # the euclidean distance does not see the linear layer's bias (a shift of every
+    # embedding): its gradient is 0 up to rounding, measured against the largest one
+    scale = max(float(g.norm()) for g in want_grads)
+    for got, expected in zip(grads, want_grads):
+        error = float((got.double() - expected).norm())
+        assert error < TOL * max(float(expected.norm()), 1e-2 * scale)
+    assert abs(float(accuracy) - float((want_logits.argmax(-1) == yq).double().mean())) < 1e-6
 
 
 def test_protonet_fused_encoder_equals_plain_and_is_differentiable_once():

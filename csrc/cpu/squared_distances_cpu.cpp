@@ -10,20 +10,12 @@
 #include <ATen/ops/bmm.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <type_traits>
-
 #include "../protonet.h"
 #include "parallel_grain.h"
+#include "refined_distance.h"
 #include "row_norms.h"
 
 namespace fastmeta {
-namespace {
-
-template <typename scalar_t>
-constexpr double kRefine = std::is_same_v<scalar_t, double> ? 1e-6 : 1e-2;
-
-}  // namespace
 
 // ||q_m - c_k||^2 [B, M, C]: one GEMM plus a fused pass; entries where the GEMM
 // form cancels (near-identical points) are recomputed directly, so identical
@@ -45,17 +37,8 @@ at::Tensor squared_distances_forward_cpu(const at::Tensor& queries, const at::Te
         const scalar_t* qr = q + r * D;
         scalar_t* row = d + r * C;
         for (int64_t k = 0; k < C; ++k) {
-          const double scale = double(qn[r]) + double(cn[b * C + k]);
-          double value = scale - 2.0 * double(row[k]);
-          if (value <= kRefine<scalar_t> * scale) {  // cancellation: recompute directly
-            const scalar_t* ck = c + (b * C + k) * D;
-            value = 0;
-            for (int64_t j = 0; j < D; ++j) {
-              const double diff = double(qr[j]) - double(ck[j]);
-              value += diff * diff;
-            }
-          }
-          row[k] = static_cast<scalar_t>(value);
+          row[k] = static_cast<scalar_t>(refined_squared_distance(
+              double(row[k]), double(qn[r]), double(cn[b * C + k]), qr, c + (b * C + k) * D, D));
         }
       }
     });

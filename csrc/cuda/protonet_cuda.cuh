@@ -1,5 +1,7 @@
 // Helpers shared by the Prototypical-Networks CUDA kernels (class_prototypes_cuda.cu,
-// squared_distances_cuda.cu, prototypical_cross_entropy_cuda.cu).
+// squared_distances_cuda.cu, prototypical_cross_entropy_cuda.cu): launch sizes, warp sums,
+// squared row norms and the refined squared distances (squared_distances_cuda.cu's
+// epilogue, which the euclidean cross-entropy reuses).
 //
 // Everything here sits in an anonymous namespace: each .cu gets its own copy of the
 // kernels (internal linkage), so no two translation units register one kernel stub.
@@ -13,6 +15,8 @@
 
 #include <algorithm>
 #include <cstdint>
+
+#include "../protonet.h"
 
 namespace fastmeta {
 namespace {
@@ -75,6 +79,66 @@ at::Tensor row_squared_norms(const at::Tensor& x) {
           x.const_data_ptr<scalar_t>(), norms.mutable_data_ptr<acc_t>(), rows, x.size(2));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return norms;
+}
+
+// dist [B, M, C] holds q . c on entry and the squared distances on exit.
+// qn [B * M], cn [B * C]: squared row norms of q [B * M, D] and c [B * C, D].
+template <typename scalar_t>
+__global__ void distances_epilogue_kernel(scalar_t* __restrict__ dist,
+                                          const at::opmath_type<scalar_t>* __restrict__ qn,
+                                          const at::opmath_type<scalar_t>* __restrict__ cn,
+                                          const scalar_t* __restrict__ q,
+                                          const scalar_t* __restrict__ c, int64_t M, int64_t C,
+                                          int64_t D, int64_t total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t ratio = static_cast<acc_t>(kRefine<scalar_t>);
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t base = int64_t(blockIdx.x) * blockDim.x; base < total;
+       base += int64_t(gridDim.x) * blockDim.x) {  // block-uniform: full warps below
+    const int64_t e = base + threadIdx.x;
+    int64_t q_row = 0, c_row = 0;
+    acc_t value = 0;
+    bool refine = false;
+    if (e < total) {
+      q_row = e / C;                             // b * M + m
+      c_row = (q_row / M) * C + e % C;           // b * C + k
+      const acc_t scale = qn[q_row] + cn[c_row];
+      value = scale - acc_t(2) * acc_t(dist[e]);
+      refine = value <= ratio * scale;           // cancellation (NaN: no)
+    }
+    for (unsigned pending = __ballot_sync(kFullMask, refine); pending != 0;
+         pending &= pending - 1) {
+      const int src = __ffs(pending) - 1;
+      const scalar_t* qr = q + __shfl_sync(kFullMask, q_row, src) * D;
+      const scalar_t* cr = c + __shfl_sync(kFullMask, c_row, src) * D;
+      acc_t sum = 0;
+      for (int64_t j = lane; j < D; j += kWarpSize) {
+        const acc_t diff = acc_t(qr[j]) - acc_t(cr[j]);
+        sum += diff * diff;
+      }
+      sum = warp_sum(sum);
+      if (lane == src) value = sum;
+    }
+    if (e < total) dist[e] = static_cast<scalar_t>(value);
+  }
+}
+
+// dist [B, M, C] (contiguous, on the current device) holds Q C^T on entry and ||q - c||^2
+// on exit, with the entries that cancel (protonet.h's kRefine) recomputed directly; qn
+// [B, M] and cn [B, C] are the squared row norms (row_squared_norms).
+template <typename scalar_t>
+void refine_squared_distances(at::Tensor& dist, const at::Tensor& queries,
+                              const at::Tensor& prototypes, const at::Tensor& qn,
+                              const at::Tensor& cn) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t total = dist.numel();
+  if (total == 0) return;
+  distances_epilogue_kernel<scalar_t>
+      <<<grid_blocks(total, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          dist.mutable_data_ptr<scalar_t>(), qn.const_data_ptr<acc_t>(), cn.const_data_ptr<acc_t>(),
+          queries.const_data_ptr<scalar_t>(), prototypes.const_data_ptr<scalar_t>(),
+          queries.size(1), prototypes.size(1), queries.size(2), total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace

@@ -10,6 +10,10 @@ the gradients w.r.t. support and query embeddings:
   GEMMs only       the three products the loss needs (Q C^T, G C, G^T Q): the floor
 Configs: (a) 32 episodes 5-way 1-shot 15 queries/class D=64; (b) 1 episode 60-way
 5-shot 5 queries/class D=1600; (c) 1 episode 1000-way 5-shot 10 queries/class D=512.
+The other distances (prototypical_loss(distance=...)), each config again:
+  euclidean        fastmeta against torch.cdist(q, c) (logits -tau ||q - c||)
+  cosine           fastmeta against normalize + bmm (F.normalize rows, then q^ c^T)
+                   and F.cosine_similarity (broadcast to [M, C, D])
 Then one training step of a conv4 encoder on 28x28 inputs at (b).
 """
 
@@ -47,13 +51,35 @@ def matmul_dist(q, c):
     )
 
 
-def _plain_loss(distance):
+def cosine_normalize_bmm(q, c):
+    unit_q, unit_c = TF.normalize(q, dim=-1, eps=1e-8), TF.normalize(c, dim=-1, eps=1e-8)
+    return unit_q @ unit_c.transpose(1, 2)
+
+
+def cosine_similarity(q, c):
+    """torch's cosine_similarity, broadcast: builds [B, M, C, D]."""
+    return TF.cosine_similarity(q.unsqueeze(2), c.unsqueeze(1), dim=-1, eps=1e-8)
+
+
+def _plain_loss(distance, sign=-1.0):
+    """The loss of logits sign * distance(queries, prototypes) (a similarity: sign 1)."""
+
     def loss_fn(support, queries, query_labels, B, C, K):
         prototypes = support.view(B, C, K, -1).mean(2)
-        logits = -distance(queries, prototypes)
+        logits = sign * distance(queries, prototypes)
         return TF.cross_entropy(logits.flatten(0, 1), query_labels.flatten())
 
     return loss_fn
+
+
+# distance -> its plain-torch alternatives (name, loss, whether it builds [B, M, C, D])
+ALTERNATIVES = {
+    "euclidean": [("torch.cdist", _plain_loss(torch.cdist), False)],
+    "cosine": [
+        ("normalize + bmm", _plain_loss(cosine_normalize_bmm, 1.0), False),
+        ("F.cosine_similarity", _plain_loss(cosine_similarity, 1.0), True),
+    ],
+}
 
 
 def episode(B, C, K, Q, D, device):
@@ -77,13 +103,16 @@ def _fastmeta_backends(device):
     return names
 
 
-def loss_candidates(device, B, C, K, Q, D) -> list[Candidate]:
-    support, ys, queries, yq = episode(B, C, K, Q, D, device)
-    inputs = (support, queries)
+def _fastmeta_candidates(device, args, distance="squared_euclidean") -> list[Candidate]:
+    """fastmeta's loss and gradients on each backend (on a GPU also the per-shape race,
+    the row the ratios refer to) for the episode args (support, ys, queries, yq, C)."""
+    support, ys, queries, yq, C = args
 
     def fastmeta_loss():
-        loss, _ = fastmeta.functional.prototypical_loss(support, ys, queries, yq, C)
-        return torch.autograd.grad(loss, inputs)
+        loss, _ = fastmeta.functional.prototypical_loss(
+            support, ys, queries, yq, C, distance=distance
+        )
+        return torch.autograd.grad(loss, (support, queries))
 
     def fastmeta_fn(name):
         def run():
@@ -92,17 +121,40 @@ def loss_candidates(device, B, C, K, Q, D) -> list[Candidate]:
 
         return run
 
-    def plain_fn(loss_fn):
-        return lambda: torch.autograd.grad(loss_fn(support, queries, yq, B, C, K), inputs)
-
     # On a GPU the default races cuda against triton per shape (fastmeta/race.py): its
     # row is what users get; the forced rows show both contenders.
     auto = device == "cuda"
     rows = [Candidate("fastmeta (per-shape race)", fastmeta_loss, is_fastmeta=True)] if auto else []
-    rows += [
+    return rows + [
         Candidate(f"fastmeta[{b}]", fastmeta_fn(b), is_fastmeta=(i == 0 and not auto))
         for i, b in enumerate(_fastmeta_backends(device))
     ]
+
+
+def distance_candidates(device, distance, B, C, K, Q, D) -> list[Candidate]:
+    """fastmeta's loss with `distance` against its plain-torch alternatives."""
+    support, ys, queries, yq = episode(B, C, K, Q, D, device)
+    rows = _fastmeta_candidates(device, (support, ys, queries, yq, C), distance)
+    for name, loss_fn, broadcast in ALTERNATIVES[distance]:
+        if broadcast and B * C * Q * C * D * 4 > EUCLIDEAN_LIMIT_BYTES:
+            continue
+
+        def run(loss_fn=loss_fn):
+            loss = loss_fn(support, queries, yq, B, C, K)
+            return torch.autograd.grad(loss, (support, queries))
+
+        rows.append(Candidate(name, run))
+    return rows
+
+
+def loss_candidates(device, B, C, K, Q, D) -> list[Candidate]:
+    support, ys, queries, yq = episode(B, C, K, Q, D, device)
+    inputs = (support, queries)
+
+    def plain_fn(loss_fn):
+        return lambda: torch.autograd.grad(loss_fn(support, queries, yq, B, C, K), inputs)
+
+    rows = _fastmeta_candidates(device, (support, ys, queries, yq, C))
     if B * C * Q * C * D * 4 <= EUCLIDEAN_LIMIT_BYTES:
         rows.append(Candidate("euclidean_dist (ProtoNets)", plain_fn(_plain_loss(euclidean_dist))))
     rows.append(Candidate("cdist ** 2", plain_fn(_plain_loss(cdist_sq))))
@@ -166,6 +218,12 @@ def run(device: str, quick: bool = False, **timing):
         results += run_config(
             CASE, config, device, loss_candidates(device, B, C, K, Q, D), memory=True, **timing
         )
+    for distance in ALTERNATIVES:
+        for config, (B, C, K, Q, D) in (QUICK if quick else CONFIGS).items():
+            candidates = distance_candidates(device, distance, B, C, K, Q, D)
+            results += run_config(
+                CASE, f"{config} {distance}", device, candidates, memory=True, **timing
+            )
     B, C, K, Q, D = (1, 5, 1, 2, 64) if quick else CONFIGS["(b) 60w5s D=1600"]
     step_results = [r for r in results if r.config.startswith("(b)" if not quick else "(a)")]
     alternatives = {

@@ -37,8 +37,10 @@ def check_squared_distances_args(queries: Tensor, prototypes: Tensor) -> None:
     check_same_dtype_device(name, "queries", queries, prototypes=prototypes)
 
 
-def squared_distances_forward_reference(queries: Tensor, prototypes: Tensor) -> Tensor:
-    q, c = opmath(queries, prototypes)
+def refined_squared_distances(q: Tensor, c: Tensor) -> Tensor:
+    """||q - c||^2 [B, M, C] in q's dtype (the math dtype) as the kernels compute it:
+    the GEMM form, and the entries where it cancels recomputed directly (differentiable
+    torch ops; the `nonzero` syncs a GPU)."""
     qn = q.pow(2).sum(-1)  # [B, M]
     cn = c.pow(2).sum(-1)  # [B, C]
     scale = qn[:, :, None] + cn[:, None, :]
@@ -47,7 +49,11 @@ def squared_distances_forward_reference(queries: Tensor, prototypes: Tensor) -> 
     b, m, k = (dist <= ratio * scale).nonzero(as_tuple=True)
     if len(b):  # cancellation: recompute directly
         dist = dist.index_put((b, m, k), (q[b, m] - c[b, k]).pow(2).sum(-1))
-    return dist.to(queries.dtype)
+    return dist
+
+
+def squared_distances_forward_reference(queries: Tensor, prototypes: Tensor) -> Tensor:
+    return refined_squared_distances(*opmath(queries, prototypes)).to(queries.dtype)
 
 
 def squared_distances_backward(grad: Tensor, queries: Tensor, prototypes: Tensor):
