@@ -14,7 +14,8 @@ of the memory free on the device: CUDA's free plus PyTorch's cached memory, the 
 MemAvailable): the first call runs one task alone and measures the bytes its graph
 holds for the backward (the tensors its autograd nodes saved, each storage once, not
 counting the parameters and the data), then sizes the other chunks so that a chunk's
-graph stays within the budget. The estimate is kept per model, shapes and options, so
+graphs plus one task's worth of working memory for the backward stay within the
+budget (BACKWARD_OVERHEAD). The estimate is kept per model, shapes and options, so
 later calls size every chunk from the start. Neither: one chunk of all T tasks, the
 batched path's speed and memory.
 
@@ -50,10 +51,12 @@ from fastmeta.ops.inner_update import inner_update
 if TYPE_CHECKING:
     from fastmeta.maml.wrappers import _MetaLearner
 
-# Bytes the backward needs beyond the graph's saved tensors (gradients of activations,
-# allocator slack), as a factor on the saved bytes: measured on conv4 (CPU peak RSS of
-# chunked meta-steps against the saved bytes of their graphs).
-BACKWARD_OVERHEAD = 1.25
+# A chunk of c tasks is taken to peak at (c + 1) * BACKWARD_OVERHEAD * S, S the bytes one
+# task's graph saves: the c graphs, plus one task's worth of working memory for the
+# backward (gradients of activations, allocator slack). Measured on conv4 at 5-way,
+# T = 32, on the CPU (peak RSS above the start, warm process): 1 inner step (S = 21 MiB)
+# 45 + 23.9 c MiB, 5 inner steps (S = 167 MiB) 147 + 152 c MiB.
+BACKWARD_OVERHEAD = 1.15
 
 
 class MetaStepResult(NamedTuple):
@@ -110,7 +113,7 @@ def meta_step(
             task_bytes = known[key] = run.chunk(_tasks(data, 0, 1), scale, check=check)
             start = 1
         check(task_bytes)
-        sizes = _split(T - start, budget // math.ceil(task_bytes * BACKWARD_OVERHEAD))
+        sizes = _split(T - start, budget // _task_need(task_bytes) - 1)
     for i, size in enumerate(sizes):
         run.chunk(_tasks(data, start, size), scale, final=i == len(sizes) - 1)
         start += size
@@ -341,14 +344,19 @@ def _budget(max_memory: int | float, device: torch.device) -> int:
     return int(max_memory)
 
 
+def _task_need(task_bytes: int) -> int:
+    return math.ceil(task_bytes * BACKWARD_OVERHEAD)
+
+
 def _check_budget(task_bytes: int, budget: int, max_memory, run: _Run) -> None:
-    if task_bytes * BACKWARD_OVERHEAD > budget:
+    """Raises unless one task (its graph and the backward's working memory) fits."""
+    if 2 * _task_need(task_bytes) > budget:
         hint = "" if run.checkpoint or run.first_order else ", or checkpoint=True"
         given = f"{max_memory} of the free memory" if isinstance(max_memory, float) else ""
         raise ValueError(
             f"meta_step: max_memory={max_memory!r} ({budget / 2**20:.1f} MiB{given and ', '}"
-            f"{given}) is too small for one task: its graph needs about "
-            f"{task_bytes * BACKWARD_OVERHEAD / 2**20:.1f} MiB ({run.steps} inner "
+            f"{given}) is too small for one task: its graph and backward need about "
+            f"{2 * _task_need(task_bytes) / 2**20:.1f} MiB ({run.steps} inner "
             f"step(s){', checkpointed' if run.checkpoint else ''}); raise max_memory"
             f"{hint}"
         )
