@@ -317,7 +317,7 @@ def _split(tasks: int, size: int) -> list[int]:
 
 def _cache_key(run: _Run, data) -> tuple:
     shapes = tuple((tuple(x.shape[1:]), x.dtype, x.device) for x in data)
-    return shapes, run.steps, run.first_order, run.strategy, run.checkpoint, run.loss_fn
+    return shapes, run.steps, run.first_order, run.strategy, run.checkpoint
 
 
 def free_memory(device: torch.device) -> int:
