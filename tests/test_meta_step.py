@@ -16,7 +16,9 @@ import fastmeta
 from fastmeta.cli.main import main
 from fastmeta.data import SinusoidTasks
 from fastmeta.maml import meta_step as meta_step_module
-from fastmeta.maml.meta_step import BACKWARD_OVERHEAD, graph_bytes
+from fastmeta.maml.meta_step import SIZING, graph_bytes
+
+FACTOR, RESERVE = SIZING[False]  # without checkpoint
 
 STEPS = 3
 
@@ -89,7 +91,7 @@ def test_equals_the_single_backward_in_float64(algorithm, first_order, mode):
     if options == "budget":
         one = bounded(meta, data, max_memory=10**9)[0].task_bytes
         meta_step_module._TASK_BYTES.clear()  # measure again, as a first call does
-        options = dict(max_memory=3 * math.ceil(one * BACKWARD_OVERHEAD) + 1)
+        options = dict(max_memory=(2 + RESERVE) * math.ceil(one * FACTOR) + 1)
     result, got = bounded(meta, data, **options)
     assert_same(expected, got)
     torch.testing.assert_close(result.loss, loss, rtol=1e-13, atol=0)
@@ -193,19 +195,24 @@ def test_budget_sizes_chunks_and_is_remembered():
     data = episodes(T=7, dtype=torch.float64)
     first, _ = bounded(meta, data, max_memory=10**9)
     assert first.chunks == (1, 6)  # one task measured, then the rest at once
-    per_task = first.task_bytes * BACKWARD_OVERHEAD
-    budget = int(4.5 * per_task)  # 3 tasks' graphs, 1 task's worth for the backward
+    per_task = first.task_bytes * FACTOR
+    budget = int((3 + RESERVE + 0.5) * per_task)  # 3 tasks' graphs, the backward's reserve
     again, _ = bounded(meta, data, max_memory=budget)
     assert again.chunks == (3, 3, 1) and again.task_bytes == first.task_bytes
     smaller = episodes(T=7, shots=1, dtype=torch.float64)  # other shapes: measured anew
     assert bounded(meta, smaller, max_memory=budget)[0].chunks[0] == 1
+    checkpointed, _ = bounded(meta, data, max_memory=budget, checkpoint=True)
+    factor, reserve = SIZING[True]  # its own graph, its own sizing
+    fitting = budget // math.ceil(checkpointed.task_bytes * factor) - reserve
+    assert checkpointed.task_bytes < first.task_bytes and fitting >= 1
+    assert checkpointed.chunks == (1, *[min(fitting, 6 - i) for i in range(0, 6, fitting)])
 
 
 def test_fraction_of_free_memory(monkeypatch):
     meta = make_meta("maml")
     data = episodes(T=4, dtype=torch.float64)
     task_bytes = bounded(meta, data, max_memory=10**9)[0].task_bytes
-    free = 12 * math.ceil(task_bytes * BACKWARD_OVERHEAD) + 12
+    free = 4 * (2 + RESERVE) * math.ceil(task_bytes * FACTOR) + 12
     monkeypatch.setattr(meta_step_module, "free_memory", lambda device: free)
     assert bounded(meta, data, max_memory=0.25)[0].chunks == (2, 2)
 

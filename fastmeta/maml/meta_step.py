@@ -14,10 +14,10 @@ of the memory free on the device: CUDA's free plus PyTorch's cached memory, the 
 MemAvailable): the first call runs one task alone and measures the bytes its graph
 holds for the backward (the tensors its autograd nodes saved, each storage once, not
 counting the parameters and the data), then sizes the other chunks so that a chunk's
-graphs plus one task's worth of working memory for the backward stay within the
-budget (BACKWARD_OVERHEAD). The estimate is kept per model, shapes and options, so
-later calls size every chunk from the start. Neither: one chunk of all T tasks, the
-batched path's speed and memory.
+graphs plus the backward's working memory stay within the budget (SIZING: calibrated
+on conv4 on the CPU, where glibc's heap adds its slack). The estimate is kept per
+model, shapes and options, so later calls size every chunk from the start. Neither:
+one chunk of all T tasks, the batched path's speed and memory.
 
 checkpoint=True (second order) also bounds memory in the number of inner steps: the
 inner loop first runs without a graph (first-order gradients only) and keeps each
@@ -51,12 +51,15 @@ from fastmeta.ops.inner_update import inner_update
 if TYPE_CHECKING:
     from fastmeta.maml.wrappers import _MetaLearner
 
-# A chunk of c tasks is taken to peak at (c + 1) * BACKWARD_OVERHEAD * S, S the bytes one
-# task's graph saves: the c graphs, plus one task's worth of working memory for the
-# backward (gradients of activations, allocator slack). Measured on conv4 at 5-way,
-# T = 32, on the CPU (peak RSS above the start, warm process): 1 inner step (S = 21 MiB)
-# 45 + 23.9 c MiB, 5 inner steps (S = 167 MiB) 147 + 152 c MiB.
-BACKWARD_OVERHEAD = 1.15
+# Sizing: a chunk of c tasks is taken to peak at (c + reserve) * factor * S, S the bytes
+# one task's graph saves: the c graphs, plus `reserve` tasks' worth of working memory for
+# the backward (gradients of activations, the allocator's slack). Measured on conv4 at
+# 5-way, T = 32, on the CPU (peak RSS above the start, warm process, glibc malloc):
+#   1 inner step, S = 21 MiB:              45 + 23.9 c MiB
+#   5 inner steps, S = 167 MiB:           147 +  152 c MiB
+#   5 inner steps checkpointed, S = 33 MiB: 120 +   54 c MiB (one step's graph is small
+#   next to the backward's working memory; the same S and peak at 10 and 20 steps)
+SIZING = {False: (1.15, 1), True: (1.75, 2)}  # checkpoint: (factor, reserve)
 
 
 class MetaStepResult(NamedTuple):
@@ -113,7 +116,7 @@ def meta_step(
             task_bytes = known[key] = run.chunk(_tasks(data, 0, 1), scale, check=check)
             start = 1
         check(task_bytes)
-        sizes = _split(T - start, budget // _task_need(task_bytes) - 1)
+        sizes = _split(T - start, _fitting(task_bytes, budget, run.checkpoint))
     for i, size in enumerate(sizes):
         run.chunk(_tasks(data, start, size), scale, final=i == len(sizes) - 1)
         start += size
@@ -344,19 +347,23 @@ def _budget(max_memory: int | float, device: torch.device) -> int:
     return int(max_memory)
 
 
-def _task_need(task_bytes: int) -> int:
-    return math.ceil(task_bytes * BACKWARD_OVERHEAD)
+def _fitting(task_bytes: int, budget: int, checkpoint: bool) -> int:
+    """How many tasks a chunk can hold in `budget` bytes (SIZING); < 1: not even one."""
+    factor, reserve = SIZING[checkpoint]
+    return budget // math.ceil(task_bytes * factor) - reserve
 
 
 def _check_budget(task_bytes: int, budget: int, max_memory, run: _Run) -> None:
     """Raises unless one task (its graph and the backward's working memory) fits."""
-    if 2 * _task_need(task_bytes) > budget:
+    if _fitting(task_bytes, budget, run.checkpoint) < 1:
+        factor, reserve = SIZING[run.checkpoint]
+        need = (1 + reserve) * math.ceil(task_bytes * factor)
         hint = "" if run.checkpoint or run.first_order else ", or checkpoint=True"
         given = f"{max_memory} of the free memory" if isinstance(max_memory, float) else ""
         raise ValueError(
             f"meta_step: max_memory={max_memory!r} ({budget / 2**20:.1f} MiB{given and ', '}"
             f"{given}) is too small for one task: its graph and backward need about "
-            f"{2 * _task_need(task_bytes) / 2**20:.1f} MiB ({run.steps} inner "
+            f"{need / 2**20:.1f} MiB ({run.steps} inner "
             f"step(s){', checkpointed' if run.checkpoint else ''}); raise max_memory"
             f"{hint}"
         )
