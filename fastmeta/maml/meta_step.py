@@ -148,8 +148,8 @@ class _Gradients:
         gradients with respect to `extra`."""
         grads = torch.autograd.grad(output, [*extra, *self.params], grad_output, allow_unused=True)
         for i, g in enumerate(grads[len(extra) :]):
-            if g is not None:
-                self.sums[i] = g if self.sums[i] is None else self.sums[i].add_(g)
+            if g is not None:  # out of place: g may be a view or an expanded tensor
+                self.sums[i] = g if self.sums[i] is None else self.sums[i] + g
         return grads[: len(extra)]
 
     def backward(self, output: Tensor, grad_output: Tensor | None = None) -> None:
@@ -159,8 +159,8 @@ class _Gradients:
 
     def flush(self) -> None:
         for p, s in zip(self.params, self.sums):
-            if s is not None:
-                p.grad = s if p.grad is None else p.grad + s
+            if s is not None:  # contiguous: the backward may add to it in place
+                p.grad = s.contiguous() if p.grad is None else p.grad + s
         self.sums = [None] * len(self.params)
 
 
