@@ -74,6 +74,31 @@ def rank_env(rank: int, port: int) -> dict:
     )
 
 
+def torchrun_train(algorithm: str, *options: str, timeout: float = 120):
+    """`fastmeta train ALGORITHM OPTIONS` on 2 CPU ranks under torchrun; asserts exit 0."""
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "fastmeta",
+            "train",
+            algorithm,
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    return launched
+
+
 # --- shares of the batch ----------------------------------------------------------------
 
 
@@ -152,28 +177,7 @@ def test_reducer_sums_gradients_and_keeps_missing_ones_consistent(tmp_path):
 def test_two_ranks_take_the_steps_of_one_process(tmp_path, algorithm):
     if not algorithms.available(algorithm):
         pytest.skip(f"{algorithm} is not in this build of fastmeta")
-    launched = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(free_port()),
-            "-m",
-            "fastmeta",
-            "train",
-            algorithm,
-            *TINY,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    launched = torchrun_train(algorithm, *TINY, "--out", str(tmp_path / "two"))
     assert main(["train", algorithm, *TINY, "--out", str(tmp_path / "one")]) == 0
 
     two, one = (

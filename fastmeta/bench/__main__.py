@@ -10,12 +10,22 @@ import sys
 import torch
 
 import fastmeta
-from fastmeta.bench import conv_block, harness, inner_update, maml, metanet, overhead, protonet
+from fastmeta.bench import (
+    conv_block,
+    harness,
+    inner_update,
+    maml,
+    maml_bounded,
+    metanet,
+    overhead,
+    protonet,
+)
 
 CASES = {
     conv_block.CASE: conv_block.run,
     inner_update.CASE: inner_update.run,
     maml.CASE: maml.run,
+    maml_bounded.CASE: maml_bounded.run,
     metanet.CASE: metanet.run,
     overhead.CASE: overhead.run,
     protonet.CASE: protonet.run,

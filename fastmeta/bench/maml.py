@@ -7,6 +7,11 @@ Every contender computes the mean query cross-entropy over the T tasks and calls
   fastmeta[auto=...]  fastmeta.MAML(model, lr, first_order).adapt_batch(...) with the
                       default strategy (named in the row; the ratios refer to this row)
   fastmeta[vmap]      the same with strategy='vmap'
+  fastmeta[max_memory=M]  maml.meta_step(..., max_memory=M): the same meta-step a chunk
+                      of tasks at a time, the chunks sized to keep the graphs within M
+                      (M: a round figure below higher's peak at the config, so the row
+                      says how fast fastmeta is in the memory higher needs; doubled for
+                      the float64 check)
   loop                the learn2learn pattern in plain PyTorch: per task functional_call
                       + autograd.grad(create_graph=not first_order), fast = p - lr * g;
                       the query losses summed, one backward (the gradient reference)
@@ -53,14 +58,15 @@ from fastmeta.models import conv4 as conv4_network
 
 CASE = "maml"
 WAYS, LR, TOLERANCE = 5, 0.4, 1e-4
-CONFIGS = {  # name: (tasks T, shots K, queries per class, inner steps, first_order)
-    "(a) 5w1s T=32 1 step 2nd order": (32, 1, 15, 1, False),
-    "(b) 5w5s T=32 5 steps 2nd order": (32, 5, 15, 5, False),
-    "(c) 5w1s T=32 1 step 1st order": (32, 1, 15, 1, True),
+CONFIGS = {  # name: (tasks T, shots K, queries per class, inner steps, first_order,
+    #                 the memory-bounded row's max_memory in MiB)
+    "(a) 5w1s T=32 1 step 2nd order": (32, 1, 15, 1, False, 192),
+    "(b) 5w5s T=32 5 steps 2nd order": (32, 5, 15, 5, False, 448),
+    "(c) 5w1s T=32 1 step 1st order": (32, 1, 15, 1, True, 160),
 }
 QUICK = {
-    "(a) 5w1s T=4 1 step 2nd order": (4, 1, 5, 1, False),
-    "(c) 5w1s T=4 1 step 1st order": (4, 1, 5, 1, True),
+    "(a) 5w1s T=4 1 step 2nd order": (4, 1, 5, 1, False, 64),
+    "(c) 5w1s T=4 1 step 1st order": (4, 1, 5, 1, True, 64),
 }
 HEAVY_REPEATS = 3  # (b): a second-order 5-step meta-step takes up to a minute per contender
 CHECK64_TASKS = 4  # tasks in the float64 gradient check
@@ -71,13 +77,13 @@ def conv4(ways: int = WAYS, channels: int = 64) -> nn.Module:
     return conv4_network(channels=channels, ways=ways, track_running_stats=False)
 
 
-def episodes(T: int, K: int, Q: int, device, seed: int = 0):
-    """Random 28x28 tasks: support [T, WAYS*K, 1, 28, 28], query [T, WAYS*Q, 1, 28, 28]."""
+def episodes(T: int, K: int, Q: int, device, seed: int = 0, ways: int = WAYS):
+    """Random 28x28 tasks: support [T, ways*K, 1, 28, 28], query [T, ways*Q, 1, 28, 28]."""
     g = torch.Generator().manual_seed(seed)
-    xs = torch.randn(T, WAYS * K, 1, 28, 28, generator=g).to(device)
-    xq = torch.randn(T, WAYS * Q, 1, 28, 28, generator=g).to(device)
-    ys = torch.arange(WAYS, device=device).repeat_interleave(K).expand(T, -1).contiguous()
-    yq = torch.arange(WAYS, device=device).repeat_interleave(Q).expand(T, -1).contiguous()
+    xs = torch.randn(T, ways * K, 1, 28, 28, generator=g).to(device)
+    xq = torch.randn(T, ways * Q, 1, 28, 28, generator=g).to(device)
+    ys = torch.arange(ways, device=device).repeat_interleave(K).expand(T, -1).contiguous()
+    yq = torch.arange(ways, device=device).repeat_interleave(Q).expand(T, -1).contiguous()
     return xs, ys, xq, yq
 
 
@@ -92,6 +98,18 @@ def _fastmeta_step(model, strategy, steps, first_order, data):
         F.cross_entropy(learner(xq).flatten(0, 1), yq.flatten()).backward()
 
     run.strategy_used = []
+    return run
+
+
+def _bounded_step(model, steps, first_order, data, max_memory_mib):
+    xs, ys, xq, yq = data
+    maml = fastmeta.MAML(model, LR, first_order=first_order)
+    budget = max_memory_mib * 2**20 * xs.element_size() // 4  # float64: twice the bytes
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        maml.meta_step(xs, ys, xq, yq, F.cross_entropy, steps=steps, max_memory=budget)
+
     return run
 
 
@@ -216,11 +234,14 @@ def _skip_reason(name: str, e: Exception) -> str:
     return reason
 
 
-def _builders(steps: int, first_order: bool):
+def _builders(steps: int, first_order: bool, max_memory_mib: int):
     """name -> build(model, data) -> the contender's meta-step (a callable)."""
     opts = (steps, first_order)
     return {
         "fastmeta": lambda m, d: _fastmeta_step(m, "auto", *opts, d),
+        f"fastmeta[max_memory={max_memory_mib}MiB]": lambda m, d: _bounded_step(
+            m, *opts, d, max_memory_mib
+        ),
         "fastmeta[vmap]": lambda m, d: _fastmeta_step(m, "vmap", *opts, d),
         "loop (reference)": lambda m, d: _loop_step(m, *opts, d),
         "higher": lambda m, d: _higher_step(m, *opts, d),
@@ -258,7 +279,7 @@ class _Float64Check:
         return _relative_error(self.reference, grad)
 
 
-def candidates(device, T, K, Q, steps, first_order, log=print) -> list[Candidate]:
+def candidates(device, T, K, Q, steps, first_order, max_memory_mib, log=print) -> list[Candidate]:
     """Builds the contenders for one config and checks every meta-gradient against the
     loop's: float32 on all T tasks (this first call also gives the row's peak memory),
     then, for a row that differs by TOLERANCE or more, float64 on a few tasks. Row names
@@ -266,7 +287,7 @@ def candidates(device, T, K, Q, steps, first_order, log=print) -> list[Candidate
     torch.manual_seed(0)
     model = conv4().to(device)
     data = episodes(T, K, Q, device)
-    builders = _builders(steps, first_order)
+    builders = _builders(steps, first_order, max_memory_mib)
     builders["loop (reference)"](model, tuple(x[:1] for x in data))()  # process warm-up
     loop_fn = builders["loop (reference)"](model, data)
     reference, seconds, peak = _meta_gradient(model, loop_fn, device)
@@ -314,9 +335,9 @@ def candidates(device, T, K, Q, steps, first_order, log=print) -> list[Candidate
 
 def run(device: str, quick: bool = False, **timing):
     results = []
-    for config, (T, K, Q, steps, first_order) in (QUICK if quick else CONFIGS).items():
+    for config, (T, K, Q, steps, first_order, mib) in (QUICK if quick else CONFIGS).items():
         print(f"{CASE} {config}:")
-        rows, peaks = candidates(device, T, K, Q, steps, first_order)
+        rows, peaks = candidates(device, T, K, Q, steps, first_order, mib)
         config_timing = dict(timing)
         if device != "cuda":
             # the checked call above was each row's first warm-up; the heavy config

@@ -62,6 +62,12 @@ class MAMLAlgorithm:
         self.meta_sgd = meta_sgd
         self.inner_lr, self.first_order = args.inner_lr, args.first_order
         self.steps, self.eval_steps = args.inner_steps, args.eval_inner_steps
+        # bounded memory (fastmeta.maml.meta_step); absent from runs saved before them
+        self.memory = {
+            "max_memory": getattr(args, "max_memory", None),
+            "chunk_size": getattr(args, "chunk_size", None),
+            "checkpoint": getattr(args, "checkpoint_inner", False),
+        }
 
     def build(self, input_shape: Sequence[int], ways: int) -> nn.Module:
         body, size = encoder(input_shape)
@@ -72,13 +78,17 @@ class MAMLAlgorithm:
             first_order=self.first_order,
         )
 
+    @staticmethod
+    def _check_head(model: nn.Module, ways: int) -> None:
+        head = model.module[-1].out_features
+        if ways != head:
+            raise ValueError(f"this model has a {head}-way head; evaluate it with --ways {head}")
+
     def _query_logits(
         self, model: nn.Module, episodes: Episodes, ways: int, steps: int, first_order: bool
     ) -> Tensor:
         """[T, N*Q, ways] after `steps` inner steps on each task's support set."""
-        head = model.module[-1].out_features
-        if ways != head:
-            raise ValueError(f"this model has a {head}-way head; evaluate it with --ways {head}")
+        self._check_head(model, ways)
         model.train()
         learner = model.adapt_batch(
             episodes.support_x,
@@ -93,6 +103,24 @@ class MAMLAlgorithm:
         logits = self._query_logits(model, episodes, ways, self.steps, self.first_order)
         loss = F.cross_entropy(logits.flatten(0, 1), episodes.query_y.flatten())
         return loss, (logits.argmax(-1) == episodes.query_y).float().mean()
+
+    def train_step(
+        self, model: nn.Module, episodes: Episodes, ways: int, weight: float
+    ) -> tuple[Tensor, Tensor]:
+        """loss()'s (loss, accuracy), with weight times the loss's gradient accumulated
+        into .grad by model.meta_step: a chunk of tasks at a time under --max-memory
+        or --chunk-size, the inner loop recomputed with --checkpoint-inner."""
+        self._check_head(model, ways)
+        model.train()
+        result = model.meta_step(
+            *episodes,
+            F.cross_entropy,
+            steps=self.steps,
+            first_order=self.first_order,
+            scale=weight,
+            **self.memory,
+        )
+        return result.loss, result.accuracy
 
     def accuracy(self, model: nn.Module, episodes: Episodes, ways: int) -> Tensor:
         logits = self._query_logits(model, episodes, ways, self.eval_steps, first_order=True)
@@ -130,6 +158,20 @@ REGISTRY: dict[str, Entry] = {
     "metasgd": Entry("MetaSGD", lambda args: MAMLAlgorithm(args, meta_sgd=True)),
     "metanet": Entry("MetaNetwork", lambda args: MetaNetAlgorithm()),
 }
+
+
+def train_step(
+    algorithm: Algorithm, model: nn.Module, episodes: Episodes, ways: int, weight: float
+) -> tuple[Tensor, Tensor]:
+    """The batch's (loss, accuracy); weight times the loss's gradient is accumulated
+    into .grad: by the algorithm's own train_step where it has one (MAML, Meta-SGD:
+    bounded memory), else by loss().backward()."""
+    own = getattr(algorithm, "train_step", None)
+    if own is not None:
+        return own(model, episodes, ways, weight)
+    loss, accuracy = algorithm.loss(model, episodes, ways)
+    (loss * weight).backward()
+    return loss, accuracy
 
 
 def available(name: str) -> bool:

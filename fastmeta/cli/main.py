@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -51,6 +52,27 @@ def _seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
     return value
+
+
+MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def _memory(text: str) -> int | float:
+    """--max-memory: bytes (4294967296, 4GiB, 4G, 4GB, 512MiB: binary units) or a fraction of
+    the free memory in (0, 1] (0.5)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:i?b)?|(b))?\s*", text, re.I)
+    if match:
+        number, unit = match.group(1), (match.group(2) or match.group(3) or "").lower()
+        if unit or "." not in number:
+            value = int(float(number) * MEMORY_UNITS[unit])
+            if value >= 1:
+                return value
+        elif 0 < float(number) <= 1:
+            return float(number)
+    raise argparse.ArgumentTypeError(
+        f"must be bytes (e.g. 4GiB, 512MiB, 1000000) or a fraction of the free memory "
+        f"in (0, 1] (e.g. 0.5), got {text!r}"
+    )
 
 
 def _names(text: str) -> list[str]:
@@ -161,6 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="inner steps at evaluation (default: --inner-steps)",
     )
     maml.add_argument("--first-order", action="store_true")
+    bounded = maml.add_mutually_exclusive_group()
+    bounded.add_argument(
+        "--max-memory",
+        type=_memory,
+        metavar="BYTES|FRACTION",
+        help="bound the memory of each training step's graphs: adapt and differentiate "
+        "the tasks a chunk at a time, sized from this budget (4GiB, 512MiB, or 0.5 of "
+        "the free memory); the gradient is the same (default: all tasks at once)",
+    )
+    bounded.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        metavar="TASKS",
+        help="adapt and differentiate this many tasks at a time (default: all)",
+    )
+    maml.add_argument(
+        "--checkpoint-inner",
+        action="store_true",
+        help="second order: keep only each inner step's fast weights and recompute the "
+        "step's graph in the backward (memory flat in --inner-steps; one more "
+        "first-order support pass per step)",
+    )
 
     test = commands.add_parser(
         "eval",

@@ -63,8 +63,9 @@ def train(args: Namespace, out: Path, ranks: Ranks) -> tuple[dict, dict]:
                 group["lr"] = args.lr * 0.5 ** (run["step"] // args.lr_halve_every)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss, accuracy = algorithm.loss(model, sampler.sample(share), args.ways)
-        (loss * weight).backward()  # weight T_r / T: the ranks' sum is the batch mean
+        # weight T_r / T: the ranks' sum is the batch mean
+        episodes = sampler.sample(share)
+        loss, accuracy = algorithms.train_step(algorithm, model, episodes, args.ways, weight)
         reducer.wait()
         optimizer.step()
         metrics = torch.stack((loss, accuracy.to(loss.dtype))).detach() * weight

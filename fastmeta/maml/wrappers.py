@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from fastmeta.maml.batched import BatchedLearner, adapt_batch
 from fastmeta.maml.layout import ParamLayout
+from fastmeta.maml.meta_step import MetaStepResult, meta_step
 from fastmeta.maml.module_tree import Rates, copy_module, sgd_step
 from fastmeta.maml.task_model import TaskModel, check_strategy
 
@@ -179,6 +180,21 @@ class _MetaLearner(_ModuleWrapper):
             strategy,
             self.allow_unused,
         )
+
+    def meta_step(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        loss_fn,
+        **options,
+    ) -> MetaStepResult:
+        """Adapts T tasks, and accumulates the gradient of their mean query loss into
+        .grad in bounded memory, a chunk of tasks at a time (options: steps,
+        first_order, strategy, chunk_size, max_memory, checkpoint, scale). Returns
+        (loss, accuracy, chunks, task_bytes); see fastmeta/maml/meta_step.py."""
+        return meta_step(self, support_x, support_y, query_x, query_y, loss_fn, **options)
 
 
 def _rate(name: str, value) -> float:
