@@ -1,13 +1,13 @@
 # fastmeta: `make demo` (set up, build, run the main job) and `make test`.
-# Both create .venv with torch (>= 2.6), build fastmeta._C into it and check what
+# Both create .venv with torch (>= 2.13), build fastmeta._C into it and check what
 # was built. FASTMETA_CUDA=1 demands the CUDA kernels (CI), 0 skips them.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml fastmeta/_build.py
 
-.PHONY: demo test fuzz lint build clean sanitize
+.PHONY: demo test fuzz lint build clean sanitize install-matrix
 
 # make demo [OMNIGLOT=DIR]: short training runs of every algorithm on synthetic tasks
 # (fastmeta's backend against the reference one), ProtoNet on Omniglot when given a
@@ -49,7 +49,7 @@ build: $(VENV)/.built
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "torch>=2.6" numpy pytest hypothesis ninja pillow matplotlib "ruff==$(RUFF_VERSION)" \
+	$(PY) -m pip install -q "torch>=2.13" numpy pytest hypothesis ninja pillow matplotlib "ruff==$(RUFF_VERSION)" \
 		"clang-format==$(CLANG_FORMAT_VERSION)" "mypy==$(MYPY_VERSION)" "setuptools>=64" wheel
 	touch $@
 
@@ -92,6 +92,19 @@ sanitize: $(VENV)/.deps
 		$(abspath $(PY)) -m pytest -q --capture=sys -p no:cacheprovider -k "$(SANITIZE_SELECT)" \
 		$(addprefix $(CURDIR)/tests/,$(SANITIZE_TESTS))
 
+# make install-matrix (CI runs it): installs fastmeta as users do, into fresh venvs, and
+# tests each (tests/test_packaging.py, FASTMETA_INSTALL_TESTS=1): `python -m build` (sdist
+# and wheel, isolated), pip install without torch (the message), a Python below the floor
+# (refused), the CUDA torch of .venv with the wheel built here (`pip wheel
+# --no-build-isolation`: it reuses the objects of the build above, so only links) and
+# OLD_TORCH (CPU-only) with a plain `pip install .` and the compile on first use; each
+# runs a smoke test and the op tests. About 25 minutes on the 2-core VM (README).
+OLD_TORCH ?= 2.13.0
+install-matrix: $(VENV)/.built
+	FASTMETA_INSTALL_TESTS=1 FASTMETA_MATRIX_OLD_TORCH=$(OLD_TORCH) $(PY) -m pytest -q -rsP \
+		--durations=0 -p no:cacheprovider tests/test_packaging.py
+
 # The next build compiles everything again (the venv and its packages stay).
 clean:
-	rm -rf build fastmeta/_C*.so *.egg-info $(VENV)/.built $(VENV)/build.log
+	rm -rf build dist fastmeta/_C*.so fastmeta/_C.build.json *.egg-info $(VENV)/.built \
+		$(VENV)/build.log

@@ -210,4 +210,8 @@ def build_command(args: list[str]) -> int:
     if _plan is None:
         print(f"fastmeta: cannot compile fastmeta._C: {LOAD_ERROR}", file=sys.stderr)
         return 1
-    return 0 if wait_and_load(_plan, force=force) else 1
+    try:
+        return 0 if wait_and_load(_plan, force=force) else 1
+    except KeyboardInterrupt:
+        print(f"fastmeta: interrupted; `{_jit.COMMAND}` starts again", file=sys.stderr)
+        return 130

@@ -215,6 +215,8 @@ def load_library(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     sys.modules["fastmeta._C"] = module
+    if "fastmeta" in sys.modules:  # as an import would: fastmeta._C is the module
+        sys.modules["fastmeta"]._C = module  # type: ignore[attr-defined]
     return module
 
 
@@ -317,6 +319,9 @@ def _child(directory: str, background: bool) -> int:
         )
         if bool(module.WITH_CUDA) != plan.with_cuda:
             raise RuntimeError(f"built WITH_CUDA={module.WITH_CUDA}, planned {plan.with_cuda}")
+    except KeyboardInterrupt:  # not a failure: the next first use starts it again
+        print("fastmeta: compile interrupted", flush=True)
+        return 130
     except BaseException as error:
         import traceback
 
