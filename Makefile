@@ -1,13 +1,13 @@
 # fastmeta: `make demo` (set up, build, run the main job) and `make test`.
-# Both create .venv with torch (>= 2.6), build fastmeta._C into it and check what
+# Both create .venv with torch (>= 2.13), build fastmeta._C into it and check what
 # was built. FASTMETA_CUDA=1 demands the CUDA kernels (CI), 0 skips them.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml fastmeta/_build.py
 
-.PHONY: demo test fuzz lint build clean sanitize
+.PHONY: demo test fuzz lint build clean sanitize install-matrix
 
 # make demo [OMNIGLOT=DIR]: short training runs of every algorithm on synthetic tasks
 # (fastmeta's backend against the reference one), ProtoNet on Omniglot when given a
@@ -51,7 +51,7 @@ build: $(VENV)/.built
 # tests/test_compat_higher.py compares fastmeta.compat.higher with it.
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "torch>=2.6" numpy pytest hypothesis ninja pillow matplotlib "ruff==$(RUFF_VERSION)" \
+	$(PY) -m pip install -q "torch>=2.13" numpy pytest hypothesis ninja pillow matplotlib "ruff==$(RUFF_VERSION)" \
 		"clang-format==$(CLANG_FORMAT_VERSION)" "mypy==$(MYPY_VERSION)" "setuptools>=64" wheel
 	$(PY) -m pip install -q --no-deps higher==0.2.1
 	touch $@
@@ -95,6 +95,22 @@ sanitize: $(VENV)/.deps
 		$(abspath $(PY)) -m pytest -q --capture=sys -p no:cacheprovider -k "$(SANITIZE_SELECT)" \
 		$(addprefix $(CURDIR)/tests/,$(SANITIZE_TESTS))
 
+# make install-matrix (CI runs it): installs fastmeta as users do, into fresh venvs, and
+# tests each (tests/test_packaging.py, FASTMETA_INSTALL_TESTS=1): `python -m build` (sdist
+# and wheel, isolated), pip install without torch (the message), a Python below the floor
+# (refused), the CUDA torch of .venv with the wheel built here (`pip wheel
+# --no-build-isolation`: it reuses the objects of the build above, so only links) and
+# OLD_TORCH (CPU-only) with a plain `pip install .` and the compile on first use; each
+# runs a smoke test and the op tests. Its venvs are in build/install-matrix (its own
+# folder: other pytest runs prune the shared /tmp/pytest-of-$USER), removed when it passes.
+# About 14 minutes on the 2-core VM (README).
+OLD_TORCH ?= 2.13.0
+install-matrix: $(VENV)/.built
+	FASTMETA_INSTALL_TESTS=1 FASTMETA_MATRIX_OLD_TORCH=$(OLD_TORCH) $(PY) -m pytest -q -rsP \
+		--durations=0 -p no:cacheprovider --basetemp=build/install-matrix tests/test_packaging.py
+	rm -rf build/install-matrix
+
 # The next build compiles everything again (the venv and its packages stay).
 clean:
-	rm -rf build fastmeta/_C*.so *.egg-info $(VENV)/.built $(VENV)/build.log
+	rm -rf build dist fastmeta/_C*.so fastmeta/_C.build.json *.egg-info $(VENV)/.built \
+		$(VENV)/build.log

@@ -13,7 +13,21 @@ with fastmeta.validate_args(False):              # skip label value checks (spee
     ...
 """
 
-from fastmeta import functional
+from fastmeta._version import __version__
+
+try:
+    import torch  # noqa: F401
+except ModuleNotFoundError as _error:
+    if _error.name != "torch":
+        raise
+    raise ModuleNotFoundError(
+        f"fastmeta {__version__} needs PyTorch (torch >= 2.13), which is not installed in "
+        "this environment: install torch first (pip install torch, or the CPU or CUDA build "
+        "for your machine from https://pytorch.org/get-started/locally/), then run this again",
+        name="torch",
+    ) from None
+
+from fastmeta import functional  # noqa: E402
 from fastmeta.backend import BACKENDS, BackendUnavailableError, last_backend, use_backend
 from fastmeta.cpu_pool import check_pool_setting, empty_cpu_cache
 from fastmeta.maml import MAML, MetaSGD
@@ -23,10 +37,10 @@ from fastmeta.protonet import ProtoNet
 from fastmeta.report import backends
 from fastmeta.validation import raise_deferred_errors, set_validate_args, validate_args
 
-__version__ = "0.1.0"
 check_pool_setting()
 
 __all__ = [
+    "__version__",
     "BACKENDS",
     "BackendUnavailableError",
     "MAML",

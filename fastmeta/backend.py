@@ -105,7 +105,9 @@ def unavailable_reason(backend: str, device_type: str | None = None, dtype=None)
     if backend == "reference":
         return None
     if backend in ("cpu", "cuda") and not _extension.LOADED:
-        return f"fastmeta._C is not built or failed to load ({_extension.LOAD_ERROR})"
+        _extension.ensure()  # first use: compiles it for this torch (FASTMETA_JIT)
+        if not _extension.LOADED:
+            return f"fastmeta._C is not loaded: {_extension.LOAD_ERROR}"
     if backend == "cpu":
         return None if device_type in (None, "cpu") else "it runs on CPU tensors only"
     if backend == "cuda":

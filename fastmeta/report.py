@@ -21,7 +21,8 @@ class BackendReport:
     triton_version: str | None
     extension_built: bool
     extension_with_cuda: bool
-    extension_error: str | None
+    extension_error: str | None  # why it is not loaded, and what happens or what to do
+    extension_origin: str | None  # "built by setup.py: PATH" or "compiled on first use: PATH"
     gpu: str | None
     triton_interpreter: bool
     forced: str | None
@@ -35,7 +36,7 @@ class BackendReport:
 
     def __str__(self) -> str:
         built = (
-            "not built"
+            "not loaded"
             if not self.extension_built
             else (
                 "built with CPU and CUDA kernels"
@@ -47,6 +48,7 @@ class BackendReport:
             f"torch {self.torch_version}; triton {self.triton_version or 'not installed'}"
             + (" (interpreter)" if self.triton_interpreter else ""),
             f"fastmeta._C: {built}"
+            + (f" ({self.extension_origin})" if self.extension_origin else "")
             + (f" ({self.extension_error})" if self.extension_error else ""),
             f"GPU: {self.gpu or 'none visible'}",
             f"forced backend: {self.forced or 'none'}",
@@ -107,6 +109,7 @@ class BackendReport:
 
 def backends() -> BackendReport:
     """Reports what was built, what is usable here and which backend each op uses."""
+    usable = {b: backend.unavailable_reason(b) for b in backend.BACKENDS}  # first: may load _C
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     devices = ("cpu", "cuda") if gpu else ("cpu",)
     ops = {
@@ -131,10 +134,11 @@ def backends() -> BackendReport:
         extension_built=_extension.LOADED,
         extension_with_cuda=_extension.WITH_CUDA,
         extension_error=_extension.LOAD_ERROR,
+        extension_origin=_extension.ORIGIN,
         gpu=gpu,
         triton_interpreter=triton_interpreter(),
         forced=f"{forced[0]} (by {forced[1]})" if forced else None,
-        usable={b: backend.unavailable_reason(b) for b in backend.BACKENDS},
+        usable=usable,
         ops=ops,
         fallbacks=fallbacks,
         fallbacks_seen=backend.fallbacks_seen(),

@@ -1,5 +1,7 @@
 """fastmeta train ALGORITHM [options]    train, validate, checkpoint, test
 fastmeta eval --out DIR [options]       evaluate a trained run on other episodes
+fastmeta build [--force]                compile fastmeta._C for this torch now, if the
+                                        install has none for it (waits for one running)
 
 (also `python -m fastmeta ...`). Bad input is one line on stderr and exit status 2.
 Under torchrun (WORLD_SIZE > 1) the ranks share the work (fastmeta.distributed)."""
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 import fastmeta
-from fastmeta import distributed
+from fastmeta import _extension, distributed
 from fastmeta.cli import algorithms, checkpoint, report
 from fastmeta.cli import data as task_data
 from fastmeta.cli.evaluate import evaluate, format_accuracy
@@ -311,6 +313,9 @@ COMMANDS = {"train": train_command, "eval": eval_command}
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (0 ok, 2 bad input, 130 interrupted). A rank
     that loses its peers exits the process at once with status 1."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["build"]:
+        return _extension.build_command(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit:  # --help (0) or a usage error argparse has printed (2)
