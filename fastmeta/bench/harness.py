@@ -152,6 +152,8 @@ def machine_description(device: str) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
     }
+    if hasattr(os, "getloadavg"):  # other jobs on the machine slow every row alike
+        info["load_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
