@@ -11,11 +11,11 @@ launched while it ran (by the launch's start, from any thread).
 
 import bisect
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch.autograd import DeviceType
 
-from fastmeta.profiling import PHASES, STEP, range_name
+from fastmeta.profiling import PHASES, PREFIX, STEP, range_name
 
 OTHER = "other"
 FASTMETA_OP_PREFIXES = ("fastmeta::", "fastmeta_C::")
@@ -37,12 +37,14 @@ class Span:
 
 @dataclass
 class _Node:
+    """A step or phase range, and the time of the ranges directly nested in it."""
+
     span: Span
     children_us: float = 0.0
-    phase: str = field(init=False)
 
-    def __post_init__(self):
-        self.phase = self.span.name.removeprefix(range_name(""))
+    @property
+    def phase(self) -> str:
+        return self.span.name.removeprefix(PREFIX)
 
 
 def spans(events: Iterable) -> list[Span]:

@@ -191,12 +191,17 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `fastmeta profile train` beside the training arguments."""
     group = parser.add_argument_group("profile")
     group.add_argument(
-        "--profile-steps", type=_positive_int, default=5, help="steps recorded and reported"
+        "--profile-steps",
+        type=_positive_int,
+        default=5,
+        metavar="STEPS",
+        help="steps recorded and reported",
     )
     group.add_argument(
         "--profile-warmup",
         type=_count,
         default=3,
+        metavar="STEPS",
         help="steps run before, without the profiler (their median: the unprofiled step time)",
     )
     group.add_argument(
@@ -210,7 +215,9 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
         default="self",
         help="order of the op tables: an op's own time, or with the ops it calls",
     )
-    group.add_argument("--top", type=_positive_int, default=10, help="rows of each op table")
+    group.add_argument(
+        "--top", type=_positive_int, default=10, metavar="ROWS", help="rows of each op table"
+    )
     group.add_argument(
         "--nvtx",
         action="store_true",
