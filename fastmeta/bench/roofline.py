@@ -14,15 +14,18 @@ the machine's two ceilings, measured in the same run:
 the roofline bound at the op's intensity, min(GEMM GFLOP/s, intensity x copy GB/s),
 which ceiling that is (memory or compute), and "% of roofline": achieved GFLOP/s over
 the bound (for a memory-bound row the same as achieved GB/s over copy GB/s). Every
-time (ceilings included) is a median (harness.time_candidates: CPU rounds interleaved
-per op; CUDA triton.testing.do_bench).
+time is a median (harness.time_candidates: CPU rounds interleaved; CUDA
+triton.testing.do_bench). The copy and the GEMM are timed with every op's rows (on
+CPU interleaved with them: on a shared machine the load moves both alike); each row
+is measured against its op's ceilings, and the run's ceilings are their medians.
 
-Prints the table; writes STEM.csv, STEM.json (rows, ceilings, machine, command) and
-STEM.png (the roofline plot) to --out.
+Prints the table; writes STEM.csv, STEM.json (rows, the run's ceilings, machine,
+command) and STEM.png (the roofline plot, under the run's ceilings) to --out.
 """
 
 import argparse
 import dataclasses
+import statistics
 import sys
 
 import torch
@@ -32,8 +35,8 @@ from fastmeta.bench import harness, roofline_ops, roofline_plot
 from fastmeta.bench.harness import Candidate
 from fastmeta.bench.roofline_ops import Cost, OpWork
 
-COPY_ELEMENTS = {"cpu": 32 << 20, "cuda": 256 << 20, "quick": 1 << 20}  # float32: 128 MiB, 1 GiB
-GEMM_SIZE = {"cpu": 2048, "cuda": 8192, "quick": 256}
+COPY_ELEMENTS = {"cpu": 16 << 20, "cuda": 256 << 20, "quick": 1 << 20}  # float32: 64 MiB, 1 GiB
+GEMM_SIZE = {"cpu": 1536, "cuda": 8192, "quick": 256}
 
 
 @dataclasses.dataclass
@@ -66,6 +69,8 @@ class RooflineRow:
     bound_gflops: float  # the roofline at that intensity
     bound: str  # memory | compute
     pct_of_roofline: float
+    copy_gbps: float  # the ceilings the row is measured against (timed with its op)
+    gemm_gflops: float
 
 
 def roofline_bound(intensity: float, ceilings: Ceilings) -> tuple[float, str]:
@@ -101,31 +106,37 @@ def make_row(
         bound_gflops=bound_gflops,
         bound=bound,
         pct_of_roofline=pct,
+        copy_gbps=ceilings.copy_gbps,
+        gemm_gflops=ceilings.gemm_gflops,
     )
 
 
-def measure_ceilings(device: str, quick: bool, **timing) -> Ceilings:
-    size = "quick" if quick else device
-    src = torch.empty(COPY_ELEMENTS[size], device=device).normal_()
-    dst = torch.empty_like(src)
-    n = GEMM_SIZE[size]
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    out = torch.empty(n, n, device=device)
-    times = harness.time_candidates(
-        [
-            Candidate("copy", lambda: dst.copy_(src)),
-            Candidate("gemm", lambda: torch.mm(a, b, out=out)),
-        ],
-        device,
-        **timing,
-    )
-    return Ceilings(
-        copy_gbps=2 * src.nbytes / times["copy"] / 1e6,
-        gemm_gflops=2 * n**3 / times["gemm"] / 1e6,
-        copy_mib=src.nbytes / 2**20,
-        gemm_n=n,
-        float32_matmul_precision=torch.get_float32_matmul_precision(),
-    )
+class CeilingProbes:
+    """The copy and the GEMM as timing candidates, timed with every op's rows (CPU:
+    interleaved with them), so that a load that changes during the run moves the op
+    and its ceilings alike."""
+
+    def __init__(self, device: str, quick: bool):
+        size = "quick" if quick else device
+        self.src = torch.empty(COPY_ELEMENTS[size], device=device).normal_()
+        dst = torch.empty_like(self.src)
+        self.n = n = GEMM_SIZE[size]
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        out = torch.empty(n, n, device=device)
+        self.candidates = [
+            Candidate("ceiling: copy", lambda: dst.copy_(self.src)),
+            Candidate("ceiling: GEMM", lambda: torch.mm(a, b, out=out)),
+        ]
+
+    def ceilings(self, times: dict[str, float]) -> Ceilings:
+        """The ceilings from the candidates' median ms."""
+        return Ceilings(
+            copy_gbps=2 * self.src.nbytes / times["ceiling: copy"] / 1e6,
+            gemm_gflops=2 * self.n**3 / times["ceiling: GEMM"] / 1e6,
+            copy_mib=self.src.nbytes / 2**20,
+            gemm_n=self.n,
+            float32_matmul_precision=torch.get_float32_matmul_precision(),
+        )
 
 
 def backends_for(work: OpWork, device: str) -> list[str]:
@@ -167,16 +178,25 @@ def _call(fn, args):
 
 
 def run(device: str, quick: bool = False, **timing) -> tuple[list[RooflineRow], Ceilings]:
-    ceilings = measure_ceilings(device, quick, **timing)
-    rows = []
+    """Every op's rows, each against the ceilings timed with its op; and the run's
+    ceilings (the medians over the ops' groups)."""
+    probes = CeilingProbes(device, quick)
+    rows, groups = [], []
     with torch.no_grad():
         for build in roofline_ops.WORK:
             work = build(device, quick)
             timed = candidates(work, device)
-            times = harness.time_candidates([c for _, _, c in timed], device, **timing)
+            group = probes.candidates + [c for _, _, c in timed]
+            times = harness.time_candidates(group, device, **timing)
+            ceilings = probes.ceilings(times)
             rows += [make_row(work, d, b, device, times[c.name], ceilings) for d, b, c in timed]
+            groups.append(ceilings)
             del work, timed
-    return rows, ceilings
+    return rows, dataclasses.replace(
+        groups[0],
+        copy_gbps=statistics.median(c.copy_gbps for c in groups),
+        gemm_gflops=statistics.median(c.gemm_gflops for c in groups),
+    )
 
 
 def describe_ceilings(ceilings: Ceilings) -> str:

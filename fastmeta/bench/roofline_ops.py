@@ -278,7 +278,7 @@ def attention_read(device: str, quick: bool) -> OpWork:
     """Meta Networks' conv4 last layer (64 -> 64, 3x3 on 3x3 maps: L = 9 patches of
     K = 576), B episodes of 5-way 1-shot, 15 queries per class."""
     B, M, N, L, O, K = _sizes(
-        device, quick, (16, 75, 5, 9, 64, 576), (256, 75, 5, 9, 64, 576), (2, 4, 3, 2, 5, 6)
+        device, quick, (8, 75, 5, 9, 64, 576), (256, 75, 5, 9, 64, 576), (2, 4, 3, 2, 5, 6)
     )
     a = torch.softmax(_randn(B, M, N, device=device), -1)
     w, x = _randn(B, N, O, K, device=device), _randn(B, M, L, K, device=device)
@@ -294,8 +294,8 @@ def attention_read(device: str, quick: bool) -> OpWork:
 
 
 def gradient_mlp(device: str, quick: bool) -> OpWork:
-    """Meta Networks' generator on 80 (GPU: 1280) examples' gradients of a 64x576 layer."""
-    rows, cols, H = _sizes(device, quick, (80, 36864, 20), (1280, 36864, 20), (4, 576, 5))
+    """Meta Networks' generator on 40 (GPU: 1280) examples' gradients of a 64x576 layer."""
+    rows, cols, H = _sizes(device, quick, (40, 36864, 20), (1280, 36864, 20), (4, 576, 5))
     grads = _randn(rows, cols, device=device) * 1e-3  # both branches of the preprocessing
     w1, b1, w2 = _randn(H, 2, device=device), _randn(H, device=device), _randn(H, device=device)
     b2, go = torch.tensor(0.1, device=device), _randn(rows, cols, device=device)
@@ -315,9 +315,9 @@ def _bn_parameters(C: int, device: str):
 
 
 def conv_block(device: str, quick: bool) -> OpWork:
-    """conv4's first layer (1 -> 64, 3x3, padding 1) on 28x28 images: 1200 is a Meta
-    Networks query pass of 16 episodes."""
-    images = _sizes(device, quick, 1200, 4800, 6)
+    """conv4's first layer (1 -> 64, 3x3, padding 1) on 300 (GPU: 4800) 28x28 images,
+    4 (64) MAML tasks' 75 query images."""
+    images = _sizes(device, quick, 300, 4800, 6)
     x = torch.rand(images, 1, 28, 28, device=device)
     weight, bias = _randn(64, 1, 3, 3, device=device) / 3, _randn(64, device=device) * 0.1
     gamma, beta = _bn_parameters(64, device)
