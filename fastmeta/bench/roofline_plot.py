@@ -17,6 +17,42 @@ def _short(row) -> str:
     return f"{name} {direction}" + (f" ({row.backend})" if row.device == "cuda" else "")
 
 
+def _overlaps(a: tuple, b: tuple) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _place_labels(axes, points: list[tuple[float, float, str]]) -> None:
+    """Labels (x, y, text) right of their markers, from the top down; one that would
+    overlap a label placed before it moves down or up (with a leader line) until it
+    does not. Boxes are estimated in pixels (the axes' limits and position are final)."""
+    to_pixels = axes.transData.transform
+    scale = axes.figure.dpi / 72  # pixels per point
+    placed: list[tuple] = []
+    shifts = [0] + [s for k in range(1, 15) for s in (-k, k)]
+    for x, y, text in sorted(points, key=lambda p: -p[1]):
+        px, py = to_pixels((x, y))
+        width, height = len(text) * 3.6 * scale, 8 * scale  # 6.5 pt text
+        for shift in shifts:
+            dy = 3 + 9 * shift  # points
+            box = (
+                px + 4 * scale,
+                py + dy * scale,
+                px + 4 * scale + width,
+                py + dy * scale + height,
+            )
+            if not any(_overlaps(box, other) for other in placed):
+                break
+        placed.append(box)
+        axes.annotate(
+            text,
+            (x, y),
+            xytext=(4, dy),
+            textcoords="offset points",
+            fontsize=6.5,
+            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if shift else None,
+        )
+
+
 def plot_roofline(path: str, rows: list, ceilings, title: str) -> str | None:
     """Writes the plot of `rows` (RooflineRow) under `ceilings` to path; None, with a
     one-line note on stderr, when matplotlib is not installed."""
@@ -34,7 +70,19 @@ def plot_roofline(path: str, rows: list, ceilings, title: str) -> str | None:
     intensities = [r.intensity for r in rows] + [ceilings.ridge]
     low, high = min(intensities) / 3, max(intensities) * 3
     xs = [low * (high / low) ** (i / 200) for i in range(201)]
-    figure, axes = plt.subplots(figsize=(11, 7.5))
+    gflops = [r.gflops for r in rows] + [ceilings.gemm_gflops]
+    figure, axes = plt.subplots(figsize=(13, 7.5))
+    figure.subplots_adjust(left=0.07, right=0.74, top=0.9, bottom=0.08)
+    axes.set(
+        xscale="log",
+        yscale="log",
+        xlim=(low, high),
+        ylim=(min(gflops) / 2, max(gflops) * 2),
+        xlabel="arithmetic intensity (FLOP/byte, from the bytes and FLOPs each op must do)",
+        ylabel="achieved GFLOP/s",
+        title=f"{title}\nfilled: fastmeta's kernels (circle forward, triangle backward); "
+        f"hollow: plain-PyTorch reference",
+    )
     axes.plot(
         xs,
         [min(ceilings.gemm_gflops, x * ceilings.copy_gbps) for x in xs],
@@ -58,25 +106,11 @@ def plot_roofline(path: str, rows: list, ceilings, title: str) -> str | None:
             edgecolors=color,
             label=r.op if kernel and r.direction == "forward" else None,
         )
-        if kernel:
-            axes.annotate(
-                _short(r),
-                (r.intensity, r.gflops),
-                fontsize=6.5,
-                xytext=(4, 3),
-                textcoords="offset points",
-            )
-    axes.set(
-        xscale="log",
-        yscale="log",
-        xlabel="arithmetic intensity (FLOP/byte, from the bytes and FLOPs each op must do)",
-        ylabel="achieved GFLOP/s",
-        title=f"{title}\nfilled: fastmeta's kernels (circle forward, triangle backward); "
-        f"hollow: plain-PyTorch reference",
+    _place_labels(
+        axes, [(r.intensity, r.gflops, _short(r)) for r in rows if r.backend != "reference"]
     )
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
