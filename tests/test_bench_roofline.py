@@ -17,6 +17,7 @@ from fastmeta.bench.roofline_ops import (
     OpWork,
     bn_relu_pool_cost,
     class_prototypes_cost,
+    conv_block_cost,
     inner_update_cost,
     squared_distances_cost,
 )
@@ -44,12 +45,19 @@ def test_class_prototypes_and_inner_update_work_counted_by_hand():
     assert backward == Cost(bytes=4 * (30 + 1 + 10 + 30), flops=60)
 
 
-def test_bn_relu_pool_work_counted_by_hand():
+def test_conv_block_and_bn_relu_pool_work_counted_by_hand():
+    # x [2, 1, 4, 4] (32), weight [3, 1, 3, 3] (27), padding 1: c [2, 3, 4, 4] (96, never
+    # stored), pooled [2, 3, 2, 2]: out and c_max 24 floats each, 24 uint8 windows.
+    # Patch moments: 2*4*4 positions x 9 taps x (9 + 2) = 3168 FLOPs.
+    forward, backward = conv_block_cost((2, 1, 4, 4), (3, 1, 3, 3), (1, 1))
+    assert forward == Cost(bytes=4 * (32 + 27 + 2 * 24 + 5 * 3) + 24, flops=96 * 23 + 3168)
+    assert backward == Cost(bytes=4 * (32 + 2 * 27 + 2 * 24 + 8 * 3) + 24, flops=24 * 25 + 3168)
     # c [2, 3, 4, 4]: 96 floats; pooled [2, 3, 2, 2]: 24 floats and 24 uint8 windows
     forward, backward = bn_relu_pool_cost((2, 3, 4, 4))
     assert forward == Cost(bytes=4 * (96 + 3 + 3 + 24 + 3 + 3) + 24, flops=7 * 96)
     # reads grad_out, c, gamma, beta, mean, rstd, windows; writes d_c, d_gamma, d_beta
-    assert backward == Cost(bytes=4 * (24 + 96 + 4 * 3 + 96 + 2 * 3) + 24, flops=12 * 96)
+    # FLOPs: d_c = a + b c on every element (2), the sums and k dy at the 24 maxima (10)
+    assert backward == Cost(bytes=4 * (24 + 96 + 4 * 3 + 96 + 2 * 3) + 24, flops=2 * 96 + 240)
 
 
 CEILINGS = Ceilings(

@@ -28,13 +28,19 @@ the forward did not keep. float32 throughout.
                                                                                + 2BMLK + BMLO
     gradient_mlp                   forward    n(7H + 5)                      2n + 4H + 1
       grads [n], hidden H          backward   n(18H + 7)                     3n + 8H + 1
-    conv_block                     forward    E(2 taps + 10)                 X + Wt + 2Y + Y/4
+    conv_block                     forward    E(2 taps + 5) + Z              X + Wt + 2Y + Y/4
       x [N,Cin,H,W] (X elements),                                              + 5C
-      weight [C,Cin,KH,KW] (Wt)    backward   E(4 taps + 10): c recomputed   X + 2Wt + 2Y + Y/4
-                                              (xhat in d_c), weight grad       + 8C
-      E = N C Hc Wc, taps = Cin KH KW, Y = N C (Hc/2)(Wc/2); backward without d_x
+      weight [C,Cin,KH,KW] (Wt)    backward   Y(2 taps + 7) + Z              X + 2Wt + 2Y + Y/4
+                                                                               + 8C
+      E = N C Hc Wc, taps = Cin KH KW, Y = N C (Hc/2)(Wc/2); backward without d_x.
+      Z = N Hc Wc taps (taps + 2): the input patches' mean and covariance, which give
+      the batch statistics and the backward's dense terms (in both directions: the
+      forward does not keep them); the backward's other terms are at the window maxima
+      only (csrc/cpu/conv_block_cpu.cpp)
     bn_relu_pool                   forward    7E                             E + Y + Y/4 + 4C
-      c [N,C,H,W] (E elements)     backward   12E                            2E + Y + Y/4 + 6C
+      c [N,C,H,W] (E elements)     backward   2E + 10Y: d_c = a + b c        2E + Y + Y/4 + 6C
+                                              everywhere, the rest at the
+                                              window maxima
       Y = N C (H/2)(W/2)
 
 (Y/4: the uint8 windows; in 2BS, 5BM, 3BM the int64 labels and predictions count
@@ -172,9 +178,13 @@ def conv_block_cost(x_shape, weight_shape, padding) -> tuple[Cost, Cost]:
     hc, wc = conv_size(x_shape, weight_shape, padding)
     x, taps = math.prod(x_shape), math.prod(weight_shape[1:])
     E, pooled = N * C * hc * wc, N * C * (hc // 2) * (wc // 2)
+    moments = N * hc * wc * taps * (taps + 2)
     return (
-        Cost(F32 * (x + C * taps + 2 * pooled + 5 * C) + U8 * pooled, E * (2 * taps + 10)),
-        Cost(F32 * (x + 2 * C * taps + 2 * pooled + 8 * C) + U8 * pooled, E * (4 * taps + 10)),
+        Cost(F32 * (x + C * taps + 2 * pooled + 5 * C) + U8 * pooled, E * (2 * taps + 5) + moments),
+        Cost(
+            F32 * (x + 2 * C * taps + 2 * pooled + 8 * C) + U8 * pooled,
+            pooled * (2 * taps + 7) + moments,
+        ),
     )
 
 
@@ -184,7 +194,7 @@ def bn_relu_pool_cost(shape) -> tuple[Cost, Cost]:
     E, pooled = N * C * H * W, N * C * (H // 2) * (W // 2)
     return (
         Cost(F32 * (E + pooled + 4 * C) + U8 * pooled, 7 * E),
-        Cost(F32 * (2 * E + pooled + 6 * C) + U8 * pooled, 12 * E),
+        Cost(F32 * (2 * E + pooled + 6 * C) + U8 * pooled, 2 * E + 10 * pooled),
     )
 
 
