@@ -137,6 +137,10 @@ main() {
     step "bench-$case" "${caps[$case]}" "$PY" -m fastmeta.bench "${bench[@]}" --case "$case" \
       --out "$work" --stem "bench-$case"
   done
+  # The roofline (cap 120 s): every op's GB/s and GFLOP/s against the copy and GEMM
+  # ceilings measured in the same run; roofline-DEVICE.{csv,json,png} go into logs.tar.gz.
+  step roofline 120 "$PY" -m fastmeta.bench roofline "${bench[@]}" --out "$work" \
+    --stem "roofline-$device"
   reserve=15
   step tests-compile 150 run_tests tests-compile -k "($device or gpu) and compile" \
     "${test_files[@]}"

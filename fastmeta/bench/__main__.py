@@ -2,6 +2,7 @@
 
 Prints one table (median ms, ratio to fastmeta, GB/s, peak MiB) and writes CSV and
 JSON with the machine, date and command to --out.
+`python -m fastmeta.bench roofline --help`: every op against the machine's ceilings.
 """
 
 import argparse
@@ -19,6 +20,7 @@ from fastmeta.bench import (
     metanet,
     overhead,
     protonet,
+    roofline,
 )
 
 CASES = {
@@ -33,6 +35,9 @@ CASES = {
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["roofline"]:
+        return roofline.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m fastmeta.bench",
         description=__doc__,
@@ -61,7 +66,7 @@ def main(argv=None) -> int:
 
     print(fastmeta.backends(), end="\n\n")
     machine = harness.machine_description(args.device)
-    command = "python -m fastmeta.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m fastmeta.bench " + " ".join(argv)
     results = []
     for case in args.case or sorted(CASES):
         timing = (

@@ -159,13 +159,16 @@ def machine_description(device: str) -> dict:
     return info
 
 
-def write_results(results: list[Result], out_dir: str, stem: str, extra: dict) -> list[str]:
-    """Writes stem.csv and stem.json (rows plus machine, date and command)."""
+def write_results(
+    results: list, out_dir: str, stem: str, extra: dict, row_type: type = Result
+) -> list[str]:
+    """Writes stem.csv and stem.json (rows plus machine, date and command); the rows
+    are row_type dataclasses (its fields: the columns)."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"{stem}.csv")
     json_path = os.path.join(out_dir, f"{stem}.json")
     rows = [dataclasses.asdict(r) for r in results]
-    columns = [field.name for field in dataclasses.fields(Result)]
+    columns = [field.name for field in dataclasses.fields(row_type)]
     with open(csv_path, "w", newline="") as f:  # no results (a case skipped): the header
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
