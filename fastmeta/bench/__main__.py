@@ -1,7 +1,12 @@
 """python -m fastmeta.bench [--case NAME] [--device cpu|cuda] [--quick] [--out DIR]
 
-Prints one table (median ms, ratio to fastmeta, GB/s, peak MiB) and writes CSV and
-JSON with the machine, date and command to --out.
+Prints one table (median ms, ratio to fastmeta, GB/s, peak MiB, noise between repeats)
+and writes CSV and JSON with the machine, date and command to --out.
+
+Subcommands (each with its own -h):
+  python -m fastmeta.bench sweep --case CASE --vary AXIS=V1,V2,...   times over sizes
+  python -m fastmeta.bench plot STEM.json                            redraws its plots
+  python -m fastmeta.bench compare OLD.json NEW.json                 ratios per row
 """
 
 import argparse
@@ -11,6 +16,7 @@ import torch
 
 import fastmeta
 from fastmeta.bench import (
+    compare,
     conv_block,
     harness,
     inner_update,
@@ -18,7 +24,9 @@ from fastmeta.bench import (
     maml_bounded,
     metanet,
     overhead,
+    plots,
     protonet,
+    sweep,
 )
 
 CASES = {
@@ -31,8 +39,13 @@ CASES = {
     protonet.CASE: protonet.run,
 }
 
+SUBCOMMANDS = {"sweep": sweep.main, "plot": plots.main, "compare": compare.main}
+
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m fastmeta.bench",
         description=__doc__,
@@ -61,7 +74,7 @@ def main(argv=None) -> int:
 
     print(fastmeta.backends(), end="\n\n")
     machine = harness.machine_description(args.device)
-    command = "python -m fastmeta.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m fastmeta.bench " + " ".join(argv)
     results = []
     for case in args.case or sorted(CASES):
         timing = (
