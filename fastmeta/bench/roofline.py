@@ -188,7 +188,8 @@ def run(device: str, quick: bool = False, **timing) -> tuple[list[RooflineRow], 
             work = build(device, quick)
             timed = candidates(work, device)
             group = probes.candidates + [c for _, _, c in timed]
-            times = harness.time_candidates(group, device, **timing)
+            samples = harness.time_candidates(group, device, **timing)
+            times = {name: statistics.median(ts) for name, ts in samples.items()}
             ceilings = probes.ceilings(times)
             rows += [make_row(work, d, b, device, times[c.name], ceilings) for d, b, c in timed]
             groups.append(ceilings)
