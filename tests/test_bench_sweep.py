@@ -109,6 +109,7 @@ def test_tiny_protonet_sweep_checks_every_candidate_and_writes_plots(tmp_path, c
     assert run_sweep(tmp_path, *options) == 0
     result = load(tmp_path)
     assert result["points"] == result["points_done"] == 4 and not result["interrupted"]
+    assert len(result["load_after_point"]) == 4
     assert result["varied"] == {"ways": [2, 3], "dim": [4, 8]}
     assert result["fixed"] == {"episodes": 1, "shots": 1, "queries": 2}
     rows = result["results"]

@@ -263,6 +263,11 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages; None where the system keeps none."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def machine_description(device: str) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -272,8 +277,9 @@ def machine_description(device: str) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
     }
-    if hasattr(os, "getloadavg"):  # other jobs on the machine slow every row alike
-        info["load_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]
+    load = load_average()
+    if load is not None:  # other jobs on the machine slow every row alike
+        info["load_1_5_15_min"] = load
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
