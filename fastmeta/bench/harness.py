@@ -27,10 +27,13 @@ import torch
 from fastmeta.cpu_pool import empty_cpu_cache
 
 # Relative error (norm of the difference over the reference's norm) a candidate's output
-# may have against the fastmeta row's under check=True, by the reference's dtype.
+# may have against the fastmeta row's under check=True, by the reference's dtype: far
+# above what rounding gives to another formulation of the same math (in float32 cdist ** 2,
+# a square root squared, differs most: the sweep's check column has the errors), far
+# below what a wrong gradient gives.
 CHECK_TOLERANCE = {
     torch.float64: 1e-8,
-    torch.float32: 1e-4,
+    torch.float32: 1e-3,
     torch.float16: 1e-2,
     torch.bfloat16: 5e-2,
 }
