@@ -221,12 +221,17 @@ def _parser() -> argparse.ArgumentParser:
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
     parser.add_argument(
-        "--repeats", type=int, default=DEFAULT_REPEATS, help="CPU timing rounds per point"
+        "--repeats",
+        type=int,
+        default=DEFAULT_REPEATS,
+        help="CPU timing rounds per point (default: %(default)s)",
     )
     parser.add_argument(
         "--check", action="store_true", help="compare every row's output with fastmeta's"
     )
-    parser.add_argument("--out", default="benchmarks/results/local")
+    parser.add_argument(
+        "--out", default="benchmarks/results/local", help="directory (default: %(default)s)"
+    )
     parser.add_argument("--stem", help="file name stem (default: sweep-CASE-DEVICE)")
     parser.add_argument("--no-plots", action="store_true", help="CSV and JSON only")
     return parser
