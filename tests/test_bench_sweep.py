@@ -109,6 +109,7 @@ def test_tiny_protonet_sweep_checks_every_candidate_and_writes_plots(tmp_path, c
     assert run_sweep(tmp_path, *options) == 0
     result = load(tmp_path)
     assert result["points"] == result["points_done"] == 4 and not result["interrupted"]
+    assert len(result["load_after_point"]) == 4
     assert result["varied"] == {"ways": [2, 3], "dim": [4, 8]}
     assert result["fixed"] == {"episodes": 1, "shots": 1, "queries": 2}
     rows = result["results"]
@@ -151,9 +152,9 @@ def test_check_fails_naming_the_row_that_differs(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sweep.SWEEPS, "fake", fake_case(wrong=True))
     assert run_sweep(tmp_path, "--case", "fake", "--vary", "n=3", "--check", "--no-plots") == 1
     err = capsys.readouterr().err
-    assert "check failed: fake n=3 m=1 alternative: MISMATCH 5e-01 > 1e-04" in err
+    assert "check failed: fake n=3 m=1 alternative: MISMATCH 5e-01 > 1e-03" in err
     checks = {r["name"]: r["check"] for r in load(tmp_path)["results"]}
-    assert checks == {"fastmeta[fake]": "ok 0e+00", "alternative": "MISMATCH 5e-01 > 1e-04"} | {
+    assert checks == {"fastmeta[fake]": "ok 0e+00", "alternative": "MISMATCH 5e-01 > 1e-03"} | {
         "floor": "exempt"
     }
 

@@ -84,18 +84,21 @@ class SweepFiles:
         self.csv_path = os.path.join(out_dir, f"{stem}.csv")
         self.json_path = os.path.join(out_dir, f"{stem}.json")
         self.content = {**header, "points_done": 0, "interrupted": False}
-        self.content |= {"results": [], "skipped": []}
+        self.content |= {"load_after_point": [], "results": [], "skipped": []}
         with open(self.csv_path, "w", newline="") as f:
             csv.DictWriter(f, fieldnames=harness.CSV_COLUMNS).writeheader()
         harness.write_json_atomic(self.json_path, self.content)
 
     def add_point(self, results: list[harness.Result], skipped: list[dict]) -> None:
+        """Appends the point's rows and rewrites the JSON, with the load averages now
+        (other jobs on the machine slow every row of a point alike)."""
         with open(self.csv_path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=harness.CSV_COLUMNS)
             writer.writerows(harness.csv_row(r) for r in results)
         self.content["results"] += [dataclasses.asdict(r) for r in results]
         self.content["skipped"] += skipped
         self.content["points_done"] += 1
+        self.content["load_after_point"].append(harness.load_average())
         harness.write_json_atomic(self.json_path, self.content)
 
     def mark_interrupted(self) -> None:
@@ -166,9 +169,11 @@ def sweep_points(
             results += point_results
             now = time.monotonic()
             left = (now - start) / k * (len(todo) - k)
+            load = files.content["load_after_point"][-1]
             print(
                 f"[{k}/{len(todo)}] {point_line(point, point_results, skipped)} "
-                f"({now - point_start:.0f} s, about {left:.0f} s left)",
+                f"({now - point_start:.0f} s, about {left:.0f} s left"
+                + (f"; load {load[0]})" if load else ")"),
                 file=sys.stderr,
                 flush=True,
             )
@@ -216,12 +221,17 @@ def _parser() -> argparse.ArgumentParser:
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
     parser.add_argument(
-        "--repeats", type=int, default=DEFAULT_REPEATS, help="CPU timing rounds per point"
+        "--repeats",
+        type=int,
+        default=DEFAULT_REPEATS,
+        help="CPU timing rounds per point (default: %(default)s)",
     )
     parser.add_argument(
         "--check", action="store_true", help="compare every row's output with fastmeta's"
     )
-    parser.add_argument("--out", default="benchmarks/results/local")
+    parser.add_argument(
+        "--out", default="benchmarks/results/local", help="directory (default: %(default)s)"
+    )
     parser.add_argument("--stem", help="file name stem (default: sweep-CASE-DEVICE)")
     parser.add_argument("--no-plots", action="store_true", help="CSV and JSON only")
     return parser
