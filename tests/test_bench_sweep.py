@@ -103,7 +103,10 @@ def test_points_are_the_product_of_the_varied_values_over_every_axis():
 
 
 def test_tiny_protonet_sweep_checks_every_candidate_and_writes_plots(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # seconds, not an Inductor build
+    # Seconds, not an Inductor build: the compiled row runs eagerly. (Not through
+    # torch._dynamo.config.disable: that name is hidden, so monkeypatch's undo deleted
+    # it and broke every later torch.compile in the session.)
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
     options = ["--case", "protonet", "--vary", "ways=2,3", "--vary", "dim=4,8"]
     options += ["--set", "shots=1", "--set", "queries=2", "--repeats", "1", "--check"]
     assert run_sweep(tmp_path, *options) == 0
