@@ -49,6 +49,26 @@ from fastmeta.kernels.tiles import (
 
 
 @triton.jit
+def preprocess(g, p, threshold, e_p):
+    """(u0, u1, small) of gradient coordinates g (gradient_mlp.preprocess)."""
+    magnitude = tl.abs(g)
+    small = magnitude < threshold
+    # NaN stays NaN (as in the reference): maximum and relu propagate it
+    clamped = tl.maximum(magnitude, threshold, propagate_nan=tl.PropagateNan.ALL)
+    u0 = tl.where(small, -1.0, tl.log(clamped) / p)
+    sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
+    u1 = tl.where(small, e_p * g, sign)
+    return u0, u1, small
+
+
+@triton.jit
+def preprocess_backward(du0, du1, g, small, p, e_p):
+    """d_g from the gradient (du0, du1) w.r.t. preprocess(g)."""
+    safe = tl.where(small, 1.0, g)
+    return tl.where(small, du1 * e_p, du0 / (p * safe))
+
+
+@triton.jit
 def _hidden_tile(g_ptr, w1_ptr, b1_ptr, offs, n, H, p, threshold, e_p, BLOCK_H: tl.constexpr):
     """(g, u0, u1, small, s [BLOCK, BLOCK_H], w1 columns, h index mask)."""
     g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
@@ -57,13 +77,7 @@ def _hidden_tile(g_ptr, w1_ptr, b1_ptr, offs, n, H, p, threshold, e_p, BLOCK_H: 
     w10 = tl.load(w1_ptr + 2 * hs, mask=hmask, other=0.0).to(tl.float32)
     w11 = tl.load(w1_ptr + 2 * hs + 1, mask=hmask, other=0.0).to(tl.float32)
     b1 = tl.load(b1_ptr + hs, mask=hmask, other=0.0).to(tl.float32)
-    magnitude = tl.abs(g)
-    small = magnitude < threshold
-    # NaN stays NaN (as in the reference): maximum and relu propagate it
-    clamped = tl.maximum(magnitude, threshold, propagate_nan=tl.PropagateNan.ALL)
-    u0 = tl.where(small, -1.0, tl.log(clamped) / p)
-    sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
-    u1 = tl.where(small, e_p * g, sign)
+    u0, u1, small = preprocess(g, p, threshold, e_p)
     s = u0[:, None] * w10[None, :] + u1[:, None] * w11[None, :] + b1[None, :]
     s = tl.where(hmask[None, :], s, 0.0)  # a padded unit is closed (not inf * 0 = NaN)
     return g, u0, u1, small, s, w10, w11, hs, hmask
@@ -132,8 +146,7 @@ def _gradient_mlp_backward_kernel(
     if NEED_GRADS:
         du0 = tl.sum(dh * w10[None, :], axis=1)
         du1 = tl.sum(dh * w11[None, :], axis=1)
-        safe = tl.where(small, 1.0, g)
-        dg = tl.where(small, du1 * e_p, du0 / (p * safe))
+        dg = preprocess_backward(du0, du1, g, small, p, e_p)
         tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=offs < n)
 
 
@@ -144,7 +157,8 @@ def _coordinate_block(n: int) -> int:
     return 256
 
 
-def _scalars(p: float):
+def preprocess_scalars(p: float) -> tuple[float, float, float]:
+    """(p, e^-p, e^p): the preprocessing's constants, as the kernels take them."""
     return float(p), math.exp(-p), math.exp(p)
 
 
@@ -165,7 +179,7 @@ def gradient_mlp_forward(grads, w1, b1, w2, b2, p):
         out,
         n,
         H,
-        *_scalars(p),
+        *preprocess_scalars(p),
         BLOCK=block,
         BLOCK_H=triton.next_power_of_2(H),
     )
@@ -191,7 +205,7 @@ def gradient_mlp_backward(grad_out, grads, w1, b1, w2, p, need_grads):
             partials,
             n,
             H,
-            *_scalars(p),
+            *preprocess_scalars(p),
             NEED_GRADS=need_grads,
             BLOCK=block,
             BLOCK_H=block_h,
