@@ -17,6 +17,7 @@ from fastmeta.bench import (
     maml,
     maml_bounded,
     metanet,
+    metanet_lstm,
     overhead,
     protonet,
 )
@@ -27,6 +28,7 @@ CASES = {
     maml.CASE: maml.run,
     maml_bounded.CASE: maml_bounded.run,
     metanet.CASE: metanet.run,
+    metanet_lstm.CASE: metanet_lstm.run,
     overhead.CASE: overhead.run,
     protonet.CASE: protonet.run,
 }
