@@ -13,7 +13,13 @@ Per configuration, side by side (ratios to the first row):
   d = mlp alone          the default d on the same gradients: gradient_mlp, mean over N
 The gradients are random (magnitude 1e-3); d has 20 hidden units, as the model's. Peak
 memory: one extra call each (CPU: the process's high-water mark).
+
+On the CPU the rows run on one thread and are timed by that thread's CPU time
+(time.thread_time): the shares of a step are what this case is for, and on a shared
+machine wall times of steps of many seconds swing with the other jobs.
 """
+
+import time
 
 import torch
 
@@ -60,9 +66,18 @@ def candidates(device: str, B: int, ways: int, shots: int, queries: int) -> list
 
 def run(device: str, quick: bool = False, **timing):
     results = []
-    for config, sizes in (QUICK if quick else CONFIGS).items():
-        print(f"{CASE} {config}:")
-        results += run_config(
-            CASE, config, device, candidates(device, *sizes), memory=True, **timing
-        )
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+        timing["clock"] = time.thread_time
+    try:
+        for config, sizes in (QUICK if quick else CONFIGS).items():
+            if device == "cpu":
+                config += ", 1 thread, CPU time"
+            print(f"{CASE} {config}:")
+            results += run_config(
+                CASE, config, device, candidates(device, *sizes), memory=True, **timing
+            )
+    finally:
+        torch.set_num_threads(threads)
     return results
