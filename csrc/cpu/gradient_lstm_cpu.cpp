@@ -4,8 +4,8 @@
 // grads [B, N, Q...] (Q: the coordinates of one example): for every episode b and
 // coordinate q, an LSTM of H units reads u(grads[b, t, q]) for t = 0 .. N-1 from a zero
 // state; y[b, q] = w_out . h_N + b_out. Coordinates go in blocks of kLanes of one
-// episode, whose states are small [H][kLanes] arrays (unit-major: the loops over lanes
-// are the vector loops, the same weights serving every lane). The forward keeps only
+// episode, whose states are small [H][kLanes] arrays (the block's math:
+// gradient_lstm_block.h; here the op's entry points). The forward keeps only
 // the current state; the backward recomputes a block's N steps (gates and states,
 // about 6 H N kLanes values, in cache) and runs back through them. Parameter
 // gradients are summed per lane in double over a chunk of kBlocksPerChunk blocks,
@@ -14,7 +14,8 @@
 //
 // No FP trap semantics in this file (results unchanged: no reassociation, no flush to
 // zero), so that GCC if-converts vector_exp's selects and vectorizes the gates in the
-// AVX2/AVX-512 clones (see vector_exp.h). The pragma comes before any code.
+// AVX2/AVX-512 clones (see vector_exp.h). The pragma comes before any code, the
+// included block math too.
 //
 // The Python op checks arguments and gives users the error messages; these kernels
 // check them again (checks.h) so that a direct call never indexes out of bounds.
