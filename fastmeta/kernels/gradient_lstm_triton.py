@@ -24,8 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmeta.kernels.gradient_preprocess import (
+    preprocess,
+    preprocess_backward,
+    preprocess_scalars,
+)
 from fastmeta.kernels.launch import launches_on_input_device
-from fastmeta.kernels.metanet_triton import preprocess, preprocess_backward, preprocess_scalars
 from fastmeta.kernels.tiles import dot, dot_precision, load_tile, store_tile, tile_size
 
 VECTOR_ROWS = 14  # d_w_ih[:, 0] x 4 gates, d_w_ih[:, 1] x 4, d_b x 4, d_w_out, d_b_out

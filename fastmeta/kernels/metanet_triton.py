@@ -30,12 +30,15 @@ int64, and so is every offset built from it. Tiles are powers of two of at least
 (tl.dot's minimum); masks pad the rest.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
+from fastmeta.kernels.gradient_preprocess import (
+    preprocess,
+    preprocess_backward,
+    preprocess_scalars,
+)
 from fastmeta.kernels.interpreter import triton_interpreter
 from fastmeta.kernels.launch import launches_on_input_device
 from fastmeta.kernels.tiles import (
@@ -46,26 +49,6 @@ from fastmeta.kernels.tiles import (
     store_tile,
     tile_size,
 )
-
-
-@triton.jit
-def preprocess(g, p, threshold, e_p):
-    """(u0, u1, small) of gradient coordinates g (gradient_mlp.preprocess)."""
-    magnitude = tl.abs(g)
-    small = magnitude < threshold
-    # NaN stays NaN (as in the reference): maximum and relu propagate it
-    clamped = tl.maximum(magnitude, threshold, propagate_nan=tl.PropagateNan.ALL)
-    u0 = tl.where(small, -1.0, tl.log(clamped) / p)
-    sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
-    u1 = tl.where(small, e_p * g, sign)
-    return u0, u1, small
-
-
-@triton.jit
-def preprocess_backward(du0, du1, g, small, p, e_p):
-    """d_g from the gradient (du0, du1) w.r.t. preprocess(g)."""
-    safe = tl.where(small, 1.0, g)
-    return tl.where(small, du1 * e_p, du0 / (p * safe))
 
 
 @triton.jit
@@ -155,11 +138,6 @@ def _coordinate_block(n: int) -> int:
     if triton_interpreter():
         return triton.next_power_of_2(max(16, min(n, 1 << 14)))
     return 256
-
-
-def preprocess_scalars(p: float) -> tuple[float, float, float]:
-    """(p, e^-p, e^p): the preprocessing's constants, as the kernels take them."""
-    return float(p), math.exp(-p), math.exp(p)
 
 
 @launches_on_input_device
