@@ -6,6 +6,7 @@ from torch import Tensor, nn
 from fastmeta import functional as F
 from fastmeta.fused_blocks import fuse_conv_blocks
 from fastmeta.ops.prototypical_cross_entropy import COSINE_EPS, distance_code, safe_sqrt
+from fastmeta.profiling import phase
 
 
 class ProtoNet(nn.Module):
@@ -71,8 +72,9 @@ class ProtoNet(nn.Module):
 
     def _episode(self, support_x, support_y, query_x, num_classes):
         batch_dims = support_y.dim()  # 1: one episode, 2: [B, S]
-        support = self._embed(support_x, batch_dims)
-        queries = self._embed(query_x, batch_dims)
+        with phase("query_pass"):
+            support = self._embed(support_x, batch_dims)
+            queries = self._embed(query_x, batch_dims)
         if num_classes is None:
             num_classes = int(support_y.max()) + 1
         return support, queries, num_classes
@@ -100,14 +102,15 @@ class ProtoNet(nn.Module):
         reduction: str = "mean",
     ):
         support, queries, num_classes = self._episode(support_x, support_y, query_x, num_classes)
-        return F.prototypical_loss(
-            support,
-            support_y,
-            queries,
-            query_y,
-            num_classes,
-            tau=self.tau.to(queries.dtype),
-            reduction=reduction,
-            empty_classes=self.empty_classes,
-            distance=self.distance,
-        )
+        with phase("loss"):
+            return F.prototypical_loss(
+                support,
+                support_y,
+                queries,
+                query_y,
+                num_classes,
+                tau=self.tau.to(queries.dtype),
+                reduction=reduction,
+                empty_classes=self.empty_classes,
+                distance=self.distance,
+            )

@@ -2,7 +2,9 @@
 # GPU check: the one run a short GPU loan gets (one card, no network; Python, torch,
 # Triton, nvcc and ninja already installed). Prints the card, driver and versions,
 # builds fastmeta._C in place for the card's arch (no pip), prints fastmeta.backends(),
-# runs the GPU cases of the tests, then the GPU benchmarks, and prints the summary last.
+# runs the GPU cases of the tests, then the GPU benchmarks and the ProtoNet sweep (ways x
+# dim, with --check: every candidate's gradients against fastmeta's; the README's CPU
+# sweep), and prints the summary last.
 #
 #   scripts/gpu_check.sh              on the GPU machine (Python: ${PYTHON:-python3})
 #   scripts/gpu_check.sh --rehearse   the same steps on CPU, seconds each (CI runs it)
@@ -12,7 +14,8 @@
 # back for later phases, whichever is smaller; a killed step gets 10 s more to exit.
 #   caps (s):  machine 30, build 240, backends 60, each test file 150 (120 per test when
 #              pytest-timeout is installed), benchmarks overhead 90, protonet 150,
-#              inner_update 90, maml 150, metanet 120, compile tests 150, summary 30
+#              inner_update 90, maml 150, metanet 120, roofline 120, protonet sweep 150, compile
+#              tests 150, summary 30
 #   kept back: 150 s for the benchmarks while the tests run, 45 s for the compile tests
 #              (last: Inductor) while the benchmarks run, 15 s for the summary
 # A step that fails, times out or gets no time is recorded and the next one runs; the
@@ -24,13 +27,16 @@
 #   summary.md     machine, steps, test counts per test step with the failed tests,
 #                  every benchmark row with its ratio to fastmeta (scripts/gpu_summary.py)
 #   logs.tar.gz    every step's log, JUnit XML, benchmark CSV and JSON
-# The last two are remade after every step.
+#   sweep-protonet.json, sweep-protonet-{time,memory,speedup}.png   the sweep's rows and
+#                  plots (python -m fastmeta.bench sweep; cut off by its limit, it keeps
+#                  the points it finished and still draws them)
+# The summary and the tarball are remade after every step, the sweep's files copied.
 set -u
 cd "$(dirname "$0")/.."
 export PY=${PYTHON:-python3} PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results/local}
 mkdir -p "$out"
-rm -f "$out/summary.md" "$out/logs.tar.gz"  # an earlier run's
+rm -f "$out/summary.md" "$out/logs.tar.gz" "$out"/sweep-protonet*  # an earlier run's
 export work
 work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -44,6 +50,8 @@ case ${1:-} in
     test_files=(tests/test_race.py tests/test_backend.py tests/test_gpu*.py)
     cases=(overhead protonet inner_update)
     bench=(--device cpu --quick --repeats 1)
+    sweep=(--device cpu --vary ways=2,5 --vary dim=4,8 --set shots=1 --set queries=2
+           --repeats 1)
     export TORCH_COMPILE_DISABLE=1 ;;  # rehearse the script, not Inductor (a minute here)
   "")
     export mode=gpu
@@ -57,7 +65,8 @@ case ${1:-} in
     mapfile -t test_files < <(printf '%s\n' "${first[@]}" tests/test_*.py \
       | grep -Ev 'test_(bench|cli|distributed)\.py' | awk '!seen[$0]++')
     cases=(overhead protonet inner_update maml metanet)  # conv_block has no GPU kernel
-    bench=(--device cuda) ;;
+    bench=(--device cuda)
+    sweep=(--device cuda --vary ways=5,20,60,250,1000 --vary dim=64,512,1600) ;;
   *) echo "usage: $0 [--rehearse]" >&2; exit 2 ;;
 esac
 declare -A caps=([overhead]=90 [protonet]=150 [inner_update]=90 [maml]=150 [metanet]=120)
@@ -91,10 +100,11 @@ run_tests() {  # run_tests NAME PYTEST-ARGS...: JUnit XML to $work/NAME.xml; non
 }
 export -f machine backends run_tests
 
-publish() {  # summary.md and logs.tar.gz, each replaced whole
+publish() {  # summary.md and logs.tar.gz, each replaced whole; the sweep's files copied
   "$PY" scripts/gpu_summary.py "$work" > "$out/summary.md.part" \
     && mv "$out/summary.md.part" "$out/summary.md"
   tar -czf "$out/logs.tar.gz.part" -C "$work" . && mv "$out/logs.tar.gz.part" "$out/logs.tar.gz"
+  cp "$work"/sweep-protonet.json "$work"/sweep-protonet-*.png "$out/" 2> /dev/null || true
 }
 
 failed=()
@@ -137,6 +147,12 @@ main() {
     step "bench-$case" "${caps[$case]}" "$PY" -m fastmeta.bench "${bench[@]}" --case "$case" \
       --out "$work" --stem "bench-$case"
   done
+  # The roofline (cap 120 s): every op's GB/s and GFLOP/s against the copy and GEMM
+  # ceilings measured in the same run; roofline-DEVICE.{csv,json,png} go into logs.tar.gz.
+  step roofline 120 "$PY" -m fastmeta.bench roofline "${bench[@]}" --out "$work" \
+    --stem "roofline-$device"
+  step sweep-protonet 150 "$PY" -m fastmeta.bench sweep --case protonet "${sweep[@]}" --check \
+    --out "$work" --stem sweep-protonet
   reserve=15
   step tests-compile 150 run_tests tests-compile -k "($device or gpu) and compile" \
     "${test_files[@]}"

@@ -1,7 +1,14 @@
 """python -m fastmeta.bench [--case NAME] [--device cpu|cuda] [--quick] [--out DIR]
 
-Prints one table (median ms, ratio to fastmeta, GB/s, peak MiB) and writes CSV and
-JSON with the machine, date and command to --out.
+Prints one table (median ms, ratio to fastmeta, GB/s, peak MiB, noise between repeats)
+and writes CSV and JSON with the machine, date and command to --out.
+
+Subcommands (each with its own -h):
+  python -m fastmeta.bench sweep --case CASE --vary AXIS=V1,V2,...   times over sizes
+  python -m fastmeta.bench plot STEM.json                            redraws its plots
+  python -m fastmeta.bench compare OLD.json NEW.json                 ratios per row
+  python -m fastmeta.bench roofline [--device D] [--quick]          every op against the
+                                                                    machine's ceilings
 """
 
 import argparse
@@ -11,6 +18,7 @@ import torch
 
 import fastmeta
 from fastmeta.bench import (
+    compare,
     conv_block,
     harness,
     inner_update,
@@ -19,7 +27,10 @@ from fastmeta.bench import (
     metanet,
     metanet_lstm,
     overhead,
+    plots,
     protonet,
+    roofline,
+    sweep,
 )
 
 CASES = {
@@ -33,8 +44,18 @@ CASES = {
     protonet.CASE: protonet.run,
 }
 
+SUBCOMMANDS = {
+    "sweep": sweep.main,
+    "plot": plots.main,
+    "compare": compare.main,
+    "roofline": roofline.main,
+}
+
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m fastmeta.bench",
         description=__doc__,
@@ -63,7 +84,7 @@ def main(argv=None) -> int:
 
     print(fastmeta.backends(), end="\n\n")
     machine = harness.machine_description(args.device)
-    command = "python -m fastmeta.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m fastmeta.bench " + " ".join(argv)
     results = []
     for case in args.case or sorted(CASES):
         timing = (

@@ -7,13 +7,14 @@ fastmeta.inner_update on [T, P] against what users write today:
 and a plain copy of as many bytes as the update must read and write (its floor).
 Configs: MAML (one fixed float learning rate; gradients flow to theta and g, as in
 second-order MAML) and Meta-SGD (learnable [P] learning rates, gradients to alpha too).
+Sweeps (SWEEP): the MAML config over T and P.
 """
 
 import torch
 
 import fastmeta
 from fastmeta import backend
-from fastmeta.bench.harness import Candidate, run_config
+from fastmeta.bench.harness import Candidate, Sweepable, run_config
 
 CASE = "inner_update"
 
@@ -86,9 +87,23 @@ def candidates(device: str, T: int, P: int, meta_sgd: bool) -> list[Candidate]:
     src = torch.empty(bytes_moved // 2 // element, device=device).normal_()
     dst = torch.empty_like(src)
     rows.append(
-        Candidate("copy, same bytes (floor)", lambda: dst.copy_(src), bytes_moved=bytes_moved)
+        Candidate(
+            "copy, same bytes (floor)",
+            lambda: dst.copy_(src),
+            bytes_moved=bytes_moved,
+            comparable=False,
+        )
     )
     return rows
+
+
+SWEEP = Sweepable(
+    axes={"T": 32, "P": 1_000_003},
+    about="tasks T, parameters P (one float learning rate, as the MAML config)",
+    candidates=lambda device, point, memory: candidates(device, point["T"], point["P"], False),
+    # float32 [T, P]: g, its per-task copies, go, the outputs and gradients of a row
+    footprint=lambda point: 4 * 10 * point["T"] * point["P"],
+)
 
 
 def run(device: str, quick: bool = False, **timing):

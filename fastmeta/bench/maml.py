@@ -52,7 +52,7 @@ from torch import nn
 from torch.func import functional_call
 
 import fastmeta
-from fastmeta.bench.harness import Candidate, peak_memory_mib, run_config
+from fastmeta.bench.harness import Candidate, Sweepable, peak_memory_mib, run_config
 from fastmeta.maml.task_model import CompositeBatchNorm
 from fastmeta.models import conv4 as conv4_network
 
@@ -283,7 +283,9 @@ def candidates(device, T, K, Q, steps, first_order, max_memory_mib, log=print) -
     """Builds the contenders for one config and checks every meta-gradient against the
     loop's: float32 on all T tasks (this first call also gives the row's peak memory),
     then, for a row that differs by TOLERANCE or more, float64 on a few tasks. Row names
-    end with the check: `ok`, `ok (f64)` or `err <float64 relative error> (f64)`."""
+    end with the check: `ok`, `ok (f64)` or `err <float64 relative error> (f64)`; the
+    rows return nothing (the meta-gradient is in the model's .grad), so the harness's
+    check_outputs marks them exempt."""
     torch.manual_seed(0)
     model = conv4().to(device)
     data = episodes(T, K, Q, device)
@@ -292,7 +294,8 @@ def candidates(device, T, K, Q, steps, first_order, max_memory_mib, log=print) -
     loop_fn = builders["loop (reference)"](model, data)
     reference, seconds, peak = _meta_gradient(model, loop_fn, device)
     log(f"  loop (reference): {seconds:.2f} s (first call)")
-    rows, check64 = [(Candidate("loop (reference)", loop_fn), peak)], None
+    rows = [Candidate("loop (reference)", loop_fn, comparable=False, peak_mib=peak)]
+    check64 = None
     for name, build in builders.items():
         if name == "loop (reference)":
             continue
@@ -328,16 +331,39 @@ def candidates(device, T, K, Q, steps, first_order, max_memory_mib, log=print) -
                     )
                 )
             log(f"    {label} in float64: {err64:.1e} off the loop's{note}")
-        rows.append((Candidate(f"{label} {check}", fn, is_fastmeta=(name == "fastmeta")), peak))
-    rows.sort(key=lambda row: not row[0].is_fastmeta)  # fastmeta's default first
-    return [c for c, _ in rows], {c.name: p for c, p in rows}
+        rows.append(
+            Candidate(
+                f"{label} {check}",
+                fn,
+                is_fastmeta=(name == "fastmeta"),
+                comparable=False,
+                peak_mib=peak,
+            )
+        )
+    rows.sort(key=lambda row: not row.is_fastmeta)  # fastmeta's default first
+    return rows
+
+
+SWEEP = Sweepable(
+    axes={"T": 32, "shots": 1, "queries": 15, "steps": 1, "max_memory_mib": 192},
+    about=(
+        f"tasks T, shots and queries per class ({WAYS}-way), inner steps (second order), "
+        "the memory-bounded row's max_memory in MiB"
+    ),
+    candidates=lambda device, p, memory: candidates(
+        device, p["T"], p["shots"], p["queries"], p["steps"], False, p["max_memory_mib"]
+    ),
+    # about 2.5 MiB per image and inner step: the graphs second-order MAML keeps
+    footprint=lambda p: int(2.5 * 2**20 * p["T"] * WAYS * (p["shots"] * p["steps"] + p["queries"])),
+    warmup=0,  # candidates() has called each row once (the check)
+)
 
 
 def run(device: str, quick: bool = False, **timing):
     results = []
     for config, (T, K, Q, steps, first_order, mib) in (QUICK if quick else CONFIGS).items():
         print(f"{CASE} {config}:")
-        rows, peaks = candidates(device, T, K, Q, steps, first_order, mib)
+        rows = candidates(device, T, K, Q, steps, first_order, mib)
         config_timing = dict(timing)
         if device != "cuda":
             # the checked call above was each row's first warm-up; the heavy config
@@ -352,8 +378,5 @@ def run(device: str, quick: bool = False, **timing):
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            config_results = run_config(CASE, config, device, rows, **config_timing)
-        for r in config_results:
-            r.peak_mib = peaks[r.name] if r.peak_mib is None else r.peak_mib
-        results += config_results
+            results += run_config(CASE, config, device, rows, **config_timing)
     return results

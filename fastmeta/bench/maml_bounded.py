@@ -50,18 +50,17 @@ def run(device: str, quick: bool = False, log=print, **timing):
         torch.manual_seed(0)
         maml = fastmeta.MAML(conv4(ways).to(device), LR)
         data = episodes(T, K, Q, device, ways=ways)
-        rows, peaks = [], {}
+        rows = []
         for checkpoint in (False, True):
             name = f"fastmeta[max_memory={max_memory / 2**20:.0f}MiB" + (
                 ", checkpoint]" if checkpoint else "]"
             )
             fn = _step(maml, data, steps, max_memory, checkpoint, log)
-            peaks[name] = peak_memory_mib(fn, device)  # the first call: also the warm-up
-            rows.append(Candidate(name, fn, is_fastmeta=not checkpoint))
+            peak = peak_memory_mib(fn, device)  # the first call: also the warm-up
+            rows.append(
+                Candidate(name, fn, is_fastmeta=not checkpoint, comparable=False, peak_mib=peak)
+            )
         if device != "cuda":
             timing = {**timing, "warmup": 0, "repeats": min(timing.get("repeats", 9), REPEATS)}
-        config_results = run_config(CASE, config, device, rows, **timing)
-        for r in config_results:
-            r.peak_mib = peaks[r.name] if r.peak_mib is None else r.peak_mib
-        results += config_results
+        results += run_config(CASE, config, device, rows, **timing)
     return results

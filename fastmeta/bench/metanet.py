@@ -14,13 +14,13 @@ cross-entropy and calls .backward():
                            weights [M, O, K] built (the oracle of tests/test_metanet.py)
 Before timing, the rows' loss and gradients (all parameters concatenated) are compared
 with plain PyTorch's (relative errors printed). Peak memory: one extra call each (CPU:
-the process's high-water mark).
+the process's high-water mark). Sweeps (SWEEP): over episodes, ways, shots, queries.
 """
 
 import torch
 
 import fastmeta
-from fastmeta.bench.harness import Candidate, run_config
+from fastmeta.bench.harness import Candidate, Sweepable, run_config
 
 CASE = "metanet"
 CONFIGS = {"(a) 5w1s 15q B=16 conv4 28x28": (16, 5, 1, 15)}  # episodes, ways, shots, queries
@@ -84,6 +84,18 @@ def candidates(device: str, B: int, ways: int, shots: int, queries: int) -> list
             f"{grad_error:.1e} (relative errors)"
         )
     return rows
+
+
+SWEEP = Sweepable(
+    axes={"episodes": 16, "ways": 5, "shots": 1, "queries": 15},
+    about="episodes B, ways, shots and queries per class (conv4, 28x28)",
+    candidates=lambda device, p, memory: candidates(
+        device, p["episodes"], p["ways"], p["shots"], p["queries"]
+    ),
+    # about 3 MiB per 28x28 image (activations, per-example weights of plain PyTorch)
+    footprint=lambda p: 3 * 2**20 * p["episodes"] * p["ways"] * (p["shots"] + p["queries"]),
+    warmup=1,  # candidates() has called each row once
+)
 
 
 def run(device: str, quick: bool = False, **timing):

@@ -15,6 +15,8 @@ The other distances (prototypical_loss(distance=...)), each config again:
   cosine           fastmeta against normalize + bmm (F.normalize rows, then q^ c^T)
                    and F.cosine_similarity (broadcast to [M, C, D])
 Then one training step of a conv4 encoder on 28x28 inputs at (b).
+Sweeps (SWEEP, `python -m fastmeta.bench sweep --case protonet`): the loss rows over
+episodes, ways, shots, queries and dim.
 """
 
 import torch
@@ -22,7 +24,7 @@ import torch.nn.functional as TF
 
 import fastmeta
 from fastmeta import backend
-from fastmeta.bench.harness import Candidate, run_config
+from fastmeta.bench.harness import Candidate, Sweepable, run_config, skipped
 from fastmeta.fused_blocks import fuse_conv_blocks
 from fastmeta.models import conv4
 
@@ -131,12 +133,26 @@ def _fastmeta_candidates(device, args, distance="squared_euclidean") -> list[Can
     ]
 
 
+def _broadcast_skip(B, C, Q, D, memory_limit=None) -> str | None:
+    """Why a row that builds [B, M, C, D] float32 (M = C * Q queries) is not run, or
+    None: the tensor over EUCLIDEAN_LIMIT_BYTES, or the three such tensors its backward
+    holds over memory_limit bytes."""
+    size = B * C * Q * C * D * 4
+    if size > EUCLIDEAN_LIMIT_BYTES:
+        return f"[B, M, C, D] is {size / 2**30:.1f} GiB > {EUCLIDEAN_LIMIT_BYTES / 2**30:.0f} GiB"
+    if memory_limit is not None and 3 * size > memory_limit:
+        return f"3 x [B, M, C, D] = {3 * size / 2**30:.1f} GiB > {memory_limit / 2**30:.1f} GiB"
+    return None
+
+
 def distance_candidates(device, distance, B, C, K, Q, D) -> list[Candidate]:
     """fastmeta's loss with `distance` against its plain-torch alternatives."""
     support, ys, queries, yq = episode(B, C, K, Q, D, device)
     rows = _fastmeta_candidates(device, (support, ys, queries, yq, C), distance)
     for name, loss_fn, broadcast in ALTERNATIVES[distance]:
-        if broadcast and B * C * Q * C * D * 4 > EUCLIDEAN_LIMIT_BYTES:
+        reason = _broadcast_skip(B, C, Q, D) if broadcast else None
+        if reason is not None:
+            rows.append(skipped(name, reason))
             continue
 
         def run(loss_fn=loss_fn):
@@ -147,7 +163,9 @@ def distance_candidates(device, distance, B, C, K, Q, D) -> list[Candidate]:
     return rows
 
 
-def loss_candidates(device, B, C, K, Q, D) -> list[Candidate]:
+def loss_candidates(device, B, C, K, Q, D, memory_limit=None) -> list[Candidate]:
+    """fastmeta's squared-Euclidean loss against the alternatives of the docstring; the
+    [B, M, C, D] one is skipped past _broadcast_skip's limits."""
     support, ys, queries, yq = episode(B, C, K, Q, D, device)
     inputs = (support, queries)
 
@@ -155,8 +173,13 @@ def loss_candidates(device, B, C, K, Q, D) -> list[Candidate]:
         return lambda: torch.autograd.grad(loss_fn(support, queries, yq, B, C, K), inputs)
 
     rows = _fastmeta_candidates(device, (support, ys, queries, yq, C))
-    if B * C * Q * C * D * 4 <= EUCLIDEAN_LIMIT_BYTES:
-        rows.append(Candidate("euclidean_dist (ProtoNets)", plain_fn(_plain_loss(euclidean_dist))))
+    reason = _broadcast_skip(B, C, Q, D, memory_limit)
+    euclidean = "euclidean_dist (ProtoNets)"
+    rows.append(
+        skipped(euclidean, reason)
+        if reason is not None
+        else Candidate(euclidean, plain_fn(_plain_loss(euclidean_dist)))
+    )
     rows.append(Candidate("cdist ** 2", plain_fn(_plain_loss(cdist_sq))))
     rows.append(Candidate("matmul", plain_fn(_plain_loss(matmul_dist))))
     compiled = torch.compile(_plain_loss(matmul_dist), dynamic=False)
@@ -168,8 +191,29 @@ def loss_candidates(device, B, C, K, Q, D) -> list[Candidate]:
     def gemms():
         return torch.bmm(q, c.transpose(1, 2)), torch.bmm(g, c), torch.bmm(g.transpose(1, 2), q)
 
-    rows.append(Candidate("GEMMs only (floor)", gemms))
+    rows.append(Candidate("GEMMs only (floor)", gemms, comparable=False))
     return rows
+
+
+def _sizes(point: dict[str, int]) -> tuple[int, int, int, int, int]:
+    """(B, C, K, Q, D), as in CONFIGS, of a sweep point."""
+    B, C, K, Q, D = (point[axis] for axis in ("episodes", "ways", "shots", "queries", "dim"))
+    return B, C, K, Q, D
+
+
+def _sweep_footprint(point: dict[str, int]) -> int:
+    """float32 bytes: the embeddings and a few copies (their gradients), and about
+    eight [B, M, C] tensors (distances, logits, softmax, their gradients)."""
+    B, C, K, Q, D = _sizes(point)
+    return 4 * (4 * B * C * (K + Q) * D + 8 * B * C * Q * C)
+
+
+SWEEP = Sweepable(
+    axes={"episodes": 1, "ways": 5, "shots": 5, "queries": 5, "dim": 64},
+    about="episodes B, ways C, shots K and queries Q per class, embedding dim D",
+    candidates=lambda device, point, memory: loss_candidates(device, *_sizes(point), memory),
+    footprint=_sweep_footprint,
+)
 
 
 def training_step_candidates(device, C, K, Q, best_alternative) -> list[Candidate]:

@@ -14,6 +14,7 @@ import fastmeta
 from fastmeta.cli.models import encoder
 from fastmeta.data import Episodes
 from fastmeta.metanet import networks as metanet_networks
+from fastmeta.profiling import phase
 
 FUSED_BLOCK_OPS = ("conv_block", "bn_relu_pool")  # conv4's blocks on CPU (fused_blocks.py)
 
@@ -174,7 +175,8 @@ def train_step(
     if own is not None:
         return own(model, episodes, ways, weight)
     loss, accuracy = algorithm.loss(model, episodes, ways)
-    (loss * weight).backward()
+    with phase("outer_backward"):
+        (loss * weight).backward()
     return loss, accuracy
 
 

@@ -1,5 +1,8 @@
 """fastmeta train ALGORITHM [options]    train, validate, checkpoint, test
 fastmeta eval --out DIR [options]       evaluate a trained run on other episodes
+fastmeta profile train ALGORITHM [options]
+                                        a few training steps under torch.profiler: where
+                                        a step's time goes, and a Chrome/Perfetto trace
 fastmeta build [--force]                compile fastmeta._C for this torch now, if the
                                         install has none for it (waits for one running)
 
@@ -19,10 +22,10 @@ import torch
 
 import fastmeta
 from fastmeta import _extension, distributed
-from fastmeta.cli import algorithms, checkpoint, report
+from fastmeta.cli import algorithms, breakdown, checkpoint, profile, report
 from fastmeta.cli import data as task_data
 from fastmeta.cli.evaluate import evaluate, format_accuracy
-from fastmeta.cli.train import TEST_SEED, train
+from fastmeta.cli.train import TEST_SEED, complete_args, train
 from fastmeta.metanet.model import TASK_GENERATORS
 
 HELD_OUT = "Japanese_(katakana),Sanskrit,Tagalog"
@@ -92,87 +95,55 @@ def _device(text: str) -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastmeta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu"
-    )
-    common.add_argument(
-        "--backend",
-        choices=("auto", *fastmeta.BACKENDS),
-        default="auto",
-        help="force a fastmeta backend (default: the fastest usable one)",
-    )
-    common.add_argument(
-        "--data-dir", help="Omniglot directory (default: $FASTMETA_OMNIGLOT; eval: the run's)"
-    )
-    common.add_argument(
-        "--dist-timeout",
-        type=_seconds,
-        default=300.0,
-        metavar="SECONDS",
-        help="under torchrun: a rank waiting longer than this for its peers "
-        "fails (one that exits fails them at once)",
-    )
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-
-    run = commands.add_parser(
-        "train",
-        parents=[common],
-        formatter_class=formatter,
-        help="train an algorithm, then test it",
-        description="Train on episodes of the training classes, "
-        "validate periodically, checkpoint, test on held-out classes.",
-    )
-    run.add_argument("algorithm", choices=list(algorithms.REGISTRY))
-    run.add_argument("--data", choices=("synthetic", "omniglot"), default="synthetic")
-    run.add_argument(
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `fastmeta train` (and of `fastmeta profile train`)."""
+    parser.add_argument("algorithm", choices=list(algorithms.REGISTRY))
+    parser.add_argument("--data", choices=("synthetic", "omniglot"), default="synthetic")
+    parser.add_argument(
         "--held-out",
         type=_names,
         default=_names(HELD_OUT),
         metavar="A,B,...",
         help="omniglot: the test alphabets",
     )
-    run.add_argument(
+    parser.add_argument(
         "--val-fraction",
         type=_fraction,
         default=0.2,
         help="share of the non-test classes held out for validation",
     )
-    run.add_argument(
+    parser.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="omniglot: training characters rotated by 90/180/270 degrees as new classes",
     )
-    run.add_argument("--ways", type=_positive_int, default=5)
-    run.add_argument("--shots", type=_positive_int, default=1)
-    run.add_argument("--queries", type=_positive_int, default=15, help="per class")
-    run.add_argument(
+    parser.add_argument("--ways", type=_positive_int, default=5)
+    parser.add_argument("--shots", type=_positive_int, default=1)
+    parser.add_argument("--queries", type=_positive_int, default=15, help="per class")
+    parser.add_argument(
         "--tasks",
         type=_positive_int,
         default=4,
         help="episodes per batch (under torchrun: of all ranks together)",
     )
-    run.add_argument("--steps", type=_positive_int, default=1000, help="training iterations")
-    run.add_argument("--lr", type=_rate, default=1e-3, help="Adam learning rate")
-    run.add_argument(
+    parser.add_argument("--steps", type=_positive_int, default=1000, help="training iterations")
+    parser.add_argument("--lr", type=_rate, default=1e-3, help="Adam learning rate")
+    parser.add_argument(
         "--lr-halve-every",
         type=_positive_int,
         metavar="STEPS",
         help="halve --lr every STEPS steps (default: constant)",
     )
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--out", help="run directory (default: runs/ALGORITHM-DATA-NwKs)")
-    run.add_argument("--val-every", type=_positive_int, default=250, metavar="STEPS")
-    run.add_argument("--val-episodes", type=_positive_int, default=200)
-    run.add_argument("--test-episodes", type=_positive_int, default=600)
-    run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    maml = run.add_argument_group("maml, metasgd")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="run directory (default: runs/ALGORITHM-DATA-NwKs)")
+    parser.add_argument("--val-every", type=_positive_int, default=250, metavar="STEPS")
+    parser.add_argument("--val-episodes", type=_positive_int, default=200)
+    parser.add_argument("--test-episodes", type=_positive_int, default=600)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint in --out"
+    )
+    maml = parser.add_argument_group("maml, metasgd")
     maml.add_argument(
         "--inner-lr",
         type=_rate,
@@ -218,6 +189,106 @@ def build_parser() -> argparse.ArgumentParser:
         "LSTM over them in order",
     )
 
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `fastmeta profile train` beside the training arguments."""
+    group = parser.add_argument_group("profile")
+    group.add_argument(
+        "--profile-steps",
+        type=_positive_int,
+        default=5,
+        metavar="STEPS",
+        help="steps recorded and reported",
+    )
+    group.add_argument(
+        "--profile-warmup",
+        type=_count,
+        default=3,
+        metavar="STEPS",
+        help="steps run before, without the profiler (their median: the unprofiled step time)",
+    )
+    group.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="the Chrome/Perfetto trace (default: trace.json in the run directory, --out)",
+    )
+    group.add_argument(
+        "--sort",
+        choices=breakdown.SORT_KEYS,
+        default="self",
+        help="order of the op tables: an op's own time, or with the ops it calls",
+    )
+    group.add_argument(
+        "--top", type=_positive_int, default=10, metavar="ROWS", help="rows of each op table"
+    )
+    group.add_argument(
+        "--nvtx",
+        action="store_true",
+        help="CUDA: the phases also as NVTX ranges (torch.cuda.nvtx), for nsys",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastmeta", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    common.add_argument(
+        "--backend",
+        choices=("auto", *fastmeta.BACKENDS),
+        default="auto",
+        help="force a fastmeta backend (default: the fastest usable one)",
+    )
+    common.add_argument(
+        "--data-dir", help="Omniglot directory (default: $FASTMETA_OMNIGLOT; eval: the run's)"
+    )
+    common.add_argument(
+        "--dist-timeout",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="under torchrun: a rank waiting longer than this for its peers "
+        "fails (one that exits fails them at once)",
+    )
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+
+    run = commands.add_parser(
+        "train",
+        parents=[common],
+        formatter_class=formatter,
+        help="train an algorithm, then test it",
+        description="Train on episodes of the training classes, "
+        "validate periodically, checkpoint, test on held-out classes.",
+    )
+    add_train_arguments(run)
+
+    traced = commands.add_parser(
+        "profile",
+        help="profile a few training steps",
+        description="Profile training steps: fastmeta profile train ALGORITHM [options].",
+    )
+    targets = traced.add_subparsers(dest="target", required=True)
+    steps = targets.add_parser(
+        "train",
+        parents=[common],
+        formatter_class=formatter,
+        help="profile `fastmeta train`'s step",
+        description=profile.__doc__,
+    )
+    add_train_arguments(steps)
+    add_profile_arguments(steps)
+
     test = commands.add_parser(
         "eval",
         parents=[common],
@@ -235,11 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_command(args: Namespace, ranks: distributed.Ranks) -> int:
-    args.data_dir = args.data_dir or os.environ.get("FASTMETA_OMNIGLOT")
-    if args.data == "omniglot" and not args.data_dir:
-        raise ValueError("--data omniglot needs --data-dir DIR (or FASTMETA_OMNIGLOT)")
-    args.eval_inner_steps = args.eval_inner_steps or args.inner_steps
-    args.out = args.out or f"runs/{args.algorithm}-{args.data}-{args.ways}w{args.shots}s"
+    complete_args(args)
     out = Path(args.out)
     if ranks.is_main and not args.resume:
         out.mkdir(parents=True, exist_ok=True)
@@ -317,7 +384,7 @@ def eval_command(args: Namespace, ranks: distributed.Ranks) -> int:
     return 0
 
 
-COMMANDS = {"train": train_command, "eval": eval_command}
+COMMANDS = {"train": train_command, "eval": eval_command, "profile": profile.profile_command}
 
 
 def main(argv: list[str] | None = None) -> int:

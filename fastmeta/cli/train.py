@@ -3,6 +3,7 @@ validation and checkpoints, resume, and the final evaluation on the test classes
 On several ranks (fastmeta.distributed) each adapts its share of every batch, the
 gradients are summed during the backward, and rank 0 logs and writes the checkpoints."""
 
+import os
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -15,9 +16,72 @@ from fastmeta.cli import data as task_data
 from fastmeta.cli.evaluate import evaluate
 from fastmeta.cli.progress import Progress
 from fastmeta.distributed import GradientReducer, Ranks
+from fastmeta.profiling import STEP, phase
 
 # Seeds of the evaluation episodes, offset from --seed: the same episodes every time.
 VAL_SEED, TEST_SEED = 1, 2
+
+
+def complete_args(args: Namespace) -> None:
+    """Fills in the defaults that depend on other arguments or the environment:
+    --data-dir ($FASTMETA_OMNIGLOT), --eval-inner-steps, --out; a ValueError for
+    --data omniglot without a directory."""
+    args.data_dir = args.data_dir or os.environ.get("FASTMETA_OMNIGLOT")
+    if args.data == "omniglot" and not args.data_dir:
+        raise ValueError("--data omniglot needs --data-dir DIR (or FASTMETA_OMNIGLOT)")
+    args.eval_inner_steps = args.eval_inner_steps or args.inner_steps
+    args.out = args.out or f"runs/{args.algorithm}-{args.data}-{args.ways}w{args.shots}s"
+
+
+class Session:
+    """What a training step touches, built fresh from args: the data, the algorithm, its
+    model, the Adam optimizer, the training-episode sampler and the gradient reducer.
+    step() is the training step of `fastmeta train` and `fastmeta profile train`."""
+
+    def __init__(self, args: Namespace, ranks: Ranks):
+        if args.tasks < ranks.world_size:
+            raise ValueError(
+                f"--tasks {args.tasks} is less than the {ranks.world_size} ranks: "
+                f"each rank needs at least one task of the batch"
+            )
+        self.args, self.ranks = args, ranks
+        self.data = task_data.load(args, ranks.device)
+        self.algorithm = algorithms.get(args.algorithm, args)
+        # the summary reports this run's backends
+        fastmeta.backend.forget_last_backends(self.algorithm.ops)
+        self.episode = dict(ways=args.ways, shots=args.shots, queries=args.queries)
+        for split in ("val", "test"):  # bad ways/shots for these splits fail now, not later
+            self.data.sampler(split, **self.episode, tasks=1, seed=0)
+        torch.manual_seed(args.seed)
+        self.model = self.algorithm.build(self.data.input_shape, args.ways).to(ranks.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        self.sampler = self.data.sampler("train", **self.episode, tasks=args.tasks, seed=args.seed)
+        self.share, self.weight = ranks.share(args.tasks), ranks.weight(args.tasks)
+        self.reducer = GradientReducer(self.model.parameters(), ranks)
+
+    def step(self, done: int) -> tuple[float, float]:
+        """One outer-loop step after `done` steps (the learning-rate schedule's
+        position): the batch's mean loss and accuracy, over all ranks. Inside a
+        fastmeta.profiling "step" range, with its phases."""
+        args, optimizer = self.args, self.optimizer
+        with phase(STEP):
+            if args.lr_halve_every:  # from the step alone: a resumed run gets the same rate
+                for group in optimizer.param_groups:
+                    group["lr"] = args.lr * 0.5 ** (done // args.lr_halve_every)
+            with phase("optimizer"):
+                optimizer.zero_grad(set_to_none=True)
+            with phase("data"):
+                episodes = self.sampler.sample(self.share)
+            # weight T_r / T: the ranks' sum is the batch mean
+            loss, accuracy = algorithms.train_step(
+                self.algorithm, self.model, episodes, args.ways, self.weight
+            )
+            self.reducer.wait()
+            with phase("optimizer"):
+                optimizer.step()
+            metrics = torch.stack((loss, accuracy.to(loss.dtype))).detach() * self.weight
+            loss, accuracy = self.ranks.all_reduce_(metrics, "the loss all-reduce").tolist()
+        return loss, accuracy
 
 
 def train(args: Namespace, out: Path, ranks: Ranks) -> tuple[dict, dict]:
@@ -25,51 +89,25 @@ def train(args: Namespace, out: Path, ranks: Ranks) -> tuple[dict, dict]:
     with args.resume), then evaluates on the test classes. Returns the summary and
     the history (per step: step, loss, accuracy; val: one dict per validation), the
     same on every rank. args.tasks is the batch of all ranks together."""
-    if args.tasks < ranks.world_size:
-        raise ValueError(
-            f"--tasks {args.tasks} is less than the {ranks.world_size} ranks: "
-            f"each rank needs at least one task of the batch"
-        )
-    device = ranks.device
-    data = task_data.load(args, device)
-    algorithm = algorithms.get(args.algorithm, args)
-    fastmeta.backend.forget_last_backends(algorithm.ops)  # the summary reports this run's
-    episode = dict(ways=args.ways, shots=args.shots, queries=args.queries)
-    for split in ("val", "test"):  # bad ways/shots for these splits fail now, not later
-        data.sampler(split, **episode, tasks=1, seed=0)
-    torch.manual_seed(args.seed)
-    model = algorithm.build(data.input_shape, args.ways).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sampler = data.sampler("train", **episode, tasks=args.tasks, seed=args.seed)
-    share, weight = ranks.share(args.tasks), ranks.weight(args.tasks)
-    reducer = GradientReducer(model.parameters(), ranks)
+    session = Session(args, ranks)
+    algorithm, model = session.algorithm, session.model
+    data, episode = session.data, session.episode
     run = {
         "step": 0,
         "train_seconds": 0.0,
         "history": {"step": [], "loss": [], "accuracy": [], "val": []},
     }
     if args.resume:
-        run = checkpoint.restore(
-            checkpoint.load_on_all_ranks(out, ranks), args, model, optimizer, sampler
-        )
+        saved = checkpoint.load_on_all_ranks(out, ranks)
+        run = checkpoint.restore(saved, args, model, session.optimizer, session.sampler)
     history = run["history"]
 
     progress = Progress(args.steps, enabled=ranks.is_main)
     if run["step"]:
         progress.message(f"resuming from step {run['step']} ({out / checkpoint.FILE})")
     while run["step"] < args.steps:
-        if args.lr_halve_every:  # from the step alone: a resumed run gets the same rate
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * 0.5 ** (run["step"] // args.lr_halve_every)
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        # weight T_r / T: the ranks' sum is the batch mean
-        episodes = sampler.sample(share)
-        loss, accuracy = algorithms.train_step(algorithm, model, episodes, args.ways, weight)
-        reducer.wait()
-        optimizer.step()
-        metrics = torch.stack((loss, accuracy.to(loss.dtype))).detach() * weight
-        loss, accuracy = ranks.all_reduce_(metrics, "the loss all-reduce").tolist()
+        loss, accuracy = session.step(run["step"])
         run["train_seconds"] += time.perf_counter() - start
         run["step"] += 1
         step = run["step"]
@@ -91,7 +129,7 @@ def train(args: Namespace, out: Path, ranks: Ranks) -> tuple[dict, dict]:
             history["val"].append({"step": step, **val.to_dict()})
             progress.message(f"step {step}: validation accuracy {val}")
             if ranks.is_main:
-                checkpoint.save(out, args, model, optimizer, sampler, run)
+                checkpoint.save(out, args, model, session.optimizer, session.sampler, run)
     progress.close()
 
     test = evaluate(
@@ -107,6 +145,11 @@ def train(args: Namespace, out: Path, ranks: Ranks) -> tuple[dict, dict]:
     return _summary(args, algorithm, ranks, run, test.to_dict()), history
 
 
+def ran_backends(algorithm: algorithms.Algorithm) -> dict[str, str]:
+    """The backend each of the algorithm's fastmeta ops last ran on (ops that ran)."""
+    return {op: fastmeta.last_backend(op) for op in algorithm.ops if fastmeta.last_backend(op)}
+
+
 def _summary(
     args: Namespace, algorithm: algorithms.Algorithm, ranks: Ranks, run: dict, test: dict
 ) -> dict:
@@ -115,12 +158,7 @@ def _summary(
         "algorithm": args.algorithm,
         "data": args.data,
         "args": vars(args),
-        "backend": {
-            "requested": args.backend,
-            "ran": {
-                op: fastmeta.last_backend(op) for op in algorithm.ops if fastmeta.last_backend(op)
-            },
-        },
+        "backend": {"requested": args.backend, "ran": ran_backends(algorithm)},
         "device": str(ranks.device),
         "world_size": ranks.world_size,
         "steps": run["step"],

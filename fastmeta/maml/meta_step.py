@@ -47,6 +47,7 @@ from torch import Tensor
 from fastmeta.maml.batched import adapt_batch, check_support
 from fastmeta.maml.task_model import TaskModel, batch_statistics_only, check_strategy
 from fastmeta.ops.inner_update import inner_update
+from fastmeta.profiling import phase
 
 if TYPE_CHECKING:
     from fastmeta.maml.wrappers import _MetaLearner
@@ -187,41 +188,44 @@ class _Run:
         with batch_statistics_only(self.meta.module):
             if self.checkpoint:
                 return self._checkpointed(xs, ys, xq, yq, weight, final, check)
-            learner = adapt_batch(
-                self.task_model,
-                self.meta._theta(),
-                self.meta.step_lr,
-                xs,
-                ys,
-                self.loss_fn,
-                self.steps,
-                self.first_order,
-                self.strategy,
-                self.meta.allow_unused,
-            )
+            with phase("inner_loop"):
+                learner = adapt_batch(
+                    self.task_model,
+                    self.meta._theta(),
+                    self.meta.step_lr,
+                    xs,
+                    ys,
+                    self.loss_fn,
+                    self.steps,
+                    self.first_order,
+                    self.strategy,
+                    self.meta.allow_unused,
+                )
             loss = self._query_loss(learner.fast_weights, xq, yq)
         held = 0
         if check is not None:
             held = graph_bytes([loss], self._excluded(data))
             check(held)
-        if final:
-            self.grads.backward(loss * weight)
-        else:
-            self.grads.grad(loss * weight)
+        with phase("outer_backward"):
+            if final:
+                self.grads.backward(loss * weight)
+            else:
+                self.grads.grad(loss * weight)
         return held
 
     def _checkpointed(self, xs, ys, xq, yq, weight, final, check) -> int:
         meta, task_model = self.meta, self.task_model
         theta = meta._theta()
         fast = [theta.detach()]  # the fast weights before each step, without a graph
-        for k in range(self.steps):
-            w = fast[-1].detach().requires_grad_()
-            g = task_model.task_gradients(
-                w, xs, ys, self.loss_fn, self.strategy, False, meta.allow_unused
-            )
-            with torch.no_grad():
-                alpha = meta.step_lr(k)
-                fast.append(inner_update(w, alpha, g) if k == 0 else w - alpha * g)
+        with phase("inner_loop"):
+            for k in range(self.steps):
+                w = fast[-1].detach().requires_grad_()
+                g = task_model.task_gradients(
+                    w, xs, ys, self.loss_fn, self.strategy, False, meta.allow_unused
+                )
+                with torch.no_grad():
+                    alpha = meta.step_lr(k)
+                    fast.append(inner_update(w, alpha, g) if k == 0 else w - alpha * g)
         fast_bytes = sum(w.numel() * w.element_size() for w in fast)
         excluded = self._excluded((xs, ys, xq, yq, *fast)) if check is not None else set()
 
@@ -235,33 +239,36 @@ class _Run:
         w = fast.pop().requires_grad_()
         loss = self._query_loss(w, xq, yq)
         held = measured(loss, 0)
-        (v,) = self.grads.grad(loss * weight, extra=(w,))
-        for k in reversed(range(self.steps)):  # one step's graph at a time
-            w = theta if k == 0 else fast.pop().requires_grad_()
-            g = task_model.task_gradients(
-                w, xs, ys, self.loss_fn, self.strategy, True, meta.allow_unused
-            )
-            alpha = meta.step_lr(k)
-            out = inner_update(w, alpha, g) if k == 0 else w - alpha * g
-            held = measured(out, held)
-            if k:
-                (v,) = self.grads.grad(out, v, extra=(w,))
-            elif final:
-                self.grads.backward(out, v)
-            else:
-                self.grads.grad(out, v)
+        with phase("outer_backward"):  # with the inner steps' recomputation
+            (v,) = self.grads.grad(loss * weight, extra=(w,))
+            for k in reversed(range(self.steps)):  # one step's graph at a time
+                w = theta if k == 0 else fast.pop().requires_grad_()
+                g = task_model.task_gradients(
+                    w, xs, ys, self.loss_fn, self.strategy, True, meta.allow_unused
+                )
+                alpha = meta.step_lr(k)
+                out = inner_update(w, alpha, g) if k == 0 else w - alpha * g
+                held = measured(out, held)
+                if k:
+                    (v,) = self.grads.grad(out, v, extra=(w,))
+                elif final:
+                    self.grads.backward(out, v)
+                else:
+                    self.grads.grad(out, v)
         return held
 
     def _query_loss(self, fast_weights: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
         """The chunk's mean query loss; adds its share to the meta-step's loss and
         accuracy."""
-        outputs = self.task_model.forward(fast_weights, xq, self.strategy)
-        loss = self.loss_fn(outputs.flatten(0, 1), yq.flatten(0, 1))
-        share = xq.shape[0] / self.tasks
-        self.loss = self.loss.to(loss.device, loss.dtype) + loss.detach() * share
-        if not yq.is_floating_point() and outputs.dim() == yq.dim() + 1:
-            correct = (outputs.detach().argmax(-1) == yq).to(loss.dtype).mean() * share
-            self.accuracy = correct if self.accuracy is None else self.accuracy + correct
+        with phase("query_pass"):
+            outputs = self.task_model.forward(fast_weights, xq, self.strategy)
+        with phase("loss"):
+            loss = self.loss_fn(outputs.flatten(0, 1), yq.flatten(0, 1))
+            share = xq.shape[0] / self.tasks
+            self.loss = self.loss.to(loss.device, loss.dtype) + loss.detach() * share
+            if not yq.is_floating_point() and outputs.dim() == yq.dim() + 1:
+                correct = (outputs.detach().argmax(-1) == yq).to(loss.dtype).mean() * share
+                self.accuracy = correct if self.accuracy is None else self.accuracy + correct
         return loss
 
     def _excluded(self, data) -> set[int]:

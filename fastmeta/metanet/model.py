@@ -35,6 +35,7 @@ from fastmeta.metanet.layers import augmented_layers, fast_branches, split_at_fi
 from fastmeta.metanet.networks import conv4_network
 from fastmeta.metanet.passes import FUSED, PLAIN, Implementation, task_branch
 from fastmeta.ops._checks import check_labels
+from fastmeta.profiling import phase
 from fastmeta.validation import Labels, check_label_values
 
 NAME = "fastmeta.MetaNetwork"
@@ -181,19 +182,6 @@ class MetaNetwork(nn.Module):
         if self.fused:
             base_prefix, rep_prefix = fused_base, fused_rep
 
-        # 1. Q* = d(grads of the embedding loss through each example i)
-        hs, hq = rep_prefix(xs), rep_prefix(xq)
-        rep_grads = self._gradients(
-            rep_tail, hs, lambda r: contrastive_loss(r.view(B, N, -1), support_y, self.margin)
-        )
-        q_star = self._task_fast_weights(rep_grads, B)  # [B, O, K] per layer
-        q_branch = task_branch(dict(zip(augmented_layers(rep_tail), q_star)), B)
-        with fast_branches(rep_tail, q_branch):
-            keys = F.normalize(rep_tail(hs).view(B, N, -1), dim=-1)
-            reads = F.normalize(rep_tail(hq).view(B, M, -1), dim=-1)
-        attention = torch.softmax(reads @ keys.transpose(1, 2), dim=-1)  # [B, M, N]
-
-        # 2. W*_i = m(grad of the base learner's loss on support example i)
         def support_loss(logits: Tensor) -> Tensor:
             check_labels(NAME, "support_y", support_y, support_y.shape)
             ways = logits.shape[-1]
@@ -201,15 +189,29 @@ class MetaNetwork(nn.Module):
             check_label_values(NAME, Labels("support_y", support_y, ways), *queries)
             return F.cross_entropy(logits, ys, reduction="sum")
 
-        base_grads = self._gradients(base_tail, base_prefix(xs), support_loss)
-        w_star = [w.view(B, N, *w.shape[1:]) for w in self._fast_weights(self.m, base_grads)]
+        with phase("inner_loop"):
+            # 1. Q* = d(grads of the embedding loss through each example i)
+            hs = rep_prefix(xs)
+            rep_grads = self._gradients(
+                rep_tail, hs, lambda r: contrastive_loss(r.view(B, N, -1), support_y, self.margin)
+            )
+            q_star = self._task_fast_weights(rep_grads, B)  # [B, O, K] per layer
+            # 2. W*_i = m(grad of the base learner's loss on support example i)
+            base_grads = self._gradients(base_tail, base_prefix(xs), support_loss)
+            w_star = [w.view(B, N, *w.shape[1:]) for w in self._fast_weights(self.m, base_grads)]
 
-        # 3. queries read sum_i a_ji W*_i
-        reader = self.implementation.reader(
-            attention, dict(zip(augmented_layers(base_tail), w_star))
-        )
-        with fast_branches(base_tail, reader):
-            logits = base_tail(base_prefix(xq)).view(B, M, -1)
+        with phase("query_pass"):
+            # 3. the queries read sum_i a_ji W*_i, a_j attending over the support set
+            q_branch = task_branch(dict(zip(augmented_layers(rep_tail), q_star)), B)
+            with fast_branches(rep_tail, q_branch):
+                keys = F.normalize(rep_tail(hs).view(B, N, -1), dim=-1)
+                reads = F.normalize(rep_tail(rep_prefix(xq)).view(B, M, -1), dim=-1)
+            attention = torch.softmax(reads @ keys.transpose(1, 2), dim=-1)  # [B, M, N]
+            reader = self.implementation.reader(
+                attention, dict(zip(augmented_layers(base_tail), w_star))
+            )
+            with fast_branches(base_tail, reader):
+                logits = base_tail(base_prefix(xq)).view(B, M, -1)
         return logits[0] if unbatched else logits
 
     def loss(
@@ -217,8 +219,9 @@ class MetaNetwork(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """(mean query cross-entropy [], mean query accuracy [])."""
         logits = self._logits(support_x, support_y, query_x, query_y)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), query_y.reshape(-1).long())
-        return loss, (logits.argmax(-1) == query_y).float().mean()
+        with phase("loss"):
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), query_y.reshape(-1).long())
+            return loss, (logits.argmax(-1) == query_y).float().mean()
 
     def _check(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> None:
         shapes = (
