@@ -179,7 +179,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "step's graph in the backward (memory flat in --inner-steps; one more "
         "first-order support pass per step)",
     )
-    metanet = run.add_argument_group("metanet")
+    metanet = parser.add_argument_group("metanet")
     metanet.add_argument(
         "--task-generator",
         choices=TASK_GENERATORS,
