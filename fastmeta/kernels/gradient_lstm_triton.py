@@ -32,7 +32,9 @@ from fastmeta.kernels.gradient_preprocess import (
 from fastmeta.kernels.launch import launches_on_input_device
 from fastmeta.kernels.tiles import dot, dot_precision, load_tile, store_tile, tile_size
 
-VECTOR_ROWS = 14  # d_w_ih[:, 0] x 4 gates, d_w_ih[:, 1] x 4, d_b x 4, d_w_out, d_b_out
+# rows of each program's partial sums: d_w_ih[:, 0] x 4 gates, d_w_ih[:, 1] x 4, d_b x 4,
+# d_w_out, d_b_out (a constexpr: a kernel may read no other global)
+VECTOR_ROWS = tl.constexpr(14)
 
 
 @triton.jit
@@ -63,6 +65,23 @@ def _pre_activation(u0, u1, h, w0, w1, bias, w_hh, hmask, PRECISION: tl.constexp
     z = u0[:, None] * w0[None, :] + u1[:, None] * w1[None, :]
     z = dot(h, tl.trans(w_hh), z, PRECISION) + bias[None, :]
     return tl.where(hmask[None, :], z, 0.0)
+
+
+@triton.jit
+def _lstm_step(
+    g_ptrs, valid, h, c, p, threshold, e_p, wi, wf, wg, wo, hmask, PRECISION: tl.constexpr
+):
+    """One step of BLOCK coordinates: their gradients at g_ptrs, state h, c
+    [BLOCK, BLOCK_H] -> (h, c); wi, wf, wg, wo: each gate's (w_ih[:, 0], w_ih[:, 1],
+    b, w_hh) from _gate_weights."""
+    g = tl.load(g_ptrs, mask=valid, other=0.0)
+    u0, u1, _ = preprocess(g.to(tl.float32), p, threshold, e_p)
+    i = tl.sigmoid(_pre_activation(u0, u1, h, wi[0], wi[1], wi[2], wi[3], hmask, PRECISION))
+    f = tl.sigmoid(_pre_activation(u0, u1, h, wf[0], wf[1], wf[2], wf[3], hmask, PRECISION))
+    cand = _tanh(_pre_activation(u0, u1, h, wg[0], wg[1], wg[2], wg[3], hmask, PRECISION))
+    o = tl.sigmoid(_pre_activation(u0, u1, h, wo[0], wo[1], wo[2], wo[3], hmask, PRECISION))
+    c = f * c + i * cand
+    return tl.where(hmask[None, :], o * _tanh(c), 0.0), c
 
 
 @triton.jit
@@ -97,14 +116,21 @@ def _gradient_lstm_forward_kernel(
     h = tl.zeros((BLOCK, BLOCK_H), dtype=tl.float32)
     c = tl.zeros((BLOCK, BLOCK_H), dtype=tl.float32)
     for t in range(N):
-        g = tl.load(g_ptr + first + tl.cast(t, tl.int64) * Q, mask=valid, other=0.0)
-        u0, u1, _ = preprocess(g.to(tl.float32), p, threshold, e_p)
-        i = tl.sigmoid(_pre_activation(u0, u1, h, wi0, wi1, bi, wi, hmask, PRECISION))
-        f = tl.sigmoid(_pre_activation(u0, u1, h, wf0, wf1, bf, wf, hmask, PRECISION))
-        cand = _tanh(_pre_activation(u0, u1, h, wg0, wg1, bg, wg, hmask, PRECISION))
-        o = tl.sigmoid(_pre_activation(u0, u1, h, wo0, wo1, bo, wo, hmask, PRECISION))
-        c = f * c + i * cand
-        h = tl.where(hmask[None, :], o * _tanh(c), 0.0)
+        h, c = _lstm_step(
+            g_ptr + first + tl.cast(t, tl.int64) * Q,
+            valid,
+            h,
+            c,
+            p,
+            threshold,
+            e_p,
+            (wi0, wi1, bi, wi),
+            (wf0, wf1, bf, wf),
+            (wg0, wg1, bg, wg),
+            (wo0, wo1, bo, wo),
+            hmask,
+            PRECISION,
+        )
     w_out = tl.load(w_out_ptr + hs, mask=hmask, other=0.0).to(tl.float32)
     y = tl.sum(h * w_out[None, :], axis=1) + tl.load(b_out_ptr).to(tl.float32)
     out_offsets = rows // Q * Q + rows % Q
@@ -166,14 +192,21 @@ def _gradient_lstm_backward_kernel(
     tl.store(states_ptr + tile, h)
     tl.store(states_ptr + BLOCK * BLOCK_H + tile, c)
     for t in range(N):
-        g = tl.load(g_ptr + first + tl.cast(t, tl.int64) * Q, mask=valid, other=0.0)
-        u0, u1, _ = preprocess(g.to(tl.float32), p, threshold, e_p)
-        i = tl.sigmoid(_pre_activation(u0, u1, h, wi0, wi1, bi, wi, hmask, PRECISION))
-        f = tl.sigmoid(_pre_activation(u0, u1, h, wf0, wf1, bf, wf, hmask, PRECISION))
-        cand = _tanh(_pre_activation(u0, u1, h, wg0, wg1, bg, wg, hmask, PRECISION))
-        o = tl.sigmoid(_pre_activation(u0, u1, h, wo0, wo1, bo, wo, hmask, PRECISION))
-        c = f * c + i * cand
-        h = tl.where(hmask[None, :], o * _tanh(c), 0.0)
+        h, c = _lstm_step(
+            g_ptr + first + tl.cast(t, tl.int64) * Q,
+            valid,
+            h,
+            c,
+            p,
+            threshold,
+            e_p,
+            (wi0, wi1, bi, wi),
+            (wf0, wf1, bf, wf),
+            (wg0, wg1, bg, wg),
+            (wo0, wo1, bo, wo),
+            hmask,
+            PRECISION,
+        )
         at = states_ptr + tl.cast(t + 1, tl.int64) * step
         tl.store(at + tile, h)
         tl.store(at + BLOCK * BLOCK_H + tile, c)
@@ -296,7 +329,7 @@ def gradient_lstm_forward(grads, w_ih, w_hh, b, w_out, b_out, p):
 def gradient_lstm_backward(grad_out, grads, w_ih, w_hh, b, w_out, p, need_grads):
     R, N, Q, H, block, block_h, programs = _launch(grads, w_hh)
     f32 = dict(device=grads.device, dtype=torch.float32)
-    vectors = torch.zeros(programs, VECTOR_ROWS, block_h, **f32)
+    vectors = torch.zeros(programs, VECTOR_ROWS.value, block_h, **f32)
     matrices = torch.zeros(programs, 4, block_h, block_h, **f32)
     d_grads = torch.empty_like(grads) if need_grads else grads.new_empty(0)
     if R:
