@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta.ops import declaration
+from fastmeta.ops.gradient_lstm import gradient_lstm_forward_reference
 from fastmeta.ops.gradient_mlp import gradient_mlp_forward_reference
 
 
@@ -206,6 +207,21 @@ def make_gradient_mlp(device, dtype, small):
         grads,
         _randn(H, 2, device=device, dtype=dtype),
         _randn(H, device=device, dtype=dtype),
+        _randn(H, device=device, dtype=dtype),
+        _randn((), device=device, dtype=dtype),
+        10.0,
+    ]
+
+
+def make_gradient_lstm(device, dtype, small):
+    (B, N, Q), H = ((2, 2, 3), 2) if small else ((3, 5, 37), 7)
+    magnitude = 10 ** torch.empty(B, N, Q).uniform_(-3, 1)  # away from the e^-p kink
+    grads = (torch.randn(B, N, Q).sign() * magnitude).to(device=device, dtype=dtype)
+    return [
+        grads,
+        _randn(4 * H, 2, device=device, dtype=dtype),
+        _randn(4 * H, H, device=device, dtype=dtype) / H**0.5,
+        _randn(4 * H, device=device, dtype=dtype),
         _randn(H, device=device, dtype=dtype),
         _randn((), device=device, dtype=dtype),
         10.0,
@@ -434,6 +450,29 @@ SAMPLES = [
                 r"w1 must be \[H, 2\]",
             ),
             BadInput("p", lambda a: [*a[:5], -1.0], ValueError, "p must be a positive number"),
+        ],
+    ),
+    OpSample(
+        "gradient_lstm",
+        make_gradient_lstm,
+        gradient_lstm_forward_reference,
+        (),
+        (0, 1, 2, 3, 4, 5),
+        declaration.ONCE,
+        [
+            BadInput(
+                "w_hh shape",
+                lambda a: [a[0], a[1], a[2][:, :1], *a[3:]],
+                ValueError,
+                r"w_hh must be \[4H, H\] with H >= 1",
+            ),
+            BadInput(
+                "grads 1-D",
+                lambda a: [a[0][0, 0], *a[1:]],
+                ValueError,
+                r"grads must be \[B, N, \.\.\.\]",
+            ),
+            BadInput("p", lambda a: [*a[:6], 0.0], ValueError, "p must be a positive number"),
         ],
     ),
     OpSample(

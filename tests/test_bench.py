@@ -70,3 +70,19 @@ def test_a_case_that_ran_nothing_writes_a_header_only_csv(tmp_path):
         header = f.read().strip().split(",")
     assert "median_ms" in header and "ratio_to_fastmeta" in header
     assert json.loads(open(json_path).read())["results"] == []
+
+
+def test_quick_metanet_lstm_benchmark_times_the_task_generator(tmp_path):
+    argv = ["--device", "cpu", "--case", "metanet_lstm", "--quick", "--repeats", "1"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "bench-cpu-quick.csv") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {
+        "step, d = mlp",
+        "step, d = lstm",
+        "d = lstm alone",
+        "d = lstm alone, plain",
+        "d = mlp alone",
+    }
+    assert float(rows["step, d = mlp"]["ratio_to_fastmeta"]) == 1.0
+    assert all(float(r["median_ms"]) > 0 and r["peak_mib"] != "" for r in rows.values())

@@ -124,6 +124,21 @@ def test_metanet_tiny_run_and_resume(tmp_path):
     assert resumed["steps"] == 3
 
 
+def test_metanet_lstm_task_generator_run_eval_and_resume(tmp_path, capsys):
+    summary = train(tmp_path, "--steps", "2", "--task-generator", "lstm", algorithm="metanet")
+    check_accuracy(summary["test"], 20)
+    assert summary["args"]["task_generator"] == "lstm"
+    assert set(summary["backend"]["ran"]) == {"attention_read", "gradient_mlp", "gradient_lstm"}
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert "d.w_hh" in state["model"] and "d.w1" not in state["model"]
+    # eval rebuilds the LSTM model from the run's arguments
+    assert main(["eval", *CPU, "--out", str(tmp_path), "--episodes", "4"]) == 0
+    err = run_failing(
+        ["train", "metanet", *TINY, "--out", str(tmp_path), "--steps", "3", "--resume"], capsys
+    )
+    assert "--task-generator 'lstm' (now 'mlp')" in err
+
+
 def test_omniglot_tiny_run(tmp_path, monkeypatch):
     if not OMNIGLOT.is_dir():
         pytest.skip(f"no Omniglot archives at {OMNIGLOT} (set FASTMETA_OMNIGLOT)")
@@ -162,6 +177,7 @@ def run_failing(argv: list[str], capsys) -> str:
         (["--inner-lr", "nan"], "--inner-lr: must be a finite number > 0, got nan"),
         (["--inner-lr", "-0.1"], "--inner-lr: must be a finite number > 0, got -0.1"),
         (["--lr", "inf"], "--lr: must be a finite number > 0, got inf"),
+        (["--task-generator", "gru"], "--task-generator: invalid choice: 'gru'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, options, message):

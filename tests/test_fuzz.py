@@ -179,6 +179,20 @@ def _gradient_mlp(draw, dtype):
     ]
 
 
+def _gradient_lstm(draw, dtype):
+    B, N, Q = _sizes(draw, "B", "N", "Q", high=4)
+    H = draw(st.integers(0, 4), label="H")
+    return [
+        draw(values((B, N, Q), dtype)),
+        draw(values((4 * H, 2), dtype)),
+        draw(values((4 * H, H), dtype)),
+        draw(values((4 * H,), dtype)),
+        draw(values((H,), dtype)),
+        draw(values((), dtype)),
+        draw(st.sampled_from([10.0, 1.0])),
+    ]
+
+
 def _attention_read(draw, dtype):
     B, M, N, O, K, L = _sizes(draw, "B", "M", "N", "O", "K", "L", high=4)
     return [
@@ -224,6 +238,7 @@ ARGUMENTS = {
     "prototypical_loss": _prototypical_loss,
     "inner_update": _inner_update,
     "gradient_mlp": _gradient_mlp,
+    "gradient_lstm": _gradient_lstm,
     "attention_read": _attention_read,
     "conv_block": _conv_block,
     "bn_relu_pool": _bn_relu_pool,

@@ -11,7 +11,8 @@ README.md claims). This file adds only what they lack, for each cuda and triton 
 - determinism, two runs bitwise equal, where the kernels' documentation claims it:
   the ProtoNet ops on cuda (csrc/cuda/*.cu: no float atomics, fixed summation orders)
   and triton (fastmeta/kernels/protonet_triton.py: no atomics, fixed-order sums),
-  gradient_mlp and attention_read on triton (fastmeta/kernels/metanet_triton.py).
+  gradient_mlp and attention_read on triton (fastmeta/kernels/metanet_triton.py),
+  gradient_lstm on triton (fastmeta/kernels/gradient_lstm_triton.py).
   attention_read's cuda backend is cuBLAS calls and claims nothing;
 - more than 2**31 elements, where an int32 index would wrap: attention_read's fast
   weights (W[b, i] starting past element 2**31) and inner_update's P itself past
@@ -27,6 +28,7 @@ Every test is skipped without a CUDA GPU. The > 2**31 tests need about 20 GiB
 import pytest
 import torch
 from conftest import rel_err
+from test_metanet_lstm import lstm_parameters
 from test_metanet_ops import LARGE_READ, attention_read_float64, mlp_parameters, random_gradients
 from test_triton_launch import wrapper_calls
 from torch.nn.functional import cross_entropy, one_hot
@@ -34,7 +36,7 @@ from torch.nn.functional import cross_entropy, one_hot
 import fastmeta
 from fastmeta import backend, race
 from fastmeta import functional as F
-from fastmeta.ops import attention_read, gradient_mlp
+from fastmeta.ops import attention_read, gradient_lstm, gradient_mlp
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="GPU checks: no CUDA GPU is visible"
@@ -215,6 +217,16 @@ def gradient_mlp_step(name):
         return (out, *torch.autograd.grad(out, inputs, torch.randn_like(out)))
 
 
+def gradient_lstm_step(name):
+    torch.manual_seed(0)
+    inputs = [
+        t.cuda().requires_grad_() for t in (random_gradients(3, 5, 20011), *lstm_parameters(20))
+    ]
+    with fastmeta.use_backend(name):
+        out = gradient_lstm(*inputs)
+        return (out, *torch.autograd.grad(out, inputs, torch.randn_like(out)))
+
+
 def attention_read_step(name):
     torch.manual_seed(0)
     B, M, N, O, K, L = READS[1]
@@ -234,9 +246,16 @@ def attention_read_step(name):
         (protonet_step, PROTONET_OPS, "cuda"),
         (protonet_step, PROTONET_OPS, "triton"),
         (gradient_mlp_step, ["gradient_mlp"], "triton"),
+        (gradient_lstm_step, ["gradient_lstm"], "triton"),
         (attention_read_step, ["attention_read"], "triton"),
     ],
-    ids=["protonet-cuda", "protonet-triton", "gradient_mlp-triton", "attention_read-triton"],
+    ids=[
+        "protonet-cuda",
+        "protonet-triton",
+        "gradient_mlp-triton",
+        "gradient_lstm-triton",
+        "attention_read-triton",
+    ],
 )
 def test_two_runs_are_bitwise_equal(step, ops, name):
     require(ops, name)

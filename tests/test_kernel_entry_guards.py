@@ -189,6 +189,35 @@ MLP_BAD = {
 }
 
 
+def lstm(h=H):
+    """w_ih [4H, 2], w_hh [4H, H], b [4H], w_out [H], b_out []."""
+    return [randn(4 * h, 2), randn(4 * h, h), randn(4 * h), randn(h), torch.tensor(0.3)]
+
+
+def gradient_lstm(b=2, n=3, q=5, h=H):
+    return [randn(b, n, q), *lstm(h), 10.0]
+
+
+def gradient_lstm_backward(b=2, n=3, q=5, h=H, need_grads=True):
+    return [randn(b, q), randn(b, n, q), *lstm(h)[:4], 10.0, need_grads]
+
+
+def gradient_lstm_backward_shapes(b=2, n=3, q=5, h=H, need_grads=True):
+    return [(b, n, q) if need_grads else (0,), (4 * h, 2), (4 * h, h), (4 * h,), (h,), ()]
+
+
+LSTM_BAD = {
+    "grads [5]": put(0, lambda a: randn(5)),
+    "w_ih [4H, 3]": put(1, lambda a: randn(4 * H, 3)),
+    "w_ih [4H + 1, 2]": put(1, lambda a: randn(4 * H + 1, 2)),
+    "w_hh [4H, H + 1]": put(2, lambda a: randn(4 * H, H + 1)),
+    "w_hh [4H + 1, H]": put(2, lambda a: randn(4 * H + 1, H)),
+    "b [4H + 1]": put(3, lambda a: randn(4 * H + 1)),
+    "w_out [H + 1]": put(4, lambda a: randn(H + 1)),
+}
+LSTM_EMPTY = [dict(b=0), dict(n=0), dict(q=0), dict(h=0)]
+
+
 def attention(b=2, m=3, n=4, o=5, k=6, l=2):
     return [torch.rand(b, m, n), randn(b, n, o, k), randn(b, m, l, k)]
 
@@ -345,6 +374,29 @@ KERNELS = {
             "grad_out [15]": put(0, lambda a: randn(15)),
         },
         empty=[dict(shape=(0,)), dict(shape=(3, 0), need_grads=False), dict(h=0)],
+    ),
+    "gradient_lstm_forward": Kernel(
+        gradient_lstm,
+        lambda b=2, n=3, q=5, h=H: [(b, q)],
+        {
+            **LSTM_BAD,
+            "b_out [1]": put(5, lambda a: a[5].reshape(1)),
+            "p 0": put(6, lambda a: 0.0),
+            "p nan": put(6, lambda a: float("nan")),
+        },
+        any_dim=(0,),  # grads
+        empty=LSTM_EMPTY,
+    ),
+    "gradient_lstm_backward": Kernel(
+        gradient_lstm_backward,
+        gradient_lstm_backward_shapes,
+        {
+            **shifted(LSTM_BAD, 1),
+            "grad_out [2, 6]": put(0, lambda a: randn(2, 6)),
+            "grad_out [2, 3, 5]": put(0, lambda a: randn(2, 3, 5)),
+        },
+        any_dim=(0, 1),  # grad_out, grads
+        empty=[*LSTM_EMPTY, dict(q=0, need_grads=False)],
     ),
     "attention_read_forward": Kernel(
         attention,

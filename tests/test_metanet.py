@@ -135,15 +135,19 @@ def test_bad_networks_are_refused():
         MetaNetwork()
 
 
-def test_learns_few_shot_gaussian_clusters():
-    """A short CPU run: 5-way 1-shot accuracy on unseen clusters far above chance."""
+@pytest.mark.parametrize("task_generator", ["mlp", "lstm"])
+def test_learns_few_shot_gaussian_clusters(task_generator):
+    """A short CPU run: 5-way 1-shot accuracy on unseen clusters far above chance, with
+    either generator d of the task-level fast weights."""
     torch.manual_seed(0)
     x, y = gaussian_clusters(num_classes=60, per_class=20, dim=16, noise=0.5, seed=0)
     train = EpisodeSampler(x, y, ways=5, shots=1, queries=5, tasks=8, seed=0, classes=range(40))
     test = EpisodeSampler(
         x, y, ways=5, shots=1, queries=5, tasks=100, seed=1, classes=range(40, 60)
     )
-    model = MetaNetwork(mlp_network(16, 32, ways=5), mlp_network(16, 32))
+    model = MetaNetwork(
+        mlp_network(16, 32, ways=5), mlp_network(16, 32), task_generator=task_generator
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(150):
         optimizer.zero_grad()

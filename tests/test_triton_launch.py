@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fastmeta import backend
 from fastmeta.kernels import (
     cosine_similarities_triton,
+    gradient_lstm_triton,
     inner_update_triton,
     launch,
     metanet_triton,
@@ -20,7 +21,13 @@ from fastmeta.kernels import (
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-MODULES = (cosine_similarities_triton, inner_update_triton, metanet_triton, protonet_triton)
+MODULES = (
+    cosine_similarities_triton,
+    gradient_lstm_triton,
+    inner_update_triton,
+    metanet_triton,
+    protonet_triton,
+)
 
 
 def public_wrappers() -> set[str]:
@@ -47,7 +54,10 @@ def wrapper_calls(device: str) -> dict:
     query_labels = torch.tensor([[1, 0, 1]], device=device)
     tau, softmax = torch.tensor(0.5, device=device), torch.softmax(randn(1, 3, 2), -1)
     theta, alpha, g = randn(6), torch.tensor(0.1, device=device), randn(2, 6)
+    lstm = (randn(2, 3, 5), randn(8, 2), randn(8, 2), randn(8), randn(2))  # grads, w_ih .. w_out
     calls = {
+        gradient_lstm_triton.gradient_lstm_forward: (*lstm, randn(()), 10.0),
+        gradient_lstm_triton.gradient_lstm_backward: (randn(2, 5), *lstm, 10.0, True),
         metanet_triton.gradient_mlp_forward: (grads, w1, b1, w2, b2, 10.0),
         metanet_triton.gradient_mlp_backward: (randn(3, 5), grads, w1, b1, w2, 10.0, True),
         metanet_triton.attention_read_forward: (attention, weights, x),

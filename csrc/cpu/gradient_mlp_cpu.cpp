@@ -20,38 +20,25 @@
 #include <vector>
 
 #include "../checks.h"
+#include "gradient_preprocess.h"
 
 namespace fastmeta {
 namespace {
 
 constexpr int64_t kChunk = 4096;  // coordinates per task (and per row of partials)
 
-// The preprocessed inputs of g and their slopes du/dg.
-template <typename T>
-struct Preprocessed {
-  T u0, u1;
-  bool small;  // |g| < e^-p: only u1 depends on g
-  T du;        // du1/dg = e^p if small, else du0/dg = 1 / (p g)
-};
-
-// The MLP's parameters (w1 [H, 2], b1 [H], w2 [H]) and the preprocessing constants.
+// The MLP's parameters (w1 [H, 2], b1 [H], w2 [H]) and the preprocessing.
 template <typename T>
 struct Mlp {
   const T* w1;
   const T* b1;
   const T* w2;
   int64_t hidden;
-  T p, threshold, e_p;  // p, e^-p, e^p
+  Preprocessing<T> preprocess;
 
-  Mlp(const at::Tensor& w1_, const at::Tensor& b1_, const at::Tensor& w2_, double p_)
+  Mlp(const at::Tensor& w1_, const at::Tensor& b1_, const at::Tensor& w2_, double p)
       : w1(w1_.const_data_ptr<T>()), b1(b1_.const_data_ptr<T>()), w2(w2_.const_data_ptr<T>()),
-        hidden(w1_.size(0)), p(T(p_)), threshold(T(std::exp(-p_))), e_p(T(std::exp(p_))) {}
-
-  Preprocessed<T> preprocess(T g) const {
-    const T magnitude = std::abs(g);
-    if (magnitude < threshold) return {T(-1), e_p * g, true, e_p};
-    return {std::log(magnitude) / p, T((g > 0) - (g < 0)), false, T(1) / (p * g)};
-  }
+        hidden(w1_.size(0)), preprocess(p) {}
 
   // Pre-activation s_k of hidden unit k.
   T hidden_input(const Preprocessed<T>& u, int64_t k) const {
@@ -157,9 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_
             du1 += dh * mlp.w1[2 * k + 1];
           }
           sums[4 * H] += double(d);
-          // A select, not du0 d0 + du1 d1: an infinite du of the branch not taken
-          // would make NaN of 0 * inf.
-          if (dg != nullptr) dg[i] = (u.small ? du1 : du0) * u.du;
+          if (dg != nullptr) dg[i] = u.backward(du0, du1);
         }
       }
     });

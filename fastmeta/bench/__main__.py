@@ -25,6 +25,7 @@ from fastmeta.bench import (
     maml,
     maml_bounded,
     metanet,
+    metanet_lstm,
     overhead,
     plots,
     protonet,
@@ -38,6 +39,7 @@ CASES = {
     maml.CASE: maml.run,
     maml_bounded.CASE: maml_bounded.run,
     metanet.CASE: metanet.run,
+    metanet_lstm.CASE: metanet_lstm.run,
     overhead.CASE: overhead.run,
     protonet.CASE: protonet.run,
 }

@@ -100,9 +100,15 @@ def relative_spread(samples: list[float]) -> float:
 
 
 def time_candidates(
-    candidates: list[Candidate], device: str, warmup: int = 2, repeats: int = 9
+    candidates: list[Candidate],
+    device: str,
+    warmup: int = 2,
+    repeats: int = 9,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Milliseconds of each timed call, per candidate."""
+    """Milliseconds of each timed call, per candidate. CPU: by `clock`, wall time by
+    default; time.thread_time with torch.set_num_threads(1) gives the work's own CPU
+    time, which other jobs on a shared machine change far less."""
     if device == "cuda":
         import triton.testing
 
@@ -119,9 +125,9 @@ def time_candidates(
     for _ in range(repeats):  # always runs in the caches another one left
         shuffle(order)
         for c in order:
-            start = time.perf_counter()
+            start = clock()
             c.fn()
-            samples[c.name].append((time.perf_counter() - start) * 1e3)
+            samples[c.name].append((clock() - start) * 1e3)
     return samples
 
 

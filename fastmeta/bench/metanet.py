@@ -27,7 +27,9 @@ CONFIGS = {"(a) 5w1s 15q B=16 conv4 28x28": (16, 5, 1, 15)}  # episodes, ways, s
 QUICK = {"(a) 5w1s 5q B=2 conv4 28x28": (2, 5, 1, 5)}
 
 
-def _step(model, batch, fused: bool, backend: str | None = None):
+def training_step(model, batch, fused: bool = True, backend: str | None = None):
+    """One training step of model on batch (loss and .backward()), as a Candidate's fn."""
+
     def step():
         model.fused = fused
         model.zero_grad(set_to_none=True)
@@ -53,20 +55,26 @@ def _relative_error(got, expected) -> tuple[float, float]:
     )
 
 
-def candidates(device: str, B: int, ways: int, shots: int, queries: int) -> list[Candidate]:
-    torch.manual_seed(0)
-    model = fastmeta.MetaNetwork(ways=ways).to(device)
+def random_episodes(device: str, B: int, ways: int, shots: int, queries: int) -> tuple:
+    """(support_x [B, ways shots, 1, 28, 28], support_y, query_x [B, ways queries, 1, 28,
+    28], query_y) of random images."""
     support_y = torch.arange(ways, device=device).repeat_interleave(shots).repeat(B, 1)
-    batch = (
+    return (
         torch.randn(B, ways * shots, 1, 28, 28, device=device),
         support_y,
         torch.randn(B, ways * queries, 1, 28, 28, device=device),
         torch.randint(0, ways, (B, ways * queries), device=device),
     )
+
+
+def candidates(device: str, B: int, ways: int, shots: int, queries: int) -> list[Candidate]:
+    torch.manual_seed(0)
+    model = fastmeta.MetaNetwork(ways=ways).to(device)
+    batch = random_episodes(device, B, ways, shots, queries)
     rows = [
-        Candidate("fastmeta", _step(model, batch, True), is_fastmeta=True),
-        Candidate("fastmeta[reference ops]", _step(model, batch, True, "reference")),
-        Candidate("plain PyTorch", _step(model, batch, False)),
+        Candidate("fastmeta", training_step(model, batch, True), is_fastmeta=True),
+        Candidate("fastmeta[reference ops]", training_step(model, batch, True, "reference")),
+        Candidate("plain PyTorch", training_step(model, batch, False)),
     ]
     expected = rows[-1].fn()
     for row in rows[:-1]:

@@ -130,12 +130,16 @@ class MAMLAlgorithm:
 
 class MetaNetAlgorithm:
     """fastmeta.MetaNetwork: conv4 (images) or MLP (vectors) base and representation
-    learners with augmented layers; a `ways`-way classifier."""
+    learners with augmented layers; a `ways`-way classifier; d as --task-generator."""
 
-    ops = ("attention_read", "gradient_mlp", *FUSED_BLOCK_OPS)
+    ops = ("attention_read", "gradient_mlp", "gradient_lstm", *FUSED_BLOCK_OPS)
+
+    def __init__(self, args: Namespace):
+        self.task_generator = getattr(args, "task_generator", "mlp")  # absent: older runs
 
     def build(self, input_shape: Sequence[int], ways: int) -> nn.Module:
-        return fastmeta.MetaNetwork(*metanet_networks(input_shape, ways))
+        networks = metanet_networks(input_shape, ways)
+        return fastmeta.MetaNetwork(*networks, task_generator=self.task_generator)
 
     def loss(self, model: nn.Module, episodes: Episodes, ways: int) -> tuple[Tensor, Tensor]:
         model.train()
@@ -157,7 +161,7 @@ REGISTRY: dict[str, Entry] = {
     "protonet": Entry("ProtoNet", lambda args: ProtoNetAlgorithm()),
     "maml": Entry("MAML", lambda args: MAMLAlgorithm(args, meta_sgd=False)),
     "metasgd": Entry("MetaSGD", lambda args: MAMLAlgorithm(args, meta_sgd=True)),
-    "metanet": Entry("MetaNetwork", lambda args: MetaNetAlgorithm()),
+    "metanet": Entry("MetaNetwork", MetaNetAlgorithm),
 }
 
 

@@ -31,7 +31,10 @@ SAME_ON_RESUME = (
     "inner_lr",
     "inner_steps",
     "first_order",
+    "task_generator",
 )
+# The value of a SAME_ON_RESUME argument added later in a checkpoint saved before it.
+BEFORE_IT_EXISTED = {"task_generator": "mlp"}
 
 
 def save(
@@ -94,7 +97,7 @@ def restore(
 ) -> dict:
     """Puts a loaded checkpoint back into model, optimizer and RNGs; returns its run
     dict. A ValueError if args changed what the checkpoint was trained with."""
-    saved = state["args"]
+    saved = BEFORE_IT_EXISTED | state["args"]
     changed = [
         f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
         for k in SAME_ON_RESUME

@@ -26,6 +26,7 @@ from fastmeta.cli import algorithms, breakdown, checkpoint, profile, report
 from fastmeta.cli import data as task_data
 from fastmeta.cli.evaluate import evaluate, format_accuracy
 from fastmeta.cli.train import TEST_SEED, complete_args, train
+from fastmeta.metanet.model import TASK_GENERATORS
 
 HELD_OUT = "Japanese_(katakana),Sanskrit,Tagalog"
 
@@ -177,6 +178,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="second order: keep only each inner step's fast weights and recompute the "
         "step's graph in the backward (memory flat in --inner-steps; one more "
         "first-order support pass per step)",
+    )
+    metanet = parser.add_argument_group("metanet")
+    metanet.add_argument(
+        "--task-generator",
+        choices=TASK_GENERATORS,
+        default="mlp",
+        help="the generator d of the task-level fast weights: mlp, the mean over the "
+        "support examples of a coordinate-wise MLP; lstm, the paper's coordinate-wise "
+        "LSTM over them in order",
     )
 
 

@@ -30,12 +30,15 @@ int64, and so is every offset built from it. Tiles are powers of two of at least
 (tl.dot's minimum); masks pad the rest.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
+from fastmeta.kernels.gradient_preprocess import (
+    preprocess,
+    preprocess_backward,
+    preprocess_scalars,
+)
 from fastmeta.kernels.interpreter import triton_interpreter
 from fastmeta.kernels.launch import launches_on_input_device
 from fastmeta.kernels.tiles import (
@@ -57,13 +60,7 @@ def _hidden_tile(g_ptr, w1_ptr, b1_ptr, offs, n, H, p, threshold, e_p, BLOCK_H: 
     w10 = tl.load(w1_ptr + 2 * hs, mask=hmask, other=0.0).to(tl.float32)
     w11 = tl.load(w1_ptr + 2 * hs + 1, mask=hmask, other=0.0).to(tl.float32)
     b1 = tl.load(b1_ptr + hs, mask=hmask, other=0.0).to(tl.float32)
-    magnitude = tl.abs(g)
-    small = magnitude < threshold
-    # NaN stays NaN (as in the reference): maximum and relu propagate it
-    clamped = tl.maximum(magnitude, threshold, propagate_nan=tl.PropagateNan.ALL)
-    u0 = tl.where(small, -1.0, tl.log(clamped) / p)
-    sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
-    u1 = tl.where(small, e_p * g, sign)
+    u0, u1, small = preprocess(g, p, threshold, e_p)
     s = u0[:, None] * w10[None, :] + u1[:, None] * w11[None, :] + b1[None, :]
     s = tl.where(hmask[None, :], s, 0.0)  # a padded unit is closed (not inf * 0 = NaN)
     return g, u0, u1, small, s, w10, w11, hs, hmask
@@ -132,8 +129,7 @@ def _gradient_mlp_backward_kernel(
     if NEED_GRADS:
         du0 = tl.sum(dh * w10[None, :], axis=1)
         du1 = tl.sum(dh * w11[None, :], axis=1)
-        safe = tl.where(small, 1.0, g)
-        dg = tl.where(small, du1 * e_p, du0 / (p * safe))
+        dg = preprocess_backward(du0, du1, g, small, p, e_p)
         tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=offs < n)
 
 
@@ -142,10 +138,6 @@ def _coordinate_block(n: int) -> int:
     if triton_interpreter():
         return triton.next_power_of_2(max(16, min(n, 1 << 14)))
     return 256
-
-
-def _scalars(p: float):
-    return float(p), math.exp(-p), math.exp(p)
 
 
 @launches_on_input_device
@@ -165,7 +157,7 @@ def gradient_mlp_forward(grads, w1, b1, w2, b2, p):
         out,
         n,
         H,
-        *_scalars(p),
+        *preprocess_scalars(p),
         BLOCK=block,
         BLOCK_H=triton.next_power_of_2(H),
     )
@@ -191,7 +183,7 @@ def gradient_mlp_backward(grad_out, grads, w1, b1, w2, p, need_grads):
             partials,
             n,
             H,
-            *_scalars(p),
+            *preprocess_scalars(p),
             NEED_GRADS=need_grads,
             BLOCK=block,
             BLOCK_H=block_h,

@@ -14,11 +14,13 @@ For each episode (support set x'_i, y'_i, i = 1..N; queries x_j):
   The training loss is the queries' cross-entropy; backprop trains W, Q, m and d.
 
 Choices where the paper leaves room (or where this differs), all documented in the
-README: d is the same kind of coordinate-wise MLP as m, averaged over the examples
-(the paper's d is an LSTM over them); the embedding loss runs on the whole support
-set; per-example gradients are exact when no batch norm follows an augmented layer
-(the default networks); gradients are inputs to m and d, not differentiated through,
-unless second_order=True.
+README: d is by default (task_generator="mlp") the same kind of coordinate-wise MLP
+as m, averaged over the examples; task_generator="lstm" is the paper's d, a
+coordinate-wise LSTM over the examples in the support set's order, its last hidden
+state giving Q* (fastmeta.metanet.generator.GradientLSTM); the embedding loss runs on
+the whole support set; per-example gradients are exact when no batch norm follows an
+augmented layer (the default networks); gradients are inputs to m and d, not
+differentiated through, unless second_order=True.
 """
 
 from collections.abc import Callable
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmeta.fused_blocks import fuse_conv_blocks
-from fastmeta.metanet.generator import GradientMLP
+from fastmeta.metanet.generator import GradientLSTM, GradientMLP
 from fastmeta.metanet.layers import augmented_layers, fast_branches, split_at_first_augmented
 from fastmeta.metanet.networks import conv4_network
 from fastmeta.metanet.passes import FUSED, PLAIN, Implementation, task_branch
@@ -37,6 +39,7 @@ from fastmeta.profiling import phase
 from fastmeta.validation import Labels, check_label_values
 
 NAME = "fastmeta.MetaNetwork"
+TASK_GENERATORS = ("mlp", "lstm")  # the kinds of d
 
 
 def contrastive_loss(r: Tensor, labels: Tensor, margin: float) -> Tensor:
@@ -60,7 +63,11 @@ class MetaNetwork(nn.Module):
       [n, ...] -> [n, R] with augmented layers too. Default (both None): conv4
       networks for 28x28 images with their last conv layer (and b's output layer)
       augmented; then `ways` and `in_channels` are needed.
-    hidden, p: the generators m and d (GradientMLP); margin: the contrastive loss's.
+    hidden, p: the generators m and d; margin: the contrastive loss's.
+    task_generator: d, which maps the representation learner's per-example gradients
+      to Q*: "mlp" (default) the mean over the examples of a coordinate-wise MLP
+      (GradientMLP, as m), "lstm" a coordinate-wise LSTM over the examples in their
+      order (GradientLSTM, the paper's d).
     second_order: differentiate through the support-set gradients too (slower).
     fused: False runs the same model in plain PyTorch (per-example weight copies,
       the generators' [.., hidden] activations, every query's mixed weights built, the
@@ -83,8 +90,13 @@ class MetaNetwork(nn.Module):
         margin: float = 1.0,
         second_order: bool = False,
         fused: bool = True,
+        task_generator: str = "mlp",
     ):
         super().__init__()
+        if task_generator not in TASK_GENERATORS:
+            raise ValueError(
+                f"{NAME}: task_generator must be one of {TASK_GENERATORS}, got {task_generator!r}"
+            )
         if (base is None) != (representation is None):
             raise ValueError(
                 "give both base and representation networks, or neither "
@@ -117,7 +129,9 @@ class MetaNetwork(nn.Module):
             fuse_conv_blocks(rep_prefix, bn_relu_pool=True) or rep_prefix,
         )
         self.m = GradientMLP(hidden, p)  # example-level: base gradients -> W*_i
-        self.d = GradientMLP(hidden, p)  # task-level: representation gradients -> Q*
+        # task-level: representation gradients -> Q*
+        self.d = GradientLSTM(hidden, p) if task_generator == "lstm" else GradientMLP(hidden, p)
+        self.task_generator = task_generator
         self.margin, self.second_order, self.fused = margin, second_order, fused
 
     @property
@@ -135,7 +149,17 @@ class MetaNetwork(nn.Module):
         return recorder.per_example_gradients(loss_fn(out))
 
     def _fast_weights(self, generator: GradientMLP, grads: list[Tensor]) -> list[Tensor]:
+        """W*_i [n, O, K] for each layer: the generator m of each example's gradient."""
         return [self.implementation.generate(generator, g) for g in grads]
+
+    def _task_fast_weights(self, grads: list[Tensor], episodes: int) -> list[Tensor]:
+        """Q* [B, O, K] for each layer from every example's gradient [B * N, O, K]:
+        d over each episode's examples (lstm), or the mean of d of each one (mlp)."""
+        generate = self.implementation.generate
+        per_episode = [g.view(episodes, -1, *g.shape[1:]) for g in grads]  # [B, N, O, K]
+        if self.task_generator == "lstm":
+            return [generate(self.d, g) for g in per_episode]
+        return [generate(self.d, g).mean(1) for g in per_episode]
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         return self._logits(support_x, support_y, query_x)
@@ -166,14 +190,12 @@ class MetaNetwork(nn.Module):
             return F.cross_entropy(logits, ys, reduction="sum")
 
         with phase("inner_loop"):
-            # 1. Q* = mean_i d(grad of the embedding loss through example i)
+            # 1. Q* = d(grads of the embedding loss through each example i)
             hs = rep_prefix(xs)
             rep_grads = self._gradients(
                 rep_tail, hs, lambda r: contrastive_loss(r.view(B, N, -1), support_y, self.margin)
             )
-            q_star = [
-                w.view(B, N, *w.shape[1:]).mean(1) for w in self._fast_weights(self.d, rep_grads)
-            ]  # [B, O, K] per layer
+            q_star = self._task_fast_weights(rep_grads, B)  # [B, O, K] per layer
             # 2. W*_i = m(grad of the base learner's loss on support example i)
             base_grads = self._gradients(base_tail, base_prefix(xs), support_loss)
             w_star = [w.view(B, N, *w.shape[1:]) for w in self._fast_weights(self.m, base_grads)]

@@ -4,11 +4,12 @@ objects, fastmeta.metanet.layers), in two implementations of the same math:
   FUSED  support pass: record each layer's input rows and pre-activation z; every
          example's weight gradient is dz_i^T rows_i [O, K], from one backward of the
          summed loss (exact while examples do not interact after the layer).
-         generators: the fused gradient_mlp op. query pass: the fused attention_read op.
+         generators: the fused gradient_mlp (and gradient_lstm) ops. query pass: the
+         fused attention_read op.
   PLAIN  support pass: every example gets its own copy of the weight, and autograd
-         gives the gradient w.r.t. each copy. generators: their [.., hidden] activations
-         built. query pass: every query's mixed weights sum_i a_ji W*_i built, then
-         applied.
+         gives the gradient w.r.t. each copy. generators: their [.., hidden]
+         activations (and every LSTM step's gates) built. query pass: every query's
+         mixed weights sum_i a_ji W*_i built, then applied.
 
 The task-level pass (Q*, one fast weight per episode) is a batched matmul in both.
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fastmeta.metanet.generator import GradientMLP
+from fastmeta.metanet.generator import GradientLSTM, GradientMLP
 from fastmeta.metanet.layers import AugmentedLayer, FastBranch
 from fastmeta.ops.attention_read import attention_read, attention_read_forward_reference
 
@@ -92,12 +93,23 @@ def task_branch(weights: dict[AugmentedLayer, Tensor], episodes: int):
     return branch
 
 
+Generator = GradientMLP | GradientLSTM
+
+
+def _fused_generator(generator: Generator, grads: Tensor) -> Tensor:
+    return generator(grads)
+
+
+def _plain_generator(generator: Generator, grads: Tensor) -> Tensor:
+    return generator.plain(grads)
+
+
 @dataclass(frozen=True)
 class Implementation:
     recorder: type[_Recorder]  # support pass: per-example gradients
-    generate: Callable[[GradientMLP, Tensor], Tensor]  # gradients -> fast weights
+    generate: Callable[[Generator, Tensor], Tensor]  # gradients -> fast weights
     reader: Callable[[Tensor, dict[AugmentedLayer, Tensor]], FastBranch]  # query pass
 
 
-FUSED = Implementation(_RowRecorder, GradientMLP.__call__, _reader(attention_read))
-PLAIN = Implementation(_CopyRecorder, GradientMLP.plain, _reader(attention_read_forward_reference))
+FUSED = Implementation(_RowRecorder, _fused_generator, _reader(attention_read))
+PLAIN = Implementation(_CopyRecorder, _plain_generator, _reader(attention_read_forward_reference))

@@ -16,6 +16,7 @@ from fastmeta.ops.bn_relu_pool import BN_RELU_POOL
 from fastmeta.ops.class_prototypes import CLASS_PROTOTYPES, class_prototypes_op
 from fastmeta.ops.conv_block import CONV_BLOCK
 from fastmeta.ops.cosine_similarities import COSINE_SIMILARITIES
+from fastmeta.ops.gradient_lstm import GRADIENT_LSTM, gradient_lstm
 from fastmeta.ops.gradient_mlp import GRADIENT_MLP, gradient_mlp
 from fastmeta.ops.inner_update import INNER_UPDATE, inner_update
 from fastmeta.ops.prototypical_cross_entropy import (
@@ -31,6 +32,7 @@ DECLARATIONS = (
     CLASS_PROTOTYPES,
     CONV_BLOCK,
     COSINE_SIMILARITIES,
+    GRADIENT_LSTM,
     GRADIENT_MLP,
     INNER_UPDATE,
     PROTOTYPICAL_CROSS_ENTROPY,
@@ -41,6 +43,7 @@ __all__ = [
     "DECLARATIONS",
     "attention_read",
     "class_prototypes_op",
+    "gradient_lstm",
     "gradient_mlp",
     "inner_update",
     "prototypical_cross_entropy_op",

@@ -78,6 +78,12 @@ def preprocess(grads: Tensor, p: float) -> Tensor:
     return torch.stack((log_part, sign_part), -1)
 
 
+def preprocess_backward(du: Tensor, grads: Tensor, p: float) -> Tensor:
+    """d_grads [...] from the gradient du [..., 2] w.r.t. preprocess(grads, p)."""
+    small = grads.abs() < math.exp(-p)
+    return torch.where(small, du[..., 1] * math.exp(p), du[..., 0] / (p * grads))
+
+
 def gradient_mlp_forward_reference(grads, w1, b1, w2, b2, p):
     """The plain PyTorch form: builds the [..., H] hidden layer (differentiable)."""
     hidden = torch.relu(preprocess(grads, p) @ w1.T + b1)
@@ -94,9 +100,7 @@ def gradient_mlp_backward_reference(grad_out, grads, w1, b1, w2, p, need_grads):
     d_w1 = flat(dh).T @ flat(u)
     d_grads = grads.new_empty(0)
     if need_grads:
-        du = dh @ w1  # [..., 2]
-        small = grads.abs() < math.exp(-p)
-        d_grads = torch.where(small, du[..., 1] * math.exp(p), du[..., 0] / (p * grads))
+        d_grads = preprocess_backward(dh @ w1, grads, p)
     return (d_grads, d_w1, flat(dh).sum(0), flat(dy * torch.relu(s)).sum(0), grad_out.sum())
 
 
