@@ -18,6 +18,7 @@ from fastmeta.bench.roofline_ops import (
     bn_relu_pool_cost,
     class_prototypes_cost,
     conv_block_cost,
+    gradient_lstm_cost,
     inner_update_cost,
     squared_distances_cost,
 )
@@ -43,6 +44,18 @@ def test_class_prototypes_and_inner_update_work_counted_by_hand():
     forward, backward = inner_update_cost(T=3, P=10)
     assert forward == Cost(bytes=4 * (10 + 1 + 30 + 30), flops=60)
     assert backward == Cost(bytes=4 * (30 + 1 + 10 + 30), flops=60)
+
+
+def test_gradient_lstm_work_counted_by_hand():
+    # grads [2, 3, 1] (B = 2 episodes, N = 3 examples, P = 1) -> out [2, 1]; H = 1:
+    # w_ih [4, 2], w_hh [4, 1], b [4], w_out [1], b_out []: 18 floats.
+    # A step per coordinate: products 8 + 16, bias 4, 5 activations x 3, cell and
+    # hidden 4, preprocessing 5 = 52; its backward 16 + 53 + 5 = 74; the output 2.
+    forward, backward = gradient_lstm_cost(n=2, N=3, H=1)
+    assert forward == Cost(bytes=4 * (6 + 2 + 18), flops=2 * (3 * 52 + 2))
+    # reads grad_out, grads, the weights; writes d_grads and the weights' gradients;
+    # recomputes the forward (it keeps no state)
+    assert backward == Cost(bytes=4 * (2 + 6 + 6 + 2 * 18), flops=2 * (3 * (52 + 74) + 2))
 
 
 def test_conv_block_and_bn_relu_pool_work_counted_by_hand():

@@ -28,6 +28,13 @@ the forward did not keep. float32 throughout.
                                                                                + 2BMLK + BMLO
     gradient_mlp                   forward    n(7H + 5)                      2n + 4H + 1
       grads [n], hidden H          backward   n(18H + 7)                     3n + 8H + 1
+    gradient_lstm                  forward    n(N f + 2H)                    nN + n + Wl
+      grads [B,N,P] (n = BP),      backward   n(N (f + b) + 2H)              2nN + n + 2Wl
+      hidden H                                f = 8H^2 + 39H + 5, b = 16H^2 + 53H + 5
+      Wl = 4H(H + 3) + H + 1 (w_ih, w_hh, b, w_out, b_out). Per coordinate and example:
+      the gates' products 8H^2 + 16H, bias 4H, 3 sigmoids and 2 tanh at 3 each, the cell
+      and hidden updates 4H, the preprocessing 5; the backward recomputes the forward
+      (it keeps no state), then dc, dz, the parameter sums, W_ih^T dz and W_hh^T dz.
     conv_block                     forward    E(2 taps + 5) + Z              X + Wt + 2Y + Y/4
       x [N,Cin,H,W] (X elements),                                              + 5C
       weight [C,Cin,KH,KW] (Wt)    backward   Y(2 taps + 7) + Z              X + 2Wt + 2Y + Y/4
@@ -169,6 +176,16 @@ def gradient_mlp_cost(n: int, H: int) -> tuple[Cost, Cost]:
     return (
         Cost(F32 * (2 * n + 4 * H + 1), n * (7 * H + 5)),
         Cost(F32 * (3 * n + 8 * H + 1), n * (18 * H + 7)),
+    )
+
+
+def gradient_lstm_cost(n: int, N: int, H: int) -> tuple[Cost, Cost]:
+    """n coordinates (B x P), N examples, H hidden units."""
+    step_forward, step_backward = 8 * H * H + 39 * H + 5, 16 * H * H + 53 * H + 5
+    weights = 4 * H * (H + 3) + H + 1
+    return (
+        Cost(F32 * (n * N + n + weights), n * (N * step_forward + 2 * H)),
+        Cost(F32 * (2 * n * N + n + 2 * weights), n * (N * (step_forward + step_backward) + 2 * H)),
     )
 
 
@@ -319,6 +336,24 @@ def gradient_mlp(device: str, quick: bool) -> OpWork:
     )
 
 
+def gradient_lstm(device: str, quick: bool) -> OpWork:
+    """Meta Networks' LSTM d on 8 (GPU: 256) episodes of 5 examples' gradients of 4608
+    coordinates (a 64x72 layer), H = 20."""
+    B, N, P, H = _sizes(device, quick, (8, 5, 4608, 20), (256, 5, 4608, 20), (2, 3, 40, 5))
+    grads = _randn(B, N, P, device=device) * 1e-3  # both branches of the preprocessing
+    w_ih, w_hh = _randn(4 * H, 2, device=device), _randn(4 * H, H, device=device) / H**0.5
+    b, w_out = _randn(4 * H, device=device), _randn(H, device=device)
+    b_out, go = torch.tensor(0.1, device=device), _randn(B, P, device=device)
+    return OpWork(
+        "gradient_lstm",
+        "",
+        f"grads [{B}, {N}, {P}] H={H}",
+        (grads, w_ih, w_hh, b, w_out, b_out, 10.0),
+        lambda out: (go, grads, w_ih, w_hh, b, w_out, 10.0, True),
+        *gradient_lstm_cost(B * P, N, H),
+    )
+
+
 def _bn_parameters(C: int, device: str):
     gamma = torch.rand(C, device=device) + 0.5
     return gamma, torch.rand(C, device=device) - 0.5
@@ -368,6 +403,7 @@ WORK: tuple[Callable[[str, bool], OpWork], ...] = (
     *(functools.partial(prototypical_cross_entropy, d) for d in range(len(DISTANCES))),
     attention_read,
     gradient_mlp,
+    gradient_lstm,
     conv_block,
     bn_relu_pool,
 )
