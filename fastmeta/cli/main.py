@@ -31,11 +31,22 @@ from fastmeta.metanet.model import TASK_GENERATORS
 HELD_OUT = "Japanese_(katakana),Sanskrit,Tagalog"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+def _int_at_least(minimum: int, name: str):
+    """An argparse type: an integer >= minimum (name: what argparse calls it when the
+    text is not an integer)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+_positive_int = _int_at_least(1, "_positive_int")
+_count = _int_at_least(0, "_count")
 
 
 def _rate(text: str) -> float:
@@ -188,13 +199,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "support examples of a coordinate-wise MLP; lstm, the paper's coordinate-wise "
         "LSTM over them in order",
     )
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
