@@ -50,7 +50,8 @@ def _tanh(x):
 
 @triton.jit
 def _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, k, hs, hmask, H):
-    """Gate k's w_ih columns, bias [BLOCK_H] and W_hh[k] [BLOCK_H, BLOCK_H] (0 outside)."""
+    """Gate k's (w_ih[:, 0], w_ih[:, 1], bias) [BLOCK_H] and W_hh[k] [BLOCK_H, BLOCK_H]
+    (0 outside)."""
     rows = k * H + hs
     w0 = tl.load(w_ih_ptr + 2 * rows, mask=hmask, other=0.0).to(tl.float32)
     w1 = tl.load(w_ih_ptr + 2 * rows + 1, mask=hmask, other=0.0).to(tl.float32)
@@ -60,11 +61,22 @@ def _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, k, hs, hmask, H):
 
 
 @triton.jit
-def _pre_activation(u0, u1, h, w0, w1, bias, w_hh, hmask, PRECISION: tl.constexpr):
-    """z [BLOCK, BLOCK_H] of one gate; padded units are 0 (not NaN of 0 * inf)."""
-    z = u0[:, None] * w0[None, :] + u1[:, None] * w1[None, :]
-    z = dot(h, tl.trans(w_hh), z, PRECISION) + bias[None, :]
+def _pre_activation(u0, u1, h, gate, hmask, PRECISION: tl.constexpr):
+    """z [BLOCK, BLOCK_H] of one gate (its _gate_weights); padded units are 0 (not NaN
+    of 0 * inf)."""
+    z = u0[:, None] * gate[0][None, :] + u1[:, None] * gate[1][None, :]
+    z = dot(h, tl.trans(gate[3]), z, PRECISION) + gate[2][None, :]
     return tl.where(hmask[None, :], z, 0.0)
+
+
+@triton.jit
+def _gates(u0, u1, h, wi, wf, wg, wo, hmask, PRECISION: tl.constexpr):
+    """(i, f, g, o) [BLOCK, BLOCK_H] from inputs u0, u1 [BLOCK] and h [BLOCK, BLOCK_H]."""
+    i = tl.sigmoid(_pre_activation(u0, u1, h, wi, hmask, PRECISION))
+    f = tl.sigmoid(_pre_activation(u0, u1, h, wf, hmask, PRECISION))
+    cand = _tanh(_pre_activation(u0, u1, h, wg, hmask, PRECISION))
+    o = tl.sigmoid(_pre_activation(u0, u1, h, wo, hmask, PRECISION))
+    return i, f, cand, o
 
 
 @triton.jit
@@ -72,14 +84,10 @@ def _lstm_step(
     g_ptrs, valid, h, c, p, threshold, e_p, wi, wf, wg, wo, hmask, PRECISION: tl.constexpr
 ):
     """One step of BLOCK coordinates: their gradients at g_ptrs, state h, c
-    [BLOCK, BLOCK_H] -> (h, c); wi, wf, wg, wo: each gate's (w_ih[:, 0], w_ih[:, 1],
-    b, w_hh) from _gate_weights."""
+    [BLOCK, BLOCK_H] -> (h, c); wi, wf, wg, wo: each gate's _gate_weights."""
     g = tl.load(g_ptrs, mask=valid, other=0.0)
     u0, u1, _ = preprocess(g.to(tl.float32), p, threshold, e_p)
-    i = tl.sigmoid(_pre_activation(u0, u1, h, wi[0], wi[1], wi[2], wi[3], hmask, PRECISION))
-    f = tl.sigmoid(_pre_activation(u0, u1, h, wf[0], wf[1], wf[2], wf[3], hmask, PRECISION))
-    cand = _tanh(_pre_activation(u0, u1, h, wg[0], wg[1], wg[2], wg[3], hmask, PRECISION))
-    o = tl.sigmoid(_pre_activation(u0, u1, h, wo[0], wo[1], wo[2], wo[3], hmask, PRECISION))
+    i, f, cand, o = _gates(u0, u1, h, wi, wf, wg, wo, hmask, PRECISION)
     c = f * c + i * cand
     return tl.where(hmask[None, :], o * _tanh(c), 0.0), c
 
@@ -109,10 +117,10 @@ def _gradient_lstm_forward_kernel(
     first = rows // Q * N * Q + rows % Q  # grads[b, 0, q]
     hs = tl.arange(0, BLOCK_H)
     hmask = hs < H
-    wi0, wi1, bi, wi = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 0, hs, hmask, H)
-    wf0, wf1, bf, wf = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 1, hs, hmask, H)
-    wg0, wg1, bg, wg = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 2, hs, hmask, H)
-    wo0, wo1, bo, wo = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 3, hs, hmask, H)
+    wi = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 0, hs, hmask, H)
+    wf = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 1, hs, hmask, H)
+    wg = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 2, hs, hmask, H)
+    wo = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 3, hs, hmask, H)
     h = tl.zeros((BLOCK, BLOCK_H), dtype=tl.float32)
     c = tl.zeros((BLOCK, BLOCK_H), dtype=tl.float32)
     for t in range(N):
@@ -124,10 +132,10 @@ def _gradient_lstm_forward_kernel(
             p,
             threshold,
             e_p,
-            (wi0, wi1, bi, wi),
-            (wf0, wf1, bf, wf),
-            (wg0, wg1, bg, wg),
-            (wo0, wo1, bo, wo),
+            wi,
+            wf,
+            wg,
+            wo,
             hmask,
             PRECISION,
         )
@@ -179,10 +187,10 @@ def _gradient_lstm_backward_kernel(
     hs = tl.arange(0, BLOCK_H)
     hmask = hs < H
     keep = valid[:, None] & hmask[None, :]
-    wi0, wi1, bi, wi = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 0, hs, hmask, H)
-    wf0, wf1, bf, wf = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 1, hs, hmask, H)
-    wg0, wg1, bg, wg = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 2, hs, hmask, H)
-    wo0, wo1, bo, wo = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 3, hs, hmask, H)
+    wi = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 0, hs, hmask, H)
+    wf = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 1, hs, hmask, H)
+    wg = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 2, hs, hmask, H)
+    wo = _gate_weights(w_ih_ptr, w_hh_ptr, b_ptr, 3, hs, hmask, H)
     # this program's states: [N + 1, 2 (h, c), BLOCK, BLOCK_H]
     tile = tl.arange(0, BLOCK)[:, None] * BLOCK_H + hs[None, :]
     states_ptr += pid * (N + 1) * 2 * BLOCK * BLOCK_H
@@ -200,10 +208,10 @@ def _gradient_lstm_backward_kernel(
             p,
             threshold,
             e_p,
-            (wi0, wi1, bi, wi),
-            (wf0, wf1, bf, wf),
-            (wg0, wg1, bg, wg),
-            (wo0, wo1, bo, wo),
+            wi,
+            wf,
+            wg,
+            wo,
             hmask,
             PRECISION,
         )
@@ -235,10 +243,7 @@ def _gradient_lstm_backward_kernel(
         g = tl.load(g_ptr + first + tl.cast(t, tl.int64) * Q, mask=valid, other=0.0)
         g = g.to(tl.float32)
         u0, u1, small = preprocess(g, p, threshold, e_p)
-        i = tl.sigmoid(_pre_activation(u0, u1, h_prev, wi0, wi1, bi, wi, hmask, PRECISION))
-        f = tl.sigmoid(_pre_activation(u0, u1, h_prev, wf0, wf1, bf, wf, hmask, PRECISION))
-        cand = _tanh(_pre_activation(u0, u1, h_prev, wg0, wg1, bg, wg, hmask, PRECISION))
-        o = tl.sigmoid(_pre_activation(u0, u1, h_prev, wo0, wo1, bo, wo, hmask, PRECISION))
+        i, f, cand, o = _gates(u0, u1, h_prev, wi, wf, wg, wo, hmask, PRECISION)
         tau = _tanh(c)
         dc = dc + dh * o * (1.0 - tau * tau)
         dzi = tl.where(keep, dc * cand * i * (1.0 - i), 0.0)
@@ -255,20 +260,26 @@ def _gradient_lstm_backward_kernel(
         so0, so1, sbo = so0 + a0, so1 + a1, sbo + a2
         if NEED_GRADS:
             du0 = tl.sum(
-                dzi * wi0[None, :] + dzf * wf0[None, :] + dzg * wg0[None, :] + dzo * wo0[None, :],
+                dzi * wi[0][None, :]
+                + dzf * wf[0][None, :]
+                + dzg * wg[0][None, :]
+                + dzo * wo[0][None, :],
                 axis=1,
             )
             du1 = tl.sum(
-                dzi * wi1[None, :] + dzf * wf1[None, :] + dzg * wg1[None, :] + dzo * wo1[None, :],
+                dzi * wi[1][None, :]
+                + dzf * wf[1][None, :]
+                + dzg * wg[1][None, :]
+                + dzo * wo[1][None, :],
                 axis=1,
             )
             dg = preprocess_backward(du0, du1, g, small, p, e_p)
             at_g = dg_ptr + first + tl.cast(t, tl.int64) * Q
             tl.store(at_g, dg.to(dg_ptr.dtype.element_ty), mask=valid)
-        dh = dot(dzi, wi, tl.zeros((BLOCK, BLOCK_H), dtype=tl.float32), PRECISION)
-        dh = dot(dzf, wf, dh, PRECISION)
-        dh = dot(dzg, wg, dh, PRECISION)
-        dh = tl.where(keep, dot(dzo, wo, dh, PRECISION), 0.0)
+        dh = dot(dzi, wi[3], tl.zeros((BLOCK, BLOCK_H), dtype=tl.float32), PRECISION)
+        dh = dot(dzf, wf[3], dh, PRECISION)
+        dh = dot(dzg, wg[3], dh, PRECISION)
+        dh = tl.where(keep, dot(dzo, wo[3], dh, PRECISION), 0.0)
         dc = tl.where(keep, dc * f, 0.0)
     tl.store(vectors_ptr, si0)
     tl.store(vectors_ptr + BLOCK_H, sf0)
