@@ -25,7 +25,6 @@ command) and STEM.png (the roofline plot, under the run's ceilings) to --out.
 
 import argparse
 import dataclasses
-import os
 import statistics
 import sys
 
@@ -251,8 +250,9 @@ def main(argv=None) -> int:
     rows, ceilings = run(args.device, args.quick, **timing)
     stem = args.stem or f"roofline-{args.device}" + ("-quick" if args.quick else "")
     extra = {"machine": machine, "command": command, "ceilings": dataclasses.asdict(ceilings)}
-    if hasattr(os, "getloadavg"):  # the machine records it at the start
-        extra["load_1_5_15_min_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    load = harness.load_average()
+    if load is not None:  # the machine records it at the start
+        extra["load_1_5_15_min_at_end"] = load
     paths = harness.write_results(rows, args.out, stem, extra, row_type=RooflineRow)
     where = machine.get("gpu", f"{machine['cpu']}, {machine['threads']} threads")
     title = f"fastmeta roofline, {args.device} ({where}), {machine['date'][:10]}"
