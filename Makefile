@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml fastmeta/_build.py
 
-.PHONY: demo test fuzz lint build clean sanitize install-matrix
+.PHONY: demo test fuzz lint build clean sanitize install-matrix reproduce-omniglot
 
 # make demo [OMNIGLOT=DIR]: short training runs of every algorithm on synthetic tasks
 # (fastmeta's backend against the reference one), ProtoNet on Omniglot when given a
@@ -18,6 +18,11 @@ demo: $(VENV)/.built
 
 test: $(VENV)/.built
 	$(PY) -m pytest -q tests
+
+# make reproduce-omniglot OMNIGLOT=DIR [REPRODUCE="--only protonet"]: every README Omniglot
+# recipe trained and tested, one combined table in runs/reproduce-omniglot (hours; not CI).
+reproduce-omniglot: $(VENV)/.built
+	$(PY) -m fastmeta reproduce omniglot --data-dir "$(OMNIGLOT)" $(REPRODUCE)
 
 # The fuzz suite's long profile (tests/test_fuzz.py; `make test` runs its short one):
 # FUZZ_EXAMPLES examples per op and backend, fresh random seeds each run.

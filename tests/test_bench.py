@@ -58,7 +58,8 @@ def test_quick_maml_benchmark_checks_meta_gradients(tmp_path, capsys):
             if n.startswith(("higher", "learn2learn"))
         )
         for row in names.values():
-            assert float(row["median_ms"]) > 0 and row["peak_mib"] != ""
+            # on the CPU each row's peak comes from a child process of its own
+            assert float(row["median_ms"]) > 0 and float(row["peak_mib"]) > 0
     assert "maml (a) 5w1s T=4" in printed and "loop (reference)" in printed
 
 

@@ -10,8 +10,9 @@ Every contender computes the mean query cross-entropy over the T tasks and calls
   fastmeta[max_memory=M]  maml.meta_step(..., max_memory=M): the same meta-step a chunk
                       of tasks at a time, the chunks sized to keep the graphs within M
                       (M: a round figure below higher's peak at the config, so the row
-                      says how fast fastmeta is in the memory higher needs; doubled for
-                      the float64 check)
+                      says how fast fastmeta is in the memory higher needs, or at (b)
+                      the least that meta_step's estimate of one task, ~384 MiB, lets
+                      through; doubled for the float64 check)
   loop                the learn2learn pattern in plain PyTorch: per task functional_call
                       + autograd.grad(create_graph=not first_order), fast = p - lr * g;
                       the query losses summed, one backward (the gradient reference)
@@ -34,14 +35,18 @@ to 1e-1). The result is appended to the row's name, so it reaches the table, CSV
 JSON: `ok` (float32), `ok (f64)`, or `err <float64 error> (f64)`; the exact errors are
 printed. Where vmap[native BN] fails in float64, the same code is run once more with
 batch norm written from mean/var ops, to show that batch norm is the cause. The
-checked call is each row's first warm-up and gives its peak memory (CPU: the harness's
-high-water mark). Optional contenders that cannot run are skipped, reason printed.
+checked call is each row's first warm-up and, on a GPU, gives its peak memory (the
+allocator's count). On the CPU each row's peak is its first call's high-water mark in a
+process of its own (fastmeta/bench/maml_row_peak.py: in one process the rows before
+move the next row's resident-set number by ~10%). Optional contenders that cannot run
+are skipped, reason printed.
 Configs: (a) 5-way 1-shot 15 queries/class, T=32, 1 inner step, lr 0.4, second order;
 (b) 5-shot, 5 steps; (c) (a) first order. (b) times at most HEAVY_REPEATS rounds.
 """
 
 import contextlib
 import copy
+import subprocess
 import sys
 import time
 import warnings
@@ -60,9 +65,9 @@ CASE = "maml"
 WAYS, LR, TOLERANCE = 5, 0.4, 1e-4
 CONFIGS = {  # name: (tasks T, shots K, queries per class, inner steps, first_order,
     #                 the memory-bounded row's max_memory in MiB)
-    "(a) 5w1s T=32 1 step 2nd order": (32, 1, 15, 1, False, 192),
+    "(a) 5w1s T=32 1 step 2nd order": (32, 1, 15, 1, False, 144),
     "(b) 5w5s T=32 5 steps 2nd order": (32, 5, 15, 5, False, 448),
-    "(c) 5w1s T=32 1 step 1st order": (32, 1, 15, 1, True, 160),
+    "(c) 5w1s T=32 1 step 1st order": (32, 1, 15, 1, True, 128),
 }
 QUICK = {
     "(a) 5w1s T=4 1 step 2nd order": (4, 1, 5, 1, False, 64),
@@ -279,9 +284,25 @@ class _Float64Check:
         return _relative_error(self.reference, grad)
 
 
+def _row_peak_mib(name, T, K, Q, steps, first_order, max_memory_mib, log) -> float | None:
+    """The row's first-call peak in MiB measured in a child process (maml_row_peak.py);
+    None, with the child's last line of stderr logged, where that fails."""
+    args = [name, T, K, Q, steps, int(first_order), max_memory_mib]
+    child = subprocess.run(
+        [sys.executable, "-m", "fastmeta.bench.maml_row_peak", *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
+    if child.returncode == 0:
+        return float(child.stdout.split()[-1])
+    log(f"    {name}: no peak, its child process failed: {child.stderr.strip()[-300:]}")
+    return None
+
+
 def candidates(device, T, K, Q, steps, first_order, max_memory_mib, log=print) -> list[Candidate]:
     """Builds the contenders for one config and checks every meta-gradient against the
-    loop's: float32 on all T tasks (this first call also gives the row's peak memory),
+    loop's: float32 on all T tasks (on a GPU this first call also gives the row's peak
+    memory; on the CPU a child process measures it, _row_peak_mib),
     then, for a row that differs by TOLERANCE or more, float64 on a few tasks. Row names
     end with the check: `ok`, `ok (f64)` or `err <float64 relative error> (f64)`; the
     rows return nothing (the meta-gradient is in the model's .grad), so the harness's
@@ -290,9 +311,16 @@ def candidates(device, T, K, Q, steps, first_order, max_memory_mib, log=print) -
     model = conv4().to(device)
     data = episodes(T, K, Q, device)
     builders = _builders(steps, first_order, max_memory_mib)
+    in_process = device if device == "cuda" else None  # the device whose peak is read here
+
+    def peak_of(name: str, peak: float | None) -> float | None:
+        args = (T, K, Q, steps, first_order, max_memory_mib)
+        return peak if in_process else _row_peak_mib(name, *args, log)
+
     builders["loop (reference)"](model, tuple(x[:1] for x in data))()  # process warm-up
     loop_fn = builders["loop (reference)"](model, data)
-    reference, seconds, peak = _meta_gradient(model, loop_fn, device)
+    reference, seconds, peak = _meta_gradient(model, loop_fn, in_process)
+    peak = peak_of("loop (reference)", peak)
     log(f"  loop (reference): {seconds:.2f} s (first call)")
     rows = [Candidate("loop (reference)", loop_fn, comparable=False, peak_mib=peak)]
     check64 = None
@@ -303,7 +331,7 @@ def candidates(device, T, K, Q, steps, first_order, max_memory_mib, log=print) -
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # higher uses deprecated torch APIs
                 fn = build(model, data)
-                grad, seconds, peak = _meta_gradient(model, fn, device)
+                grad, seconds, peak = _meta_gradient(model, fn, in_process)
         except Exception as e:  # an optional contender that is missing or broken
             log(f"  {name}: skipped ({_skip_reason(name, e)})")
             continue
@@ -337,7 +365,7 @@ def candidates(device, T, K, Q, steps, first_order, max_memory_mib, log=print) -
                 fn,
                 is_fastmeta=(name == "fastmeta"),
                 comparable=False,
-                peak_mib=peak,
+                peak_mib=peak_of(name, peak),
             )
         )
     rows.sort(key=lambda row: not row.is_fastmeta)  # fastmeta's default first

@@ -5,6 +5,9 @@ fastmeta profile train ALGORITHM [options]
                                         a step's time goes, and a Chrome/Perfetto trace
 fastmeta build [--force]                compile fastmeta._C for this torch now, if the
                                         install has none for it (waits for one running)
+fastmeta reproduce omniglot --data-dir DIR
+                                        train and test every README Omniglot recipe,
+                                        one combined table (hours on a CPU)
 
 (also `python -m fastmeta ...`). Bad input is one line on stderr and exit status 2.
 Under torchrun (WORLD_SIZE > 1) the ranks share the work (fastmeta.distributed)."""
@@ -22,7 +25,7 @@ import torch
 
 import fastmeta
 from fastmeta import _extension, distributed
-from fastmeta.cli import algorithms, breakdown, checkpoint, profile, report
+from fastmeta.cli import algorithms, breakdown, checkpoint, profile, report, reproduce
 from fastmeta.cli import data as task_data
 from fastmeta.cli.evaluate import evaluate, format_accuracy
 from fastmeta.cli.train import TEST_SEED, complete_args, train
@@ -397,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["build"]:
         return _extension.build_command(argv[1:])
+    if argv[:1] == ["reproduce"]:
+        return reproduce.main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit:  # --help (0) or a usage error argparse has printed (2)

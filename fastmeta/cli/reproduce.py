@@ -1,0 +1,252 @@
+"""fastmeta reproduce omniglot: the README's Omniglot table, every recipe trained and tested.
+
+    python -m fastmeta reproduce omniglot --data-dir OMNIGLOT_DIR [--out DIR]
+        [--only NAME,...] [--steps N] [--episodes N] [--force] [--list]
+
+Each recipe (RECIPES) is one `fastmeta train` run on the README's split (the union of the
+background sets, the --held-out alphabets of `fastmeta train` for test, a share of the
+other characters for validation) in OUT/NAME, then a test of 1-shot episodes of the
+held-out alphabets at each of its (ways, queries per class): the training run's own test
+where that is the episode it trains on, `fastmeta eval` otherwise. A recipe whose
+summary.json is in its directory is not trained again (an interrupted reproduction goes
+on where it stopped; --force retrains). The combined table goes to OUT/results.md and
+OUT/results.json (with each run's command, training time and backend).
+
+--steps and --episodes shorten every run (smoke runs: the numbers then mean nothing).
+Bad arguments: one line on stderr, exit status 2; a failing run stops the reproduction
+with that run's status.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastmeta.cli.evaluate import format_accuracy
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training run: `fastmeta train ALGORITHM --data omniglot ARGS`, tested at each
+    (ways, queries per class) of `tests` with 1-shot episodes."""
+
+    algorithm: str
+    args: tuple[str, ...]
+    tests: tuple[tuple[int, int], ...]
+
+    def option(self, name: str) -> str:
+        return self.args[self.args.index(name) + 1]
+
+
+RECIPES = {
+    # ProtoNet's embedding does not depend on the number of ways: one run, two tests
+    "protonet": Recipe(
+        "protonet",
+        ("--ways", "20", "--queries", "5", "--tasks", "1", "--steps", "4000")
+        + ("--lr-halve-every", "1000", "--val-fraction", "0.15"),
+        ((5, 15), (20, 15)),
+    ),
+    # MAML's and Meta Networks' output layers have a fixed number of ways: a run each
+    "maml-5w": Recipe(
+        "maml",
+        ("--ways", "5", "--queries", "15", "--tasks", "16", "--steps", "1500")
+        + ("--inner-lr", "0.4", "--inner-steps", "1", "--eval-inner-steps", "3")
+        + ("--val-every", "500"),
+        ((5, 15),),
+    ),
+    "maml-20w": Recipe(
+        "maml",
+        ("--ways", "20", "--queries", "5", "--tasks", "8", "--steps", "600")
+        + ("--inner-lr", "0.4", "--inner-steps", "1", "--eval-inner-steps", "3")
+        + ("--val-every", "300"),
+        ((20, 5),),
+    ),
+    "metanet-5w": Recipe(
+        "metanet",
+        ("--ways", "5", "--queries", "5", "--tasks", "16", "--steps", "500")
+        + ("--lr-halve-every", "400", "--val-every", "250"),
+        ((5, 15),),
+    ),
+    "metanet-5w-lstm": Recipe(
+        "metanet",
+        ("--ways", "5", "--queries", "5", "--tasks", "16", "--steps", "500")
+        + ("--lr-halve-every", "400", "--val-every", "250", "--task-generator", "lstm"),
+        ((5, 15),),
+    ),
+    "metanet-20w": Recipe(
+        "metanet",
+        ("--ways", "20", "--queries", "5", "--tasks", "8", "--steps", "500")
+        + ("--lr-halve-every", "400", "--val-every", "250"),
+        ((20, 5),),
+    ),
+}
+TEST_EPISODES = 1000
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _recipe_names(text: str) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in RECIPES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown recipe(s) {', '.join(unknown) or repr(text)}; "
+            f"choose from {', '.join(RECIPES)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastmeta reproduce",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("benchmark", choices=("omniglot",))
+    parser.add_argument("--data-dir", help="Omniglot directory (default: $FASTMETA_OMNIGLOT)")
+    parser.add_argument("--out", type=Path, default=Path("runs/reproduce-omniglot"))
+    parser.add_argument(
+        "--only",
+        type=_recipe_names,
+        default=list(RECIPES),
+        metavar="NAME,...",
+        help=f"these recipes only ({', '.join(RECIPES)})",
+    )
+    parser.add_argument("--steps", type=_positive_int, help="override every run's steps")
+    parser.add_argument(
+        "--episodes",
+        type=_positive_int,
+        default=TEST_EPISODES,
+        help="test (and validation) episodes per number",
+    )
+    parser.add_argument("--force", action="store_true", help="retrain finished recipes")
+    parser.add_argument("--list", action="store_true", help="print the commands, run nothing")
+    return parser
+
+
+def train_argv(name: str, args: argparse.Namespace) -> list[str]:
+    """The `fastmeta train` arguments of recipe `name` under these options."""
+    recipe = RECIPES[name]
+    data_dir = args.data_dir or "OMNIGLOT_DIR"  # --list without a directory
+    argv = ["train", recipe.algorithm, "--data", "omniglot", "--data-dir", data_dir]
+    argv += [*recipe.args, "--out", str(args.out / name)]
+    argv += ["--test-episodes", str(args.episodes)]
+    if args.steps is not None:  # a smoke run: validate once, at the end
+        argv += ["--steps", str(args.steps), "--val-every", str(args.steps)]
+        argv += ["--val-episodes", str(args.episodes)]
+    return argv
+
+
+def eval_argv(name: str, ways: int, queries: int, args: argparse.Namespace) -> list[str]:
+    """The `fastmeta eval` arguments of recipe `name`'s test at (ways, queries)."""
+    argv = ["eval", "--out", str(args.out / name), "--ways", str(ways), "--shots", "1"]
+    return argv + ["--queries", str(queries), "--episodes", str(args.episodes)]
+
+
+def _run(argv: list[str]) -> None:
+    from fastmeta.cli.main import main as cli
+
+    print(f"\n$ python -m fastmeta {shlex.join(argv)}", flush=True)
+    status = cli(argv)
+    if status != 0:
+        raise SystemExit(status)
+
+
+def reproduce(name: str, args: argparse.Namespace) -> list[dict]:
+    """Trains recipe `name` (unless done) and tests it; one result row per test."""
+    recipe = RECIPES[name]
+    argv = train_argv(name, args)
+    summary_path = args.out / name / "summary.json"
+    if args.force or not summary_path.is_file():
+        _run(argv)
+    else:
+        print(f"\n{name}: trained already ({summary_path}; --force retrains)")
+    summary = json.loads(summary_path.read_text())
+    trained = (int(recipe.option("--ways")), int(recipe.option("--queries")))
+    rows = []
+    for ways, queries in recipe.tests:
+        test = summary["test"]
+        if (ways, queries) != trained:
+            _run(eval_argv(name, ways, queries, args))
+            path = args.out / name / f"eval-test-{ways}w1s.json"
+            test = json.loads(path.read_text())
+        rows.append(
+            {
+                "recipe": name,
+                "algorithm": recipe.algorithm,
+                "ways": ways,
+                "shots": 1,
+                "queries": queries,
+                "accuracy": test["mean"],
+                "ci95": test["ci95"],
+                "episodes": test["episodes"],
+                "val_accuracy": summary["val"]["mean"],
+                "steps": summary["steps"],
+                "tasks": summary["args"]["tasks"],
+                "train_seconds": summary["train_seconds"],
+                "backend": sorted(set(summary["backend"]["ran"].values())),
+                "command": f"python -m fastmeta {shlex.join(argv)}",
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The results as a markdown table."""
+    lines = [
+        "| recipe | test: held-out alphabets, 1-shot | accuracy (95% CI) | validation | training |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        test = f"{r['ways']}-way, {r['queries']} queries, {r['episodes']} episodes"
+        accuracy = format_accuracy(r["accuracy"], r["ci95"])
+        training = f"{r['steps']} steps x {r['tasks']} episodes, {r['train_seconds']:.0f} s"
+        lines.append(
+            f"| {r['recipe']} | {test} | **{accuracy}** | {100 * r['val_accuracy']:.2f}% "
+            f"| {training} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """`fastmeta reproduce ...`; the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:
+        return int(exit.code or 0)
+    args.data_dir = args.data_dir or os.environ.get("FASTMETA_OMNIGLOT")
+    if args.list:
+        for name in args.only:
+            recipe = RECIPES[name]
+            trained = (int(recipe.option("--ways")), int(recipe.option("--queries")))
+            print(f"python -m fastmeta {shlex.join(train_argv(name, args))}")
+            for ways, queries in recipe.tests:
+                if (ways, queries) != trained:
+                    print(f"python -m fastmeta {shlex.join(eval_argv(name, ways, queries, args))}")
+        return 0
+    if not args.data_dir or not Path(args.data_dir).is_dir():
+        print(
+            f"fastmeta reproduce: error: --data-dir: not a directory: {args.data_dir!r} "
+            "(Omniglot's zip archives; or set FASTMETA_OMNIGLOT)",
+            file=sys.stderr,
+        )
+        return 2
+    rows = []
+    try:
+        for name in args.only:
+            rows += reproduce(name, args)
+    except SystemExit as failed:
+        print(f"fastmeta reproduce: error: recipe {name} failed", file=sys.stderr)
+        return int(failed.code or 1)
+    text = table(rows)
+    (args.out / "results.md").write_text(text + "\n")
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"\n{text}\nwritten: {args.out / 'results.md'}, {args.out / 'results.json'}")
+    return 0
