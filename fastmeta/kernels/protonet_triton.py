@@ -234,9 +234,7 @@ def _prototypical_cross_entropy_forward_kernel(
     z_y = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
-        f, _, _ = _scores_tile(
-            q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D, BLOCK_R, PRECISION, DISTANCE
-        )
+        f = _scores_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D, BLOCK_R, PRECISION, DISTANCE)[0]
         z = tl.where(cls[None, :] < C, tau * f, float("-inf"))  # z' = tau f
         first_nan = tl.minimum(first_nan, tl.min(tl.where(z != z, cls[None, :], C), axis=1))
         tile_max = tl.max(z, axis=1)
@@ -254,9 +252,7 @@ def _prototypical_cross_entropy_forward_kernel(
     tl.store(pred_ptr + b * M + rows, argmax.to(tl.int64), mask=in_m)
     for c0 in range(0, C, BLOCK_C):
         cls = c0 + tl.arange(0, BLOCK_C)
-        f, _, _ = _scores_tile(
-            q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D, BLOCK_R, PRECISION, DISTANCE
-        )
+        f = _scores_tile(q_ptr, c_ptr, rows, cls, M, C, D, BLOCK_D, BLOCK_R, PRECISION, DISTANCE)[0]
         z = tl.where(cls[None, :] < C, tau * f, float("-inf"))  # z' = tau f
         store_tile(sm_ptr, tl.exp((z - run_max[:, None]) - log_sum[:, None]), rows, cls, M, C)
 
