@@ -41,47 +41,35 @@ class Recipe:
         return self.args[self.args.index(name) + 1]
 
 
+def _episodes(ways: int, queries: int, tasks: int, steps: int) -> tuple[str, ...]:
+    """The training episodes' options: 1-shot, `queries` per class, `tasks` a step."""
+    sizes = {"--ways": ways, "--queries": queries, "--tasks": tasks, "--steps": steps}
+    return tuple(text for option, value in sizes.items() for text in (option, str(value)))
+
+
+MAML_INNER = ("--inner-lr", "0.4", "--inner-steps", "1", "--eval-inner-steps", "3")
+METANET_SCHEDULE = ("--lr-halve-every", "400", "--val-every", "250")
 RECIPES = {
     # ProtoNet's embedding does not depend on the number of ways: one run, two tests
     "protonet": Recipe(
         "protonet",
-        ("--ways", "20", "--queries", "5", "--tasks", "1", "--steps", "4000")
-        + ("--lr-halve-every", "1000", "--val-fraction", "0.15"),
+        _episodes(20, 5, 1, 4000) + ("--lr-halve-every", "1000", "--val-fraction", "0.15"),
         ((5, 15), (20, 15)),
     ),
     # MAML's and Meta Networks' output layers have a fixed number of ways: a run each
     "maml-5w": Recipe(
-        "maml",
-        ("--ways", "5", "--queries", "15", "--tasks", "16", "--steps", "1500")
-        + ("--inner-lr", "0.4", "--inner-steps", "1", "--eval-inner-steps", "3")
-        + ("--val-every", "500"),
-        ((5, 15),),
+        "maml", _episodes(5, 15, 16, 1500) + MAML_INNER + ("--val-every", "500"), ((5, 15),)
     ),
     "maml-20w": Recipe(
-        "maml",
-        ("--ways", "20", "--queries", "5", "--tasks", "8", "--steps", "600")
-        + ("--inner-lr", "0.4", "--inner-steps", "1", "--eval-inner-steps", "3")
-        + ("--val-every", "300"),
-        ((20, 5),),
+        "maml", _episodes(20, 5, 8, 600) + MAML_INNER + ("--val-every", "300"), ((20, 5),)
     ),
-    "metanet-5w": Recipe(
-        "metanet",
-        ("--ways", "5", "--queries", "5", "--tasks", "16", "--steps", "500")
-        + ("--lr-halve-every", "400", "--val-every", "250"),
-        ((5, 15),),
-    ),
+    "metanet-5w": Recipe("metanet", _episodes(5, 5, 16, 500) + METANET_SCHEDULE, ((5, 15),)),
     "metanet-5w-lstm": Recipe(
         "metanet",
-        ("--ways", "5", "--queries", "5", "--tasks", "16", "--steps", "500")
-        + ("--lr-halve-every", "400", "--val-every", "250", "--task-generator", "lstm"),
+        _episodes(5, 5, 16, 500) + METANET_SCHEDULE + ("--task-generator", "lstm"),
         ((5, 15),),
     ),
-    "metanet-20w": Recipe(
-        "metanet",
-        ("--ways", "20", "--queries", "5", "--tasks", "8", "--steps", "500")
-        + ("--lr-halve-every", "400", "--val-every", "250"),
-        ((20, 5),),
-    ),
+    "metanet-20w": Recipe("metanet", _episodes(20, 5, 8, 500) + METANET_SCHEDULE, ((20, 5),)),
 }
 TEST_EPISODES = 1000
 
