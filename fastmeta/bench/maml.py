@@ -373,7 +373,7 @@ def candidates(device, T, K, Q, steps, first_order, max_memory_mib, log=print) -
 
 
 SWEEP = Sweepable(
-    axes={"T": 32, "shots": 1, "queries": 15, "steps": 1, "max_memory_mib": 192},
+    axes={"T": 32, "shots": 1, "queries": 15, "steps": 1, "max_memory_mib": 144},
     about=(
         f"tasks T, shots and queries per class ({WAYS}-way), inner steps (second order), "
         "the memory-bounded row's max_memory in MiB"
