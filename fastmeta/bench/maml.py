@@ -284,6 +284,16 @@ class _Float64Check:
         return _relative_error(self.reference, grad)
 
 
+def warmed_up(device, T, K, Q, builders) -> tuple[nn.Module, tuple]:
+    """The config's model and tasks (seed 0), after the process warm-up every row has:
+    one call of the loop on one task."""
+    torch.manual_seed(0)
+    model = conv4().to(device)
+    data = episodes(T, K, Q, device)
+    builders["loop (reference)"](model, tuple(x[:1] for x in data))()
+    return model, data
+
+
 def _row_peak_mib(name, T, K, Q, steps, first_order, max_memory_mib, log) -> float | None:
     """The row's first-call peak in MiB measured in a child process (maml_row_peak.py);
     None, with the child's last line of stderr logged, where that fails."""
@@ -307,17 +317,14 @@ def candidates(device, T, K, Q, steps, first_order, max_memory_mib, log=print) -
     end with the check: `ok`, `ok (f64)` or `err <float64 relative error> (f64)`; the
     rows return nothing (the meta-gradient is in the model's .grad), so the harness's
     check_outputs marks them exempt."""
-    torch.manual_seed(0)
-    model = conv4().to(device)
-    data = episodes(T, K, Q, device)
     builders = _builders(steps, first_order, max_memory_mib)
+    model, data = warmed_up(device, T, K, Q, builders)
     in_process = device if device == "cuda" else None  # the device whose peak is read here
 
     def peak_of(name: str, peak: float | None) -> float | None:
         args = (T, K, Q, steps, first_order, max_memory_mib)
         return peak if in_process else _row_peak_mib(name, *args, log)
 
-    builders["loop (reference)"](model, tuple(x[:1] for x in data))()  # process warm-up
     loop_fn = builders["loop (reference)"](model, data)
     reference, seconds, peak = _meta_gradient(model, loop_fn, in_process)
     peak = peak_of("loop (reference)", peak)

@@ -21,21 +21,16 @@ import importlib
 import sys
 import warnings
 
-import torch
-
 from fastmeta.bench.harness import peak_memory_mib
 
 
 def main(argv: list[str]) -> None:
-    from fastmeta.bench.maml import _builders, conv4, episodes
+    from fastmeta.bench.maml import _builders, warmed_up
 
     name, T, K, Q, steps, first_order, mib = argv
     T, K, Q, steps, mib = int(T), int(K), int(Q), int(steps), int(mib)
     builders = _builders(steps, first_order == "1", mib)
-    torch.manual_seed(0)
-    model = conv4()
-    data = episodes(T, K, Q, "cpu")
-    builders["loop (reference)"](model, tuple(x[:1] for x in data))()  # process warm-up
+    model, data = warmed_up("cpu", T, K, Q, builders)
     importlib.import_module("torch._dynamo")  # see the docstring
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # higher uses deprecated torch APIs

@@ -25,7 +25,7 @@ import torch
 
 import fastmeta
 from fastmeta import _extension, distributed
-from fastmeta.cli import algorithms, breakdown, checkpoint, profile, report, reproduce
+from fastmeta.cli import algorithms, breakdown, checkpoint, profile, report
 from fastmeta.cli import data as task_data
 from fastmeta.cli.evaluate import evaluate, format_accuracy
 from fastmeta.cli.train import TEST_SEED, complete_args, train
@@ -400,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["build"]:
         return _extension.build_command(argv[1:])
-    if argv[:1] == ["reproduce"]:
+    if argv[:1] == ["reproduce"]:  # its own parser; it runs `train` and `eval` through main
+        from fastmeta.cli import reproduce
+
         return reproduce.main(argv[1:])
     try:
         args = build_parser().parse_args(argv)

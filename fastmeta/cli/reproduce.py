@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastmeta.cli.evaluate import format_accuracy
+from fastmeta.cli.main import _positive_int
+from fastmeta.cli.main import main as cli
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,11 @@ class Recipe:
     args: tuple[str, ...]
     tests: tuple[tuple[int, int], ...]
 
-    def option(self, name: str) -> str:
-        return self.args[self.args.index(name) + 1]
+    def needs_eval(self, ways: int, queries: int) -> bool:
+        """Whether the test at (ways, queries) is not the training run's own test (the
+        episodes it trains on), so `fastmeta eval` runs it."""
+        option = dict(zip(self.args, self.args[1:]))
+        return (str(ways), str(queries)) != (option["--ways"], option["--queries"])
 
 
 def _episodes(ways: int, queries: int, tasks: int, steps: int) -> tuple[str, ...]:
@@ -72,12 +77,6 @@ RECIPES = {
     "metanet-20w": Recipe("metanet", _episodes(20, 5, 8, 500) + METANET_SCHEDULE, ((20, 5),)),
 }
 TEST_EPISODES = 1000
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
 
 
 def _recipe_names(text: str) -> list[str]:
@@ -139,8 +138,6 @@ def eval_argv(name: str, ways: int, queries: int, args: argparse.Namespace) -> l
 
 
 def _run(argv: list[str]) -> None:
-    from fastmeta.cli.main import main as cli
-
     print(f"\n$ python -m fastmeta {shlex.join(argv)}", flush=True)
     status = cli(argv)
     if status != 0:
@@ -157,11 +154,10 @@ def reproduce(name: str, args: argparse.Namespace) -> list[dict]:
     else:
         print(f"\n{name}: trained already ({summary_path}; --force retrains)")
     summary = json.loads(summary_path.read_text())
-    trained = (int(recipe.option("--ways")), int(recipe.option("--queries")))
     rows = []
     for ways, queries in recipe.tests:
         test = summary["test"]
-        if (ways, queries) != trained:
+        if recipe.needs_eval(ways, queries):
             _run(eval_argv(name, ways, queries, args))
             path = args.out / name / f"eval-test-{ways}w1s.json"
             test = json.loads(path.read_text())
@@ -213,10 +209,9 @@ def main(argv: list[str]) -> int:
     if args.list:
         for name in args.only:
             recipe = RECIPES[name]
-            trained = (int(recipe.option("--ways")), int(recipe.option("--queries")))
             print(f"python -m fastmeta {shlex.join(train_argv(name, args))}")
             for ways, queries in recipe.tests:
-                if (ways, queries) != trained:
+                if recipe.needs_eval(ways, queries):
                     print(f"python -m fastmeta {shlex.join(eval_argv(name, ways, queries, args))}")
         return 0
     if not args.data_dir or not Path(args.data_dir).is_dir():
