@@ -95,6 +95,36 @@ def test_resume_reaches_the_uninterrupted_result(tmp_path):
     assert a["run"]["history"]["loss"] == b["run"]["history"]["loss"]
 
 
+def _gradient_norms_at_the_optimizer(monkeypatch) -> list[float]:
+    """Records the gradient's global L2 norm each time Adam steps."""
+    norms: list[float] = []
+    step = torch.optim.Adam.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        return step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    return norms
+
+
+def test_clip_grad_bounds_the_norm_adam_steps_with(tmp_path, monkeypatch, capsys):
+    norms = _gradient_norms_at_the_optimizer(monkeypatch)
+    train(tmp_path / "free")
+    free = norms[:]
+    assert len(free) == 4 and min(free) > 1e-3  # so that the clip below bites
+    norms.clear()
+    clipped = train(tmp_path / "clipped", "--clip-grad", "1e-3")
+    assert len(norms) == 4 and max(norms) <= 1e-3 * (1 + 1e-5)
+    assert clipped["args"]["clip_grad"] == 1e-3
+    # a trajectory setting: resuming with another clip (or none) is refused
+    err = run_failing(
+        ["train", "protonet", *TINY, "--out", str(tmp_path / "clipped"), "--resume"], capsys
+    )
+    assert "--clip-grad 0.001 (now None)" in err
+
+
 def test_eval_other_ways_on_a_trained_run(tmp_path, capsys):
     train(tmp_path)
     assert main(["eval", *CPU, "--out", str(tmp_path), "--ways", "3", "--episodes", "12"]) == 0
@@ -177,6 +207,7 @@ def run_failing(argv: list[str], capsys) -> str:
         (["--inner-lr", "nan"], "--inner-lr: must be a finite number > 0, got nan"),
         (["--inner-lr", "-0.1"], "--inner-lr: must be a finite number > 0, got -0.1"),
         (["--lr", "inf"], "--lr: must be a finite number > 0, got inf"),
+        (["--clip-grad", "0"], "--clip-grad: must be a finite number > 0, got 0"),
         (["--task-generator", "gru"], "--task-generator: invalid choice: 'gru'"),
     ],
 )

@@ -24,6 +24,7 @@ SAME_ON_RESUME = (
     "tasks",
     "lr",
     "lr_halve_every",
+    "clip_grad",
     "seed",
     "held_out",
     "val_fraction",
@@ -34,7 +35,7 @@ SAME_ON_RESUME = (
     "task_generator",
 )
 # The value of a SAME_ON_RESUME argument added later in a checkpoint saved before it.
-BEFORE_IT_EXISTED = {"task_generator": "mlp"}
+BEFORE_IT_EXISTED = {"task_generator": "mlp", "clip_grad": None}
 
 
 def save(

@@ -149,6 +149,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="STEPS",
         help="halve --lr every STEPS steps (default: constant)",
     )
+    parser.add_argument(
+        "--clip-grad",
+        type=_rate,
+        metavar="NORM",
+        help="scale the gradient down to global L2 norm NORM before each Adam step when it "
+        "is larger (default: no clipping)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="run directory (default: runs/ALGORITHM-DATA-NwKs)")
     parser.add_argument("--val-every", type=_positive_int, default=250, metavar="STEPS")

@@ -78,6 +78,8 @@ class Session:
             )
             self.reducer.wait()
             with phase("optimizer"):
+                if args.clip_grad:  # after the all-reduce: every rank clips the same gradient
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
                 optimizer.step()
             metrics = torch.stack((loss, accuracy.to(loss.dtype))).detach() * self.weight
             loss, accuracy = self.ranks.all_reduce_(metrics, "the loss all-reduce").tolist()
