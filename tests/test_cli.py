@@ -15,6 +15,7 @@ import torch
 import fastmeta
 from fastmeta.cli import algorithms
 from fastmeta.cli.main import main
+from fastmeta.metanet.model import ATTENTION_SCALE
 from fastmeta.ops.bn_relu_pool import bn_relu_pool
 
 OMNIGLOT = Path(
@@ -169,6 +170,35 @@ def test_metanet_lstm_task_generator_run_eval_and_resume(tmp_path, capsys):
     assert "--task-generator 'lstm' (now 'mlp')" in err
 
 
+def test_metanet_attention_scale_run_eval_and_resume(tmp_path, capsys):
+    summary = train(tmp_path, "--steps", "2", "--attention-scale", "5", algorithm="metanet")
+    assert summary["args"]["attention_scale"] == 5.0
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert float(state["model"]["attention_scale"]) != 5.0  # learned: two Adam steps
+    assert main(["eval", *CPU, "--out", str(tmp_path), "--episodes", "4"]) == 0
+    err = run_failing(
+        ["train", "metanet", *TINY, "--out", str(tmp_path), "--steps", "3", "--resume"]
+        + ["--attention-scale", "none"],
+        capsys,
+    )
+    assert "--attention-scale 5.0 (now None)" in err
+    paper = train(
+        tmp_path / "paper", "--steps", "1", "--attention-scale", "none", algorithm="metanet"
+    )
+    assert paper["args"]["attention_scale"] is None
+    # a run from before --attention-scale existed was the paper's model: eval rebuilds it
+    state = torch.load(tmp_path / "paper" / "checkpoint.pt", weights_only=True)
+    assert "attention_scale" not in state["model"]
+    del state["args"]["attention_scale"]
+    torch.save(state, tmp_path / "paper" / "checkpoint.pt")
+    assert main(["eval", *CPU, "--out", str(tmp_path / "paper"), "--episodes", "4"]) == 0
+    err = run_failing(
+        ["train", "metanet", *TINY, "--out", str(tmp_path / "paper"), "--steps", "2", "--resume"],
+        capsys,
+    )
+    assert f"--attention-scale None (now {ATTENTION_SCALE!r})" in err
+
+
 def test_omniglot_tiny_run(tmp_path, monkeypatch):
     if not OMNIGLOT.is_dir():
         pytest.skip(f"no Omniglot archives at {OMNIGLOT} (set FASTMETA_OMNIGLOT)")
@@ -204,11 +234,15 @@ def run_failing(argv: list[str], capsys) -> str:
         (["--resume"], "no checkpoint to resume from"),
         (["--device", "cpu", "--backend", "cuda"], "backend 'cuda'"),
         (["--steps", "0"], "--steps: must be an integer >= 1"),
+        (["--steps", "1.5"], "--steps: must be an integer >= 1, got 1.5"),
+        (["--lr", "fast"], "--lr: must be a finite number > 0, got fast"),
         (["--inner-lr", "nan"], "--inner-lr: must be a finite number > 0, got nan"),
         (["--inner-lr", "-0.1"], "--inner-lr: must be a finite number > 0, got -0.1"),
         (["--lr", "inf"], "--lr: must be a finite number > 0, got inf"),
         (["--clip-grad", "0"], "--clip-grad: must be a finite number > 0, got 0"),
         (["--task-generator", "gru"], "--task-generator: invalid choice: 'gru'"),
+        (["--attention-scale", "0"], '--attention-scale: must be a finite number > 0 or "none"'),
+        (["--attention-scale", "paper"], "got paper"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, options, message):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import COMPILED, rel_err
-from test_metanet import assert_fused_equals_plain, episodes
+from test_metanet import assert_fused_equals_plain, episodes, live
 from test_metanet_ops import P, random_gradients
 
 import fastmeta
@@ -162,7 +162,7 @@ def test_generator_reads_the_examples_in_the_order_given():
 @pytest.mark.parametrize("second_order", [False, True])
 def test_conv4_lstm_model_equals_plain_pytorch_float64(second_order):
     torch.manual_seed(0)
-    model = MetaNetwork(ways=3, second_order=second_order, task_generator="lstm").double()
+    model = live(MetaNetwork(ways=3, second_order=second_order, task_generator="lstm")).double()
     batch = episodes(2, 3, 2, 4, (1, 28, 28))
     fastmeta.backend.forget_last_backends([OP])
     assert_fused_equals_plain(model, batch, 1e-9)
@@ -175,7 +175,9 @@ def test_lstm_model_equals_plain_pytorch_on_every_backend_float32(name):
     if backend.op_unavailable_reason(OP, name, "cpu", torch.float32):
         pytest.skip(backend.op_unavailable_reason(OP, name, "cpu", torch.float32))
     torch.manual_seed(1)
-    model = MetaNetwork(mlp_network(13, 24, ways=4), mlp_network(13, 24), task_generator="lstm")
+    model = live(
+        MetaNetwork(mlp_network(13, 24, ways=4), mlp_network(13, 24), task_generator="lstm")
+    )
     batch = episodes(3, 4, 3, 5, (13,), dtype=torch.float32)
     assert_fused_equals_plain(model, batch, 1e-4, name)
     assert fastmeta.last_backend(OP) == name
@@ -185,7 +187,7 @@ def test_lstm_model_depends_on_the_support_order():
     """The memory read is order-free, but Q* (d over the examples in order) is not."""
     torch.manual_seed(3)
     rep = mlp_network(5, 16)
-    model = MetaNetwork(mlp_network(5, 16, ways=3), rep, task_generator="lstm").double()
+    model = live(MetaNetwork(mlp_network(5, 16, ways=3), rep, task_generator="lstm")).double()
     sx, sy, qx, _ = episodes(2, 3, 2, 4, (5,))
     with torch.no_grad():
         model.d.w_out.mul_(100)  # Q* large enough to move the logits visibly

@@ -23,7 +23,7 @@ OMNIGLOT = Path(
         (["omniglot", "--only", "protonet,maml"], "unknown recipe(s) maml"),
         (["omniglot", "--only", ","], "unknown recipe(s) ','"),
         (["omniglot", "--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
-        (["omniglot", "--episodes", "x"], "argument --episodes: invalid _positive_int value: 'x'"),
+        (["omniglot", "--episodes", "x"], "argument --episodes: must be an integer >= 1, got x"),
         (["omniglot", "--data-dir", "/nonexistent/omniglot"], "--data-dir: not a directory"),
         (["omniglot"], "--data-dir: not a directory: None"),
     ],

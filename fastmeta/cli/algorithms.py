@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastmeta
+from fastmeta.cli.checkpoint import BEFORE_IT_EXISTED
 from fastmeta.cli.models import encoder
 from fastmeta.data import Episodes
 from fastmeta.metanet import networks as metanet_networks
@@ -135,11 +136,17 @@ class MetaNetAlgorithm:
     ops = ("attention_read", "gradient_mlp", "gradient_lstm", *FUSED_BLOCK_OPS)
 
     def __init__(self, args: Namespace):
-        self.task_generator = getattr(args, "task_generator", "mlp")  # absent: older runs
+        # absent from an older run's arguments: what that run was trained with
+        self.task_generator = getattr(args, "task_generator", BEFORE_IT_EXISTED["task_generator"])
+        self.attention_scale = getattr(
+            args, "attention_scale", BEFORE_IT_EXISTED["attention_scale"]
+        )
 
     def build(self, input_shape: Sequence[int], ways: int) -> nn.Module:
         networks = metanet_networks(input_shape, ways)
-        return fastmeta.MetaNetwork(*networks, task_generator=self.task_generator)
+        return fastmeta.MetaNetwork(
+            *networks, task_generator=self.task_generator, attention_scale=self.attention_scale
+        )
 
     def loss(self, model: nn.Module, episodes: Episodes, ways: int) -> tuple[Tensor, Tensor]:
         model.train()

@@ -33,9 +33,10 @@ SAME_ON_RESUME = (
     "inner_steps",
     "first_order",
     "task_generator",
+    "attention_scale",
 )
 # The value of a SAME_ON_RESUME argument added later in a checkpoint saved before it.
-BEFORE_IT_EXISTED = {"task_generator": "mlp", "clip_grad": None}
+BEFORE_IT_EXISTED = {"task_generator": "mlp", "clip_grad": None, "attention_scale": None}
 
 
 def save(

@@ -19,7 +19,9 @@ import os
 import re
 import sys
 from argparse import Namespace
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,49 +31,49 @@ from fastmeta.cli import algorithms, breakdown, checkpoint, profile, report
 from fastmeta.cli import data as task_data
 from fastmeta.cli.evaluate import evaluate, format_accuracy
 from fastmeta.cli.train import TEST_SEED, complete_args, train
-from fastmeta.metanet.model import TASK_GENERATORS
+from fastmeta.metanet.model import ATTENTION_SCALE, TASK_GENERATORS
 
 HELD_OUT = "Japanese_(katakana),Sanskrit,Tagalog"
 
 
-def _int_at_least(minimum: int, name: str):
-    """An argparse type: an integer >= minimum (name: what argparse calls it when the
-    text is not an integer)."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
-        return value
-
-    parse.__name__ = name
-    return parse
+def _parsed(text: str, kind: type, requirement: str, ok: Callable[[Any], bool]):
+    """text as kind (int or float) if ok(value); else an ArgumentTypeError, argparse's
+    one line "argument --x: must be REQUIREMENT, got TEXT"."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+    return value
 
 
-_positive_int = _int_at_least(1, "_positive_int")
-_count = _int_at_least(0, "_count")
+def _positive_int(text: str) -> int:
+    return _parsed(text, int, "an integer >= 1", lambda value: value >= 1)
+
+
+def _count(text: str) -> int:
+    return _parsed(text, int, "an integer >= 0", lambda value: value >= 0)
 
 
 def _rate(text: str) -> float:
     """A learning rate: a finite number > 0 (NaN trained NaN to the end, exit 0)."""
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+    return _parsed(text, float, "a finite number > 0", lambda value: 0 < value < math.inf)
+
+
+def _attention_scale(text: str) -> float | None:
+    """--attention-scale: a finite number > 0, or "none" (the paper's unscaled cosines)."""
+    if text.lower() == "none":
+        return None
+    return _parsed(text, float, 'a finite number > 0 or "none"', lambda v: 0 < v < math.inf)
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text}")
-    return value
+    return _parsed(text, float, "a number in (0, 1)", lambda value: 0 < value < 1)
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
-    return value
+    return _parsed(text, float, "a number of seconds > 0", lambda value: value > 0)
 
 
 MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -91,7 +93,7 @@ def _memory(text: str) -> int | float:
             return float(number)
     raise argparse.ArgumentTypeError(
         f"must be bytes (e.g. 4GiB, 512MiB, 1000000) or a fraction of the free memory "
-        f"in (0, 1] (e.g. 0.5), got {text!r}"
+        f"in (0, 1] (e.g. 0.5), got {text}"
     )
 
 
@@ -208,6 +210,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="the generator d of the task-level fast weights: mlp, the mean over the "
         "support examples of a coordinate-wise MLP; lstm, the paper's coordinate-wise "
         "LSTM over them in order",
+    )
+    metanet.add_argument(
+        "--attention-scale",
+        type=_attention_scale,
+        default=ATTENTION_SCALE,
+        metavar="S|none",
+        help="the queries' attention over the support set is softmax(s * cosine) with s "
+        "learned from S; none: softmax(cosine), the paper's",
     )
 
 

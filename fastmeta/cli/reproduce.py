@@ -74,7 +74,11 @@ RECIPES = {
         _episodes(5, 5, 16, 500) + METANET_SCHEDULE + ("--task-generator", "lstm"),
         ((5, 15),),
     ),
-    "metanet-20w": Recipe("metanet", _episodes(20, 5, 8, 500) + METANET_SCHEDULE, ((20, 5),)),
+    "metanet-20w": Recipe(
+        "metanet",
+        _episodes(20, 5, 8, 300) + ("--lr-halve-every", "250", "--val-every", "150"),
+        ((20, 5),),
+    ),
 }
 TEST_EPISODES = 1000
 

@@ -14,7 +14,7 @@ class GradientMLP(nn.Module):
     preprocess (log|g|/p, sign g) then 2 -> hidden -> 1 with a ReLU.
 
     The output layer starts `output_scale` times smaller than nn.Linear's default, so
-    fresh fast weights are small next to the slow ones."""
+    fresh fast weights are small next to the slow ones (0: zero)."""
 
     def __init__(self, hidden: int = 20, p: float = 10.0, output_scale: float = 0.1):
         super().__init__()

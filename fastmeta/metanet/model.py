@@ -9,9 +9,10 @@ For each episode (support set x'_i, y'_i, i = 1..N; queries x_j):
      support example; its cross-entropy gradient nabla_i w.r.t. b's augmented weights
      is mapped coordinate-wise by the generator m to W*_i, stored in memory.
   3. Read. Representations r = u(Q, Q*, x) of the support set (the memory's keys) and
-     the queries; a_j = softmax_i cos(r_j, r'_i); query j is classified by
-     b(W, W*_j, x_j) with W*_j = sum_i a_ji W*_i (the fused attention_read).
-  The training loss is the queries' cross-entropy; backprop trains W, Q, m and d.
+     the queries; a_j = softmax_i cos(r_j, r'_i) (times a learned s, attention_scale);
+     query j is classified by b(W, W*_j, x_j) with W*_j = sum_i a_ji W*_i (the fused
+     attention_read).
+  The training loss is the queries' cross-entropy; backprop trains W, Q, m, d (and s).
 
 Choices where the paper leaves room (or where this differs), all documented in the
 README: d is by default (task_generator="mlp") the same kind of coordinate-wise MLP
@@ -20,9 +21,14 @@ coordinate-wise LSTM over the examples in the support set's order, its last hidd
 state giving Q* (fastmeta.metanet.generator.GradientLSTM); the embedding loss runs on
 the whole support set; per-example gradients are exact when no batch norm follows an
 augmented layer (the default networks); gradients are inputs to m and d, not
-differentiated through, unless second_order=True.
+differentiated through, unless second_order=True; m's output layer starts at zero, so
+that a fresh model is its slow networks; attention_scale=S multiplies the cosines by a
+learned s (from S), where the paper's softmax of cosines in [-1, 1] (in [0, 1] for the
+ReLU features of the default networks) can give the nearest support example at most
+e / (e + N - 1) of a query's attention.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -40,6 +46,7 @@ from fastmeta.validation import Labels, check_label_values
 
 NAME = "fastmeta.MetaNetwork"
 TASK_GENERATORS = ("mlp", "lstm")  # the kinds of d
+ATTENTION_SCALE = 10.0  # the default start S of s in softmax(s * cosine); None: the paper's
 
 
 def contrastive_loss(r: Tensor, labels: Tensor, margin: float) -> Tensor:
@@ -68,6 +75,8 @@ class MetaNetwork(nn.Module):
       to Q*: "mlp" (default) the mean over the examples of a coordinate-wise MLP
       (GradientMLP, as m), "lstm" a coordinate-wise LSTM over the examples in their
       order (GradientLSTM, the paper's d).
+    attention_scale: None (the paper's) reads with a_j = softmax_i cos(r_j, r'_i); a
+      number S > 0 with softmax_i(s cos(r_j, r'_i)), s a parameter started at S.
     second_order: differentiate through the support-set gradients too (slower).
     fused: False runs the same model in plain PyTorch (per-example weight copies,
       the generators' [.., hidden] activations, every query's mixed weights built, the
@@ -91,11 +100,21 @@ class MetaNetwork(nn.Module):
         second_order: bool = False,
         fused: bool = True,
         task_generator: str = "mlp",
+        attention_scale: float | None = ATTENTION_SCALE,
     ):
         super().__init__()
         if task_generator not in TASK_GENERATORS:
             raise ValueError(
                 f"{NAME}: task_generator must be one of {TASK_GENERATORS}, got {task_generator!r}"
+            )
+        if attention_scale is not None and (
+            isinstance(attention_scale, bool)
+            or not isinstance(attention_scale, (int, float))
+            or not 0 < attention_scale < math.inf
+        ):
+            raise ValueError(
+                f"{NAME}: attention_scale must be a finite number > 0 or None, "
+                f"got {attention_scale!r}"
             )
         if (base is None) != (representation is None):
             raise ValueError(
@@ -128,10 +147,17 @@ class MetaNetwork(nn.Module):
             fuse_conv_blocks(base_prefix, bn_relu_pool=True) or base_prefix,
             fuse_conv_blocks(rep_prefix, bn_relu_pool=True) or rep_prefix,
         )
-        self.m = GradientMLP(hidden, p)  # example-level: base gradients -> W*_i
+        # example-level: base gradients -> W*_i. m starts at zero (W*_i = 0): at a random
+        # m(g) = c + ..., a common part c > 0 in every coordinate of W*_i, summed over the
+        # K nonnegative inputs of an augmented conv layer, gave fresh query losses up to
+        # 10 ln N; from zero every seed starts at ln N.
+        self.m = GradientMLP(hidden, p, output_scale=0.0)
         # task-level: representation gradients -> Q*
         self.d = GradientLSTM(hidden, p) if task_generator == "lstm" else GradientMLP(hidden, p)
         self.task_generator = task_generator
+        self.attention_scale = (
+            None if attention_scale is None else nn.Parameter(torch.tensor(float(attention_scale)))
+        )
         self.margin, self.second_order, self.fused = margin, second_order, fused
 
     @property
@@ -206,7 +232,10 @@ class MetaNetwork(nn.Module):
             with fast_branches(rep_tail, q_branch):
                 keys = F.normalize(rep_tail(hs).view(B, N, -1), dim=-1)
                 reads = F.normalize(rep_tail(rep_prefix(xq)).view(B, M, -1), dim=-1)
-            attention = torch.softmax(reads @ keys.transpose(1, 2), dim=-1)  # [B, M, N]
+            cosines = reads @ keys.transpose(1, 2)  # [B, M, N]
+            if self.attention_scale is not None:
+                cosines = cosines * self.attention_scale
+            attention = torch.softmax(cosines, dim=-1)
             reader = self.implementation.reader(
                 attention, dict(zip(augmented_layers(base_tail), w_star))
             )
