@@ -232,10 +232,10 @@ class MetaNetwork(nn.Module):
             with fast_branches(rep_tail, q_branch):
                 keys = F.normalize(rep_tail(hs).view(B, N, -1), dim=-1)
                 reads = F.normalize(rep_tail(rep_prefix(xq)).view(B, M, -1), dim=-1)
-            cosines = reads @ keys.transpose(1, 2)  # [B, M, N]
+            scores = reads @ keys.transpose(1, 2)  # [B, M, N] cosines
             if self.attention_scale is not None:
-                cosines = cosines * self.attention_scale
-            attention = torch.softmax(cosines, dim=-1)
+                scores = scores * self.attention_scale
+            attention = torch.softmax(scores, dim=-1)
             reader = self.implementation.reader(
                 attention, dict(zip(augmented_layers(base_tail), w_star))
             )
