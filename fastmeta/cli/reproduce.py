@@ -68,7 +68,7 @@ RECIPES = {
     "maml-20w": Recipe(
         "maml", _episodes(20, 5, 8, 600) + MAML_INNER + ("--val-every", "300"), ((20, 5),)
     ),
-    "metanet-5w": Recipe("metanet", _episodes(5, 5, 16, 500) + METANET_SCHEDULE, ((5, 15),)),
+    "metanet-5w": Recipe("metanet", _episodes(5, 5, 16, 1000) + METANET_SCHEDULE, ((5, 15),)),
     "metanet-5w-lstm": Recipe(
         "metanet",
         _episodes(5, 5, 16, 500) + METANET_SCHEDULE + ("--task-generator", "lstm"),
