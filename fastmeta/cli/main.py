@@ -93,7 +93,7 @@ def _memory(text: str) -> int | float:
             return float(number)
     raise argparse.ArgumentTypeError(
         f"must be bytes (e.g. 4GiB, 512MiB, 1000000) or a fraction of the free memory "
-        f"in (0, 1] (e.g. 0.5), got {text}"
+        f"in (0, 1] (e.g. 0.5), got {text!r}"
     )
 
 
