@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastmeta
+import fastmeta.cli.train as training
 from fastmeta.cli import algorithms
 from fastmeta.cli.main import main
 from fastmeta.metanet.model import ATTENTION_SCALE
@@ -134,6 +135,37 @@ def test_eval_other_ways_on_a_trained_run(tmp_path, capsys):
     assert result["ways"] == 3 and "3-way 1-shot" in capsys.readouterr().out
 
 
+def test_eval_episode_options_shape_validation_test_and_eval(tmp_path, monkeypatch, capsys):
+    # protonet trains 4-way 2-shot and is validated and tested 3-way 1-shot with 2 queries
+    shapes = []
+    evaluate = training.evaluate
+
+    def recording_evaluate(*args, **kwargs):
+        shapes.append((args[3], kwargs["ways"], kwargs["shots"], kwargs["queries"]))
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", recording_evaluate)
+    options = ["--ways", "4", "--shots", "2", "--eval-ways", "3", "--eval-shots", "1"]
+    summary = train(tmp_path, *options, "--eval-queries", "2")
+    assert shapes == [("val", 3, 1, 2), ("val", 3, 1, 2), ("test", 3, 1, 2)]
+    assert (summary["args"]["ways"], summary["args"]["eval_ways"]) == (4, 3)
+    assert "test accuracy" in capsys.readouterr().out
+    # fastmeta eval defaults to the run's test episodes, not its training ones
+    assert main(["eval", *CPU, "--out", str(tmp_path), "--episodes", "6"]) == 0
+    result = json.loads((tmp_path / "eval-test-3w1s.json").read_text())
+    assert (result["ways"], result["shots"], result["queries"]) == (3, 1, 2)
+    # without --eval-*: the training episodes
+    plain = train(tmp_path / "plain", "--ways", "4")
+    assert (plain["args"]["eval_ways"], plain["args"]["eval_queries"]) == (4, 3)
+
+
+def test_eval_ways_of_a_fixed_head_model_is_refused(tmp_path, capsys):
+    argv = ["train", "metanet", *TINY, "--out", str(tmp_path), "--ways", "5", "--eval-ways", "3"]
+    err = run_failing(argv, capsys)
+    assert "--eval-ways 3: a metanet model has a --ways 5-way output layer" in err
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 @pytest.mark.parametrize("algorithm", ["maml", "metasgd"])
 def test_maml_family_tiny_run(tmp_path, algorithm):
     if not algorithms.available(algorithm):
@@ -230,6 +262,8 @@ def run_failing(argv: list[str], capsys) -> str:
         ),
         (["--data", "omniglot", "--data-dir", ""], "needs --data-dir"),
         (["--ways", "500"], "exceeds the"),
+        (["--eval-ways", "500"], "exceeds the"),
+        (["--eval-queries", "0"], "--eval-queries: must be an integer >= 1, got 0"),
         (["--shots", "15", "--queries", "10"], "needs shots + queries = 25 examples"),
         (["--resume"], "no checkpoint to resume from"),
         (["--device", "cpu", "--backend", "cuda"], "backend 'cuda'"),

@@ -162,10 +162,11 @@ class MetaNetAlgorithm:
 class Entry:
     requires: str  # the fastmeta attribute the algorithm is built on
     make: Callable[[Namespace], Algorithm] | None  # None: no CLI trainer for it yet
+    fixed_ways: bool = True  # its model has a --ways-way output layer
 
 
 REGISTRY: dict[str, Entry] = {
-    "protonet": Entry("ProtoNet", lambda args: ProtoNetAlgorithm()),
+    "protonet": Entry("ProtoNet", lambda args: ProtoNetAlgorithm(), fixed_ways=False),
     "maml": Entry("MAML", lambda args: MAMLAlgorithm(args, meta_sgd=False)),
     "metasgd": Entry("MetaSGD", lambda args: MAMLAlgorithm(args, meta_sgd=True)),
     "metanet": Entry("MetaNetwork", MetaNetAlgorithm),

@@ -30,7 +30,7 @@ from fastmeta import _extension, distributed
 from fastmeta.cli import algorithms, breakdown, checkpoint, profile, report
 from fastmeta.cli import data as task_data
 from fastmeta.cli.evaluate import evaluate, format_accuracy
-from fastmeta.cli.train import TEST_SEED, complete_args, train
+from fastmeta.cli.train import EPISODE_SHAPE, TEST_SEED, complete_args, train
 from fastmeta.metanet.model import ATTENTION_SCALE, TASK_GENERATORS
 
 HELD_OUT = "Japanese_(katakana),Sanskrit,Tagalog"
@@ -137,6 +137,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ways", type=_positive_int, default=5)
     parser.add_argument("--shots", type=_positive_int, default=1)
     parser.add_argument("--queries", type=_positive_int, default=15, help="per class")
+    for name in EPISODE_SHAPE:  # protonet may train with more ways or shots than it tests
+        parser.add_argument(
+            f"--eval-{name}",
+            type=_positive_int,
+            metavar=name.upper(),
+            help=f"{name} of the validation and test episodes (default: --{name})",
+        )
     parser.add_argument(
         "--tasks",
         type=_positive_int,
@@ -323,8 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     test.add_argument("--out", required=True, help="the training run's directory")
     test.add_argument("--split", choices=("test", "val"), default="test")
-    for name in ("ways", "shots", "queries"):
-        test.add_argument(f"--{name}", type=_positive_int, help="default: the run's")
+    for name in EPISODE_SHAPE:
+        test.add_argument(f"--{name}", type=_positive_int, help="default: the run's test's")
     test.add_argument("--episodes", type=_positive_int, default=600)
     return parser
 
@@ -354,8 +361,8 @@ def train_command(args: Namespace, ranks: distributed.Ranks) -> int:
     )
     for split in ("val", "test"):
         print(
-            f"{split} accuracy {format_accuracy(**summary[split])} "
-            f"({summary[split]['episodes']} episodes)"
+            f"{split} accuracy {format_accuracy(**summary[split])} ({args.eval_ways}-way "
+            f"{args.eval_shots}-shot, {summary[split]['episodes']} episodes)"
         )
     print(f"written: {', '.join(summary['paths'].values())}")
     return 0
@@ -367,9 +374,10 @@ def eval_command(args: Namespace, ranks: distributed.Ranks) -> int:
     state = checkpoint.load_on_all_ranks(out, ranks)
     run = Namespace(**state["args"])
     trained_ways = run.ways
-    for name in ("ways", "shots", "queries", "data_dir"):
-        if getattr(args, name) is not None:
-            setattr(run, name, getattr(args, name))
+    for name in EPISODE_SHAPE:  # the run's test episodes (a run before --eval-*: its own)
+        tested = getattr(run, f"eval_{name}", None) or getattr(run, name)
+        setattr(run, name, getattr(args, name) or tested)
+    run.data_dir = args.data_dir or run.data_dir
     data = task_data.load(run, device)
     algorithm = algorithms.get(run.algorithm, run)
     model = algorithm.build(data.input_shape, trained_ways).to(device)

@@ -39,16 +39,23 @@ class Recipe:
     args: tuple[str, ...]
     tests: tuple[tuple[int, int], ...]
 
+    def tested(self, name: str) -> str:
+        """The value of the training run's own test episodes' `name` (ways, shots,
+        queries): --eval-NAME where given, else the training episodes' --NAME."""
+        options = dict(zip(self.args, self.args[1:]))
+        return options.get(f"--eval-{name}", options[f"--{name}"])
+
     def needs_eval(self, ways: int, queries: int) -> bool:
-        """Whether the test at (ways, queries) is not the training run's own test (the
-        episodes it trains on), so `fastmeta eval` runs it."""
-        option = dict(zip(self.args, self.args[1:]))
-        return (str(ways), str(queries)) != (option["--ways"], option["--queries"])
+        """Whether the 1-shot test at (ways, queries) is not the training run's own
+        test, so `fastmeta eval` runs it."""
+        own = tuple(self.tested(name) for name in ("ways", "shots", "queries"))
+        return own != (str(ways), "1", str(queries))
 
 
-def _episodes(ways: int, queries: int, tasks: int, steps: int) -> tuple[str, ...]:
-    """The training episodes' options: 1-shot, `queries` per class, `tasks` a step."""
-    sizes = {"--ways": ways, "--queries": queries, "--tasks": tasks, "--steps": steps}
+def _episodes(ways: int, queries: int, tasks: int, steps: int, shots: int = 1) -> tuple[str, ...]:
+    """The training episodes' options: `shots` (1) and `queries` per class, `tasks` a step."""
+    sizes = {"--ways": ways, "--shots": shots, "--queries": queries, "--tasks": tasks}
+    sizes["--steps"] = steps
     return tuple(text for option, value in sizes.items() for text in (option, str(value)))
 
 
@@ -178,6 +185,8 @@ def reproduce(name: str, args: argparse.Namespace) -> list[dict]:
                 "val_accuracy": summary["val"]["mean"],
                 "steps": summary["steps"],
                 "tasks": summary["args"]["tasks"],
+                "train_ways": summary["args"]["ways"],
+                "train_shots": summary["args"]["shots"],
                 "train_seconds": summary["train_seconds"],
                 "backend": sorted(set(summary["backend"]["ran"].values())),
                 "command": f"python -m fastmeta {shlex.join(argv)}",
@@ -195,7 +204,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         test = f"{r['ways']}-way, {r['queries']} queries, {r['episodes']} episodes"
         accuracy = format_accuracy(r["accuracy"], r["ci95"])
-        training = f"{r['steps']} steps x {r['tasks']} episodes, {r['train_seconds']:.0f} s"
+        episode = f"{r['train_ways']}-way {r['train_shots']}-shot"
+        training = f"{r['steps']} steps x {r['tasks']} {episode} episodes, "
+        training += f"{r['train_seconds']:.0f} s"
         lines.append(
             f"| {r['recipe']} | {test} | **{accuracy}** | {100 * r['val_accuracy']:.2f}% "
             f"| {training} |"

@@ -20,15 +20,25 @@ from fastmeta.profiling import STEP, phase
 
 # Seeds of the evaluation episodes, offset from --seed: the same episodes every time.
 VAL_SEED, TEST_SEED = 1, 2
+# An episode's shape: --ways, --shots, --queries; --eval-NAME for validation and test.
+EPISODE_SHAPE = ("ways", "shots", "queries")
 
 
 def complete_args(args: Namespace) -> None:
     """Fills in the defaults that depend on other arguments or the environment:
-    --data-dir ($FASTMETA_OMNIGLOT), --eval-inner-steps, --out; a ValueError for
-    --data omniglot without a directory."""
+    --data-dir ($FASTMETA_OMNIGLOT), --eval-ways/shots/queries, --eval-inner-steps, --out;
+    a ValueError for --data omniglot without a directory, or for --eval-ways other than
+    --ways where the model has a --ways-way output layer."""
     args.data_dir = args.data_dir or os.environ.get("FASTMETA_OMNIGLOT")
     if args.data == "omniglot" and not args.data_dir:
         raise ValueError("--data omniglot needs --data-dir DIR (or FASTMETA_OMNIGLOT)")
+    for name in EPISODE_SHAPE:
+        setattr(args, f"eval_{name}", getattr(args, f"eval_{name}") or getattr(args, name))
+    if args.eval_ways != args.ways and algorithms.REGISTRY[args.algorithm].fixed_ways:
+        raise ValueError(
+            f"--eval-ways {args.eval_ways}: a {args.algorithm} model has a --ways "
+            f"{args.ways}-way output layer, so it is validated and tested at {args.ways} ways"
+        )
     args.eval_inner_steps = args.eval_inner_steps or args.inner_steps
     args.out = args.out or f"runs/{args.algorithm}-{args.data}-{args.ways}w{args.shots}s"
 
@@ -49,9 +59,10 @@ class Session:
         self.algorithm = algorithms.get(args.algorithm, args)
         # the summary reports this run's backends
         fastmeta.backend.forget_last_backends(self.algorithm.ops)
-        self.episode = dict(ways=args.ways, shots=args.shots, queries=args.queries)
+        self.episode = {name: getattr(args, name) for name in EPISODE_SHAPE}
+        self.eval_episode = {name: getattr(args, f"eval_{name}") for name in EPISODE_SHAPE}
         for split in ("val", "test"):  # bad ways/shots for these splits fail now, not later
-            self.data.sampler(split, **self.episode, tasks=1, seed=0)
+            self.data.sampler(split, **self.eval_episode, tasks=1, seed=0)
         torch.manual_seed(args.seed)
         self.model = self.algorithm.build(self.data.input_shape, args.ways).to(ranks.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr)
@@ -93,7 +104,7 @@ def train(args: Namespace, out: Path, ranks: Ranks) -> tuple[dict, dict]:
     same on every rank. args.tasks is the batch of all ranks together."""
     session = Session(args, ranks)
     algorithm, model = session.algorithm, session.model
-    data, episode = session.data, session.episode
+    data, episode = session.data, session.eval_episode
     run = {
         "step": 0,
         "train_seconds": 0.0,
