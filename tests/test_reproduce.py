@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fastmeta.cli.main import main
-from fastmeta.cli.reproduce import RECIPES
+from fastmeta.cli.reproduce import RECIPES, Recipe, _episodes
 
 OMNIGLOT = Path(
     os.environ.get("FASTMETA_OMNIGLOT")
@@ -45,8 +45,8 @@ def test_list_prints_each_recipes_commands_and_runs_nothing(capsys, tmp_path):
     for name, line in zip(RECIPES, trains):
         assert f"train {RECIPES[name].algorithm} --data omniglot --data-dir DIR" in line
         assert f"--out {tmp_path / name} --test-episodes 1000" in line
-    # a test at the episodes a run trains on is the run's own test; the others need
-    # `fastmeta eval`: ProtoNet trains 20-way 5-query, Meta Networks 5-way with 5 queries
+    # a test at a run's test episodes is the run's own test; the others need `fastmeta
+    # eval`: ProtoNet trains 20-way 5-query, Meta Networks 5-way with 5 queries
     evals = [line.split("--out ")[1].split() for line in lines if " eval " in line]
     assert [(Path(e[0]).name, e[2], e[6]) for e in evals] == [
         ("protonet", "5", "15"),
@@ -55,6 +55,16 @@ def test_list_prints_each_recipes_commands_and_runs_nothing(capsys, tmp_path):
         ("metanet-5w-lstm", "5", "15"),
     ]
     assert not list(tmp_path.iterdir())
+
+
+def test_a_test_is_the_runs_own_only_at_its_test_episodes():
+    # the run's own test: --eval-* where given, else the training episodes (tests are 1-shot)
+    wide = _episodes(60, 5, 1, 10, shots=5) + ("--eval-ways", "20", "--eval-shots", "1")
+    recipe = Recipe("protonet", (*wide, "--eval-queries", "15"), ((5, 15), (20, 15)))
+    assert [recipe.needs_eval(w, q) for w, q in recipe.tests] == [True, False]
+    five_shot = Recipe("protonet", _episodes(20, 15, 1, 10, shots=5), ((20, 15),))
+    assert five_shot.needs_eval(20, 15)  # trains and would test 5-shot
+    assert not Recipe("maml", _episodes(20, 15, 1, 10), ((20, 15),)).needs_eval(20, 15)
 
 
 def test_tiny_run_writes_the_table_and_reuses_finished_runs(tmp_path, capsys):
@@ -77,6 +87,7 @@ def test_tiny_run_writes_the_table_and_reuses_finished_runs(tmp_path, capsys):
     assert (
         len(table) == 2 + len(rows) and "| protonet | 5-way, 15 queries, 2 episodes |" in table[2]
     )
+    assert "| 1 steps x 8 20-way 1-shot episodes, " in table[4]  # metanet-20w's training
 
     summary = tmp_path / "metanet-20w" / "summary.json"
     trained = summary.stat().st_mtime_ns
