@@ -28,6 +28,7 @@ from pathlib import Path
 from fastmeta.cli.evaluate import format_accuracy
 from fastmeta.cli.main import _positive_int
 from fastmeta.cli.main import main as cli
+from fastmeta.cli.train import EPISODE_SHAPE
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Recipe:
     def needs_eval(self, ways: int, queries: int) -> bool:
         """Whether the 1-shot test at (ways, queries) is not the training run's own
         test, so `fastmeta eval` runs it."""
-        own = tuple(self.tested(name) for name in ("ways", "shots", "queries"))
+        own = tuple(self.tested(name) for name in EPISODE_SHAPE)
         return own != (str(ways), "1", str(queries))
 
 
