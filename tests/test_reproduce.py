@@ -95,4 +95,18 @@ def test_tiny_run_writes_the_table_and_reuses_finished_runs(tmp_path, capsys):
     assert main([*argv, "--only", "metanet-20w"]) == 0
     assert "metanet-20w: trained already" in capsys.readouterr().out
     assert summary.stat().st_mtime_ns == trained
-    assert len(json.loads((tmp_path / "results.json").read_text())) == 1
+    # the table is every finished recipe's, protonet's from the first call included
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+
+    # a finished run that is not the recipe's (other --steps): one line, nothing trained
+    assert main([*argv[:-4], "--steps", "2", "--episodes", "2", "--only", "metanet-20w"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"{summary.parent} was trained with --steps 1 (recipe: 2); --force retrains" in err
+    assert summary.stat().st_mtime_ns == trained
+    # a recipe with a test missing is left out of the table; --force retrains
+    (tmp_path / "protonet" / "eval-test-20w1s.json").unlink()  # protonet's 20-way test gone
+    assert main([*argv, "--only", "metanet-20w", "--force"]) == 0
+    assert summary.stat().st_mtime_ns != trained
+    retested = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["recipe"], r["ways"]) for r in retested] == [("metanet-20w", 20)]

@@ -9,8 +9,11 @@ other characters for validation) in OUT/NAME, then a test of 1-shot episodes of 
 held-out alphabets at each of its (ways, queries per class): the training run's own test
 where that is the episode it trains on, `fastmeta eval` otherwise. A recipe whose
 summary.json is in its directory is not trained again (an interrupted reproduction goes
-on where it stopped; --force retrains). The combined table goes to OUT/results.md and
-OUT/results.json (with each run's command, training time and backend).
+on where it stopped; --force retrains), unless that run was trained with other arguments
+than the recipe's (an older recipe, other --steps or --episodes): then an error that names
+them. The combined table of every recipe finished in OUT, those of earlier --only runs
+too, goes to OUT/results.md and OUT/results.json (with each run's command, training time
+and backend).
 
 --steps and --episodes shorten every run (smoke runs: the numbers then mean nothing).
 Bad arguments: one line on stderr, exit status 2; a failing run stops the reproduction
@@ -25,8 +28,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastmeta.cli.checkpoint import BEFORE_IT_EXISTED, SAME_ON_RESUME
 from fastmeta.cli.evaluate import format_accuracy
 from fastmeta.cli.main import _positive_int
+from fastmeta.cli.main import build_parser as build_train_parser
 from fastmeta.cli.main import main as cli
 from fastmeta.cli.train import EPISODE_SHAPE
 
@@ -61,6 +66,7 @@ def _episodes(ways: int, queries: int, tasks: int, steps: int, shots: int = 1) -
 
 
 MAML_INNER = ("--inner-lr", "0.4", "--inner-steps", "1", "--eval-inner-steps", "3")
+MAML_SCHEDULE = ("--lr-halve-every", "600", "--val-every", "250")
 METANET_SCHEDULE = ("--lr-halve-every", "400", "--val-every", "250")
 RECIPES = {
     # ProtoNet's embedding does not depend on the number of ways: one run, two tests
@@ -70,12 +76,8 @@ RECIPES = {
         ((5, 15), (20, 15)),
     ),
     # MAML's and Meta Networks' output layers have a fixed number of ways: a run each
-    "maml-5w": Recipe(
-        "maml", _episodes(5, 15, 16, 1500) + MAML_INNER + ("--val-every", "500"), ((5, 15),)
-    ),
-    "maml-20w": Recipe(
-        "maml", _episodes(20, 5, 8, 600) + MAML_INNER + ("--val-every", "300"), ((20, 5),)
-    ),
+    "maml-5w": Recipe("maml", _episodes(5, 15, 8, 2000) + MAML_INNER + MAML_SCHEDULE, ((5, 15),)),
+    "maml-20w": Recipe("maml", _episodes(20, 5, 8, 2000) + MAML_INNER + MAML_SCHEDULE, ((20, 5),)),
     "metanet-5w": Recipe("metanet", _episodes(5, 5, 16, 1000) + METANET_SCHEDULE, ((5, 15),)),
     "metanet-5w-lstm": Recipe(
         "metanet",
@@ -84,7 +86,7 @@ RECIPES = {
     ),
     "metanet-20w": Recipe(
         "metanet",
-        _episodes(20, 5, 8, 300) + ("--lr-halve-every", "250", "--val-every", "150"),
+        _episodes(20, 5, 8, 800) + ("--lr-halve-every", "300", "--val-every", "200"),
         ((20, 5),),
     ),
 }
@@ -156,23 +158,60 @@ def _run(argv: list[str]) -> None:
         raise SystemExit(status)
 
 
-def reproduce(name: str, args: argparse.Namespace) -> list[dict]:
-    """Trains recipe `name` (unless done) and tests it; one result row per test."""
+class StaleRun(Exception):
+    """A recipe's finished run in OUT was trained with other arguments than the recipe's."""
+
+
+def _stale(name: str, args: argparse.Namespace, summary: dict) -> str:
+    """What recipe `name`'s finished run in OUT was trained with that the recipe (under
+    these options) no longer asks for, as `--option run-value (recipe: value)`; '' if
+    nothing (the trajectory settings, the steps and the test episodes are compared)."""
+    wanted = vars(build_train_parser().parse_args(train_argv(name, args)))
+    trained = BEFORE_IT_EXISTED | summary["args"]
+    return ", ".join(
+        f"--{key.replace('_', '-')} {trained.get(key)} (recipe: {wanted[key]})"
+        for key in (*SAME_ON_RESUME, "steps", "test_episodes")
+        if trained.get(key) != wanted[key]
+    )
+
+
+def reproduce(name: str, args: argparse.Namespace) -> None:
+    """Trains recipe `name` (unless its run in OUT is finished) and runs the tests that
+    are not the run's own. StaleRun if the finished run is not the recipe's."""
     recipe = RECIPES[name]
-    argv = train_argv(name, args)
     summary_path = args.out / name / "summary.json"
     if args.force or not summary_path.is_file():
-        _run(argv)
+        _run(train_argv(name, args))
+    elif stale := _stale(name, args, json.loads(summary_path.read_text())):
+        raise StaleRun(f"{summary_path.parent} was trained with {stale}; --force retrains it")
     else:
         print(f"\n{name}: trained already ({summary_path}; --force retrains)")
+    for ways, queries in recipe.tests:
+        if recipe.needs_eval(ways, queries):
+            _run(eval_argv(name, ways, queries, args))
+
+
+def results(name: str, args: argparse.Namespace) -> list[dict]:
+    """Recipe `name`'s result rows, one per test, from its run in OUT; [] where the run,
+    one of its tests, is missing or the run is not the recipe's."""
+    recipe = RECIPES[name]
+    summary_path = args.out / name / "summary.json"
+    if not summary_path.is_file():
+        return []
     summary = json.loads(summary_path.read_text())
+    if _stale(name, args, summary):
+        return []
     rows = []
     for ways, queries in recipe.tests:
         test = summary["test"]
         if recipe.needs_eval(ways, queries):
-            _run(eval_argv(name, ways, queries, args))
             path = args.out / name / f"eval-test-{ways}w1s.json"
+            if not path.is_file():
+                return []
             test = json.loads(path.read_text())
+            tested = (test["ways"], test["queries"], test["episodes"], test["step"])
+            if tested != (ways, queries, args.episodes, summary["steps"]):
+                return []
         rows.append(
             {
                 "recipe": name,
@@ -190,7 +229,7 @@ def reproduce(name: str, args: argparse.Namespace) -> list[dict]:
                 "train_shots": summary["args"]["shots"],
                 "train_seconds": summary["train_seconds"],
                 "backend": sorted(set(summary["backend"]["ran"].values())),
-                "command": f"python -m fastmeta {shlex.join(argv)}",
+                "command": f"python -m fastmeta {shlex.join(train_argv(name, args))}",
             }
         )
     return rows
@@ -237,13 +276,16 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    rows = []
     try:
         for name in args.only:
-            rows += reproduce(name, args)
+            reproduce(name, args)
+    except StaleRun as stale:
+        print(f"fastmeta reproduce: error: {stale}", file=sys.stderr)
+        return 2
     except SystemExit as failed:
         print(f"fastmeta reproduce: error: recipe {name} failed", file=sys.stderr)
         return int(failed.code or 1)
+    rows = [row for name in RECIPES for row in results(name, args)]  # finished earlier too
     text = table(rows)
     (args.out / "results.md").write_text(text + "\n")
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
