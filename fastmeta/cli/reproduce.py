@@ -66,7 +66,6 @@ def _episodes(ways: int, queries: int, tasks: int, steps: int, shots: int = 1) -
 
 
 MAML_INNER = ("--inner-lr", "0.4", "--inner-steps", "1", "--eval-inner-steps", "3")
-MAML_SCHEDULE = ("--lr-halve-every", "600", "--val-every", "250")
 METANET_SCHEDULE = ("--lr-halve-every", "400", "--val-every", "250")
 RECIPES = {
     # ProtoNet's embedding does not depend on the number of ways: one run, two tests
@@ -76,8 +75,18 @@ RECIPES = {
         ((5, 15), (20, 15)),
     ),
     # MAML's and Meta Networks' output layers have a fixed number of ways: a run each
-    "maml-5w": Recipe("maml", _episodes(5, 15, 8, 2000) + MAML_INNER + MAML_SCHEDULE, ((5, 15),)),
-    "maml-20w": Recipe("maml", _episodes(20, 5, 8, 2000) + MAML_INNER + MAML_SCHEDULE, ((20, 5),)),
+    "maml-5w": Recipe(
+        "maml",
+        _episodes(5, 15, 16, 3000)
+        + MAML_INNER
+        + ("--lr-halve-every", "1000", "--val-every", "500"),
+        ((5, 15),),
+    ),
+    "maml-20w": Recipe(
+        "maml",
+        _episodes(20, 5, 8, 2000) + MAML_INNER + ("--lr-halve-every", "600", "--val-every", "250"),
+        ((20, 5),),
+    ),
     "metanet-5w": Recipe("metanet", _episodes(5, 5, 16, 1000) + METANET_SCHEDULE, ((5, 15),)),
     "metanet-5w-lstm": Recipe(
         "metanet",
