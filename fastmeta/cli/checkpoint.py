@@ -5,6 +5,7 @@ arguments it was started with."""
 import os
 from argparse import Namespace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +38,19 @@ SAME_ON_RESUME = (
 )
 # The value of a SAME_ON_RESUME argument added later in a checkpoint saved before it.
 BEFORE_IT_EXISTED = {"task_generator": "mlp", "clip_grad": None, "attention_scale": None}
+
+
+def changed(
+    saved: dict, args: Namespace, keys: tuple[str, ...] = SAME_ON_RESUME
+) -> list[tuple[str, Any, Any]]:
+    """(option, saved value, value in args) for each of `keys` whose value in args is not
+    the one saved (a run's arguments; BEFORE_IT_EXISTED fills those added since)."""
+    saved = BEFORE_IT_EXISTED | saved
+    return [
+        (f"--{k.replace('_', '-')}", saved.get(k), getattr(args, k))
+        for k in keys
+        if saved.get(k) != getattr(args, k)
+    ]
 
 
 def save(
@@ -99,14 +113,9 @@ def restore(
 ) -> dict:
     """Puts a loaded checkpoint back into model, optimizer and RNGs; returns its run
     dict. A ValueError if args changed what the checkpoint was trained with."""
-    saved = BEFORE_IT_EXISTED | state["args"]
-    changed = [
-        f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(args, k)!r})"
-        for k in SAME_ON_RESUME
-        if saved.get(k) != getattr(args, k)
-    ]
-    if changed:
-        raise ValueError(f"cannot resume: the checkpoint was trained with {', '.join(changed)}")
+    if differences := changed(state["args"], args):
+        trained = ", ".join(f"{option} {was!r} (now {now!r})" for option, was, now in differences)
+        raise ValueError(f"cannot resume: the checkpoint was trained with {trained}")
     if state["run"]["step"] > args.steps:
         raise ValueError(
             f"cannot resume: the checkpoint is at step {state['run']['step']}, "

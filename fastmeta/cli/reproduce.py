@@ -28,7 +28,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastmeta.cli.checkpoint import BEFORE_IT_EXISTED, SAME_ON_RESUME
+from fastmeta.cli import checkpoint
+from fastmeta.cli.checkpoint import SAME_ON_RESUME
 from fastmeta.cli.evaluate import format_accuracy
 from fastmeta.cli.main import _positive_int
 from fastmeta.cli.main import build_parser as build_train_parser
@@ -175,13 +176,10 @@ def _stale(name: str, args: argparse.Namespace, summary: dict) -> str:
     """What recipe `name`'s finished run in OUT was trained with that the recipe (under
     these options) no longer asks for, as `--option run-value (recipe: value)`; '' if
     nothing (the trajectory settings, the steps and the test episodes are compared)."""
-    wanted = vars(build_train_parser().parse_args(train_argv(name, args)))
-    trained = BEFORE_IT_EXISTED | summary["args"]
-    return ", ".join(
-        f"--{key.replace('_', '-')} {trained.get(key)} (recipe: {wanted[key]})"
-        for key in (*SAME_ON_RESUME, "steps", "test_episodes")
-        if trained.get(key) != wanted[key]
-    )
+    wanted = build_train_parser().parse_args(train_argv(name, args))
+    keys = (*SAME_ON_RESUME, "steps", "test_episodes")
+    differences = checkpoint.changed(summary["args"], wanted, keys)
+    return ", ".join(f"{option} {was} (recipe: {now})" for option, was, now in differences)
 
 
 def reproduce(name: str, args: argparse.Namespace) -> None:
